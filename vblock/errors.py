@@ -1,0 +1,58 @@
+"""Exception classes, one per meaning.
+
+``VblockError`` is the base of everything vblock raises on purpose and is never raised itself.
+Host failures are *not* wrapped: they stay ``OSError`` with their errno, and the message names the
+operation, the path and the offset (see ``vblock.hostio``).
+"""
+
+from __future__ import annotations
+
+
+class VblockError(Exception):
+    """Base class; never raised itself."""
+
+
+class ImageError(VblockError):
+    """An image file is corrupt or not what it claims to be.
+
+    ``path`` is the image file, ``field`` the header field or structure at fault (``"cluster_size"``,
+    ``"l1_table_offset"``, ``"backing_file"``...), or ``None`` when no single field is to blame.
+    Nothing is written to an image that failed to open.
+    """
+
+    def __init__(self, path, field, message):
+        self.path = str(path) if path is not None else None
+        self.field = field
+        self.message = message
+        where = self.path if field is None else f"{self.path}: {field}"
+        super().__init__(f"{where}: {message}" if self.path else message)
+
+
+class UnknownFormatError(VblockError, ValueError):
+    """A format name that no registered driver serves."""
+
+
+class UnknownOptionError(VblockError, ValueError):
+    """An option name or value that the driver or the open call does not know; names the option."""
+
+    def __init__(self, option, message=None):
+        self.option = option
+        super().__init__(message or f"unknown option {option!r}")
+
+
+class ReadOnlyError(VblockError, PermissionError):
+    """A write, discard, resize or repair on an image opened read-only."""
+
+
+class UnsupportedError(VblockError, NotImplementedError):
+    """The driver does not implement the operation (for example shrinking a QED image)."""
+
+
+class GuestError(VblockError):
+    """A guest broke the virtio rules. ``status`` is the virtio status byte to answer with
+    (``VIRTIO_BLK_S_IOERR`` or ``VIRTIO_BLK_S_UNSUPP``), or ``None`` when the device must instead
+    set DEVICE_NEEDS_RESET."""
+
+    def __init__(self, message, status=None):
+        self.status = status
+        super().__init__(message)
