@@ -1,0 +1,775 @@
+/* vbio: aligned host I/O for vblock. io_uring through raw syscalls (no liburing), with a pthread
+ * engine for hosts where io_uring cannot be had. See vbio.h for the contract of each function. */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <linux/falloc.h>
+#include <linux/fs.h>
+#include <linux/io_uring.h>
+#include <linux/stat.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <sys/syscall.h>
+#include <sys/uio.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "vbio.h"
+
+#define VBIO_STR2(x) #x
+#define VBIO_STR(x) VBIO_STR2(x)
+
+const char *vbio_version(void) { return VBIO_STR(VBIO_VERSION); }
+
+/* ---------------------------------------------------------------------------------------------
+ * Memory and fences
+ */
+
+void *vbio_alloc(size_t size, size_t align)
+{
+    void *p = NULL;
+    if (align < sizeof(void *))
+        align = sizeof(void *);
+    if (size == 0)
+        size = 1;
+    if (posix_memalign(&p, align, size) != 0)
+        return NULL;
+    memset(p, 0, size);
+    return p;
+}
+
+void vbio_free(void *p) { free(p); }
+
+void vbio_fence_acquire(void) { atomic_thread_fence(memory_order_acquire); }
+void vbio_fence_release(void) { atomic_thread_fence(memory_order_release); }
+void vbio_fence_full(void) { atomic_thread_fence(memory_order_seq_cst); }
+
+/* ---------------------------------------------------------------------------------------------
+ * Files
+ */
+
+int vbio_open(const char *path, int flags, int *fd_out)
+{
+    int oflags = O_CLOEXEC;
+    oflags |= (flags & VBIO_O_RDONLY) ? O_RDONLY : O_RDWR;
+    if (flags & VBIO_O_DIRECT)
+        oflags |= O_DIRECT;
+    if (flags & VBIO_O_CREATE)
+        oflags |= O_CREAT;
+    int fd;
+    do {
+        fd = open(path, oflags, 0644);
+    } while (fd < 0 && errno == EINTR);
+    if (fd < 0)
+        return -errno;
+    *fd_out = fd;
+    return 0;
+}
+
+int vbio_close(int fd) { return close(fd) < 0 ? -errno : 0; }
+
+static int vbio_statx(int fd, unsigned int mask, struct statx *stx)
+{
+    memset(stx, 0, sizeof *stx);
+    long r = syscall(SYS_statx, fd, "", AT_EMPTY_PATH, mask, stx);
+    return r < 0 ? -errno : 0;
+}
+
+int vbio_is_blockdev(int fd)
+{
+    struct statx stx;
+    int r = vbio_statx(fd, STATX_TYPE, &stx);
+    if (r < 0)
+        return r;
+    return (stx.stx_mode & 0170000) == 0060000;
+}
+
+int vbio_dio_align(int fd, uint32_t *offset_align, uint32_t *mem_align)
+{
+    struct statx stx;
+    int r = vbio_statx(fd, STATX_TYPE | STATX_DIOALIGN, &stx);
+    if (r == 0 && (stx.stx_mask & STATX_DIOALIGN) && stx.stx_dio_offset_align) {
+        *offset_align = stx.stx_dio_offset_align;
+        *mem_align = stx.stx_dio_mem_align ? stx.stx_dio_mem_align : stx.stx_dio_offset_align;
+        return 0;
+    }
+    if (r == 0 && (stx.stx_mode & 0170000) == 0060000) {
+        int ssz = 0;
+        if (ioctl(fd, BLKSSZGET, &ssz) == 0 && ssz > 0) {
+            *offset_align = (uint32_t)ssz;
+            *mem_align = (uint32_t)ssz;
+            return 0;
+        }
+    }
+    *offset_align = 4096;
+    *mem_align = 4096;
+    return 0;
+}
+
+int vbio_size(int fd, int64_t *size)
+{
+    struct statx stx;
+    int r = vbio_statx(fd, STATX_TYPE | STATX_SIZE, &stx);
+    if (r < 0)
+        return r;
+    if ((stx.stx_mode & 0170000) == 0060000) {
+        uint64_t bytes = 0;
+        if (ioctl(fd, BLKGETSIZE64, &bytes) < 0)
+            return -errno;
+        *size = (int64_t)bytes;
+    } else {
+        *size = (int64_t)stx.stx_size;
+    }
+    return 0;
+}
+
+/* Move the iovec window past `n` bytes already transferred: iov[first..] is rewritten in place. */
+static void iov_advance(struct vbio_op *op, size_t n)
+{
+    while (n > 0 && op->iov_first < op->iovcnt) {
+        struct iovec *v = &op->iov[op->iov_first];
+        if (n >= v->iov_len) {
+            n -= v->iov_len;
+            v->iov_base = (char *)v->iov_base + v->iov_len;
+            v->iov_len = 0;
+            op->iov_first++;
+        } else {
+            v->iov_base = (char *)v->iov_base + n;
+            v->iov_len -= n;
+            n = 0;
+        }
+    }
+}
+
+static uint64_t iov_total(const struct iovec *iov, int n)
+{
+    uint64_t t = 0;
+    for (int i = 0; i < n; i++)
+        t += iov[i].iov_len;
+    return t;
+}
+
+/* Synchronous readv/writev of a whole op: loops over short transfers, EINTR and EAGAIN. */
+static int64_t op_rw_sync(struct vbio_op *op)
+{
+    int is_write = op->opcode == VBIO_OP_WRITEV;
+    while ((uint64_t)op->done < op->length) {
+        ssize_t n;
+        struct iovec *v = op->iov + op->iov_first;
+        int cnt = op->iovcnt - op->iov_first;
+        if (cnt > IOV_MAX)
+            cnt = IOV_MAX;
+        if (is_write)
+            n = pwritev(op->fd, v, cnt, (off_t)(op->offset + op->done));
+        else
+            n = preadv(op->fd, v, cnt, (off_t)(op->offset + op->done));
+        if (n < 0) {
+            if (errno == EINTR || errno == EAGAIN)
+                continue;
+            return -errno;
+        }
+        if (n == 0) {
+            if (is_write)
+                return -EIO; /* a write that moves nothing would loop forever */
+            break;           /* end of file */
+        }
+        op->done += n;
+        iov_advance(op, (size_t)n);
+    }
+    return op->done;
+}
+
+static void op_start(struct vbio_op *op)
+{
+    op->done = 0;
+    op->iov_first = 0;
+    op->result = 0;
+    if (op->opcode == VBIO_OP_READV || op->opcode == VBIO_OP_WRITEV)
+        op->length = iov_total(op->iov, op->iovcnt);
+}
+
+int64_t vbio_preadv(int fd, struct iovec *iov, int iovcnt, uint64_t offset)
+{
+    struct vbio_op op = {.opcode = VBIO_OP_READV, .fd = fd, .offset = offset, .iov = iov, .iovcnt = iovcnt};
+    op_start(&op);
+    return op_rw_sync(&op);
+}
+
+int64_t vbio_pwritev(int fd, struct iovec *iov, int iovcnt, uint64_t offset)
+{
+    struct vbio_op op = {.opcode = VBIO_OP_WRITEV, .fd = fd, .offset = offset, .iov = iov, .iovcnt = iovcnt};
+    op_start(&op);
+    return op_rw_sync(&op);
+}
+
+int vbio_fdatasync(int fd)
+{
+    int r;
+    do {
+        r = fdatasync(fd);
+    } while (r < 0 && errno == EINTR);
+    return r < 0 ? -errno : 0;
+}
+
+int vbio_fallocate(int fd, int mode, uint64_t offset, uint64_t length)
+{
+    int r;
+    do {
+        r = fallocate(fd, mode, (off_t)offset, (off_t)length);
+    } while (r < 0 && errno == EINTR);
+    return r < 0 ? -errno : 0;
+}
+
+int vbio_ftruncate(int fd, uint64_t size)
+{
+    int r;
+    do {
+        r = ftruncate(fd, (off_t)size);
+    } while (r < 0 && errno == EINTR);
+    return r < 0 ? -errno : 0;
+}
+
+int64_t vbio_seek(int fd, int64_t offset, int whence)
+{
+    off_t r = lseek(fd, (off_t)offset, whence);
+    return r < 0 ? -errno : (int64_t)r;
+}
+
+static int64_t op_run_sync(struct vbio_op *op)
+{
+    switch (op->opcode) {
+    case VBIO_OP_READV:
+    case VBIO_OP_WRITEV:
+        return op_rw_sync(op);
+    case VBIO_OP_FDATASYNC:
+        return vbio_fdatasync(op->fd);
+    case VBIO_OP_FALLOCATE:
+        return vbio_fallocate(op->fd, op->mode, op->offset, op->length);
+    case VBIO_OP_NOP:
+        return 0;
+    default:
+        return -EINVAL;
+    }
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * Engines
+ */
+
+struct uring {
+    int fd;
+    uint32_t sq_entries, cq_entries;
+    void *sq_map, *cq_map;
+    size_t sq_map_len, cq_map_len;
+    struct io_uring_sqe *sqes;
+    size_t sqes_len;
+    _Atomic uint32_t *sq_head, *sq_tail, *cq_head, *cq_tail;
+    uint32_t sq_mask, cq_mask;
+    uint32_t *sq_array;
+    struct io_uring_cqe *cqes;
+    int ext_arg;
+    pthread_mutex_t sq_lock;
+    struct vbio_op wake_op; /* a NOP whose completion only wakes the reaper */
+};
+
+struct threadpool {
+    pthread_t *threads;
+    uint32_t nthreads;
+    pthread_mutex_t lock;
+    pthread_cond_t work_cv, done_cv;
+    struct vbio_op *work_head, *work_tail;
+    struct vbio_op *done_head, *done_tail;
+    int stopping;
+    int wakeups;
+};
+
+struct vbio_engine {
+    int kind;
+    _Atomic int64_t inflight;
+    struct uring ring;
+    struct threadpool pool;
+};
+
+static _Atomic int fail_uring_setup;
+
+void vbio_debug_fail_uring_setup(int err) { fail_uring_setup = err; }
+
+static int sys_io_uring_setup(uint32_t entries, struct io_uring_params *p)
+{
+    int err = fail_uring_setup;
+    if (err)
+        return -err;
+    long r = syscall(__NR_io_uring_setup, entries, p);
+    return r < 0 ? -errno : (int)r;
+}
+
+static int sys_io_uring_enter(int fd, uint32_t to_submit, uint32_t min_complete, uint32_t flags,
+                              void *arg, size_t argsz)
+{
+    long r = syscall(__NR_io_uring_enter, fd, to_submit, min_complete, flags, arg, argsz);
+    return r < 0 ? -errno : (int)r;
+}
+
+static void uring_unmap(struct uring *r)
+{
+    if (r->sqes && r->sqes != MAP_FAILED)
+        munmap(r->sqes, r->sqes_len);
+    if (r->cq_map && r->cq_map != MAP_FAILED && r->cq_map != r->sq_map)
+        munmap(r->cq_map, r->cq_map_len);
+    if (r->sq_map && r->sq_map != MAP_FAILED)
+        munmap(r->sq_map, r->sq_map_len);
+}
+
+static int uring_init(struct uring *r, uint32_t entries)
+{
+    struct io_uring_params p;
+    memset(&p, 0, sizeof p);
+    memset(r, 0, sizeof *r);
+    p.flags = IORING_SETUP_CLAMP;
+    int fd = sys_io_uring_setup(entries, &p);
+    if (fd < 0)
+        return fd;
+    r->fd = fd;
+    r->sq_entries = p.sq_entries;
+    r->cq_entries = p.cq_entries;
+    r->ext_arg = (p.features & IORING_FEAT_EXT_ARG) != 0;
+
+    r->sq_map_len = p.sq_off.array + p.sq_entries * sizeof(uint32_t);
+    r->cq_map_len = p.cq_off.cqes + p.cq_entries * sizeof(struct io_uring_cqe);
+    int single = (p.features & IORING_FEAT_SINGLE_MMAP) != 0;
+    if (single && r->cq_map_len > r->sq_map_len)
+        r->sq_map_len = r->cq_map_len;
+    r->sq_map = mmap(NULL, r->sq_map_len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, fd,
+                     IORING_OFF_SQ_RING);
+    if (r->sq_map == MAP_FAILED)
+        goto fail;
+    if (single) {
+        r->cq_map = r->sq_map;
+    } else {
+        r->cq_map = mmap(NULL, r->cq_map_len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, fd,
+                         IORING_OFF_CQ_RING);
+        if (r->cq_map == MAP_FAILED)
+            goto fail;
+    }
+    r->sqes_len = p.sq_entries * sizeof(struct io_uring_sqe);
+    r->sqes = mmap(NULL, r->sqes_len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, fd, IORING_OFF_SQES);
+    if (r->sqes == MAP_FAILED)
+        goto fail;
+
+    char *sq = r->sq_map, *cq = r->cq_map;
+    r->sq_head = (_Atomic uint32_t *)(sq + p.sq_off.head);
+    r->sq_tail = (_Atomic uint32_t *)(sq + p.sq_off.tail);
+    r->sq_mask = *(uint32_t *)(sq + p.sq_off.ring_mask);
+    r->sq_array = (uint32_t *)(sq + p.sq_off.array);
+    r->cq_head = (_Atomic uint32_t *)(cq + p.cq_off.head);
+    r->cq_tail = (_Atomic uint32_t *)(cq + p.cq_off.tail);
+    r->cq_mask = *(uint32_t *)(cq + p.cq_off.ring_mask);
+    r->cqes = (struct io_uring_cqe *)(cq + p.cq_off.cqes);
+    pthread_mutex_init(&r->sq_lock, NULL);
+    r->wake_op.opcode = VBIO_OP_NOP;
+    return 0;
+fail : {
+    int err = -errno;
+    uring_unmap(r);
+    close(fd);
+    return err;
+}
+}
+
+int vbio_uring_probe(void)
+{
+    struct uring r;
+    int err = uring_init(&r, 4);
+    if (err < 0)
+        return err;
+    uring_unmap(&r);
+    close(r.fd);
+    pthread_mutex_destroy(&r.sq_lock);
+    return 0;
+}
+
+/* Fill the next SQE for op's remaining work. Caller holds sq_lock and has checked for room. */
+static void uring_prep(struct uring *r, struct vbio_op *op)
+{
+    uint32_t tail = atomic_load_explicit(r->sq_tail, memory_order_relaxed);
+    uint32_t idx = tail & r->sq_mask;
+    struct io_uring_sqe *sqe = &r->sqes[idx];
+    memset(sqe, 0, sizeof *sqe);
+    sqe->user_data = (uint64_t)(uintptr_t)op;
+    sqe->fd = op->fd;
+    switch (op->opcode) {
+    case VBIO_OP_READV:
+    case VBIO_OP_WRITEV: {
+        int cnt = op->iovcnt - op->iov_first;
+        if (cnt > IOV_MAX)
+            cnt = IOV_MAX;
+        sqe->opcode = op->opcode == VBIO_OP_READV ? IORING_OP_READV : IORING_OP_WRITEV;
+        sqe->addr = (uint64_t)(uintptr_t)(op->iov + op->iov_first);
+        sqe->len = (uint32_t)cnt;
+        sqe->off = op->offset + (uint64_t)op->done;
+        break;
+    }
+    case VBIO_OP_FDATASYNC:
+        sqe->opcode = IORING_OP_FSYNC;
+        sqe->fsync_flags = IORING_FSYNC_DATASYNC;
+        break;
+    case VBIO_OP_FALLOCATE:
+        /* io_uring's fallocate: mode in len, length in addr. */
+        sqe->opcode = IORING_OP_FALLOCATE;
+        sqe->off = op->offset;
+        sqe->addr = op->length;
+        sqe->len = (uint32_t)op->mode;
+        break;
+    default:
+        sqe->opcode = IORING_OP_NOP;
+        break;
+    }
+    r->sq_array[idx] = idx;
+    atomic_store_explicit(r->sq_tail, tail + 1, memory_order_release);
+}
+
+/* Queue ops (already started) and enter the kernel; returns how many were submitted or -errno. */
+static int uring_submit(struct uring *r, struct vbio_op **ops, int n)
+{
+    int done = 0;
+    pthread_mutex_lock(&r->sq_lock);
+    while (done < n) {
+        uint32_t head = atomic_load_explicit(r->sq_head, memory_order_acquire);
+        uint32_t tail = atomic_load_explicit(r->sq_tail, memory_order_relaxed);
+        uint32_t room = r->sq_entries - (tail - head);
+        uint32_t batch = 0;
+        while (batch < room && done + (int)batch < n) {
+            uring_prep(r, ops[done + batch]);
+            batch++;
+        }
+        uint32_t left = batch;
+        while (left > 0) {
+            int s = sys_io_uring_enter(r->fd, left, 0, 0, NULL, 0);
+            if (s == -EINTR)
+                continue;
+            if (s == -EAGAIN || s == -EBUSY) {
+                /* Completion backlog: let the kernel flush it, then try again. */
+                sys_io_uring_enter(r->fd, 0, 0, IORING_ENTER_GETEVENTS, NULL, 0);
+                continue;
+            }
+            if (s < 0) {
+                /* Unsubmitted SQEs stay in the ring; they go with the next enter. Report the
+                 * failure only if nothing at all went in. */
+                pthread_mutex_unlock(&r->sq_lock);
+                return done > 0 ? done : s;
+            }
+            left -= (uint32_t)s;
+        }
+        done += (int)batch;
+    }
+    pthread_mutex_unlock(&r->sq_lock);
+    return done;
+}
+
+/* Decide what a CQE means for its op: 1 = finished (result set), 0 = resubmit. */
+static int op_settle(struct vbio_op *op, int32_t res)
+{
+    if (res == -EINTR || res == -EAGAIN)
+        return 0;
+    if (res < 0) {
+        op->result = res;
+        return 1;
+    }
+    if (op->opcode == VBIO_OP_READV || op->opcode == VBIO_OP_WRITEV) {
+        if (res == 0) {
+            op->result = op->opcode == VBIO_OP_WRITEV && (uint64_t)op->done < op->length ? -EIO : op->done;
+            return 1;
+        }
+        op->done += res;
+        iov_advance(op, (size_t)res);
+        if ((uint64_t)op->done < op->length)
+            return 0; /* short transfer: go on from where it stopped */
+        op->result = op->done;
+        return 1;
+    }
+    op->result = res;
+    return 1;
+}
+
+static int uring_reap(struct vbio_engine *eng, struct vbio_op **out, int max, int64_t timeout_ns)
+{
+    struct uring *r = &eng->ring;
+    int n = 0, woken = 0;
+    for (;;) {
+        uint32_t head = atomic_load_explicit(r->cq_head, memory_order_relaxed);
+        uint32_t tail = atomic_load_explicit(r->cq_tail, memory_order_acquire);
+        struct vbio_op *again[64];
+        int nagain = 0;
+        while (head != tail && n + nagain < max && nagain < 64) {
+            struct io_uring_cqe *cqe = &r->cqes[head & r->cq_mask];
+            struct vbio_op *op = (struct vbio_op *)(uintptr_t)cqe->user_data;
+            int32_t res = cqe->res;
+            head++;
+            if (op == &r->wake_op) {
+                woken = 1;
+                continue;
+            }
+            if (op_settle(op, res)) {
+                out[n++] = op;
+                atomic_fetch_sub(&eng->inflight, 1);
+            } else {
+                again[nagain++] = op;
+            }
+        }
+        atomic_store_explicit(r->cq_head, head, memory_order_release);
+        if (nagain) {
+            int s = uring_submit(r, again, nagain);
+            for (int i = s < 0 ? 0 : s; i < nagain; i++) {
+                again[i]->result = s < 0 ? s : -EIO;
+                if (n < max) {
+                    out[n++] = again[i];
+                    atomic_fetch_sub(&eng->inflight, 1);
+                }
+            }
+            continue;
+        }
+        if (n > 0 || woken || timeout_ns == 0)
+            return n;
+        /* Nothing ready: wait for at least one completion. */
+        int e;
+        if (timeout_ns > 0 && r->ext_arg) {
+            struct __kernel_timespec ts = {.tv_sec = timeout_ns / 1000000000, .tv_nsec = timeout_ns % 1000000000};
+            struct io_uring_getevents_arg arg;
+            memset(&arg, 0, sizeof arg);
+            arg.ts = (uint64_t)(uintptr_t)&ts;
+            e = sys_io_uring_enter(r->fd, 0, 1, IORING_ENTER_GETEVENTS | IORING_ENTER_EXT_ARG, &arg, sizeof arg);
+            if (e == -ETIME)
+                return 0;
+        } else {
+            e = sys_io_uring_enter(r->fd, 0, 1, IORING_ENTER_GETEVENTS, NULL, 0);
+        }
+        if (e < 0 && e != -EINTR && e != -EAGAIN && e != -EBUSY)
+            return e;
+        if (timeout_ns > 0 && !r->ext_arg)
+            timeout_ns = 0; /* no timed wait on this kernel: one blocking wait, then report */
+    }
+}
+
+/* -- thread engine ---------------------------------------------------------------------------- */
+
+static void *pool_worker(void *arg)
+{
+    struct vbio_engine *eng = arg;
+    struct threadpool *p = &eng->pool;
+    pthread_mutex_lock(&p->lock);
+    for (;;) {
+        while (!p->work_head && !p->stopping)
+            pthread_cond_wait(&p->work_cv, &p->lock);
+        if (!p->work_head && p->stopping)
+            break;
+        struct vbio_op *op = p->work_head;
+        p->work_head = op->next;
+        if (!p->work_head)
+            p->work_tail = NULL;
+        pthread_mutex_unlock(&p->lock);
+
+        int64_t r = op_run_sync(op);
+        op->result = r;
+
+        pthread_mutex_lock(&p->lock);
+        op->next = NULL;
+        if (p->done_tail)
+            p->done_tail->next = op;
+        else
+            p->done_head = op;
+        p->done_tail = op;
+        pthread_cond_signal(&p->done_cv);
+    }
+    pthread_mutex_unlock(&p->lock);
+    return NULL;
+}
+
+static int pool_init(struct vbio_engine *eng, uint32_t nthreads)
+{
+    struct threadpool *p = &eng->pool;
+    memset(p, 0, sizeof *p);
+    if (nthreads == 0)
+        nthreads = 16;
+    pthread_mutex_init(&p->lock, NULL);
+    pthread_condattr_t ca;
+    pthread_condattr_init(&ca);
+    pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+    pthread_cond_init(&p->done_cv, &ca);
+    pthread_condattr_destroy(&ca);
+    pthread_cond_init(&p->work_cv, NULL);
+    p->threads = calloc(nthreads, sizeof(pthread_t));
+    if (!p->threads)
+        return -ENOMEM;
+    for (uint32_t i = 0; i < nthreads; i++) {
+        int e = pthread_create(&p->threads[i], NULL, pool_worker, eng);
+        if (e) {
+            pthread_mutex_lock(&p->lock);
+            p->stopping = 1;
+            pthread_cond_broadcast(&p->work_cv);
+            pthread_mutex_unlock(&p->lock);
+            for (uint32_t j = 0; j < i; j++)
+                pthread_join(p->threads[j], NULL);
+            free(p->threads);
+            return -e;
+        }
+        p->nthreads = i + 1;
+    }
+    return 0;
+}
+
+static int pool_submit(struct threadpool *p, struct vbio_op **ops, int n)
+{
+    pthread_mutex_lock(&p->lock);
+    for (int i = 0; i < n; i++) {
+        ops[i]->next = NULL;
+        if (p->work_tail)
+            p->work_tail->next = ops[i];
+        else
+            p->work_head = ops[i];
+        p->work_tail = ops[i];
+    }
+    if (n == 1)
+        pthread_cond_signal(&p->work_cv);
+    else
+        pthread_cond_broadcast(&p->work_cv);
+    pthread_mutex_unlock(&p->lock);
+    return n;
+}
+
+static int pool_reap(struct vbio_engine *eng, struct vbio_op **out, int max, int64_t timeout_ns)
+{
+    struct threadpool *p = &eng->pool;
+    struct timespec deadline;
+    if (timeout_ns > 0) {
+        clock_gettime(CLOCK_MONOTONIC, &deadline);
+        deadline.tv_sec += timeout_ns / 1000000000;
+        deadline.tv_nsec += timeout_ns % 1000000000;
+        if (deadline.tv_nsec >= 1000000000) {
+            deadline.tv_sec++;
+            deadline.tv_nsec -= 1000000000;
+        }
+    }
+    int n = 0;
+    pthread_mutex_lock(&p->lock);
+    while (!p->done_head && !p->wakeups && timeout_ns != 0) {
+        if (timeout_ns < 0) {
+            pthread_cond_wait(&p->done_cv, &p->lock);
+        } else if (pthread_cond_timedwait(&p->done_cv, &p->lock, &deadline) == ETIMEDOUT) {
+            break;
+        }
+    }
+    while (p->done_head && n < max) {
+        struct vbio_op *op = p->done_head;
+        p->done_head = op->next;
+        if (!p->done_head)
+            p->done_tail = NULL;
+        out[n++] = op;
+    }
+    if (n == 0 && p->wakeups)
+        p->wakeups--;
+    pthread_mutex_unlock(&p->lock);
+    atomic_fetch_sub(&eng->inflight, n);
+    return n;
+}
+
+/* -- the engine API --------------------------------------------------------------------------- */
+
+int vbio_engine_open(int kind, uint32_t entries, uint32_t threads, struct vbio_engine **out)
+{
+    struct vbio_engine *eng = calloc(1, sizeof *eng);
+    if (!eng)
+        return -ENOMEM;
+    eng->kind = kind;
+    int e;
+    if (kind == VBIO_ENGINE_URING)
+        e = uring_init(&eng->ring, entries ? entries : 256);
+    else if (kind == VBIO_ENGINE_THREADS)
+        e = pool_init(eng, threads);
+    else
+        e = -EINVAL;
+    if (e < 0) {
+        free(eng);
+        return e;
+    }
+    *out = eng;
+    return 0;
+}
+
+int vbio_engine_submit(struct vbio_engine *eng, struct vbio_op **ops, int n)
+{
+    if (n <= 0)
+        return 0;
+    for (int i = 0; i < n; i++)
+        op_start(ops[i]);
+    atomic_fetch_add(&eng->inflight, n);
+    int s = eng->kind == VBIO_ENGINE_URING ? uring_submit(&eng->ring, ops, n) : pool_submit(&eng->pool, ops, n);
+    int accepted = s < 0 ? 0 : s;
+    if (accepted < n)
+        atomic_fetch_sub(&eng->inflight, n - accepted);
+    return s;
+}
+
+int vbio_engine_reap(struct vbio_engine *eng, struct vbio_op **out, int max, int64_t timeout_ns)
+{
+    if (eng->kind == VBIO_ENGINE_URING)
+        return uring_reap(eng, out, max, timeout_ns);
+    return pool_reap(eng, out, max, timeout_ns);
+}
+
+int vbio_engine_wake(struct vbio_engine *eng)
+{
+    if (eng->kind == VBIO_ENGINE_URING) {
+        struct vbio_op *op = &eng->ring.wake_op;
+        struct uring *r = &eng->ring;
+        pthread_mutex_lock(&r->sq_lock);
+        uint32_t head = atomic_load_explicit(r->sq_head, memory_order_acquire);
+        uint32_t tail = atomic_load_explicit(r->sq_tail, memory_order_relaxed);
+        int s = -EBUSY;
+        if (tail - head < r->sq_entries) {
+            uring_prep(r, op);
+            do {
+                s = sys_io_uring_enter(r->fd, 1, 0, 0, NULL, 0);
+            } while (s == -EINTR || s == -EAGAIN);
+        }
+        pthread_mutex_unlock(&r->sq_lock);
+        return s < 0 ? s : 0;
+    }
+    struct threadpool *p = &eng->pool;
+    pthread_mutex_lock(&p->lock);
+    p->wakeups++;
+    pthread_cond_broadcast(&p->done_cv);
+    pthread_mutex_unlock(&p->lock);
+    return 0;
+}
+
+int64_t vbio_engine_inflight(struct vbio_engine *eng) { return atomic_load(&eng->inflight); }
+
+void vbio_engine_close(struct vbio_engine *eng)
+{
+    if (!eng)
+        return;
+    if (eng->kind == VBIO_ENGINE_URING) {
+        uring_unmap(&eng->ring);
+        close(eng->ring.fd);
+        pthread_mutex_destroy(&eng->ring.sq_lock);
+    } else {
+        struct threadpool *p = &eng->pool;
+        pthread_mutex_lock(&p->lock);
+        p->stopping = 1;
+        pthread_cond_broadcast(&p->work_cv);
+        pthread_mutex_unlock(&p->lock);
+        for (uint32_t i = 0; i < p->nthreads; i++)
+            pthread_join(p->threads[i], NULL);
+        free(p->threads);
+        pthread_mutex_destroy(&p->lock);
+        pthread_cond_destroy(&p->work_cv);
+        pthread_cond_destroy(&p->done_cv);
+    }
+    free(eng);
+}

@@ -1,0 +1,107 @@
+/* vbio: the native shim under vblock.hostio.
+ *
+ * This file is both the C header of vbio.c and the cffi cdef (native/build_vbio.py reads it), so it
+ * holds declarations only: no includes, no guards, no macros other than integer constants.
+ * `struct iovec` comes from <sys/uio.h> in C and is declared for cffi by the build script.
+ *
+ * Conventions: every vbio_* function that can fail returns a count or 0 on success, and -errno on
+ * failure (the io_uring and QEMU convention; the global errno is never the answer). Every call that
+ * can block is made with the GIL released (cffi API mode does that for every call).
+ * Offsets and lengths are in bytes.
+ */
+
+#define VBIO_VERSION 3
+
+/* Operation codes of struct vbio_op. */
+#define VBIO_OP_READV 1
+#define VBIO_OP_WRITEV 2
+#define VBIO_OP_FDATASYNC 3
+#define VBIO_OP_FALLOCATE 4
+#define VBIO_OP_NOP 5
+
+/* fallocate modes (the kernel's values). */
+#define VBIO_FALLOC_KEEP_SIZE 1
+#define VBIO_FALLOC_PUNCH_HOLE 2
+#define VBIO_FALLOC_ZERO_RANGE 16
+
+/* Engine kinds. */
+#define VBIO_ENGINE_URING 1
+#define VBIO_ENGINE_THREADS 2
+
+/* Open flags for vbio_open. */
+#define VBIO_O_RDONLY 1
+#define VBIO_O_DIRECT 2
+#define VBIO_O_CREATE 4
+
+/* One I/O operation. The caller owns the struct and the iovec array it points to, and keeps both
+ * alive and unmoved from vbio_engine_submit until vbio_engine_reap hands the op back. The engine
+ * may rewrite `iov`/`iovcnt` contents while resubmitting a short transfer. */
+struct vbio_op {
+    uint64_t token;      /* caller's tag, returned untouched */
+    int32_t opcode;      /* VBIO_OP_* */
+    int32_t fd;
+    uint64_t offset;     /* bytes into the file */
+    uint64_t length;     /* bytes: fallocate length; for readv/writev set by the engine to the iov total */
+    int32_t mode;        /* fallocate mode (VBIO_FALLOC_*) */
+    int32_t iovcnt;
+    struct iovec *iov;
+    int64_t result;      /* out: bytes moved (readv: short only at end of file), 0, or -errno */
+    /* engine-private below */
+    int64_t done;        /* bytes moved so far */
+    int32_t iov_first;   /* index of the first iovec not yet fully moved */
+    int32_t _pad;
+    struct vbio_op *next;
+};
+
+struct vbio_engine;
+
+/* Engines: submit a batch of ops with one call, reap a batch of finished ops with one call.
+ * Submission is thread-safe; reaping must be done by a single thread at a time. */
+int vbio_engine_open(int kind, uint32_t entries, uint32_t threads, struct vbio_engine **out);
+int vbio_engine_submit(struct vbio_engine *eng, struct vbio_op **ops, int n);
+/* Wait up to timeout_ns (<0: forever, 0: poll) for finished ops; fills out[0..max) and returns how
+ * many, 0 on timeout or after vbio_engine_wake. Short transfers, EINTR and EAGAIN are retried inside
+ * and never surface here. */
+int vbio_engine_reap(struct vbio_engine *eng, struct vbio_op **out, int max, int64_t timeout_ns);
+/* Make one blocked (or the next) vbio_engine_reap return. */
+int vbio_engine_wake(struct vbio_engine *eng);
+/* Ops submitted and not yet reaped. */
+int64_t vbio_engine_inflight(struct vbio_engine *eng);
+/* Free the engine; the caller must have reaped every op first. */
+void vbio_engine_close(struct vbio_engine *eng);
+
+/* 0 if an io_uring can be set up here, else -errno (ENOSYS, EPERM from io_uring_disabled or
+ * seccomp, ...). */
+int vbio_uring_probe(void);
+/* Testing hook: make every later io_uring_setup fail with -err (0 restores the real call). */
+void vbio_debug_fail_uring_setup(int err);
+
+/* Files. */
+int vbio_open(const char *path, int flags, int *fd_out);
+int vbio_close(int fd);
+/* Required alignment for O_DIRECT: statx(STATX_DIOALIGN) where the kernel answers, BLKSSZGET for
+ * block devices, else 4096. */
+int vbio_dio_align(int fd, uint32_t *offset_align, uint32_t *mem_align);
+int vbio_size(int fd, int64_t *size);
+int vbio_is_blockdev(int fd);
+int64_t vbio_preadv(int fd, struct iovec *iov, int iovcnt, uint64_t offset);
+int64_t vbio_pwritev(int fd, struct iovec *iov, int iovcnt, uint64_t offset);
+int vbio_fdatasync(int fd);
+int vbio_fallocate(int fd, int mode, uint64_t offset, uint64_t length);
+int vbio_ftruncate(int fd, uint64_t size);
+/* lseek with SEEK_DATA (whence 3) or SEEK_HOLE (whence 4): the offset, or -errno (-ENXIO past data). */
+int64_t vbio_seek(int fd, int64_t offset, int whence);
+
+/* Aligned memory, zero-filled. */
+void *vbio_alloc(size_t size, size_t align);
+void vbio_free(void *p);
+
+/* Memory fences for rings shared with another process (vhost-user): acquire after reading an index
+ * the other side publishes, release before publishing ours, full between a store and a load that
+ * must not pass it (the virtio "used_event" and re-check cases). */
+void vbio_fence_acquire(void);
+void vbio_fence_release(void);
+void vbio_fence_full(void);
+
+/* The shim's version string, compared with the Python package at import. */
+const char *vbio_version(void);
