@@ -1,0 +1,1 @@
+"""QED (QEMU Enhanced Disk) images: byte-compatible with QEMU, with concurrent allocation."""
