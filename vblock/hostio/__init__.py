@@ -1,0 +1,16 @@
+"""Host I/O: aligned, batched reads and writes on host files through the native shim.
+
+``HostFile`` is the public class (see ``vblock.hostio.file``); ``alloc_buffer`` gives aligned
+memory; ``fence_*`` are the memory barriers for rings shared with another process.
+"""
+
+from ._binding import lib as _lib
+from .engine import ENGINES, resolve_engine, uring_available
+from .file import HostFile, address_of, alloc_buffer
+
+__all__ = ["HostFile", "alloc_buffer", "address_of", "ENGINES", "resolve_engine", "uring_available",
+           "fence_acquire", "fence_release", "fence_full"]
+
+fence_acquire = _lib.vbio_fence_acquire
+fence_release = _lib.vbio_fence_release
+fence_full = _lib.vbio_fence_full

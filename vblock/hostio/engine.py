@@ -1,0 +1,270 @@
+"""Host I/O engines: the io_uring engine and the thread engine, behind one Python class.
+
+An ``Engine`` owns one native engine (``vbio_engine``) and one completion thread. Submitting is
+cheap and thread-safe: an op slot is taken from a preallocated pool, filled in place (no per-request
+C allocation for up to ``INLINE_IOVS`` buffers) and handed to the kernel, or, inside a ``batch()``,
+kept until the batch ends and submitted with the others in one ``io_uring_enter``. The completion
+thread reaps every finished op in one call, returns the slots and completes the futures, so future
+callbacks run on that thread and must not block.
+
+Engine choice: ``"io_uring"``, ``"threads"`` or ``"auto"``; ``auto`` honours the environment
+variable ``VBLOCK_ENGINE`` and otherwise probes ``io_uring_setup`` once per process (ENOSYS,
+EPERM from ``kernel.io_uring_disabled`` or seccomp → threads). The choice is logged at debug level.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+
+from vblock.future import Future
+
+from ._binding import ffi, host_error, lib
+
+_log = logging.getLogger("vblock.hostio")
+
+ENGINES = ("auto", "io_uring", "threads")
+INLINE_IOVS = 8  # iovecs per preallocated slot; requests with more allocate their own array
+_CHUNK = 256  # slots added at a time when the pool runs dry
+_REAP_MAX = 256
+
+_OP_NAMES = {
+    lib.VBIO_OP_READV: "read",
+    lib.VBIO_OP_WRITEV: "write",
+    lib.VBIO_OP_FDATASYNC: "flush",
+    lib.VBIO_OP_FALLOCATE: "fallocate",
+}
+
+_probe_lock = threading.Lock()
+_probe_result = None  # None until probed; then 0 or -errno
+
+
+def uring_available():
+    """0 if io_uring works in this process (probed once), else the negative errno it failed with."""
+    global _probe_result
+    with _probe_lock:
+        if _probe_result is None:
+            _probe_result = lib.vbio_uring_probe()
+        return _probe_result
+
+
+def _reset_probe():
+    """Forget the probe result (tests that inject io_uring_setup failures use this)."""
+    global _probe_result
+    with _probe_lock:
+        _probe_result = None
+
+
+def resolve_engine(engine):
+    """The concrete engine name for ``engine`` ("auto" | "io_uring" | "threads")."""
+    if engine not in ENGINES:
+        raise ValueError(f"unknown engine {engine!r}: expected one of {', '.join(ENGINES)}")
+    if engine == "auto":
+        env = os.environ.get("VBLOCK_ENGINE", "").strip()
+        if env:
+            if env not in ENGINES:
+                raise ValueError(f"VBLOCK_ENGINE={env!r}: expected one of {', '.join(ENGINES)}")
+            engine = env
+    if engine == "auto":
+        err = uring_available()
+        if err == 0:
+            engine = "io_uring"
+        else:
+            engine = "threads"
+            _log.debug("io_uring unavailable (%s): using the thread engine", os.strerror(-err))
+        _log.debug("host I/O engine: %s", engine)
+    return engine
+
+
+class Engine:
+    """One native engine and its completion thread. ``label`` names the file in error messages.
+
+    ``submit_*`` methods take byte offsets and buffers (anything ``ffi.from_buffer`` accepts), return
+    a ``vblock.future.Future`` whose result is bytes moved (reads: short only at end of file) or
+    ``None``, and keep every buffer alive until completion.
+    """
+
+    def __init__(self, kind, label, entries=256, threads=16):
+        self.kind = kind
+        self.label = label
+        out = ffi.new("struct vbio_engine **")
+        native_kind = lib.VBIO_ENGINE_URING if kind == "io_uring" else lib.VBIO_ENGINE_THREADS
+        ret = lib.vbio_engine_open(native_kind, entries, threads, out)
+        if ret < 0:
+            raise host_error(-ret, f"start {kind} engine for", label)
+        self._eng = out[0]
+        self._lock = threading.Lock()  # guards _closed against concurrent submitters
+        self._closed = False
+        self._local = threading.local()  # .batch: list of slot tokens while batching
+        self._chunks = []  # keep-alive for the slot arrays
+        self._ops = []  # token -> struct vbio_op * (cdata)
+        self._opp = []  # token -> struct vbio_op ** pointing at that op (for 1-op submits)
+        self._iov = []  # token -> struct iovec * (inline array)
+        self._fut = []  # token -> Future or None
+        self._keep = []  # token -> buffers' cdata kept alive until completion
+        self._free = []
+        self._grow()
+        self._thread = threading.Thread(target=self._reap_loop, name=f"vblock-{kind}-reaper", daemon=True)
+        self._thread.start()
+
+    # -- slots ------------------------------------------------------------------------------------
+    def _grow(self):
+        ops = ffi.new("struct vbio_op[]", _CHUNK)
+        iovs = ffi.new("struct iovec[]", _CHUNK * INLINE_IOVS)
+        ptrs = ffi.new("struct vbio_op *[]", _CHUNK)
+        self._chunks.append((ops, iovs, ptrs))
+        base = len(self._ops)
+        for i in range(_CHUNK):
+            ptrs[i] = ops + i
+            ops[i].token = base + i
+            self._ops.append(ops + i)
+            self._opp.append(ptrs + i)
+            self._iov.append(iovs + i * INLINE_IOVS)
+            self._fut.append(None)
+            self._keep.append(None)
+        self._free.extend(range(base + _CHUNK - 1, base - 1, -1))
+
+    def _take(self):
+        while True:
+            try:
+                return self._free.pop()
+            except IndexError:
+                with self._lock:
+                    if not self._free:
+                        self._grow()
+
+    # -- submission -------------------------------------------------------------------------------
+    def submit_rw(self, write, fd, offset, cbufs):
+        """Read into / write from ``cbufs`` (a list of ``ffi.from_buffer`` cdata) at ``offset``."""
+        tok = self._take()
+        op = self._ops[tok]
+        n = len(cbufs)
+        if n <= INLINE_IOVS:
+            iov = self._iov[tok]
+            keep = cbufs
+        else:
+            iov = ffi.new("struct iovec[]", n)
+            keep = (cbufs, iov)
+        for i in range(n):
+            c = cbufs[i]
+            iov[i].iov_base = c
+            iov[i].iov_len = len(c)
+        op.opcode = lib.VBIO_OP_WRITEV if write else lib.VBIO_OP_READV
+        op.fd = fd
+        op.offset = offset
+        op.iovcnt = n
+        op.iov = iov
+        return self._submit(tok, keep)
+
+    def submit_simple(self, opcode, fd, offset=0, length=0, mode=0):
+        """fdatasync or fallocate(mode, offset, length)."""
+        tok = self._take()
+        op = self._ops[tok]
+        op.opcode = opcode
+        op.fd = fd
+        op.offset = offset
+        op.length = length
+        op.mode = mode
+        op.iovcnt = 0
+        op.iov = ffi.NULL
+        return self._submit(tok, None)
+
+    def _submit(self, tok, keep):
+        fut = Future()
+        self._fut[tok] = fut
+        self._keep[tok] = keep
+        batch = getattr(self._local, "batch", None)
+        if batch is not None:
+            batch.append(tok)
+            return fut
+        with self._lock:
+            ret = -9 if self._closed else lib.vbio_engine_submit(self._eng, self._opp[tok], 1)
+        if ret != 1:
+            self._fail_unsubmitted([tok], ret)
+        return fut
+
+    def begin_batch(self):
+        """Start collecting this thread's submissions; returns False if a batch is already open."""
+        if getattr(self._local, "batch", None) is not None:
+            return False
+        self._local.batch = []
+        return True
+
+    def end_batch(self):
+        """Submit everything collected since ``begin_batch`` in one native call."""
+        toks = self._local.batch
+        self._local.batch = None
+        if not toks:
+            return
+        arr = ffi.new("struct vbio_op *[]", [self._ops[t] for t in toks])
+        with self._lock:
+            if self._closed:
+                ret = -9
+            else:
+                ret = lib.vbio_engine_submit(self._eng, arr, len(toks))
+        if ret < len(toks):
+            self._fail_unsubmitted(toks[max(ret, 0):], ret if ret < 0 else -5)
+
+    def _fail_unsubmitted(self, toks, ret):
+        """Complete ops the engine did not take (closed engine: EBADF) with an error."""
+        for tok in toks:
+            op = self._ops[tok]
+            fut = self._fut[tok]
+            exc = host_error(-ret if ret < 0 else 5, _OP_NAMES.get(op.opcode, "I/O"), self.label, op.offset)
+            keep = self._keep[tok]
+            if keep is not None:  # release buffer views now (see HostFile._cbufs)
+                for c in (keep[0] if isinstance(keep, tuple) else keep):
+                    ffi.release(c)
+            self._release(tok)
+            fut.set_exception(exc)
+
+    def _release(self, tok):
+        self._fut[tok] = None
+        self._keep[tok] = None
+        self._free.append(tok)
+
+    # -- completion -------------------------------------------------------------------------------
+    def _reap_loop(self):
+        out = ffi.new("struct vbio_op *[]", _REAP_MAX)
+        eng = self._eng
+        futs = self._fut
+        keep = self._keep
+        free = self._free
+        while True:
+            n = lib.vbio_engine_reap(eng, out, _REAP_MAX, -1)
+            if n < 0:
+                _log.error("%s engine: reap failed: %s", self.kind, os.strerror(-n))
+                continue
+            for i in range(n):
+                op = out[i]
+                tok = op.token
+                res = op.result
+                fut = futs[tok]
+                futs[tok] = None
+                keep[tok] = None
+                if res < 0:
+                    exc = host_error(-res, _OP_NAMES.get(op.opcode, "I/O"), self.label, op.offset, op.length or None)
+                    free.append(tok)
+                    fut.set_exception(exc)
+                else:
+                    free.append(tok)
+                    fut.set_result(res)
+            if self._closed and lib.vbio_engine_inflight(eng) == 0:
+                return
+
+    def inflight(self):
+        return lib.vbio_engine_inflight(self._eng)
+
+    def close(self):
+        """Refuse new submissions, wait for every in-flight op, stop the thread, free the engine."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        lib.vbio_engine_wake(self._eng)
+        if threading.current_thread() is self._thread:
+            raise RuntimeError("an engine cannot be closed from its own completion callbacks")
+        self._thread.join()
+        lib.vbio_engine_close(self._eng)
+        self._eng = ffi.NULL
