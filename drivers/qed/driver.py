@@ -1,0 +1,1016 @@
+"""The QED driver: the operation table of ``vblock.block.interface`` over one open image.
+
+Paths through a request:
+
+* **Fast path** (calling thread, no thread hop, no lock): a read, or a write whose clusters are
+  all allocated, whose L2 tables are cached (``L2Cache.peek``). Lookup, then submit to the host
+  file. Reads of zero or unallocated clusters fill zeros or read the backing image inline.
+* **Slow path** (``self.pool``): everything that must wait: loading an L2 table, allocating
+  clusters (``alloc.py`` describes the order of writes), copying from the backing file.
+
+State shared by requests (``l1``, the cache, ``file_size``, ``pending``, ``creating``, the header)
+changes under ``self.lock``, which is never held across I/O.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import threading
+import time
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+
+from vblock.block.interface import DATA, UNALLOCATED, ZERO, BlockDriver, Limits, Run
+from vblock.errors import ImageError, UnsupportedError
+from vblock.future import Future, completed
+from vblock.hostio import HostFile
+
+from . import alloc, check as checkmod, format as fmt, lookup, tables
+from .cache import CLEAN, WRITING, Entry, L2Cache, wait_loaded
+
+_log = logging.getLogger("vblock.drivers.qed")
+
+DEFAULT_L2_CACHE_SIZE = 64  # tables
+DEFAULT_NEED_CHECK_TIMEOUT = 5.0  # seconds without allocation before the dirty bit is cleared
+DEFAULT_POOL_SIZE = 32  # threads
+
+_ZEROS = bytes(1 << 20)
+_opening = threading.local()  # realpaths of the backing chain being opened in this thread
+
+
+def _zero_fill(views):
+    for v in views:
+        n = len(v)
+        pos = 0
+        while pos < n:
+            k = min(n - pos, len(_ZEROS))
+            v[pos : pos + k] = _ZEROS[:k]
+            pos += k
+
+
+def _slice(views, skip, length):
+    """The part [skip, skip+length) of the byte stream formed by ``views``."""
+    if len(views) == 1:
+        return [views[0][skip : skip + length]]
+    out = []
+    for v in views:
+        n = len(v)
+        if skip >= n:
+            skip -= n
+            continue
+        take = min(n - skip, length)
+        out.append(v[skip : skip + take])
+        length -= take
+        skip = 0
+        if not length:
+            break
+    return out
+
+
+def _join(futures, total):
+    """One future completed with ``total`` when all of ``futures`` are done (first error wins)."""
+    if not futures:
+        return completed(total)
+    out = Future()
+    lock = threading.Lock()
+    state = [len(futures), None]
+
+    def done(f):
+        exc = f.exception()
+        with lock:
+            state[0] -= 1
+            if exc is not None and state[1] is None:
+                state[1] = exc
+            last = state[0] == 0
+        if last:
+            if state[1] is not None:
+                out.set_exception(state[1])
+            else:
+                out.set_result(total)
+
+    for f in futures:
+        f.add_done_callback(done)
+    return out
+
+
+def _wait_all(futures):
+    err = None
+    for f in futures:
+        exc = f.exception()
+        if exc is not None and err is None:
+            err = exc
+    if err is not None:
+        raise err
+
+
+class _IdleTimer:
+    """One thread that runs ``action`` once ``timeout`` seconds pass after the last ``arm``."""
+
+    def __init__(self, timeout, action):
+        self.timeout = timeout
+        self.action = action
+        self.cond = threading.Condition()
+        self.deadline = None
+        self.stopped = False
+        self.thread = None
+
+    def arm(self):
+        with self.cond:
+            self.deadline = time.monotonic() + self.timeout
+            if self.thread is None:
+                self.thread = threading.Thread(target=self._run, name="qed-need-check",
+                                               daemon=True)
+                self.thread.start()
+            self.cond.notify()
+
+    def cancel(self):
+        with self.cond:
+            self.deadline = None
+
+    def stop(self):
+        with self.cond:
+            self.stopped = True
+            self.cond.notify()
+        if self.thread is not None:
+            self.thread.join()
+
+    def _run(self):
+        while True:
+            with self.cond:
+                while not self.stopped and (
+                    self.deadline is None or self.deadline > time.monotonic()
+                ):
+                    wait = None if self.deadline is None else self.deadline - time.monotonic()
+                    self.cond.wait(wait)
+                if self.stopped:
+                    return
+                self.deadline = None
+            try:
+                self.action()
+            except Exception:  # logged; the bit stays set and is cleared at close
+                _log.exception("clearing the QED need-check bit failed")
+
+
+class QedDriver(BlockDriver):
+    format_name = "qed"
+    create_options = {
+        "cluster_size": int,
+        "table_size": int,
+        "backing_file": str,
+        "backing_fmt": str,
+    }
+    open_options = {
+        "l2_cache_size": int,  # tables
+        "need_check_timeout": float,  # seconds; <= 0 disables the idle clear
+        "pool_size": int,  # threads for slow-path work
+    }
+
+    # -- class-level operations ------------------------------------------------------------------
+    @classmethod
+    def probe(cls, head, path):
+        return fmt.probe(head)
+
+    @classmethod
+    def create(cls, path, size, options):
+        cs = options.get("cluster_size", fmt.DEFAULT_CLUSTER_SIZE)
+        ts = options.get("table_size", fmt.DEFAULT_TABLE_SIZE)
+        backing = options.get("backing_file") or None
+        bfmt = options.get("backing_fmt") or options.get("backing_format")
+        try:
+            h, head = fmt.create_header(size, cs, ts, backing, bfmt)
+        except ValueError as exc:
+            raise ValueError(f"{path}: {exc}") from None
+        if ts == 1:
+            warnings.warn(f"{path}: QEMU cannot open QED images with table_size 1", stacklevel=2)
+        elif ts >= 8:
+            warnings.warn(
+                f"{path}: QEMU corrupts QED images with table_size >= 8 on large writes",
+                stacklevel=2,
+            )
+        f = HostFile(path, direct=False, create=True)
+        try:
+            f.truncate(0)
+            buf = f.alloc(4096)
+            buf[: len(head)] = head
+            f.pwrite(buf, 0)
+            f.truncate(fmt.created_file_length(cs, ts))
+            f.flush()
+        finally:
+            f.close()
+
+    @classmethod
+    def open(cls, path, options):
+        real = os.path.realpath(path)
+        chain = getattr(_opening, "chain", None)
+        top = chain is None
+        if top:
+            chain = _opening.chain = set()
+        if real in chain:
+            raise ImageError(path, "backing_file", "backing file chain has a loop")
+        chain.add(real)
+        try:
+            return cls(path, options)
+        finally:
+            chain.discard(real)
+            if top:
+                del _opening.chain
+
+    # -- open --------------------------------------------------------------------------------------
+    def __init__(self, path, options):
+        self.path = os.fspath(path)
+        self.read_only = bool(options.read_only)
+        self.options = options
+        dopts = options.driver_options
+        self._unsafe = options.cache == "unsafe"
+        self.f = HostFile(
+            self.path,
+            direct="try" if options.direct else False,
+            engine=options.aio,
+            read_only=self.read_only,
+        )
+        self._backing = None
+        self.pool = None
+        self._closed = False
+        try:
+            self._open(dopts)
+        except BaseException:
+            self._teardown()
+            raise
+
+    def _open(self, dopts):
+        f = self.f
+        length = f.size
+        self.align = align = max(512, f.alignment)
+        head = f.alloc(4096)
+        n = f.pread(head, 0) if length else 0
+        h = fmt.validate(head[: min(n, 4096)], length, self.path)
+        geo = self.geo = fmt.Geometry.of(h)
+        self.file_size = geo.round_down_to_cluster(length)  # allocation pointer, bytes
+        # The header sector(s) we rewrite when the header changes: the first `align` bytes.
+        self._head_area = bytearray(head[:align]) if align <= 4096 else None
+        if h.features & fmt.F_BACKING_FILE:
+            end = h.backing_filename_offset + h.backing_filename_size
+            area = f.alloc(-(-end // align) * align)
+            f.pread(area, 0)
+            self.backing_filename = fmt.backing_name(h, area)
+        else:
+            self.backing_filename = None
+        self.header = h
+        self.size = h.image_size
+        self.limits = Limits(
+            request_alignment=align,
+            mem_alignment=max(1, f.mem_alignment),
+            max_transfer=1 << 30,
+            discard_alignment=h.cluster_size,
+            write_zeroes_alignment=h.cluster_size,
+        )
+        self.lock = threading.Lock()
+        self.cache = L2Cache(dopts.get("l2_cache_size", DEFAULT_L2_CACHE_SIZE), self.lock)
+        self.events = None  # callable(name) for named fault points (tests)
+        self.tio = tables.TableIO(f, geo.table_bytes, align, self._event)
+        self.pending = {}  # guest cluster index -> Future of the allocation that owns it
+        self.creating = {}  # l1 index -> Entry of an L2 table being created
+        self.allocs_in_flight = 0
+        self._nc_fut = None  # Future while the need-check bit is being set or cleared
+        self._extend_lock = threading.Lock()
+        self._file_length = length
+        self._inflight = 0
+        self._inflight_cond = threading.Condition()
+        self.l1 = self.tio.read(h.l1_table_offset)
+        self.l1_entry = Entry(h.l1_table_offset, CLEAN)
+        self.l1_entry.table = self.l1
+        if self.backing_filename is not None:
+            self._open_backing()
+        if not self.read_only:
+            if h.autoclear_features & ~fmt.AUTOCLEAR_FEATURE_MASK:
+                self._write_header(h.with_(autoclear_features=h.autoclear_features
+                                           & fmt.AUTOCLEAR_FEATURE_MASK))
+                f.flush()
+            if length > self.file_size:
+                # A partial trailing cluster: nothing references it and new clusters overwrite
+                # it, so drop it now; the space past the end of file then reads as zeros.
+                f.truncate(self.file_size)
+                self._file_length = self.file_size
+        timeout = dopts.get("need_check_timeout", DEFAULT_NEED_CHECK_TIMEOUT)
+        self._timer = _IdleTimer(timeout, self._idle_clear) if timeout > 0 else None
+        self.pool = ThreadPoolExecutor(
+            max_workers=dopts.get("pool_size", DEFAULT_POOL_SIZE), thread_name_prefix="qed"
+        )
+        if not self.read_only and self.header.need_check:
+            self.check(repair=True)
+
+    def _open_backing(self):
+        import vblock
+
+        name = self.backing_filename
+        bpath = name if os.path.isabs(name) else os.path.join(os.path.dirname(self.path), name)
+        bfmt = "raw" if self.header.features & fmt.F_BACKING_FORMAT_NO_PROBE else None
+        try:
+            self._backing = vblock.open_image(
+                bpath, format=bfmt, read_only=True, cache=self.options.cache,
+                aio=self.options.aio,
+            )
+        except ImageError:
+            raise
+        except OSError as exc:
+            raise ImageError(self.path, "backing_file",
+                             f"cannot open backing file {bpath!r}: {exc}") from exc
+
+    def _event(self, name):
+        if self.events is not None:
+            self.events(name)
+
+    @property
+    def backing(self):
+        return self._backing
+
+    # -- header ------------------------------------------------------------------------------------
+    def _write_header(self, h):
+        """Rewrite the header (the first aligned block, keeping the bytes after the 64-byte
+        header as they are on disk)."""
+        self._event("HEADER_UPDATE")
+        align = self.align
+        buf = self.f.alloc(align)
+        if self._head_area is not None:
+            buf[:] = self._head_area
+        else:
+            self.f.pread(buf, 0)
+        h.pack_into(buf, 0)
+        self.f.pwrite(buf, 0)
+        if self._head_area is not None:
+            self._head_area[:64] = buf[:64]
+        self.header = h
+
+    def _ensure_need_check(self):
+        """Set the need-check bit and make it durable before the first allocation (no backing)."""
+        while True:
+            with self.lock:
+                if self._nc_fut is None:
+                    if self.header.need_check:
+                        return
+                    fut = self._nc_fut = Future()
+                    mine = True
+                else:
+                    fut = self._nc_fut
+                    mine = False
+            if not mine:
+                fut.result()
+                continue
+            try:
+                self._write_header(self.header.with_(features=self.header.features
+                                                     | fmt.F_NEED_CHECK))
+                self.f.flush()
+            except BaseException as exc:
+                with self.lock:
+                    self._nc_fut = None
+                fut.set_exception(exc)
+                raise
+            with self.lock:
+                self._nc_fut = None
+            fut.set_result(None)
+            return
+
+    def _idle_clear(self):
+        """Clear the need-check bit when no allocation is in flight (the idle timer's action)."""
+        with self.lock:
+            if self.allocs_in_flight or self._nc_fut is not None or not self.header.need_check:
+                return
+            fut = self._nc_fut = Future()
+        err = None
+        try:
+            self.f.flush()
+            self._write_header(self.header.with_(features=self.header.features
+                                                 & ~fmt.F_NEED_CHECK))
+            self.f.flush()
+        except BaseException as exc:
+            err = exc
+        with self.lock:
+            self._nc_fut = None
+        if err is None:
+            fut.set_result(None)
+        else:
+            fut.set_exception(err)
+        self._event("NEED_CHECK_CLEARED")
+
+    # -- request tracking ----------------------------------------------------------------------------
+    def _track(self, fut):
+        with self._inflight_cond:
+            self._inflight += 1
+        fut.add_done_callback(self._untrack)
+        return fut
+
+    def _untrack(self, fut):
+        with self._inflight_cond:
+            self._inflight -= 1
+            if not self._inflight:
+                self._inflight_cond.notify_all()
+
+    def _on_pool(self, fn, *args):
+        """Run ``fn(*args)`` on the pool; its return value (a value or a Future) completes the
+        returned future."""
+        out = Future()
+
+        def run():
+            try:
+                value = fn(*args)
+            except BaseException as exc:
+                out.set_exception(exc)
+                return
+            if isinstance(value, Future):
+                value.add_done_callback(lambda f: _forward(f, out))
+            else:
+                out.set_result(value)
+
+        self.pool.submit(run)
+        return out
+
+    # -- table access ------------------------------------------------------------------------------
+    def _bad_table(self, l1_index, offset):
+        return ImageError(self.path, "l1_table",
+                          f"L1 entry {l1_index} holds an invalid L2 table offset {offset:#x}")
+
+    def _hold_table(self, l1_index):
+        """The L2 entry for ``l1_index``, held (load it if needed), or None on an L1 miss."""
+        with self.lock:
+            l2off = self.l1[l1_index]
+            if l2off == 0:
+                entry = self.creating.get(l1_index)
+                if entry is not None:
+                    self.cache.hold(entry)
+                return entry
+            if not self.geo.table_offset_valid(l2off, self.file_size):
+                raise self._bad_table(l1_index, l2off)
+            entry, must_load = self.cache.acquire(l2off)
+        if must_load:
+            try:
+                table = self.tio.read(l2off)
+            except BaseException as exc:
+                with self.lock:
+                    fut = self.cache.load_failed(entry)
+                    self.cache.release(entry)
+                fut.set_exception(exc)
+                raise
+            with self.lock:
+                fut = self.cache.loaded(entry, table)
+            fut.set_result(table)
+        else:
+            try:
+                wait_loaded(entry)
+            except BaseException:
+                with self.lock:
+                    self.cache.release(entry)
+                raise
+        return entry
+
+    def _release(self, entry):
+        if entry is not None:
+            with self.lock:
+                self.cache.release(entry)
+
+    def _table_or_none(self, l1_index):
+        """For read-only walks (block_status): the table array or None; loads as needed."""
+        entry = self._hold_table(l1_index)
+        if entry is None:
+            return None
+        table = entry.table
+        self._release(entry)
+        return table
+
+    def _peek(self, l1_index):
+        """Fast path: (True, table or None) if known without I/O, else (False, None)."""
+        l2off = self.l1[l1_index]
+        if l2off == 0:
+            return True, None
+        table = self.cache.peek(l2off)
+        return table is not None, table
+
+    def _invalid(self, pos, host):
+        return OSError(errno.EINVAL,
+                       f"{self.path}: invalid cluster offset {host:#x} for guest offset {pos}")
+
+    # -- read --------------------------------------------------------------------------------------
+    def submit_read(self, offset, buffers):
+        length = 0
+        for b in buffers:
+            length += len(b)
+        geo = self.geo
+        runs = []
+        pos, end = offset, offset + length
+        while pos < end:
+            known, table = self._peek(pos >> geo.l1_shift)
+            if not known:
+                return self._track(self._on_pool(self._read_slow, offset, buffers, length))
+            run = lookup.find_run(geo, table, pos, end - pos, self.file_size)
+            runs.append(run)
+            pos += run[1]
+        return self._track(self._read_runs(offset, buffers, runs, length))
+
+    def _read_slow(self, offset, buffers, length):
+        geo = self.geo
+        runs = []
+        for pos, kind, n, host in lookup.runs(geo, self._table_or_none, offset, length,
+                                              self.file_size):
+            runs.append((kind, n, host))
+        return self._read_runs(offset, buffers, runs, length)
+
+    def _read_runs(self, offset, buffers, runs, length):
+        if len(runs) == 1:
+            kind, n, host = runs[0]
+            if kind is lookup.FOUND:
+                return self.f.submit_read(host, buffers)
+        futs = []
+        skip = 0
+        pos = offset
+        for kind, n, host in runs:
+            views = buffers if len(runs) == 1 else _slice(buffers, skip, n)
+            if kind is lookup.FOUND:
+                futs.append(self.f.submit_read(host, views))
+            elif kind is lookup.INVALID:
+                raise self._invalid(pos, host)
+            elif kind is lookup.UNALLOCATED and self._backing is not None:
+                fut = self._read_backing(pos, views, n)
+                if fut is not None:
+                    futs.append(fut)
+            else:
+                _zero_fill(views)
+            skip += n
+            pos += n
+        return _join(futs, length)
+
+    def _read_backing(self, pos, views, n):
+        """Read [pos, pos+n) from the backing image into ``views``; zeros past its end."""
+        inside = max(0, min(n, self._backing.size - pos))
+        if inside < n:
+            _zero_fill(_slice(views, inside, n - inside))
+        if inside == 0:
+            return None
+        return self._backing.submit_read(pos, _slice(views, 0, inside) if inside < n else views)
+
+    # -- write -------------------------------------------------------------------------------------
+    def submit_write(self, offset, buffers, fua=False):
+        length = 0
+        for b in buffers:
+            length += len(b)
+        geo = self.geo
+        pos, end = offset, offset + length
+        known, table = self._peek(pos >> geo.l1_shift)
+        if known and table is not None:
+            kind, n, host = lookup.find_run(geo, table, pos, length, self.file_size)
+            if kind is lookup.FOUND and n == length:
+                fut = self.f.submit_write(host, buffers)
+                if fua:
+                    fut = self._then_flush(fut, length)
+                return self._track(fut)
+        fut = self._on_pool(self._write_slow, offset, buffers, length, False)
+        if fua:
+            fut = self._then_flush(fut, length)
+        return self._track(fut)
+
+    def _then_flush(self, fut, result):
+        out = Future()
+
+        def flushed(f):
+            _forward(f, out, result)
+
+        def written(f):
+            if f.exception() is not None:
+                out.set_exception(f.exception())
+            else:
+                self.submit_flush().add_done_callback(flushed)
+
+        fut.add_done_callback(written)
+        return out
+
+    def _write_slow(self, offset, buffers, length, zero):
+        """Pool thread: write (or, with ``zero``, zero; then ``buffers`` is None and the range is
+        cluster-aligned) [offset, offset+length), allocating as needed."""
+        geo = self.geo
+        futs = []
+        pos, end = offset, offset + length
+        try:
+            while pos < end:
+                l1_index = pos >> geo.l1_shift
+                entry = self._hold_table(l1_index)
+                try:
+                    table = entry.table if entry is not None else None
+                    kind, n, host = lookup.find_run(geo, table, pos, end - pos, self.file_size)
+                    if kind is lookup.INVALID:
+                        raise self._invalid(pos, host)
+                    if kind is lookup.FOUND:
+                        if zero:
+                            futs.append(self.f.submit_zero_range(host, n))
+                        else:
+                            futs.append(self.f.submit_write(host, _slice(buffers, pos - offset, n)))
+                        pos += n
+                        continue
+                    if zero and kind is lookup.ZERO:
+                        pos += n
+                        continue
+                    views = None if zero else _slice(buffers, pos - offset, n)
+                    done = self._allocate(l1_index, entry, pos, n, views, kind)
+                finally:
+                    self._release(entry)
+                if done:
+                    pos += n
+        finally:
+            _wait_all(futs)
+        return length
+
+    def _allocate(self, l1_index, entry, pos, n, views, kind):
+        """Allocate and write one run (see alloc.py). Returns False when the tables changed under
+        us and the caller must look again."""
+        geo = self.geo
+        zero = views is None
+        with self.lock:
+            # The table may have changed since the lookup: recheck under the lock.
+            if self.l1[l1_index] == 0:
+                current = self.creating.get(l1_index)
+            else:
+                current = self.cache.get(self.l1[l1_index])
+            if current is not entry:
+                return False
+            table = entry.table if entry is not None else None
+            k2, n2, _ = lookup.find_run(geo, table, pos, n, self.file_size)
+            if k2 is not kind or n2 != n:
+                return False
+            first = pos >> geo.cluster_bits
+            last = (pos + n - 1) >> geo.cluster_bits
+            for c in range(first, last + 1):
+                busy = self.pending.get(c)
+                if busy is not None:
+                    break
+            else:
+                busy = None
+            if busy is None:
+                p = alloc.plan(geo, self.file_size, pos, n, zero, entry is None)
+                self.file_size = p.file_size
+                if entry is None:
+                    entry = self.cache.create(p.l2_offset, tables.new_table(geo.table_entries),
+                                              l1_index)
+                    self.creating[l1_index] = entry
+                    created = entry
+                else:
+                    self.cache.hold(entry)
+                    created = None
+                done = Future()
+                for c in p.guest_clusters(geo):
+                    self.pending[c] = done
+                self.allocs_in_flight += 1
+                if self._timer is not None:
+                    self._timer.cancel()
+        if busy is not None:
+            busy.exception()  # wait; its outcome is the other request's business
+            return False
+        err = None
+        try:
+            if self._backing is None:
+                self._ensure_need_check()
+            if not zero:
+                self._write_data(p, views, kind)
+            self._update(entry, p.entries(geo), "L2_UPDATE")
+        except BaseException as exc:
+            err = exc
+        with self.lock:
+            for c in p.guest_clusters(geo):
+                if self.pending.get(c) is done:
+                    del self.pending[c]
+            self.allocs_in_flight -= 1
+            self.cache.release(entry)
+            idle = (self.allocs_in_flight == 0 and self._timer is not None
+                    and self._backing is None)
+        done.set_result(None)
+        if idle:
+            self._timer.arm()
+        if err is not None:
+            raise err
+        return True
+
+    def _extend(self, end):
+        """Grow the file to at least ``end`` bytes; never shrinks it."""
+        with self._extend_lock:
+            if end > self._file_length:
+                self.f.truncate(end)
+                self._file_length = end
+
+    def _write_data(self, p, views, kind):
+        geo = self.geo
+        self._extend(p.host_offset + p.nclusters * geo.cluster_size)
+        head_pos, head_len = p.head
+        tail_pos, tail_len = p.tail(geo)
+        copy = kind is lookup.UNALLOCATED and self._backing is not None
+        iov = list(views)
+        start = p.host_offset + (p.pos - p.cluster_start)
+        if copy:
+            backing_end = self._backing.size
+            if head_len and head_pos < backing_end:
+                buf = self.f.alloc(head_len)
+                self._copy_backing(head_pos, buf)
+                iov.insert(0, buf)
+                start = p.host_offset
+            if tail_len and tail_pos < backing_end:
+                tail_len = min(tail_len, -(-(backing_end - tail_pos) // self.align) * self.align)
+                buf = self.f.alloc(tail_len)
+                self._copy_backing(tail_pos, buf)
+                iov.append(buf)
+        self._event("DATA_WRITE")
+        self.f.submit_write(start, iov).result()
+        if self._backing is not None and not self._unsafe:
+            self._event("DATA_FLUSH")
+            self.f.flush()
+
+    def _copy_backing(self, pos, buf):
+        fut = self._read_backing(pos, [buf], len(buf))
+        if fut is not None:
+            fut.result()
+
+    def _update(self, entry, updates, event):
+        """Queue ``updates`` (index -> value) for ``entry``'s table; return once they are written
+        and visible. The first thread to find the table idle writes batches until none remain."""
+        fut = Future()
+        with self.lock:
+            entry.queued.update(updates)
+            entry.waiters.append(fut)
+            writer = entry.state is not WRITING
+            if writer:
+                self.cache.move(entry, "queue")
+                self.cache.move(entry, "write_start")
+        if writer:
+            self._write_batches(entry, event)
+        fut.result()
+
+    def _write_batches(self, entry, event):
+        with self.lock:
+            batch, waiters = entry.queued, entry.waiters
+            entry.queued, entry.waiters = {}, []
+        while True:
+            err = None
+            try:
+                if entry.new:
+                    table = entry.table[:]
+                    for i, v in batch.items():
+                        table[i] = v
+                    self.tio.write_whole(entry.offset, table, "L2_ALLOC")
+                    if not self._unsafe:
+                        self._event("L2_FLUSH")
+                        self.f.flush()
+                    self._update(self.l1_entry, {entry.l1_index: entry.offset}, "L1_UPDATE")
+                elif batch:
+                    self.tio.write_slice(entry.offset, entry.table, min(batch), max(batch) + 1,
+                                         batch, event)
+            except BaseException as exc:
+                err = exc
+            with self.lock:
+                if err is None:
+                    table = entry.table
+                    for i, v in batch.items():
+                        table[i] = v
+                    if entry.new:
+                        entry.new = False
+                        if self.creating.get(entry.l1_index) is entry:
+                            del self.creating[entry.l1_index]
+                batch, more = entry.queued, entry.waiters
+                entry.queued, entry.waiters = {}, []
+                if more:
+                    self.cache.move(entry, "written_more")
+                    self.cache.move(entry, "write_start")
+                else:
+                    self.cache.move(entry, "written")
+            for w in waiters:
+                if err is None:
+                    w.set_result(None)
+                else:
+                    w.set_exception(err)
+            if not more:
+                return
+            waiters = more
+
+    # -- flush, zeroes, discard ------------------------------------------------------------------
+    def submit_flush(self):
+        if self._unsafe:
+            return completed(None)
+        return self._track(self.f.submit_flush())
+
+    def submit_write_zeroes(self, offset, length, may_unmap):
+        cs = self.geo.cluster_size
+        a = -(-offset // cs) * cs
+        b = (offset + length) // cs * cs
+        if a >= b:
+            return None  # no whole cluster: the block layer writes zeros as data
+        if a != offset or b != offset + length:
+            return self._track(self._on_pool(self._zeroes_split, offset, length, a, b))
+        return self._track(self._on_pool(self._write_slow, a, None, b - a, True))
+
+    def _zeroes_split(self, offset, length, a, b):
+        for lo, hi in ((offset, a), (b, offset + length)):
+            if hi > lo:
+                self._write_slow(lo, [self.f.alloc(hi - lo)], hi - lo, False)
+        self._write_slow(a, None, b - a, True)
+        return None
+
+    def submit_discard(self, offset, length):
+        """Punch holes for whole discarded clusters that are allocated; keep the mapping."""
+        return self._track(self._on_pool(self._discard, offset, length))
+
+    def _discard(self, offset, length):
+        cs = self.geo.cluster_size
+        a = -(-offset // cs) * cs
+        b = (offset + length) // cs * cs
+        if a >= b:
+            return None
+        futs = []
+        for pos, kind, n, host in lookup.runs(self.geo, self._table_or_none, a, b - a,
+                                              self.file_size):
+            if kind is lookup.FOUND:
+                futs.append(self.f.submit_discard(host, n))
+        try:
+            _wait_all(futs)
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.ENOTSUP):
+                raise
+        return None
+
+    # -- metadata --------------------------------------------------------------------------------
+    def block_status(self, offset, length):
+        out = []
+        kinds = {lookup.FOUND: DATA, lookup.ZERO: ZERO, lookup.UNALLOCATED: UNALLOCATED}
+        for pos, kind, n, host in lookup.runs(self.geo, self._table_or_none, offset, length,
+                                              self.file_size):
+            if kind is lookup.INVALID:
+                raise self._invalid(pos, host)
+            k = kinds[kind]
+            if out and out[-1].kind == k and k != DATA and out[-1].offset + out[-1].length == pos:
+                out[-1] = out[-1]._replace(length=out[-1].length + n)
+            elif (out and k == DATA and out[-1].kind == DATA
+                  and out[-1].offset + out[-1].length == pos
+                  and out[-1].host_offset + out[-1].length == host):
+                out[-1] = out[-1]._replace(length=out[-1].length + n)
+            else:
+                out.append(Run(pos, n, k, host if k == DATA else None))
+        return out
+
+    def truncate(self, size):
+        if size < self.size:
+            raise UnsupportedError(f"{self.path}: shrinking QED images is not supported")
+        h = self.header
+        if not fmt.image_size_valid(size, h.cluster_size, h.table_size):
+            raise ValueError(f"{self.path}: invalid QED image size {size}")
+        with self.lock:
+            self._write_header(self.header.with_(image_size=size))
+        if not self._unsafe:
+            self.f.flush()
+        self.size = size
+
+    def info(self):
+        h = self.header
+        d = {
+            "cluster-size": h.cluster_size,
+            "table-size": h.table_size,
+            "dirty-flag": h.need_check,
+            "actual-size": os.stat(self.path).st_blocks * 512,
+        }
+        if self.backing_filename is not None:
+            d["backing-filename"] = self.backing_filename
+            if h.features & fmt.F_BACKING_FORMAT_NO_PROBE:
+                d["backing-filename-format"] = "raw"
+            if self._backing is not None:
+                d["full-backing-filename"] = self._backing.path
+        return d
+
+    def change_backing(self, name, fmt_name=None):
+        h = self.header
+        if h.compat_features & ~fmt.COMPAT_FEATURE_MASK:
+            raise UnsupportedError(f"{self.path}: unknown compat features are set")
+        features = h.features & ~(fmt.F_BACKING_FILE | fmt.F_BACKING_FORMAT_NO_PROBE)
+        raw = b""
+        if name:
+            raw = name.encode("utf-8", "surrogateescape")
+            if fmt.HEADER_SIZE + len(raw) > self.geo.header_bytes or len(raw) >= 4096:
+                raise OSError(errno.ENOSPC, f"{self.path}: backing file name too long")
+            features |= fmt.F_BACKING_FILE
+            if fmt_name == "raw":
+                features |= fmt.F_BACKING_FORMAT_NO_PROBE
+        new = h.with_(features=features, backing_filename_offset=fmt.HEADER_SIZE,
+                      backing_filename_size=len(raw))
+        area = self.f.alloc(-(-(fmt.HEADER_SIZE + len(raw)) // self.align) * self.align)
+        self.f.pread(area, 0)
+        new.pack_into(area, 0)
+        area[fmt.HEADER_SIZE : fmt.HEADER_SIZE + len(raw)] = raw
+        self.f.pwrite(area, 0)
+        self.f.flush()
+        if self._head_area is not None:
+            n = min(len(self._head_area), len(area))
+            self._head_area[:n] = area[:n]
+        self.header = new
+        old, self._backing = self._backing, None
+        self.backing_filename = name or None
+        if old is not None:
+            old.close()
+        if name:
+            self._open_backing()
+
+    # -- check -----------------------------------------------------------------------------------
+    def check(self, repair=False):
+        """qemu-img check's counters (see check.py). With ``repair``: zero invalid entries, reclaim
+        leaked clusters (truncate trailing ones, punch holes for the rest), clear need-check."""
+        self._drain()
+        geo = self.geo
+        h = self.header
+        s = checkmod.scan(geo, h.l1_table_offset, h.image_size, self.l1, self.tio.read,
+                          self.file_size)
+        corruptions_fixed = leaks_fixed = 0
+        if repair and not self.read_only:
+            if s.l1_fixes or s.l2_fixes:
+                self._set_need_check_sync()
+            for l2off, idxs in s.l2_fixes.items():
+                table = self.tio.read(l2off)
+                for i in idxs:
+                    table[i] = 0
+                self.tio.write_whole(l2off, table, "L2_REPAIR")
+                corruptions_fixed += len(idxs)
+            if s.l1_fixes:
+                for i in s.l1_fixes:
+                    self.l1[i] = 0
+                self.tio.write_whole(h.l1_table_offset, self.l1, "L1_REPAIR")
+                corruptions_fixed += len(s.l1_fixes)
+            with self.lock:
+                self.cache.clear()
+            nclusters = self.file_size // geo.cluster_size
+            trailing, interior = checkmod.leak_ranges(s.leaked, nclusters)
+            for start, count in interior:
+                try:
+                    self.f.discard(start * geo.cluster_size, count * geo.cluster_size)
+                except OSError as exc:
+                    if exc.errno not in (errno.EOPNOTSUPP, errno.ENOTSUP):
+                        raise
+            if trailing is not None:
+                self.f.flush()
+                self.file_size = trailing * geo.cluster_size
+                with self._extend_lock:
+                    self.f.truncate(self.file_size)
+                    self._file_length = self.file_size
+                leaks_fixed = nclusters - trailing
+            self.f.flush()
+            if corruptions_fixed or leaks_fixed:
+                # double-check, as qemu-img does after a repair
+                after = checkmod.scan(geo, h.l1_table_offset, h.image_size, self.l1,
+                                      self.tio.read, self.file_size)
+            else:
+                after = s
+            if after.corruptions == 0 and after.check_errors == 0 and self.header.need_check:
+                self._write_header(self.header.with_(features=self.header.features
+                                                     & ~fmt.F_NEED_CHECK))
+                self.f.flush()
+            result = after.as_dict(self.path, corruptions_fixed, leaks_fixed)
+            result["corruptions-found"] = s.corruptions
+            result["leaks-found"] = s.leaks
+            return result
+        return s.as_dict(self.path)
+
+    def _set_need_check_sync(self):
+        if not self.header.need_check:
+            self._write_header(self.header.with_(features=self.header.features
+                                                 | fmt.F_NEED_CHECK))
+            self.f.flush()
+
+    def _drain(self):
+        with self._inflight_cond:
+            while self._inflight:
+                self._inflight_cond.wait()
+
+    # -- close -----------------------------------------------------------------------------------
+    def close(self):
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._drain()
+            if self._timer is not None:
+                self._timer.stop()
+            if self.pool is not None:
+                self.pool.shutdown(wait=True)
+            if not self.read_only:
+                self.f.flush()
+                if self.header.need_check:
+                    self._write_header(self.header.with_(features=self.header.features
+                                                         & ~fmt.F_NEED_CHECK))
+                    self.f.flush()
+        finally:
+            self._teardown()
+
+    def _teardown(self):
+        if self.pool is not None:
+            self.pool.shutdown(wait=True)
+        if self._backing is not None:
+            self._backing.close()
+            self._backing = None
+        self.f.close()
+
+
+def _forward(src, dst, result=None):
+    exc = src.exception()
+    if exc is not None:
+        dst.set_exception(exc)
+    else:
+        dst.set_result(src.result() if result is None else result)
