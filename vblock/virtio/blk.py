@@ -1,0 +1,555 @@
+"""VirtioBlk: the virtio-blk device model (virtio 1.2, 5.2), transport-independent.
+
+Theory of operation
+-------------------
+A transport (``VirtioMmio``, later vhost-user) feeds the device four kinds of events: feature
+words, status writes, queue configuration, and queue notifications; the device answers with two
+kinds of interrupts, used-buffer (per queue) and config-change, through hooks the transport
+installs with :meth:`VirtioBlk.attach`.
+
+Status is a state machine over the driver-owned bits (``_STATUS_STEPS``, 3.1.1): 0 -> ACKNOWLEDGE
+-> +DRIVER -> +FEATURES_OK -> +DRIVER_OK, each step adding one bit; FAILED may be set at any time;
+DEVICE_NEEDS_RESET is device-owned; writing 0 resets. FEATURES_OK is refused (left clear, 3.1.1
+step 6) unless the driver's features are a subset of the device's and include VERSION_1.
+No buffer is consumed and no used-buffer interrupt is sent before DRIVER_OK (2.1.2).
+
+A notification puts its queue on the device's work list and, if no other thread is draining,
+drains the list: each queue gets a turn of at most ``queue size`` chains (bounded work, so a busy
+queue cannot starve another: a queue with more work goes to the back of the list), with
+notifications disabled during the turn and re-enabled, then re-checked, at its end. Every chain is
+walked and validated (``chain.walk``), parsed (``blk_request.parse``) and submitted to the image
+without waiting: requests complete in any order on whatever thread the backend completes them.
+Completions are queued per virtqueue and published in batches: the used index is written once
+per batch and the interrupt raised once per batch, subject to EVENT_IDX (2.7.7.2). Completions
+that arrive while the queue is being drained (including those the backend finishes inline) are
+published at the end of the turn.
+
+Guest mistakes never raise out of the device: a broken chain or frame without a status byte
+returns its head with used length 0; a bad request is answered in its status byte; a broken ring
+(avail index far ahead, head out of range or already in flight) sets DEVICE_NEEDS_RESET and, with
+DRIVER_OK, sends a config-change interrupt (2.1.2).
+
+Reset drops everything safely: queues in flight are retired (their late completions touch neither
+rings nor status bytes) and fresh queue state takes their place. Data a backend has already been
+asked to move still lands in guest memory, as DMA in flight would.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+
+from vblock.errors import GuestError
+from vblock.virtio.blk_request import BlkRequest, RequestRules, finish, parse
+from vblock.virtio.chain import ChainError, RingError, walk
+from vblock.virtio.queue import SplitQueue
+from vblock.virtio.spec import (
+    ACKNOWLEDGE,
+    DEVICE_NEEDS_RESET,
+    DRIVER,
+    DRIVER_OK,
+    FAILED,
+    FEATURES_OK,
+    SECTOR_SHIFT,
+    SECTOR_SIZE,
+    VIRTIO_BLK_F_BLK_SIZE,
+    VIRTIO_BLK_F_CONFIG_WCE,
+    VIRTIO_BLK_F_DISCARD,
+    VIRTIO_BLK_F_FLUSH,
+    VIRTIO_BLK_F_MQ,
+    VIRTIO_BLK_F_RO,
+    VIRTIO_BLK_F_SEG_MAX,
+    VIRTIO_BLK_F_SIZE_MAX,
+    VIRTIO_BLK_F_TOPOLOGY,
+    VIRTIO_BLK_F_WRITE_ZEROES,
+    VIRTIO_BLK_CONFIG_WRITEBACK_OFFSET,
+    VIRTIO_BLK_T_FLUSH,
+    VIRTIO_BLK_T_GET_ID,
+    VIRTIO_BLK_T_IN,
+    VIRTIO_BLK_T_OUT,
+    VIRTIO_BLK_T_WRITE_ZEROES,
+    VIRTIO_F_EVENT_IDX,
+    VIRTIO_F_INDIRECT_DESC,
+    VIRTIO_F_VERSION_1,
+    VIRTIO_ID_BLOCK,
+    virtio_blk_config,
+)
+
+__all__ = ["VirtioBlk", "StatusError"]
+
+_log = logging.getLogger(__name__)
+
+# Driver-owned status bits: current value -> the one value the next step may write (3.1.1).
+_STATUS_STEPS = {
+    0: ACKNOWLEDGE,
+    ACKNOWLEDGE: ACKNOWLEDGE | DRIVER,
+    ACKNOWLEDGE | DRIVER: ACKNOWLEDGE | DRIVER | FEATURES_OK,
+    ACKNOWLEDGE | DRIVER | FEATURES_OK: ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK,
+}
+
+SIZE_MAX_BYTES = 1 << 20  # config size_max: largest single segment we advertise
+MAX_DISCARD_SECTORS = 0x3FFFFF  # per segment, as QEMU's default (2 GiB - 512)
+MAX_SEGMENTS = 32  # DISCARD / WRITE_ZEROES segments per request
+PHYSICAL_BLOCK_BYTES = 4096  # topology hint: what O_DIRECT hosts align to
+
+
+class StatusError(GuestError):
+    """The driver wrote a device status that no step of 3.1.1 allows (names state and value).
+    Transports log it and leave the status unchanged."""
+
+
+class _Request(BlkRequest):
+    """A request slot that knows its device, so a backend future can call straight back."""
+
+    __slots__ = ("device",)
+
+    def __init__(self, head, owner, device):
+        super().__init__(head, owner)
+        self.device = device
+
+    def backend_done(self, fut):
+        self.device.complete(self, fut.exception())
+
+
+class _DeviceQueue:
+    """Per-virtqueue device state: the ring, one request slot per head, and the completion batch."""
+
+    __slots__ = ("index", "ring", "slots", "done", "lock", "draining", "queued", "dead")
+
+    def __init__(self, index, size_max):
+        self.index = index
+        self.ring = SplitQueue(size_max)
+        self.slots = ()
+        self.done = collections.deque()  # (head, used_len) waiting to be published
+        self.lock = threading.Lock()  # the used side: add_used / publish / notification decision
+        self.draining = False
+        self.queued = False
+        self.dead = False
+
+
+class VirtioBlk:
+    """A virtio-blk device over a ``vblock.block.Image``.
+
+    ``VirtioBlk(img, mem, num_queues=1, queue_size_max=256, serial="vblock0", read_only=None)``:
+    ``mem`` is the ``GuestMemory`` the queues live in; ``read_only`` None follows the image,
+    True offers VIRTIO_BLK_F_RO over any image.
+    """
+
+    device_id = VIRTIO_ID_BLOCK
+
+    def __init__(self, img, mem, num_queues=1, queue_size_max=256, serial="vblock0", read_only=None):
+        if not 1 <= num_queues <= 0xFFFF:
+            raise ValueError(f"num_queues {num_queues} out of 1..65535")
+        if queue_size_max < 1 or queue_size_max & (queue_size_max - 1) or queue_size_max > 32768:
+            raise ValueError(f"queue_size_max {queue_size_max} is not a power of 2 in 1..32768")
+        if read_only is None:
+            read_only = bool(img.read_only)
+        elif not read_only and img.read_only:
+            raise ValueError("read_only=False over an image opened read-only")
+        self.image = img
+        self.mem = mem
+        self.num_queues = num_queues
+        self.queue_size_max = queue_size_max
+        self.read_only = bool(read_only)
+        serial = serial.encode() if isinstance(serial, str) else bytes(serial or b"")
+        self.serial = serial[:20]
+        self.device_features = self._offered_features()
+        self._used_irq = self._config_irq = _ignore
+        self._drain_lock = threading.Lock()
+        self._drain_owner = None
+        self._work = collections.deque()
+        self.config_generation = 0
+        self._queues = []
+        self._reset_state()
+
+    # -- transport hooks ------------------------------------------------------------------------
+    def attach(self, used_irq, config_irq):
+        """Install the transport's interrupt hooks: ``used_irq(queue_index)``, ``config_irq()``."""
+        self._used_irq = used_irq
+        self._config_irq = config_irq
+
+    # -- features -------------------------------------------------------------------------------
+    def _offered_features(self):
+        bits = [
+            VIRTIO_F_VERSION_1,
+            VIRTIO_F_INDIRECT_DESC,
+            VIRTIO_F_EVENT_IDX,
+            VIRTIO_BLK_F_SIZE_MAX,
+            VIRTIO_BLK_F_SEG_MAX,
+            VIRTIO_BLK_F_BLK_SIZE,
+            VIRTIO_BLK_F_TOPOLOGY,
+            VIRTIO_BLK_F_FLUSH,
+            VIRTIO_BLK_F_CONFIG_WCE,  # 5.2.5.2: offered only together with FLUSH
+            VIRTIO_BLK_F_MQ,
+            VIRTIO_BLK_F_DISCARD,
+            VIRTIO_BLK_F_WRITE_ZEROES,
+        ]
+        if self.read_only:
+            bits.append(VIRTIO_BLK_F_RO)
+        return sum(1 << b for b in bits)
+
+    def set_driver_features(self, features):
+        """The driver's feature bits (all 64). Accepted only between DRIVER and FEATURES_OK."""
+        drv = self._status & ~(DEVICE_NEEDS_RESET | FAILED)
+        if drv != ACKNOWLEDGE | DRIVER:
+            raise StatusError(f"driver features written in status {self._status:#x}")
+        self.driver_features = features
+
+    def negotiated(self, bit):
+        return bool(self.driver_features >> bit & 1) and bool(self._status & FEATURES_OK)
+
+    # -- status ---------------------------------------------------------------------------------
+    @property
+    def status(self):
+        return self._status
+
+    def set_status(self, value):
+        """A driver's status write. 0 resets; otherwise one step of ``_STATUS_STEPS`` or FAILED.
+        Raises ``StatusError`` (status unchanged) for anything else."""
+        if value == 0:
+            self.reset()
+            return
+        value &= ~DEVICE_NEEDS_RESET  # device-owned: a read-modify-write by the driver keeps it
+        keep = self._status & DEVICE_NEEDS_RESET
+        cur = self._status & ~(DEVICE_NEEDS_RESET | FAILED)
+        if value & FAILED:
+            self._status |= FAILED  # 2.1: the driver gave up; nothing more is served
+            return
+        if value == cur:
+            return
+        if _STATUS_STEPS.get(cur) != value:
+            raise StatusError(f"status {self._status:#x} cannot become {value:#x}")
+        if value & FEATURES_OK and not cur & FEATURES_OK:
+            if not self._accept_features():
+                return  # 3.1.1 step 6: FEATURES_OK stays clear; the driver reads it back
+        self._status = value | keep
+        if value & DRIVER_OK and not cur & DRIVER_OK:
+            for dq in self._queues:  # buffers made available before DRIVER_OK are served now
+                if dq.ring.ready:
+                    self.notify(dq.index)
+
+    def _accept_features(self):
+        feats = self.driver_features
+        if feats & ~self.device_features or not feats >> VIRTIO_F_VERSION_1 & 1:
+            _log.debug("refusing driver features %#x (offered %#x)", feats, self.device_features)
+            return False
+        has = lambda bit: bool(feats >> bit & 1)  # noqa: E731
+        self._event_idx = has(VIRTIO_F_EVENT_IDX)
+        self._indirect = has(VIRTIO_F_INDIRECT_DESC)
+        self._mq = has(VIRTIO_BLK_F_MQ)
+        flush = has(VIRTIO_BLK_F_FLUSH)
+        # 5.2.5.1 / 5.2.6.2 durability: without FLUSH (and without CONFIG_WCE) the driver assumes
+        # writethrough, so every write is made stable before it completes (fua).
+        self._wce = has(VIRTIO_BLK_F_CONFIG_WCE)
+        self._writeback = flush  # CONFIG_WCE without FLUSH: writeback starts at 0 (5.2.5.2)
+        self._rules.flush = flush
+        self._rules.discard = has(VIRTIO_BLK_F_DISCARD)
+        self._rules.write_zeroes = has(VIRTIO_BLK_F_WRITE_ZEROES)
+        return True
+
+    def reset(self):
+        """Return to the initial state. Requests in flight are dropped safely (see module doc)."""
+        me = threading.get_ident()
+        if self._drain_owner == me:
+            self._reset_state()  # reset from inside a drain (an interrupt handler): the drainer sees dead queues
+            return
+        with self._drain_lock:
+            self._reset_state()
+
+    def _reset_state(self):
+        for dq in self._queues:
+            with dq.lock:
+                dq.dead = True
+                dq.done.clear()
+        self._work.clear()
+        self._status = 0
+        self.driver_features = 0
+        self._event_idx = self._indirect = self._mq = self._wce = False
+        self._writeback = True
+        self._rules = RequestRules(
+            self.image.size >> SECTOR_SHIFT,
+            read_only=self.read_only,
+            flush=False,
+            discard=False,
+            write_zeroes=False,
+            max_discard_sectors=MAX_DISCARD_SECTORS,
+            max_discard_seg=MAX_SEGMENTS,
+            max_write_zeroes_sectors=MAX_DISCARD_SECTORS,
+            max_write_zeroes_seg=MAX_SEGMENTS,
+            serial=self.serial,
+        )
+        self._queues = [_DeviceQueue(i, self.queue_size_max) for i in range(self.num_queues)]
+
+    def _set_needs_reset(self, reason):
+        _log.warning("virtio-blk: device needs reset: %s", reason)
+        already = self._status & DEVICE_NEEDS_RESET
+        self._status |= DEVICE_NEEDS_RESET
+        if not already and self._status & DRIVER_OK:
+            self._config_irq()  # 2.1.2: MUST send a config change notification
+
+    # -- queues ---------------------------------------------------------------------------------
+    def queue(self, index):
+        """The ``SplitQueue`` of queue ``index``: transports write size and addresses into it."""
+        return self._queues[index].ring
+
+    def set_queue_ready(self, index, ready):
+        """Enable (check, resolve rings, start at index 0) or disable queue ``index``. Raises
+        ``RingError`` when the queue cannot be enabled (it stays not ready)."""
+        dq = self._queues[index]
+        q = dq.ring
+        if not ready:
+            q.ready = False
+            return
+        if index and not self._mq:
+            raise RingError(f"queue {index} enabled but VIRTIO_BLK_F_MQ not negotiated")  # 5.2.2
+        q.activate(self.mem, self._event_idx)
+        dq.slots = tuple(_Request(head, dq, self) for head in range(q.size))
+
+    def notify(self, index):
+        """An available-buffer notification for queue ``index`` (any thread)."""
+        if self._status & (DRIVER_OK | DEVICE_NEEDS_RESET | FAILED) != DRIVER_OK:
+            return  # 2.1.2: no buffers are used before DRIVER_OK, nor after a fatal error
+        try:
+            dq = self._queues[index]
+        except (IndexError, TypeError):
+            return
+        if not dq.ring.ready:
+            return
+        if not dq.queued:
+            dq.queued = True
+            self._work.append(dq)
+        self._run()
+
+    def _run(self):
+        work = self._work
+        lock = self._drain_lock
+        while work:
+            if not lock.acquire(False):
+                return  # the thread holding it drains our queue too, and re-checks before leaving
+            self._drain_owner = threading.get_ident()
+            try:
+                while work:
+                    dq = work.popleft()
+                    dq.queued = False
+                    if self._service(dq) and not dq.queued:
+                        dq.queued = True
+                        work.append(dq)  # bounded turn used up: back of the line
+            finally:
+                self._drain_owner = None
+                lock.release()
+
+    def _service(self, dq):
+        """One bounded turn on ``dq``. Returns True if it may have more work."""
+        q = dq.ring
+        if dq.dead or not q.ready or self._status & (DEVICE_NEEDS_RESET | FAILED):
+            return False
+        budget = q.size
+        start = self._start
+        dq.draining = True
+        try:
+            q.disable_notification()
+            while True:
+                n = q.available()
+                if n > budget:
+                    n = budget
+                for _ in range(n):
+                    start(dq, q.pop_head())
+                    if dq.dead:
+                        return False
+                budget -= n
+                if budget == 0:
+                    return True
+                if not q.enable_notification():
+                    return False
+        except RingError as exc:
+            self._set_needs_reset(str(exc))
+            return False
+        finally:
+            dq.draining = False
+            if dq.done:
+                self._flush(dq)
+
+    def _start(self, dq, head):
+        q = dq.ring
+        chain = None
+        try:
+            chain = walk(self.mem, q.desc_table, q.size, head, self._indirect, self.queue_size_max)
+        except ChainError as exc:
+            _log.debug("virtio-blk: queue %d head %d: %s", dq.index, head, exc)
+        req = dq.slots[head]
+        if req.busy:
+            raise RingError(f"head {head} made available again while in flight")
+        if chain is None:
+            dq.done.append((head, 0))  # an unparseable frame still returns its head (used len 0)
+            return
+        try:
+            parse(req, chain, self._rules)
+        except ChainError as exc:
+            _log.debug("virtio-blk: queue %d head %d: %s", dq.index, head, exc)
+            dq.done.append((head, 0))
+            return
+        except GuestError as exc:
+            req.busy = True
+            self.complete(req, exc)
+            return
+        req.busy = True
+        self._submit(req)
+
+    def _submit(self, req):
+        t = req.type
+        try:
+            if t == VIRTIO_BLK_T_IN:
+                fut = self.image.submit_read(req.offset, req.data)
+            elif t == VIRTIO_BLK_T_OUT:
+                fut = self.image.submit_write(req.offset, req.data, not self._writeback)
+            elif t == VIRTIO_BLK_T_FLUSH:
+                fut = self.image.submit_flush()
+            elif t == VIRTIO_BLK_T_GET_ID:
+                _scatter(req.data, self._rules.serial)
+                self.complete(req, None)
+                return
+            else:
+                self._next_segment(req, 0)
+                return
+        except Exception as exc:  # the backend refused at submit: answer IOERR, never raise
+            _log.debug("virtio-blk: submit failed: %r", exc)
+            self.complete(req, exc)
+            return
+        fut.add_done_callback(req.backend_done)
+
+    def _next_segment(self, req, i):
+        """DISCARD / WRITE_ZEROES segments run one after another; the first failure ends it."""
+        segs = req.segments
+        while i < len(segs):
+            offset, length, unmap = segs[i]
+            i += 1
+            if req.type == VIRTIO_BLK_T_WRITE_ZEROES:
+                fut = self.image.submit_write_zeroes(offset, length, unmap)
+            else:
+                fut = self.image.submit_discard(offset, length)
+            if not fut.done():
+                fut.add_done_callback(lambda f, i=i: self._segment_done(req, f, i))
+                return
+            exc = fut.exception()
+            if exc is not None:
+                self.complete(req, exc)
+                return
+        self.complete(req, None)
+
+    def _segment_done(self, req, fut, i):
+        exc = fut.exception()
+        if exc is not None:
+            self.complete(req, exc)
+            return
+        try:
+            self._next_segment(req, i)
+        except Exception as exc:
+            self.complete(req, exc)
+
+    def complete(self, req, outcome):
+        """Finish ``req`` with ``outcome`` (None or an exception) from any thread."""
+        dq = req.owner
+        if dq.dead:  # reset since: drop (no status byte, no used entry)
+            req.busy = False
+            return
+        used = finish(req, outcome)
+        req.data = req.segments = None
+        req.busy = False
+        dq.done.append((req.head, used))
+        if not dq.draining:
+            self._flush(dq)
+
+    def _flush(self, dq):
+        """Publish every queued completion of ``dq``: one used-index store, at most one interrupt.
+        Whoever holds the queue's lock publishes for everyone; a thread that finds it taken
+        leaves its entry in ``done`` for the holder, which re-checks after releasing."""
+        done = dq.done
+        q = dq.ring
+        lock = dq.lock
+        while done:
+            if not lock.acquire(False):
+                return
+            try:
+                if dq.dead:
+                    done.clear()
+                    return
+                add_used = q.add_used
+                pop = done.popleft
+                while done:
+                    add_used(*pop())
+                q.publish_used()
+                irq = q.needs_notification() and not self._status & FAILED
+            finally:
+                lock.release()
+            if irq:
+                self._used_irq(dq.index)
+
+    # -- config space (5.2.4) ---------------------------------------------------------------------
+    def config_bytes(self):
+        """The 96-byte little-endian ``struct virtio_blk_config``."""
+        r = self._rules
+        return virtio_blk_config.pack(
+            r.capacity_sectors,
+            SIZE_MAX_BYTES,
+            max(1, self.queue_size_max - 2),  # seg_max, as QEMU's seg-max-adjust
+            0, 0, 0,  # geometry (not offered)
+            SECTOR_SIZE,  # blk_size
+            (PHYSICAL_BLOCK_BYTES // SECTOR_SIZE).bit_length() - 1,  # physical_block_exp
+            0,  # alignment_offset
+            1,  # min_io_size (blocks)
+            0,  # opt_io_size
+            1 if self._writeback else 0,
+            0,  # unused0
+            self.num_queues,
+            MAX_DISCARD_SECTORS,
+            MAX_SEGMENTS,
+            PHYSICAL_BLOCK_BYTES // SECTOR_SIZE,  # discard_sector_alignment
+            MAX_DISCARD_SECTORS,
+            MAX_SEGMENTS,
+            1,  # write_zeroes_may_unmap
+            0, 0, 0,  # secure erase (not offered)
+            0, 0, 0, 0, 0,  # zoned (not offered)
+            0,
+        )
+
+    def read_config(self, offset, size):
+        cfg = self.config_bytes()
+        if offset < 0 or size not in (1, 2, 4, 8) or offset + size > len(cfg):
+            return 0
+        return int.from_bytes(cfg[offset : offset + size], "little")
+
+    def write_config(self, offset, size, value):
+        """Only ``writeback`` is writable, and only with CONFIG_WCE negotiated (5.2.4)."""
+        if offset == VIRTIO_BLK_CONFIG_WRITEBACK_OFFSET and size == 1 and self._wce:
+            self._writeback = bool(value & 1)
+            return
+        raise GuestError(f"config write of {size} bytes at {offset:#x} ignored")
+
+    def update_capacity(self):
+        """Re-read the image size (after a resize): capacity follows, the config generation moves
+        and a config-change interrupt goes out once the driver is up (5.2.6.2 MAY/SHOULD)."""
+        self._rules.capacity_sectors = self.image.size >> SECTOR_SHIFT
+        self.config_generation = (self.config_generation + 1) & 0xFFFFFFFF
+        if self._status & DRIVER_OK:
+            self._config_irq()
+
+    # -- introspection ---------------------------------------------------------------------------
+    def in_flight(self):
+        """Requests submitted to the backend and not yet completed, over all queues."""
+        return sum(r.busy for dq in self._queues for r in dq.slots)
+
+
+def _ignore(*_args):
+    pass
+
+
+def _scatter(views, data):
+    """Copy ``data`` into the start of ``views``."""
+    pos = 0
+    for v in views:
+        n = min(len(v), len(data) - pos)
+        if n <= 0:
+            break
+        v[:n] = data[pos : pos + n]
+        pos += n
