@@ -722,6 +722,37 @@ int vbio_engine_reap(struct vbio_engine *eng, struct vbio_op **out, int max, int
     return pool_reap(eng, out, max, timeout_ns);
 }
 
+int vbio_engine_reap_tokens(struct vbio_engine *eng, int64_t *tokens, int64_t *results, int max, int64_t timeout_ns)
+{
+    struct vbio_op *ops[256];
+    if (max > 256)
+        max = 256;
+    int n = vbio_engine_reap(eng, ops, max, timeout_ns);
+    for (int i = 0; i < n; i++) {
+        tokens[i] = (int64_t)ops[i]->token;
+        results[i] = ops[i]->result;
+    }
+    return n;
+}
+
+int vbio_op_prep1(struct vbio_op *op, int opcode, int fd, uint64_t offset, void *base, size_t len,
+                  uint32_t align, uint32_t mem_align)
+{
+    if (align > 1 && offset % align)
+        return VBIO_MISALIGNED_OFFSET;
+    if (align > 1 && len % align)
+        return VBIO_MISALIGNED_LENGTH;
+    if (mem_align > 1 && (uintptr_t)base % mem_align)
+        return VBIO_MISALIGNED_ADDRESS;
+    op->opcode = opcode;
+    op->fd = fd;
+    op->offset = offset;
+    op->iovcnt = 1;
+    op->iov[0].iov_base = base;
+    op->iov[0].iov_len = len;
+    return 0;
+}
+
 int vbio_engine_wake(struct vbio_engine *eng)
 {
     if (eng->kind == VBIO_ENGINE_URING) {

@@ -10,7 +10,7 @@
  * Offsets and lengths are in bytes.
  */
 
-#define VBIO_VERSION 3
+#define VBIO_VERSION 4
 
 /* Operation codes of struct vbio_op. */
 #define VBIO_OP_READV 1
@@ -23,6 +23,11 @@
 #define VBIO_FALLOC_KEEP_SIZE 1
 #define VBIO_FALLOC_PUNCH_HOLE 2
 #define VBIO_FALLOC_ZERO_RANGE 16
+
+/* Misalignment codes of vbio_op_prep1 (positive, never an errno). */
+#define VBIO_MISALIGNED_OFFSET 1
+#define VBIO_MISALIGNED_LENGTH 2
+#define VBIO_MISALIGNED_ADDRESS 3
 
 /* Engine kinds. */
 #define VBIO_ENGINE_URING 1
@@ -63,6 +68,13 @@ int vbio_engine_submit(struct vbio_engine *eng, struct vbio_op **ops, int n);
  * many, 0 on timeout or after vbio_engine_wake. Short transfers, EINTR and EAGAIN are retried inside
  * and never surface here. */
 int vbio_engine_reap(struct vbio_engine *eng, struct vbio_op **out, int max, int64_t timeout_ns);
+/* The same, handing back each finished op's token and result instead of the op (cheaper to read
+ * from Python: two integer arrays). max is at most 256. */
+int vbio_engine_reap_tokens(struct vbio_engine *eng, int64_t *tokens, int64_t *results, int max, int64_t timeout_ns);
+/* Fill a one-buffer readv/writev op whose `iov` already points at room for one iovec. Checks the
+ * O_DIRECT alignment first: returns 0, or VBIO_MISALIGNED_OFFSET / _LENGTH / _ADDRESS. */
+int vbio_op_prep1(struct vbio_op *op, int opcode, int fd, uint64_t offset, void *base, size_t len,
+                  uint32_t align, uint32_t mem_align);
 /* Make one blocked (or the next) vbio_engine_reap return. */
 int vbio_engine_wake(struct vbio_engine *eng);
 /* Ops submitted and not yet reaped. */

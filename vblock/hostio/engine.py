@@ -118,6 +118,7 @@ class Engine:
         for i in range(_CHUNK):
             ptrs[i] = ops + i
             ops[i].token = base + i
+            ops[i].iov = iovs + i * INLINE_IOVS  # a slot's own iovecs unless a request needs more
             self._ops.append(ops + i)
             self._opp.append(ptrs + i)
             self._iov.append(iovs + i * INLINE_IOVS)
@@ -157,6 +158,17 @@ class Engine:
         op.iov = iov
         return self._submit(tok, keep)
 
+    def submit1(self, write, fd, offset, cbuf, align, mem_align):
+        """One-buffer read or write: filled and alignment-checked by one native call. Returns the
+        future, or a ``VBIO_MISALIGNED_*`` code (nothing submitted) for the caller to report."""
+        tok = self._take()
+        err = lib.vbio_op_prep1(self._ops[tok], lib.VBIO_OP_WRITEV if write else lib.VBIO_OP_READV,
+                                fd, offset, cbuf, len(cbuf), align, mem_align)
+        if err:
+            self._free.append(tok)
+            return err
+        return self._submit(tok, cbuf)
+
     def submit_simple(self, opcode, fd, offset=0, length=0, mode=0):
         """fdatasync or fallocate(mode, offset, length)."""
         tok = self._take()
@@ -167,7 +179,6 @@ class Engine:
         op.length = length
         op.mode = mode
         op.iovcnt = 0
-        op.iov = ffi.NULL
         return self._submit(tok, None)
 
     def _submit(self, tok, keep):
@@ -226,30 +237,40 @@ class Engine:
 
     # -- completion -------------------------------------------------------------------------------
     def _reap_loop(self):
-        out = ffi.new("struct vbio_op *[]", _REAP_MAX)
+        tokens = ffi.new("int64_t[]", _REAP_MAX)
+        results = ffi.new("int64_t[]", _REAP_MAX)
+        tok_view = memoryview(ffi.buffer(tokens)).cast("q")
+        res_view = memoryview(ffi.buffer(results)).cast("q")
         eng = self._eng
         futs = self._fut
         keep = self._keep
         free = self._free
+        local = self._local
+        reap = lib.vbio_engine_reap_tokens
         while True:
-            n = lib.vbio_engine_reap(eng, out, _REAP_MAX, -1)
+            n = reap(eng, tokens, results, _REAP_MAX, -1)
             if n < 0:
                 _log.error("%s engine: reap failed: %s", self.kind, os.strerror(-n))
                 continue
-            for i in range(n):
-                op = out[i]
-                tok = op.token
-                res = op.result
+            # Callbacks that submit more I/O to this engine (chained requests, closed-loop load)
+            # are collected and handed to the kernel together once the whole batch is completed.
+            local.batch = []
+            for tok, res in zip(tok_view[:n].tolist(), res_view[:n].tolist()):
                 fut = futs[tok]
                 futs[tok] = None
+                if keep[tok].__class__ is tuple:  # a request with its own iovec array
+                    self._ops[tok].iov = self._iov[tok]
                 keep[tok] = None
                 if res < 0:
-                    exc = host_error(-res, _OP_NAMES.get(op.opcode, "I/O"), self.label, op.offset, op.length or None)
+                    op = self._ops[tok]
+                    exc = host_error(-res, _OP_NAMES.get(op.opcode, "I/O"), self.label, op.offset,
+                                     op.length or None)
                     free.append(tok)
                     fut.set_exception(exc)
                 else:
                     free.append(tok)
                     fut.set_result(res)
+            self.end_batch()
             if self._closed and lib.vbio_engine_inflight(eng) == 0:
                 return
 

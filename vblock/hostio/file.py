@@ -238,13 +238,30 @@ class HostFile:
     # -- asynchronous I/O -------------------------------------------------------------------------
     def submit_read(self, offset, buffers):
         """Read into ``buffers`` (filled in order) at ``offset``; future result: bytes read."""
-        fd = self._live_fd("read", offset)
-        return self._engine.submit_rw(False, fd, offset, self._cbufs(buffers, True, offset, "read"))
+        return self._submit_rw(False, offset, buffers, "read")
 
     def submit_write(self, offset, buffers):
         """Write ``buffers`` (in order) at ``offset``; future result: bytes written."""
-        fd = self._live_fd("write", offset)
-        return self._engine.submit_rw(True, fd, offset, self._cbufs(buffers, False, offset, "write"))
+        return self._submit_rw(True, offset, buffers, "write")
+
+    def _submit_rw(self, write, offset, buffers, op):
+        fd = self._fd
+        if fd < 0:
+            raise host_error(EBADF, op, self.path, offset)
+        if len(buffers) != 1 or offset < 0:
+            return self._engine.submit_rw(write, fd, offset, self._cbufs(buffers, not write, offset, op))
+        # The hot path: one buffer, checked and filled in one native call.
+        c = ffi.from_buffer(buffers[0], require_writable=not write)
+        if self.direct:
+            fut = self._engine.submit1(write, fd, offset, c, self.alignment, self.mem_alignment)
+        else:
+            fut = self._engine.submit1(write, fd, offset, c, 1, 1)
+        if fut.__class__ is int:  # misaligned: say which, holding no buffer view (see _cbufs)
+            problem = self._misalignment([c], offset)
+            ffi.release(c)
+            del c
+            raise ValueError(f"{op} {self.path}: {problem}")
+        return fut
 
     def submit_flush(self):
         return self._engine.submit_simple(lib.VBIO_OP_FDATASYNC, self._live_fd("flush"))

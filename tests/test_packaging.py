@@ -1,0 +1,35 @@
+"""The package as users get it: a wheel built from this tree works in a fresh virtual environment."""
+
+import os
+import pathlib
+import subprocess
+import sys
+import venv
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.timeout(600)
+def test_wheel_installs_and_imports_in_fresh_venv(tmp_path):
+    wheelhouse = tmp_path / "wheels"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(wheelhouse), str(ROOT)],
+                   check=True, cwd=tmp_path)
+    wheels = list(wheelhouse.glob("vblock-*.whl"))
+    assert len(wheels) == 1
+    env_dir = tmp_path / "venv"
+    venv.EnvBuilder(with_pip=True).create(env_dir)
+    py = env_dir / "bin" / "python"
+    subprocess.run([str(py), "-m", "pip", "install", "-q", str(wheels[0])], check=True, cwd=tmp_path)
+    probe = (
+        "import vblock._vbio as m, vblock.drivers as d, vblock.hostio as h;"
+        "print(m.ffi.string(m.lib.vbio_version()).decode(), d.__name__, h.HostFile.__name__)"
+    )
+    out = subprocess.run([str(py), "-c", probe], check=True, capture_output=True, text=True,
+                         cwd=tmp_path, env={**os.environ, "PYTHONPATH": ""}).stdout.split()
+    assert out == ["4", "vblock.drivers", "HostFile"]
+    # The installed copy is the wheel's, not this source tree.
+    where = subprocess.run([str(py), "-c", "import vblock; print(vblock.__file__)"], check=True,
+                           capture_output=True, text=True, cwd=tmp_path).stdout
+    assert str(env_dir) in where

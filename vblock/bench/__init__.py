@@ -1,0 +1,135 @@
+"""Benchmarks: ``python -m vblock.bench <name> [--json]`` (also ``vblock bench``).
+
+Every benchmark measures vblock and a peer (fio, qemu-img bench, or a lower vblock layer) side by
+side in the same run and reports ratios, because absolute figures on shared machines drift by tens
+of percent between runs. Rows are ``Row`` objects; ``report`` prints them as one markdown table or
+as JSON objects with the keys of ``Row``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+NAMES = ("host", "block", "qed", "virtio")
+
+
+@dataclasses.dataclass
+class Row:
+    layer: str
+    engine: str
+    pattern: str  # randwrite | randread | ...
+    block_size: int  # bytes
+    depth: int  # requests in flight
+    iops: float
+    mbps: float  # 10^6 bytes per second
+    peer: str | None = None
+    peer_iops: float | None = None
+    ratio: float | None = None
+
+    def against(self, peer, peer_iops):
+        self.peer = peer
+        self.peer_iops = peer_iops
+        self.ratio = (self.iops / peer_iops) if peer_iops else None
+        return self
+
+
+def report(rows, as_json=False, out=sys.stdout):
+    if as_json:
+        for r in rows:
+            out.write(json.dumps(dataclasses.asdict(r)) + "\n")
+        return
+    out.write("| layer | engine | pattern | bs | depth | IOPS | MB/s | peer | peer IOPS | ratio |\n")
+    out.write("|---|---|---|---:|---:|---:|---:|---|---:|---:|\n")
+    for r in rows:
+        peer_iops = f"{r.peer_iops:.0f}" if r.peer_iops else "-"
+        ratio = f"{r.ratio:.2f}" if r.ratio else "-"
+        out.write(f"| {r.layer} | {r.engine} | {r.pattern} | {r.block_size // 1024}k | {r.depth} | "
+                  f"{r.iops:.0f} | {r.mbps:.1f} | {r.peer or '-'} | {peer_iops} | {ratio} |\n")
+
+
+def bench_dir():
+    """A scratch directory on a disk-backed file system (O_DIRECT works there; /tmp may be tmpfs).
+    ``VBLOCK_BENCH_DIR`` overrides."""
+    base = os.environ.get("VBLOCK_BENCH_DIR") or ("/var/tmp" if os.path.isdir("/var/tmp") else None)
+    return tempfile.mkdtemp(prefix="vblock-bench-", dir=base)
+
+
+def preallocated_file(directory, size, name="bench.img"):
+    """A file of ``size`` bytes with every block allocated (fallocate), so runs measure I/O, not
+    allocation."""
+    path = os.path.join(directory, name)
+    with open(path, "wb") as f:
+        os.posix_fallocate(f.fileno(), 0, size)
+    return path
+
+
+def closed_loop(submit, depth, duration, nblocks, block_size, seed=1):
+    """Keep ``depth`` requests in flight for ``duration`` seconds.
+
+    ``submit(offset, slot)`` starts one request and returns its future; every completion starts
+    the next request from the completing thread (no hand-off), as fio does in its own loop.
+    Returns (completed requests, elapsed seconds). Raises the first request failure.
+    """
+    rng = random.Random(seed)
+    randrange = rng.randrange
+    lock = threading.Lock()
+    state = {"count": 0, "active": depth, "error": None}
+    finished = threading.Event()
+    deadline = time.perf_counter() + duration
+    now = time.perf_counter
+
+    def issue(slot):
+        submit(randrange(nblocks) * block_size, slot).add_done_callback(lambda fu: done(fu, slot))
+
+    def done(fu, slot):
+        exc = fu.exception()
+        with lock:
+            state["count"] += 1
+            if exc is not None and state["error"] is None:
+                state["error"] = exc
+        if exc is None and now() < deadline:
+            issue(slot)
+            return
+        with lock:
+            state["active"] -= 1
+            last = state["active"] == 0
+        if last:
+            finished.set()
+
+    start = now()
+    for slot in range(depth):
+        issue(slot)
+    finished.wait(duration * 10 + 30)
+    elapsed = now() - start
+    if state["error"] is not None:
+        raise state["error"]
+    return state["count"], elapsed
+
+
+def fio_available():
+    return shutil.which("fio") is not None
+
+
+def run_fio(path, size, rw, bs, depth, engine, runtime):
+    """One fio job on ``path``; returns IOPS. ``engine`` is "io_uring" or "psync" (then ``depth``
+    threads of psync, the peer of vblock's thread engine)."""
+    cmd = ["fio", "--name=peer", f"--filename={path}", f"--size={size}", "--direct=1", f"--rw={rw}",
+           f"--bs={bs}", "--time_based", f"--runtime={runtime}", "--randrepeat=0", "--norandommap",
+           "--output-format=json", "--group_reporting", "--thread"]
+    if engine == "io_uring":
+        cmd += ["--ioengine=io_uring", f"--iodepth={depth}"]
+    else:
+        cmd += ["--ioengine=psync", f"--numjobs={depth}"]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    job = json.loads(out[out.index("{"):])["jobs"][0]
+    side = job["write"] if "write" in rw else job["read"]
+    return float(side["iops"])
