@@ -208,7 +208,10 @@ class Engine:
         self._local.batch = None
         if not toks:
             return
-        arr = ffi.new("struct vbio_op *[]", [self._ops[t] for t in toks])
+        if len(toks) == 1:
+            arr = self._opp[toks[0]]
+        else:
+            arr = ffi.new("struct vbio_op *[]", [self._ops[t] for t in toks])
         with self._lock:
             if self._closed:
                 ret = -9
