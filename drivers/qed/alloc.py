@@ -59,10 +59,6 @@ class Plan:
     l2_offset: int | None  # file offset of a new L2 table, else None
     file_size: int  # the allocation pointer after this plan
 
-    @property
-    def first_cluster(self):
-        return self.cluster_start
-
     def guest_clusters(self, geo: Geometry):
         first = self.cluster_start >> geo.cluster_bits
         return range(first, first + self.nclusters)
@@ -85,11 +81,6 @@ class Plan:
         end = self.pos + self.length
         return end, self.cluster_start + self.nclusters * geo.cluster_size - end
 
-    @property
-    def data_end(self):
-        """File offset just past the new data clusters (None for zero markers)."""
-        return None
-
 
 def plan(geo: Geometry, file_size: int, pos: int, length: int, zero: bool, need_table: bool):
     """Plan one allocating run: data clusters (unless ``zero``: markers only) from ``file_size``,
@@ -108,7 +99,3 @@ def plan(geo: Geometry, file_size: int, pos: int, length: int, zero: bool, need_
         file_size += geo.table_bytes
     return Plan(pos, length, cluster_start, nclusters, host, l2_offset, file_size)
 
-
-def end_of(plan_: Plan, geo: Geometry) -> int:
-    """File offset just past everything ``plan_`` allocated."""
-    return plan_.file_size

@@ -24,7 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from vblock.block.interface import DATA, UNALLOCATED, ZERO, BlockDriver, Limits, Run
 from vblock.errors import ImageError, UnsupportedError
-from vblock.future import Future, completed
+from vblock.future import Future, completed, failed
 from vblock.hostio import HostFile
 
 from . import alloc, check as checkmod, format as fmt, lookup, tables
@@ -487,8 +487,9 @@ class QedDriver(BlockDriver):
         return table is not None, table
 
     def _invalid(self, pos, host):
-        return OSError(errno.EINVAL,
-                       f"{self.path}: invalid cluster offset {host:#x} for guest offset {pos}")
+        """QEMU answers EINVAL; we name the structure at fault (the request still fails)."""
+        return ImageError(self.path, "l2_table",
+                          f"invalid cluster offset {host:#x} for guest offset {pos}")
 
     # -- read --------------------------------------------------------------------------------------
     def submit_read(self, offset, buffers):
@@ -520,6 +521,11 @@ class QedDriver(BlockDriver):
             kind, n, host = runs[0]
             if kind is lookup.FOUND:
                 return self.f.submit_read(host, buffers)
+        pos = offset
+        for kind, n, host in runs:  # fail before any I/O touches the caller's buffers
+            if kind is lookup.INVALID:
+                return failed(self._invalid(pos, host))
+            pos += n
         futs = []
         skip = 0
         pos = offset
@@ -527,8 +533,6 @@ class QedDriver(BlockDriver):
             views = buffers if len(runs) == 1 else _slice(buffers, skip, n)
             if kind is lookup.FOUND:
                 futs.append(self.f.submit_read(host, views))
-            elif kind is lookup.INVALID:
-                raise self._invalid(pos, host)
             elif kind is lookup.UNALLOCATED and self._backing is not None:
                 fut = self._read_backing(pos, views, n)
                 if fut is not None:
