@@ -210,7 +210,8 @@ class Driver:
     ``num_queues``: how many request queues to enable (MQ is negotiated when > 1);
     ``queue_size``: entries per queue (default: the device maximum);
     ``arena_base`` / ``arena_size``: the guest memory window the driver may use (default: all of
-    the first region). ``features``: extra feature bits to request, or a full mask with ``exact``.
+    the first region). ``features``: if given, exactly the feature bits to request (instead of
+    everything this driver knows that the device offers).
     """
 
     def __init__(
@@ -239,7 +240,7 @@ class Driver:
         if arena_size is None:
             arena_size = base + len(view) - arena_base
         self.allocator = GuestAllocator(arena_base, arena_size)
-        self.extra_features = features
+        self.wanted_features = features
         self.queues = []
         self._rr = 0
         self._irq = threading.Event()
@@ -276,7 +277,8 @@ class Driver:
         return self.config(0, 8)
 
     # -- bring-up (3.1.1) ------------------------------------------------------------------------
-    def start(self):
+    def start(self, driver_ok=True):
+        """Bring the device up (3.1.1); ``driver_ok=False`` stops before setting DRIVER_OK."""
         if self.r32(S.VIRTIO_MMIO_MAGIC_VALUE) != S.MMIO_MAGIC_VALUE or self.r32(S.VIRTIO_MMIO_VERSION) != 2:
             raise DriverError("not a virtio-mmio v2 device")
         if self.r32(S.VIRTIO_MMIO_DEVICE_ID) != S.VIRTIO_ID_BLOCK:
@@ -302,14 +304,17 @@ class Driver:
         }
         if self.event_idx:
             want.add(S.VIRTIO_F_EVENT_IDX)
+        self.event_idx = False  # until negotiated (below)
         if self.indirect:
             want.add(S.VIRTIO_F_INDIRECT_DESC)
         if self.num_queues_wanted > 1:
             want.add(S.VIRTIO_BLK_F_MQ)
         features = sum(1 << b for b in want) & offered
-        if self.extra_features is not None:
-            features |= self.extra_features
+        if self.wanted_features is not None:
+            features = self.wanted_features
         self.features = features
+        self.event_idx = bool(features >> S.VIRTIO_F_EVENT_IDX & 1)
+        self.indirect = bool(features >> S.VIRTIO_F_INDIRECT_DESC & 1)
         for sel in (0, 1):
             self.w32(S.VIRTIO_MMIO_DRIVER_FEATURES_SEL, sel)
             self.w32(S.VIRTIO_MMIO_DRIVER_FEATURES, features >> (32 * sel) & 0xFFFFFFFF)
@@ -323,8 +328,12 @@ class Driver:
         self.queues = []
         for i in range(nq):
             self.queues.append(self._setup_queue(i))
-        self.w32(S.VIRTIO_MMIO_STATUS, S.ACKNOWLEDGE | S.DRIVER | S.FEATURES_OK | S.DRIVER_OK)
+        if driver_ok:
+            self.driver_ok()
         return self
+
+    def driver_ok(self):
+        self.w32(S.VIRTIO_MMIO_STATUS, S.ACKNOWLEDGE | S.DRIVER | S.FEATURES_OK | S.DRIVER_OK)
 
     def _setup_queue(self, i):
         self.w32(S.VIRTIO_MMIO_QUEUE_SEL, i)
