@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from vblock.block.interface import DATA, UNALLOCATED, ZERO, BlockDriver, Limits, Run
 from vblock.errors import ImageError, UnsupportedError
 from vblock.future import Future, completed, failed
-from vblock.hostio import HostFile
+from vblock.hostio import HostFile, announce, open_host_file
 
 from . import alloc, check as checkmod, format as fmt, lookup, tables
 from .cache import CLEAN, WRITING, Entry, L2Cache, wait_loaded
@@ -224,7 +224,7 @@ class QedDriver(BlockDriver):
         self.options = options
         dopts = options.driver_options
         self._unsafe = options.cache == "unsafe"
-        self.f = HostFile(
+        self.f = open_host_file(
             self.path,
             direct="try" if options.direct else False,
             engine=options.aio,
@@ -243,13 +243,16 @@ class QedDriver(BlockDriver):
         f = self.f
         length = f.size
         self.align = align = max(512, f.alignment)
+        # Metadata writes (tables, header) cover whole file-system blocks: a direct write smaller
+        # than a block makes ext4 and XFS wait for every direct I/O in flight on the file.
+        self.meta_align = max(4096, align)
         head = f.alloc(4096)
         n = f.pread(head, 0) if length else 0
         h = fmt.validate(head[: min(n, 4096)], length, self.path)
         geo = self.geo = fmt.Geometry.of(h)
         self.file_size = geo.round_down_to_cluster(length)  # allocation pointer, bytes
         # The header sector(s) we rewrite when the header changes: the first `align` bytes.
-        self._head_area = bytearray(head[:align]) if align <= 4096 else None
+        self._head_area = bytearray(head[: self.meta_align]) if self.meta_align <= 4096 else None
         if h.features & fmt.F_BACKING_FILE:
             end = h.backing_filename_offset + h.backing_filename_size
             area = f.alloc(-(-end // align) * align)
@@ -269,7 +272,7 @@ class QedDriver(BlockDriver):
         self.lock = threading.Lock()
         self.cache = L2Cache(dopts.get("l2_cache_size", DEFAULT_L2_CACHE_SIZE), self.lock)
         self.events = None  # callable(name) for named fault points (tests)
-        self.tio = tables.TableIO(f, geo.table_bytes, align, self._event)
+        self.tio = tables.TableIO(f, geo.table_bytes, self.meta_align, self._event)
         self.pending = {}  # guest cluster index -> Future of the allocation that owns it
         self.creating = {}  # l1 index -> Entry of an L2 table being created
         self.allocs_in_flight = 0
@@ -319,6 +322,7 @@ class QedDriver(BlockDriver):
                              f"cannot open backing file {bpath!r}: {exc}") from exc
 
     def _event(self, name):
+        announce(name)  # labels this thread's next host writes for vblock.testing.faults
         if self.events is not None:
             self.events(name)
 
@@ -331,7 +335,7 @@ class QedDriver(BlockDriver):
         """Rewrite the header (the first aligned block, keeping the bytes after the 64-byte
         header as they are on disk)."""
         self._event("HEADER_UPDATE")
-        align = self.align
+        align = self.meta_align
         buf = self.f.alloc(align)
         if self._head_area is not None:
             buf[:] = self._head_area
@@ -380,6 +384,7 @@ class QedDriver(BlockDriver):
             fut = self._nc_fut = Future()
         err = None
         try:
+            self._trim()
             self.f.flush()
             self._write_header(self.header.with_(features=self.header.features
                                                  & ~fmt.F_NEED_CHECK))
@@ -673,7 +678,7 @@ class QedDriver(BlockDriver):
                 self._ensure_need_check()
             if not zero:
                 self._write_data(p, views, kind)
-            self._update(entry, p.entries(geo), "L2_UPDATE")
+            self._update(entry, p.entries(geo), "L2_UPDATE").result()
         except BaseException as exc:
             err = exc
         with self.lock:
@@ -692,11 +697,31 @@ class QedDriver(BlockDriver):
         return True
 
     def _extend(self, end):
-        """Grow the file to at least ``end`` bytes; never shrinks it."""
+        """Grow the file to at least ``end`` bytes; never shrinks it.
+
+        Without a backing file the file grows ahead of the allocation pointer, in steps of an
+        eighth of its size (1 MiB to 1 GiB): file systems serialise writes that extend a file,
+        and writes into a hole inside it run in parallel. The extra tail is unreferenced: a clean
+        close and the idle need-check clear cut it off, and after a crash the need-check repair
+        reclaims it as trailing leaks. With a backing file need-check is never set, so the file
+        grows exactly."""
+        if end <= self._file_length:
+            return
         with self._extend_lock:
             if end > self._file_length:
+                if self._backing is None:
+                    step = min(max(self._file_length // 8, 1 << 20), 1 << 30)
+                    end = max(end, -(-(self._file_length + step) // self.geo.cluster_size)
+                              * self.geo.cluster_size)
                 self.f.truncate(end)
                 self._file_length = end
+
+    def _trim(self):
+        """Cut the file back to the allocation pointer (drop the growth reserve)."""
+        with self._extend_lock:
+            if self._file_length > self.file_size:
+                self.f.truncate(self.file_size)
+                self._file_length = self.file_size
 
     def _write_data(self, p, views, kind):
         geo = self.geo
@@ -730,65 +755,86 @@ class QedDriver(BlockDriver):
             fut.result()
 
     def _update(self, entry, updates, event):
-        """Queue ``updates`` (index -> value) for ``entry``'s table; return once they are written
-        and visible. The first thread to find the table idle writes batches until none remain."""
+        """Queue ``updates`` (index -> value) for ``entry``'s table; the returned future completes
+        once they are written and visible. The first request to find the table idle starts its
+        writer; the writer runs on I/O completions, one batch after another, until the queue is
+        empty (no thread waits for it)."""
         fut = Future()
         with self.lock:
             entry.queued.update(updates)
             entry.waiters.append(fut)
-            writer = entry.state is not WRITING
-            if writer:
+            start = entry.state is not WRITING
+            if start:
                 self.cache.move(entry, "queue")
                 self.cache.move(entry, "write_start")
-        if writer:
-            self._write_batches(entry, event)
-        fut.result()
-
-    def _write_batches(self, entry, event):
-        with self.lock:
-            batch, waiters = entry.queued, entry.waiters
-            entry.queued, entry.waiters = {}, []
-        while True:
-            err = None
-            try:
-                if entry.new:
-                    table = entry.table[:]
-                    for i, v in batch.items():
-                        table[i] = v
-                    self.tio.write_whole(entry.offset, table, "L2_ALLOC")
-                    if not self._unsafe:
-                        self._event("L2_FLUSH")
-                        self.f.flush()
-                    self._update(self.l1_entry, {entry.l1_index: entry.offset}, "L1_UPDATE")
-                elif batch:
-                    self.tio.write_slice(entry.offset, entry.table, min(batch), max(batch) + 1,
-                                         batch, event)
-            except BaseException as exc:
-                err = exc
-            with self.lock:
-                if err is None:
-                    table = entry.table
-                    for i, v in batch.items():
-                        table[i] = v
-                    if entry.new:
-                        entry.new = False
-                        if self.creating.get(entry.l1_index) is entry:
-                            del self.creating[entry.l1_index]
-                batch, more = entry.queued, entry.waiters
+                batch, waiters = entry.queued, entry.waiters
                 entry.queued, entry.waiters = {}, []
-                if more:
-                    self.cache.move(entry, "written_more")
-                    self.cache.move(entry, "write_start")
-                else:
-                    self.cache.move(entry, "written")
-            for w in waiters:
-                if err is None:
-                    w.set_result(None)
-                else:
-                    w.set_exception(err)
-            if not more:
-                return
-            waiters = more
+        if start:
+            self._write_batch(entry, batch, waiters, event)
+        return fut
+
+    def _write_batch(self, entry, batch, waiters, event):
+        """Write one batch of ``entry``'s queued updates; ``_batch_done`` follows on completion."""
+
+        def done(f):
+            self._batch_done(entry, batch, waiters, event, f.exception())
+
+        try:
+            if entry.new:
+                table = entry.table[:]
+                for i, v in batch.items():
+                    table[i] = v
+                data = tables.encode(table)
+                self._event("L2_ALLOC")
+                fut = self.f.submit_write(entry.offset, [self._meta_buffer(data)])
+                fut = _chain(fut, self._after_new_table, entry)
+            else:
+                off, data = tables.encode_slice(entry.table, min(batch), max(batch) + 1,
+                                                self.meta_align, batch)
+                self._event(event)
+                fut = self.f.submit_write(entry.offset + off, [self._meta_buffer(data)])
+        except BaseException as exc:
+            self._batch_done(entry, batch, waiters, event, exc)
+            return
+        fut.add_done_callback(done)
+
+    def _after_new_table(self, entry):
+        """A new table is written: flush it, then point its L1 entry at it."""
+        if self._unsafe:
+            return self._update(self.l1_entry, {entry.l1_index: entry.offset}, "L1_UPDATE")
+        self._event("L2_FLUSH")
+        return _chain(self.f.submit_flush(), self._update, self.l1_entry,
+                      {entry.l1_index: entry.offset}, "L1_UPDATE")
+
+    def _meta_buffer(self, data):
+        buf = self.f.alloc(len(data))
+        buf[:] = data
+        return buf
+
+    def _batch_done(self, entry, batch, waiters, event, err):
+        with self.lock:
+            if err is None:
+                table = entry.table
+                for i, v in batch.items():
+                    table[i] = v
+                if entry.new:
+                    entry.new = False
+                    if self.creating.get(entry.l1_index) is entry:
+                        del self.creating[entry.l1_index]
+            nbatch, nwaiters = entry.queued, entry.waiters
+            entry.queued, entry.waiters = {}, []
+            if nwaiters:
+                self.cache.move(entry, "written_more")
+                self.cache.move(entry, "write_start")
+            else:
+                self.cache.move(entry, "written")
+        for w in waiters:
+            if err is None:
+                w.set_result(None)
+            else:
+                w.set_exception(err)
+        if nwaiters:
+            self._write_batch(entry, nbatch, nwaiters, event)
 
     # -- flush, zeroes, discard ------------------------------------------------------------------
     def submit_flush(self):
@@ -897,7 +943,7 @@ class QedDriver(BlockDriver):
                 features |= fmt.F_BACKING_FORMAT_NO_PROBE
         new = h.with_(features=features, backing_filename_offset=fmt.HEADER_SIZE,
                       backing_filename_size=len(raw))
-        area = self.f.alloc(-(-(fmt.HEADER_SIZE + len(raw)) // self.align) * self.align)
+        area = self.f.alloc(-(-(fmt.HEADER_SIZE + len(raw)) // self.meta_align) * self.meta_align)
         self.f.pread(area, 0)
         new.pack_into(area, 0)
         area[fmt.HEADER_SIZE : fmt.HEADER_SIZE + len(raw)] = raw
@@ -995,6 +1041,7 @@ class QedDriver(BlockDriver):
             if self.pool is not None:
                 self.pool.shutdown(wait=True)
             if not self.read_only:
+                self._trim()
                 self.f.flush()
                 if self.header.need_check:
                     self._write_header(self.header.with_(features=self.header.features
@@ -1018,3 +1065,26 @@ def _forward(src, dst, result=None):
         dst.set_exception(exc)
     else:
         dst.set_result(src.result() if result is None else result)
+
+
+def _chain(fut, fn, *args):
+    """A future for ``fn(*args)`` (a value or a Future) run once ``fut`` succeeds."""
+    out = Future()
+
+    def step(f):
+        exc = f.exception()
+        if exc is not None:
+            out.set_exception(exc)
+            return
+        try:
+            value = fn(*args)
+        except BaseException as e:
+            out.set_exception(e)
+            return
+        if isinstance(value, Future):
+            value.add_done_callback(lambda g: _forward(g, out))
+        else:
+            out.set_result(value)
+
+    fut.add_done_callback(step)
+    return out
