@@ -568,9 +568,9 @@ class Image:
             "request-alignment": self._align,
             "mem-alignment": self._mem_align,
         }
+        d.update(self.driver.info())
         if not self._discard:
             d["discard"] = "ignore"
-        d.update(self.driver.info())
         return d
 
     def change_backing(self, name, fmt=None) -> None:

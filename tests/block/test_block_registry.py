@@ -1,0 +1,189 @@
+"""Driver registry: built-ins, entry-point plug-ins, probing and the raw-safety rule."""
+
+import logging
+import os
+import struct
+import textwrap
+
+import pytest
+
+import vblock
+import vblock.drivers
+from vblock.block import registry
+from vblock.block.interface import BlockDriver
+from vblock.drivers.memory.driver import MemoryDriver
+
+QED_MAGIC = 0x00444551
+
+
+@pytest.fixture
+def fresh_registry():
+    registry.refresh()
+    saved = dict(registry._added)
+    yield registry
+    registry._added.clear()
+    registry._added.update(saved)
+    registry.refresh()
+
+
+def test_builtins_are_available():
+    names = vblock.drivers.available()
+    assert {"raw", "null", "memory"} <= set(names)
+    assert names == sorted(names)
+    assert registry.get_driver("raw").format_name == "raw"
+
+
+def test_every_builtin_package_exposes_driver():
+    import importlib
+    import pkgutil
+
+    for mod in pkgutil.iter_modules(vblock.drivers.__path__):
+        if mod.name in ("raw", "null", "memory"):
+            module = importlib.import_module(f"vblock.drivers.{mod.name}")
+            assert issubclass(module.DRIVER, BlockDriver)
+            assert module.DRIVER.format_name == mod.name
+
+
+def _qed_header(backing_name: bytes) -> bytes:
+    """A plausible QED header (cluster 64 KiB, L1 at 64 KiB, 1 GiB) naming a backing file."""
+    head = struct.pack(
+        "<IIIIQQQQQII",
+        QED_MAGIC,
+        65536,
+        4,
+        1,
+        0x01,  # F_BACKING_FILE
+        0,
+        0,
+        65536,
+        1 << 30,
+        64,
+        len(backing_name),
+    )
+    return head + backing_name
+
+
+def test_raw_disk_with_a_qed_header_stays_raw(scratch):
+    secret = os.path.join(scratch, "host-secret")
+    with open(secret, "wb") as f:
+        f.write(b"SECRET" * 1000)
+    path = os.path.join(scratch, "guest.raw")
+    header = _qed_header(secret.encode())
+    with open(path, "wb") as f:
+        f.write(header)
+        f.truncate(1 << 20)
+    with vblock.open_image(path, format="raw") as img:
+        assert img.format == "raw"
+        assert img.size == 1 << 20  # not the 1 GiB the header claims
+        assert img.backing is None
+        assert img.read(0, len(header)) == header
+        assert b"SECRET" not in img.read(0, 1 << 20)
+        img.write(70000, b"guest data")
+    with open(path, "rb") as f:
+        f.seek(70000)
+        assert f.read(10) == b"guest data"  # writes land at the same offsets
+        f.seek(0)
+        assert f.read(len(header)) == header
+
+
+def test_probe_picks_the_driver_with_the_magic(scratch, fresh_registry):
+    class Magic(MemoryDriver):
+        format_name = "magic"
+
+        @classmethod
+        def probe(cls, head, path):
+            return 100 if head.startswith(b"MAGICIMG") else 0
+
+    fresh_registry.register("magic", Magic)
+    path = os.path.join(scratch, "m.img")
+    with open(path, "wb") as f:
+        f.write(b"MAGICIMG" + bytes(100))
+    assert fresh_registry.probe_format(path) == "magic"
+
+
+def test_probe_without_magic_opens_raw_with_a_warning(scratch, caplog):
+    path = os.path.join(scratch, "plain.img")
+    with open(path, "wb") as f:
+        f.write(b"\x00" * 8192)
+    with caplog.at_level(logging.WARNING, logger="vblock.block.registry"):
+        with vblock.open_image(path) as img:
+            assert img.format == "raw"
+    assert any("format='raw'" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="vblock.block.registry"):
+        with vblock.open_image(path, format="raw") as img:
+            assert img.format == "raw"
+    assert not caplog.records
+
+
+def test_probe_of_a_qed_header_chooses_qed_when_the_driver_is_there(scratch):
+    if "qed" not in vblock.drivers.available():
+        pytest.skip("the qed driver is not installed")
+    path = os.path.join(scratch, "q.img")
+    with open(path, "wb") as f:
+        f.write(_qed_header(b""))
+    assert registry.probe_format(path) == "qed"
+
+
+def test_open_without_path_or_format_is_an_error():
+    from vblock.errors import UnknownFormatError
+
+    with pytest.raises(UnknownFormatError):
+        vblock.open_image(None)
+
+
+def test_entry_point_plugin_is_found_and_opens(tmp_path, monkeypatch, fresh_registry):
+    pkg = tmp_path / "vblock_fakedisk"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text(
+        textwrap.dedent(
+            """
+            from vblock.drivers.memory.driver import MemoryDriver
+
+            class FakeDisk(MemoryDriver):
+                format_name = "fakedisk"
+
+                def info(self):
+                    return {"plugin": True}
+            """
+        )
+    )
+    dist = tmp_path / "vblock_fakedisk-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: vblock-fakedisk\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text("[vblock.drivers]\nfakedisk = vblock_fakedisk:FakeDisk\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    fresh_registry.refresh()
+
+    assert "fakedisk" in vblock.drivers.available()
+    with vblock.open_image(None, format="fakedisk", size=8192) as img:
+        assert img.format == "fakedisk"
+        img.write(10, b"plugged in")
+        assert img.read(10, 10) == b"plugged in"
+        assert img.info()["plugin"] is True
+
+
+def test_broken_entry_point_is_an_unknown_format(tmp_path, monkeypatch, fresh_registry):
+    dist = tmp_path / "vblock_broken-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: vblock-broken\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text("[vblock.drivers]\nbroken = no_such_module_xyz:Driver\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    fresh_registry.refresh()
+    assert "broken" in vblock.drivers.available()
+    from vblock.errors import UnknownFormatError
+
+    with pytest.raises(UnknownFormatError, match="broken"):
+        vblock.open_image(None, format="broken", size=10)
+
+
+def test_entry_point_cannot_shadow_a_builtin(tmp_path, monkeypatch, fresh_registry):
+    dist = tmp_path / "vblock_shadow-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: vblock-shadow\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text("[vblock.drivers]\nraw = no_such_module_xyz:Driver\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    fresh_registry.refresh()
+    from vblock.drivers.raw import RawDriver
+
+    assert fresh_registry.get_driver("raw") is RawDriver
