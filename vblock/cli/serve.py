@@ -1,0 +1,110 @@
+"""``vblock serve --vhost-user SOCKET IMAGE``: serve an image to a VM as a vhost-user-blk disk.
+
+The VM side (QEMU; guest RAM must be shared memory)::
+
+    qemu-system-x86_64 ... -object memory-backend-memfd,id=mem,size=512M,share=on \\
+        -numa node,memdev=mem -chardev socket,id=c0,path=SOCKET \\
+        -device vhost-user-blk-pci,chardev=c0,num-queues=N
+
+Runs until SIGTERM or SIGINT: then requests in flight finish, the image is flushed and closed
+(a QED image's need-check flag is cleared) and the socket file is removed. Messages go to stderr;
+the last line counts the flush requests the guest sent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+
+__all__ = ["add_parser", "run", "main"]
+
+
+def _on_off(value):
+    if value not in ("on", "off"):
+        raise argparse.ArgumentTypeError(f"expected on or off, not {value!r}")
+    return value == "on"
+
+
+def _queues(value):
+    n = int(value)
+    if not 1 <= n <= 64:
+        raise argparse.ArgumentTypeError(f"queues must be in 1..64, not {n}")
+    return n
+
+
+def configure(p):
+    p.add_argument("--vhost-user", metavar="SOCKET", required=True,
+                   help="unix socket path to listen on (a stale socket file is replaced)")
+    p.add_argument("image", metavar="IMAGE", help="image file to serve")
+    p.add_argument("-f", "--format", dest="fmt", metavar="FMT", default=None,
+                   help="image format (raw, qed, ...); probed when omitted")
+    p.add_argument("--read-only", action="store_true", help="serve read-only (VIRTIO_BLK_F_RO)")
+    p.add_argument("--queues", type=_queues, default=1, metavar="N", help="request queues (default 1)")
+    p.add_argument("--serial", default="vblock0", metavar="S", help="serial number (GET_ID; 20 bytes max)")
+    p.add_argument("--writeback", type=_on_off, default=True, metavar="on|off",
+                   help="report a volatile write cache (the guest then sends FLUSH; default on); "
+                        "off: the guest sees a write-through disk")
+    p.add_argument("--cache", default="none", choices=("none", "writeback", "unsafe"),
+                   help="host cache mode for the image (default none: O_DIRECT)")
+    return p
+
+
+def add_parser(sub, common=None):
+    """Register ``serve`` on the ``vblock`` subparsers (``vblock.cli.main`` pattern)."""
+    p = sub.add_parser("serve", parents=[common] if common is not None else [],
+                       help="serve an image to a VM over vhost-user-blk",
+                       description=__doc__.split("\n\n")[0].strip("`"))
+    configure(p)
+    return p
+
+
+def _say(env, text):
+    if env is not None:
+        env.err(text)
+    else:
+        print(text, file=sys.stderr, flush=True)
+
+
+def run(args, env=None):
+    """Serve until SIGTERM/SIGINT. Returns the exit status (0). Raises ``OSError`` /
+    ``ImageError`` for an image or socket that cannot be opened (the CLI boundary reports them)."""
+    import vblock
+    from vblock.vhost_user.server import Server
+
+    img = vblock.open_image(args.image, format=args.fmt, read_only=args.read_only, cache=args.cache)
+    try:
+        server = Server(args.vhost_user, img, num_queues=args.queues, serial=args.serial,
+                        read_only=args.read_only or None, writeback=args.writeback)
+    except BaseException:
+        img.close()
+        raise
+    old = {}
+
+    def on_signal(signum, _frame):
+        server.stop()
+
+    for s in (signal.SIGTERM, signal.SIGINT):
+        old[s] = signal.signal(s, on_signal)
+    _say(env, f"vblock serve: {args.image} ({img.format}) on {args.vhost_user}")
+    try:
+        server.serve_forever()
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+        img.close()
+    _say(env, f"vblock serve: closed {args.image}: {server.backend.flushes} flushes, "
+              f"{server.connections} connections")
+    return 0
+
+
+def main(argv=None):
+    """``python -m vblock.cli.serve`` (the same options as ``vblock serve``)."""
+    logging.basicConfig(level=logging.WARNING, format="vblock serve: %(message)s")
+    p = configure(argparse.ArgumentParser(prog="vblock serve"))
+    return run(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
