@@ -44,6 +44,7 @@ from vblock.errors import GuestError
 from vblock.virtio.blk_request import BlkRequest, RequestRules, finish, parse
 from vblock.virtio.chain import ChainError, RingError, walk
 from vblock.virtio.queue import SplitQueue
+from vblock.virtio.spec import le16
 from vblock.virtio.spec import (
     ACKNOWLEDGE,
     DEVICE_NEEDS_RESET,
@@ -79,6 +80,7 @@ from vblock.virtio.spec import (
 __all__ = ["VirtioBlk", "StatusError"]
 
 _log = logging.getLogger(__name__)
+_unpack16 = le16.unpack_from
 
 # Driver-owned status bits: current value -> the one value the next step may write (3.1.1).
 _STATUS_STEPS = {
@@ -340,12 +342,16 @@ class VirtioBlk:
                 lock.release()
 
     def _service(self, dq):
-        """One bounded turn on ``dq``. Returns True if it may have more work."""
+        """One bounded turn on ``dq``: walk, parse and submit up to ``queue size`` chains. Returns
+        True if the queue may have more work."""
         q = dq.ring
         if dq.dead or not q.ready or self._status & (DEVICE_NEEDS_RESET | FAILED):
             return False
-        budget = q.size
-        start = self._start
+        budget = size = q.size
+        mask = size - 1
+        mem, table, avail = self.mem, q.desc_table, q.avail
+        indirect, indirect_max = self._indirect, self.queue_size_max
+        slots, rules, submit, done = dq.slots, self._rules, self._submit, dq.done
         dq.draining = True
         try:
             q.disable_notification()
@@ -353,10 +359,36 @@ class VirtioBlk:
                 n = q.available()
                 if n > budget:
                     n = budget
+                i = q.next_avail
                 for _ in range(n):
-                    start(dq, q.pop_head())
+                    head = _unpack16(avail, 4 + 2 * (i & mask))[0]
+                    i = (i + 1) & 0xFFFF
+                    q.next_avail = i
+                    try:
+                        chain = walk(mem, table, size, head, indirect, indirect_max)
+                    except ChainError as exc:
+                        _log.debug("virtio-blk: queue %d head %d: %s", dq.index, head, exc)
+                        chain = None
+                    req = slots[head]
+                    if req.busy:
+                        raise RingError(f"head {head} made available again while in flight")
+                    if chain is None:
+                        done.append((head, 0))  # an unparseable frame still returns its head (used len 0)
+                        continue
+                    try:
+                        parse(req, chain, rules)
+                    except ChainError as exc:
+                        _log.debug("virtio-blk: queue %d head %d: %s", dq.index, head, exc)
+                        done.append((head, 0))
+                        continue
+                    except GuestError as exc:
+                        req.busy = True
+                        self.complete(req, exc)
+                        continue
+                    req.busy = True
+                    submit(req)
                     if dq.dead:
-                        return False
+                        return False  # reset by an interrupt handler meanwhile
                 budget -= n
                 if budget == 0:
                     return True
@@ -367,34 +399,8 @@ class VirtioBlk:
             return False
         finally:
             dq.draining = False
-            if dq.done:
+            if done:
                 self._flush(dq)
-
-    def _start(self, dq, head):
-        q = dq.ring
-        chain = None
-        try:
-            chain = walk(self.mem, q.desc_table, q.size, head, self._indirect, self.queue_size_max)
-        except ChainError as exc:
-            _log.debug("virtio-blk: queue %d head %d: %s", dq.index, head, exc)
-        req = dq.slots[head]
-        if req.busy:
-            raise RingError(f"head {head} made available again while in flight")
-        if chain is None:
-            dq.done.append((head, 0))  # an unparseable frame still returns its head (used len 0)
-            return
-        try:
-            parse(req, chain, self._rules)
-        except ChainError as exc:
-            _log.debug("virtio-blk: queue %d head %d: %s", dq.index, head, exc)
-            dq.done.append((head, 0))
-            return
-        except GuestError as exc:
-            req.busy = True
-            self.complete(req, exc)
-            return
-        req.busy = True
-        self._submit(req)
 
     def _submit(self, req):
         t = req.type

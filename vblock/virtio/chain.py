@@ -139,9 +139,9 @@ def walk(mem, table, queue_size, head, indirect_ok, indirect_max):
                 raise ChainError(f"readable descriptor {idx} after a writable one")  # 2.7.4.2
             readable.append(buf)
             rbytes += length
-        if rbytes + wbytes >= _TOTAL_LIMIT:
-            raise ChainError("chain length exceeds 2^32 bytes")  # 2.7.5.2
         if not flags & VIRTQ_DESC_F_NEXT:
+            if rbytes + wbytes >= _TOTAL_LIMIT:  # each len < 2^32 and at most 2^15 of them: no overflow
+                raise ChainError("chain length exceeds 2^32 bytes")  # 2.7.5.2
             return DescriptorChain(head, readable, writable, rbytes, wbytes)
         if nxt >= n:
             raise ChainError(f"next index {nxt} >= table size {n}")  # 2.7.5
