@@ -1,0 +1,489 @@
+"""vhost-user-blk back-end: decoded vhost-user requests -> the one ``VirtioBlk`` device model.
+
+Theory of operation
+-------------------
+vhost-user has no device status register: the front-end (QEMU) runs the virtio handshake with
+the guest itself and tells the back-end only its outcome - the acked feature word
+(SET_FEATURES), where guest memory is (SET_MEM_TABLE / ADD_MEM_REG), and, per ring, its size,
+its next avail index, its addresses and its kick / call eventfds. This module replays that onto a
+``VirtioBlk``: when the first ring becomes runnable it walks the device through ACKNOWLEDGE ->
+DRIVER -> features -> FEATURES_OK -> DRIVER_OK with the acked virtio bits, then resolves the ring
+in guest memory and starts it at the front-end's base index; when the last ring is stopped
+(GET_VRING_BASE) it resets the device, so the next start (Linux after SeaBIOS) may negotiate a
+different feature set on the same connection.
+
+Memory: each region's fd is mapped (by the server's ``map_region``) and placed at its
+guest-physical address in a fresh ``GuestMemory``; ring addresses arrive as *front-end virtual*
+addresses and are translated through the regions' ``uva``. A re-sent table (QEMU sends it twice
+while SeaBIOS runs) replaces the device's memory and re-resolves the running rings' views in
+place, keeping their indices. Old mappings are never unmapped by hand: requests in flight hold
+views of them, and a mapping goes away when the last view does.
+
+Threads: every request here runs on the server's loop thread, which is also the only thread that
+reads kick eventfds and calls ``VirtioBlk.notify`` - so ring setup never races ring processing.
+Completions arrive on the block layer's threads and signal the ring's call eventfd through
+``_used_irq`` (under a per-ring lock, so a call fd being replaced is never written after close).
+
+Stopping a ring (GET_VRING_BASE, disconnect) waits until every request taken from it has completed
+and been published, then reads back its next avail index: after the reply, nothing of ours touches
+that ring's memory.
+
+Memory ordering with the guest's vCPUs: the guest runs on other host threads (QEMU's TCG or KVM
+vCPUs) while this process reads and writes the rings, so the split queue's four ordering points
+(``vblock.virtio.queue``: acquire after reading avail idx; release before publishing used idx; full
+fences before reading used_event and before re-checking avail idx after re-enabling
+notifications) must be real CPU fences, not the GIL. ``install_fences`` installs the native
+shim's ``vbio_fence_*`` (C11 ``atomic_thread_fence``) there once per process.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+
+from vblock.virtio import GuestMemory, VirtioBlk
+from vblock.virtio.chain import RingError
+from vblock.virtio import queue as _queue
+from vblock.virtio.spec import (
+    ACKNOWLEDGE,
+    DRIVER,
+    DRIVER_OK,
+    FEATURES_OK,
+    VIRTIO_BLK_CONFIG_WRITEBACK_OFFSET,
+    VIRTIO_BLK_F_CONFIG_WCE,
+    avail_ring_bytes,
+    desc_table_bytes,
+    le16,
+    used_ring_bytes,
+)
+from vblock.vhost_user import protocol as P
+from vblock.vhost_user.protocol import Req
+
+__all__ = ["VhostUserBlk", "Refused", "install_fences", "PROTOCOL_FEATURES"]
+
+_log = logging.getLogger(__name__)
+
+PROTOCOL_FEATURES = (
+    1 << P.PROTOCOL_F_MQ
+    | 1 << P.PROTOCOL_F_REPLY_ACK
+    | 1 << P.PROTOCOL_F_CONFIG
+    | 1 << P.PROTOCOL_F_CONFIGURE_MEM_SLOTS
+)
+MAX_MEM_SLOTS = 32
+QUEUE_SIZE_MAX = 1024  # QEMU's vhost-user-blk accepts queue-size up to 1024
+_VHOST_BITS = 1 << P.VHOST_USER_F_PROTOCOL_FEATURES | 1 << P.VHOST_F_LOG_ALL
+STOP_TIMEOUT = 60.0  # seconds to wait for a stopped ring's requests before giving up on them
+
+_fences_installed = False
+
+
+def install_fences():
+    """Make the split queue's ordering points real CPU fences (see the module docstring)."""
+    global _fences_installed
+    if not _fences_installed:
+        from vblock.hostio import fence_acquire, fence_full, fence_release
+
+        _queue.set_fence(fence_acquire, fence_release, fence_full)
+        _fences_installed = True
+
+
+class Refused(Exception):
+    """The back-end cannot do what a request asks; the front-end gets a failed ack (or nothing)."""
+
+
+class _CountingImage:
+    """The image as the device sees it, counting flushes (``vblock serve`` reports them on exit).
+    Everything else is the image's own bound method, so the hot path gains no frame."""
+
+    def __init__(self, img):
+        self._img = img
+        self.submit_read = img.submit_read
+        self.submit_write = img.submit_write
+        self.submit_discard = img.submit_discard
+        self.submit_write_zeroes = img.submit_write_zeroes
+        self.read_only = img.read_only
+        self.path = img.path
+        self.flushes = 0
+
+    @property
+    def size(self):
+        return self._img.size
+
+    def submit_flush(self):
+        self.flushes += 1  # one thread (the loop thread) submits flushes
+        return self._img.submit_flush()
+
+
+class _RingIO:
+    """Per-ring fds owned by the back-end."""
+
+    __slots__ = ("kick", "call", "err", "lock", "running")
+
+    def __init__(self):
+        self.kick = self.call = self.err = None
+        self.lock = threading.Lock()
+        self.running = False
+
+
+class VhostUserBlk:
+    """One vhost-user-blk device over ``img`` for the life of the server (many connections).
+
+    ``host`` is the server's side of the I/O (``vblock.vhost_user.server``): ``map_region(fd,
+    offset, size) -> buffer``, ``signal(fd)``, ``watch_kick(index, fd)``, ``unwatch_kick(index)``.
+    """
+
+    def __init__(self, img, host, num_queues=1, serial="vblock0", read_only=None, writeback=True):
+        install_fences()
+        self.image = _CountingImage(img)
+        self.host = host
+        self.writeback = writeback
+        self.device = VirtioBlk(self.image, _no_memory(), num_queues=num_queues,
+                                queue_size_max=QUEUE_SIZE_MAX, serial=serial, read_only=read_only)
+        self.device.attach(self._used_irq, self._config_irq)
+        self.num_queues = num_queues
+        self.rings = [_RingIO() for _ in range(num_queues)]
+        self.regions = []  # [(MemRegion, buffer)]
+        self.session = None
+
+    def new_connection(self):
+        """A fresh protocol ``Connection`` for a newly accepted front-end."""
+        conn = P.Connection(self.num_queues, self.device.device_features, PROTOCOL_FEATURES)
+        self.session = conn.session
+        return conn
+
+    # -- dispatch ---------------------------------------------------------------------------------
+    def handle(self, req):
+        """Carry out ``req`` (already checked by the session). Returns the value a ``GET_*``
+        request answers with, else None. Raises ``Refused``; the received fds are ours."""
+        if not req.known:
+            _close(req.fds)
+            raise Refused(f"request {req.code} is not implemented")
+        fn = getattr(self, "_on_" + req.code.name.lower(), None)
+        if fn is None:
+            _close(req.fds)
+            raise Refused(f"{req.code.name} is not implemented")
+        return fn(req)
+
+    # -- negotiation ------------------------------------------------------------------------------
+    def _on_get_features(self, req):
+        return self.session.device_features
+
+    def _on_set_features(self, req):
+        virtio = req.value & ~_VHOST_BITS
+        dev = self.device
+        if dev.status & FEATURES_OK and dev.driver_features != virtio:
+            if any(r.running for r in self.rings):
+                _log.warning("vhost-user: SET_FEATURES %#x while rings run; kept %#x", virtio, dev.driver_features)
+            else:
+                dev.reset()
+
+    def _on_get_protocol_features(self, req):
+        return PROTOCOL_FEATURES
+
+    def _on_set_protocol_features(self, req):
+        pass
+
+    def _on_get_queue_num(self, req):
+        return self.num_queues
+
+    def _on_get_max_mem_slots(self, req):
+        return MAX_MEM_SLOTS
+
+    def _on_set_owner(self, req):
+        pass
+
+    def _on_reset_owner(self, req):
+        self.stop_all()
+
+    _on_reset_device = _on_reset_owner
+
+    def _on_set_backend_req_fd(self, req):
+        _close(req.fds)  # not offered (no PROTOCOL_F_BACKEND_REQ); accept and drop
+        raise Refused("SET_BACKEND_REQ_FD: backend requests not supported")
+
+    # -- memory -----------------------------------------------------------------------------------
+    def _map(self, region, fd):
+        try:
+            return self.host.map_region(fd, region.mmap_offset, region.size)
+        except OSError as exc:
+            raise Refused(f"cannot map region gpa={region.gpa:#x} size={region.size:#x}: {exc}") from None
+        finally:
+            os.close(fd)
+
+    def _on_set_mem_table(self, req):
+        fds = list(req.fds)
+        new = []
+        try:
+            for region in req.value:
+                new.append((region, self._map(region, fds.pop(0))))
+        finally:
+            _close(fds)
+        self._set_regions(new)
+
+    def _on_add_mem_reg(self, req):
+        region = req.value
+        buf = self._map(region, req.fds[0])
+        self._set_regions(self.regions + [(region, buf)])
+
+    def _on_rem_mem_reg(self, req):
+        _close(req.fds)
+        r = req.value
+        keep = [(g, b) for g, b in self.regions if not (g.gpa == r.gpa and g.size == r.size)]
+        if len(keep) == len(self.regions):
+            raise Refused(f"REM_MEM_REG: no region at gpa={r.gpa:#x} size={r.size:#x}")
+        self._set_regions(keep)
+
+    def _set_regions(self, regions):
+        try:
+            mem = GuestMemory([(g.gpa, b) for g, b in regions]) if regions else _no_memory()
+        except ValueError as exc:
+            raise Refused(f"memory table refused: {exc}") from None
+        self.regions = regions
+        self.device.mem = mem
+        for i, rio in enumerate(self.rings):  # running rings keep their indices, views move
+            if rio.running:
+                try:
+                    _rebind(self.device.queue(i), mem)
+                except RingError as exc:
+                    _log.error("vhost-user: ring %d not in the new memory table: %s", i, exc)
+                    self._stop(i)
+        self._sync()
+
+    def uva_to_gpa(self, addr, length):
+        for g, _ in self.regions:
+            gpa = g.uva_to_gpa(addr, length)
+            if gpa is not None:
+                return gpa
+        return None
+
+    # -- rings ------------------------------------------------------------------------------------
+    def _on_set_vring_num(self, req):
+        pass  # recorded by the session; applied when the ring starts
+
+    _on_set_vring_base = _on_set_vring_addr = _on_set_vring_num
+
+    def _on_set_vring_kick(self, req):
+        index = req.value & P.VRING_IDX_MASK
+        rio = self.rings[index]
+        if rio.running:
+            self.host.unwatch_kick(index)
+        _close([rio.kick] if rio.kick is not None else [])
+        rio.kick = req.fds[0] if req.fds else None
+        if rio.running and rio.kick is not None:
+            self.host.watch_kick(index, rio.kick)
+            self.kick(index)
+        self._sync()
+
+    def _on_set_vring_call(self, req):
+        index = req.value & P.VRING_IDX_MASK
+        rio = self.rings[index]
+        with rio.lock:
+            old, rio.call = rio.call, (req.fds[0] if req.fds else None)
+        _close([old] if old is not None else [])
+        if rio.running and rio.call is not None:
+            self.host.signal(rio.call)  # a completion may have been signalled on the old fd
+
+    def _on_set_vring_err(self, req):
+        index = req.value & P.VRING_IDX_MASK
+        rio = self.rings[index]
+        old, rio.err = rio.err, (req.fds[0] if req.fds else None)
+        _close([old] if old is not None else [])
+
+    def _on_set_vring_enable(self, req):
+        self._sync()
+
+    def _on_get_vring_base(self, req):
+        index, _ = req.value
+        return index, self._stop(index)
+
+    def _sync(self):
+        """Start every ring that became runnable, pause every one that stopped being so."""
+        for ring, rio in zip(self.session.rings, self.rings):
+            want = ring.runnable and rio.kick is not None and bool(self.regions)
+            if want and not rio.running:
+                self._start(ring, rio)
+            elif rio.running and not want:
+                self.host.unwatch_kick(ring.index)
+                rio.running = False
+
+    def _start(self, ring, rio):
+        dev = self.device
+        i = ring.index
+        try:
+            self._device_up()
+            a = ring.addr
+            if a is None:
+                raise Refused(f"ring {i} started without SET_VRING_ADDR")
+            size = ring.num
+            q = dev.queue(i)
+            if q.ready:  # re-enabled after SET_VRING_ENABLE 0: the ring kept its state
+                rio.running = True
+                self.host.watch_kick(i, rio.kick)
+                self.kick(i)
+                return
+            desc = self.uva_to_gpa(a.desc, desc_table_bytes(size))
+            avail = self.uva_to_gpa(a.avail, avail_ring_bytes(size))
+            used = self.uva_to_gpa(a.used, used_ring_bytes(size))
+            if None in (desc, avail, used):
+                raise Refused(f"ring {i} addresses {a} are not inside the memory table")
+            q.size = size
+            q.desc_addr, q.driver_addr, q.device_addr = desc, avail, used
+            dev.set_queue_ready(i, True)
+            _resume(q, ring.base)
+        except (Refused, RingError) as exc:
+            _log.error("vhost-user: cannot start ring %d: %s", i, exc)
+            self._signal_err(i)
+            return
+        rio.running = True
+        self.host.watch_kick(i, rio.kick)
+        self.kick(i)
+
+    def _device_up(self):
+        """Walk the device to DRIVER_OK with the session's acked virtio features (3.1.1)."""
+        dev = self.device
+        if dev.status & DRIVER_OK:
+            return
+        dev.reset()
+        features = self.session.features & ~_VHOST_BITS
+        dev.set_status(ACKNOWLEDGE)
+        dev.set_status(ACKNOWLEDGE | DRIVER)
+        dev.set_driver_features(features)
+        dev.set_status(ACKNOWLEDGE | DRIVER | FEATURES_OK)
+        if not dev.status & FEATURES_OK:
+            raise Refused(f"device refused features {features:#x}")
+        if not self.writeback and features >> VIRTIO_BLK_F_CONFIG_WCE & 1:
+            dev.write_config(VIRTIO_BLK_CONFIG_WRITEBACK_OFFSET, 1, 0)
+        dev.set_status(ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK)
+
+    def kick(self, index):
+        """An available-buffer notification for ring ``index`` (the loop thread)."""
+        self.device.notify(index)
+
+    def _stop(self, index):
+        """Stop ring ``index``: no new requests, wait for those in flight, publish them; returns
+        the next avail index. Resets the device once no ring runs."""
+        rio = self.rings[index]
+        if rio.running:
+            self.host.unwatch_kick(index)
+            rio.running = False
+        dev = self.device
+        q = dev.queue(index)
+        base = q.next_avail if q.ready else self.session.rings[index].base
+        if q.ready:
+            _wait_idle(dev, index)
+            dev.set_queue_ready(index, False)
+        _close([rio.kick] if rio.kick is not None else [])
+        rio.kick = None
+        if not any(r.running for r in self.rings) and not any(dev.queue(i).ready for i in range(self.num_queues)):
+            dev.reset()
+        return base
+
+    def stop_all(self):
+        for i in range(self.num_queues):
+            self._stop(i)
+        self.device.reset()
+
+    # -- config space ---------------------------------------------------------------------------
+    def _on_get_config(self, req):
+        c = req.value
+        cfg = bytearray(self.device.config_bytes())
+        if not self.device.status & FEATURES_OK:
+            cfg[VIRTIO_BLK_CONFIG_WRITEBACK_OFFSET] = 1 if self.writeback else 0
+        if c.offset + c.size > len(cfg):
+            cfg += bytes(c.offset + c.size - len(cfg))
+        return P.ConfigSpace(c.offset, c.size, c.flags, bytes(cfg[c.offset : c.offset + c.size]))
+
+    def _on_set_config(self, req):
+        c = req.value
+        if c.offset == VIRTIO_BLK_CONFIG_WRITEBACK_OFFSET and c.size == 1:
+            if self.device.status & FEATURES_OK:
+                try:
+                    self.device.write_config(c.offset, 1, c.data[0])
+                except Exception as exc:
+                    raise Refused(str(exc)) from None
+            self.writeback = bool(c.data[0] & 1)
+            return
+        raise Refused(f"SET_CONFIG of {c.size} bytes at {c.offset:#x}: only writeback is writable")
+
+    # -- interrupts -----------------------------------------------------------------------------
+    def _used_irq(self, index):
+        rio = self.rings[index]
+        with rio.lock:
+            if rio.call is not None:
+                self.host.signal(rio.call)
+
+    def _config_irq(self):
+        # No back-end request channel is offered, so a config change cannot be sent; the one
+        # config interrupt that matters, DEVICE_NEEDS_RESET, goes out on the rings' err fds.
+        for i in range(self.num_queues):
+            self._signal_err(i)
+
+    def _signal_err(self, index):
+        fd = self.rings[index].err
+        if fd is not None:
+            self.host.signal(fd)
+
+    # -- connection end ---------------------------------------------------------------------------
+    def disconnect(self):
+        """The front-end went away: finish in-flight requests, flush, forget memory and fds."""
+        self.stop_all()
+        for rio in self.rings:
+            with rio.lock:
+                fds = [fd for fd in (rio.kick, rio.call, rio.err) if fd is not None]
+                rio.kick = rio.call = rio.err = None
+            _close(fds)
+        self.regions = []
+        self.device.mem = _no_memory()
+        self.session = None
+        if not self.image.read_only:
+            self.image._img.flush()
+
+    @property
+    def flushes(self):
+        return self.image.flushes
+
+
+# -- adapters over VirtioBlk / SplitQueue (see the report: hooks VirtioBlk should grow) ------------
+def _no_memory():
+    """Before the first memory table: a single page far away, so no ring can resolve into it."""
+    return GuestMemory([(1 << 62, bytearray(4096))])
+
+
+def _resume(q, base):
+    """Continue a ring where the front-end says it is: next avail from SET_VRING_BASE, next used
+    from the used ring itself (what a previous back-end, or this one, last published)."""
+    used_idx = le16.unpack_from(q.used, 2)[0]
+    q.next_avail = base & 0xFFFF
+    q.next_used = q.signalled_used = used_idx
+
+
+def _rebind(q, mem):
+    """Re-resolve a ready ring's views in new guest memory, keeping its indices."""
+    problem = q.check(mem)
+    if problem is not None:
+        raise RingError(problem)
+    size = q.size
+    q.desc_table = mem.view(q.desc_addr, desc_table_bytes(size))
+    q.avail = mem.view(q.driver_addr, avail_ring_bytes(size))
+    q.used = mem.view(q.device_addr, used_ring_bytes(size))
+
+
+def _wait_idle(dev, index, timeout=STOP_TIMEOUT):
+    """Wait until queue ``index`` has nothing in flight and nothing unpublished."""
+    dq = dev._queues[index]
+    deadline = time.monotonic() + timeout
+    while any(r.busy for r in dq.slots) or dq.done:
+        if time.monotonic() > deadline:
+            _log.error("vhost-user: ring %d still has requests in flight after %.0f s", index, timeout)
+            return
+        time.sleep(0.001)
+
+
+def _close(fds):
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
