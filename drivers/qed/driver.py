@@ -28,7 +28,7 @@ from vblock.future import Future, completed, failed
 from vblock.hostio import HostFile, announce, open_host_file
 
 from . import alloc, check as checkmod, format as fmt, lookup, tables
-from .cache import CLEAN, WRITING, Entry, L2Cache, wait_loaded
+from .cache import CLEAN, LOADING, WRITING, Entry, L2Cache, wait_loaded
 
 _log = logging.getLogger("vblock.drivers.qed")
 
@@ -118,16 +118,14 @@ class _IdleTimer:
 
     def arm(self):
         with self.cond:
+            idle = self.deadline is None
             self.deadline = time.monotonic() + self.timeout
             if self.thread is None:
                 self.thread = threading.Thread(target=self._run, name="qed-need-check",
                                                daemon=True)
                 self.thread.start()
-            self.cond.notify()
-
-    def cancel(self):
-        with self.cond:
-            self.deadline = None
+            if idle:  # a waiting thread with a deadline wakes by itself and sees the new one
+                self.cond.notify()
 
     def stop(self):
         with self.cond:
@@ -572,7 +570,11 @@ class QedDriver(BlockDriver):
                 if fua:
                     fut = self._then_flush(fut, length)
                 return self._track(fut)
-        fut = self._on_pool(self._write_slow, offset, buffers, length, False)
+        fut = None
+        if known and self._backing is None:
+            fut = self._alloc_inline(offset, buffers, length)
+        if fut is None:
+            fut = self._on_pool(self._write_slow, offset, buffers, length, False)
         if fua:
             fut = self._then_flush(fut, length)
         return self._track(fut)
@@ -667,22 +669,23 @@ class QedDriver(BlockDriver):
                 for c in p.guest_clusters(geo):
                     self.pending[c] = done
                 self.allocs_in_flight += 1
-                if self._timer is not None:
-                    self._timer.cancel()
         if busy is not None:
             busy.exception()  # wait; its outcome is the other request's business
             return False
-        err = None
         try:
             if self._backing is None:
                 self._ensure_need_check()
             if not zero:
                 self._write_data(p, views, kind)
             self._update(entry, p.entries(geo), "L2_UPDATE").result()
-        except BaseException as exc:
-            err = exc
+        finally:
+            self._alloc_end(p, entry, done)
+        return True
+
+    def _alloc_end(self, p, entry, done):
+        """An allocation is over (written or failed): drop its pending marks and its hold."""
         with self.lock:
-            for c in p.guest_clusters(geo):
+            for c in p.guest_clusters(self.geo):
                 if self.pending.get(c) is done:
                     del self.pending[c]
             self.allocs_in_flight -= 1
@@ -692,9 +695,65 @@ class QedDriver(BlockDriver):
         done.set_result(None)
         if idle:
             self._timer.arm()
-        if err is not None:
-            raise err
-        return True
+
+    def _alloc_inline(self, offset, buffers, length):
+        """The allocating write without a thread hop: when the table is cached (or the L1 entry is
+        0), the image has no backing file, need-check is already set and no cluster of the run is
+        being allocated, plan under the lock and let I/O completions carry the rest (data, then
+        the table update; see alloc.py). Returns None when the request needs the pool."""
+        geo = self.geo
+        l1_index = offset >> geo.l1_shift
+        with self.lock:
+            if self._nc_fut is not None or not self.header.need_check:
+                return None
+            l2off = self.l1[l1_index]
+            if l2off:
+                entry = self.cache.get(l2off)
+                if entry is None or entry.state is LOADING:
+                    return None
+                table = entry.table
+            else:
+                entry = self.creating.get(l1_index)
+                table = entry.table if entry is not None else None
+            kind, n, _ = lookup.find_run(geo, table, offset, length, self.file_size)
+            if n != length or (kind is not lookup.UNALLOCATED and kind is not lookup.ZERO):
+                return None
+            pending = self.pending
+            for c in range(offset >> geo.cluster_bits,
+                           ((offset + length - 1) >> geo.cluster_bits) + 1):
+                if c in pending:
+                    return None
+            p = alloc.plan(geo, self.file_size, offset, length, False, entry is None)
+            self.file_size = p.file_size
+            if entry is None:
+                entry = self.cache.create(p.l2_offset, tables.new_table(geo.table_entries),
+                                          l1_index)
+                self.creating[l1_index] = entry
+            else:
+                self.cache.hold(entry)
+            done = Future()
+            for c in p.guest_clusters(geo):
+                pending[c] = done
+            self.allocs_in_flight += 1
+        out = Future()
+
+        def finish(f):
+            self._alloc_end(p, entry, done)
+            exc = f.exception()
+            if exc is None:
+                out.set_result(length)
+            else:
+                out.set_exception(exc)
+
+        try:
+            self._extend(p.host_offset + p.nclusters * geo.cluster_size)
+            self._event("DATA_WRITE")
+            fut = self.f.submit_write(p.host_offset + (offset - p.cluster_start), buffers)
+        except BaseException as exc:
+            finish(failed(exc))
+            return out
+        _chain(fut, self._update, entry, p.entries(geo), "L2_UPDATE").add_done_callback(finish)
+        return out
 
     def _extend(self, end):
         """Grow the file to at least ``end`` bytes; never shrinks it.
