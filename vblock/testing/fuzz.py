@@ -1,0 +1,271 @@
+"""Fuzz targets for what hostile input reaches: QED image files and virtqueue contents.
+
+Each target takes the fuzzer's bytes and must never raise anything but the documented errors;
+any other exception, a hang, or a write where none is allowed is a finding.
+
+* ``qed_image``: the input overlays the first bytes of a small valid QED image (header, backing
+  name, L1 and L2 tables, data): open read-only, read everything and map it; open read-write
+  (automatic repair when need-check is set), check, repair, check again. Allowed errors:
+  ``ImageError`` (corruption named by field), ``UnsupportedError``, and ``OSError`` for a backing
+  file that cannot be opened. The file must never grow past its starting length.
+* ``virtqueue``: the input becomes a descriptor table, the available ring and the request headers
+  of a virtio-blk queue over a RAM disk; the device must not raise, must not write guest memory
+  outside the buffers the guest marked device-writable (and its used ring), and must end either
+  serving or in DEVICE_NEEDS_RESET.
+
+Run ``python -m vblock.testing.fuzz TARGET [--seconds N] [--corpus DIR]``: coverage-guided with
+atheris (libFuzzer) when it is installed, otherwise with hypothesis' random bytes. Exit status 0
+means no finding; a finding prints the input (hex) and the exception and exits 1, and atheris also
+saves the input as ``crash-*`` in the current directory. Keep every finding as a regression test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import os
+import sys
+import tempfile
+import time
+
+TARGETS = ("qed_image", "virtqueue")
+
+# -- qed_image --------------------------------------------------------------------------------------
+
+_QED_SEED_CACHE = {}
+
+
+def qed_seed():
+    """A small valid QED image (4 KiB clusters, table_size 1) with data, a zero cluster, two L2
+    tables and a raw backing file named relatively; returns (directory, image bytes)."""
+    if "seed" in _QED_SEED_CACHE:
+        return _QED_SEED_CACHE["seed"]
+    import vblock
+
+    d = tempfile.mkdtemp(prefix="vblock-fuzz-seed-")
+    with open(os.path.join(d, "base.raw"), "wb") as f:
+        f.write(bytes([0x5A]) * 65536)
+    path = os.path.join(d, "seed.qed")
+    img = vblock.create_image(path, "qed", 4 << 20, cluster_size=4096, table_size=1,
+                              backing_file="base.raw", backing_fmt="raw")
+    img.close()
+    with vblock.open_image(path, format="qed") as img:
+        img.write(0, b"\x11" * 4096)
+        img.write(8192 + 512, b"\x22" * 1024)
+        img.write_zeroes(16384, 4096)
+        img.write((2 << 20) + 4096, b"\x33" * 8192)
+    with open(path, "rb") as f:
+        data = f.read()
+    _QED_SEED_CACHE["seed"] = (d, data)
+    return d, data
+
+
+def _allowed_open_error(exc):
+    from vblock.errors import ImageError, UnsupportedError
+
+    if isinstance(exc, (ImageError, UnsupportedError)):
+        return True
+    # A backing file name that points nowhere useful (missing, a directory, no permission).
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOENT, errno.EISDIR, errno.EACCES,
+                                                      errno.ENOTDIR, errno.ENAMETOOLONG, errno.EINVAL,
+                                                      errno.ELOOP)
+
+
+def qed_image(data: bytes) -> None:
+    import vblock
+
+    seed_dir, seed = qed_seed()
+    image = bytes(data[: len(seed)]) + seed[len(data):]
+    path = os.path.join(seed_dir, f"fuzz-{os.getpid()}.qed")
+    with open(path, "wb") as f:
+        f.write(image)
+    start = len(image)
+    try:
+        for read_only in (True, False):
+            try:
+                img = vblock.open_image(path, format="qed", read_only=read_only, cache="writeback",
+                                        need_check_timeout=0)
+            except Exception as exc:  # noqa: BLE001 - classified below
+                if _allowed_open_error(exc):
+                    continue
+                raise
+            with img:
+                size = img.size
+                for off in range(0, min(size, 4 << 20), 1 << 20):
+                    try:
+                        img.read(off, min(1 << 20, size - off))
+                    except Exception as exc:  # noqa: BLE001
+                        if not _allowed_open_error(exc):
+                            raise
+                try:
+                    img.block_status(0, size)
+                    if not read_only:
+                        img.check(repair=True)
+                        if size >= 8192:
+                            img.write(4096, b"\x44" * 4096)
+                    img.check()
+                except Exception as exc:  # noqa: BLE001
+                    if not _allowed_open_error(exc):
+                        raise
+        grown = os.path.getsize(path) - start
+        # The one write above may allocate a data cluster and an L2 table; nothing else may grow.
+        if grown > 2 * 4096 + 4096:
+            raise AssertionError(f"image grew by {grown} bytes")
+    finally:
+        os.unlink(path)
+
+
+# -- virtqueue --------------------------------------------------------------------------------------
+
+_VQ_MEM = 64 * 1024
+_VQ_SIZE = 8
+
+
+def virtqueue(data: bytes) -> None:
+    import vblock
+    from vblock.virtio import GuestMemory, VirtioBlk, VirtioMmio
+    from vblock.virtio import spec as S
+    from vblock.virtio.driver import Driver
+
+    img = vblock.open_image(None, format="memory", size=1 << 20)
+    mem = GuestMemory.anonymous(_VQ_MEM)
+    dev = VirtioBlk(img, mem, queue_size_max=_VQ_SIZE)
+    drv = Driver(VirtioMmio(dev), mem, indirect=bool(data[:1]) and data[0] & 1, event_idx=bool(data[:1]) and data[0] & 2)
+    drv.start()
+    dq = drv.queues[0]
+    buf = drv.allocator.alloc(8192)  # the area descriptors may point into
+    body = memoryview(data)[1:]
+    table = bytes(body[: 16 * _VQ_SIZE]).ljust(16 * _VQ_SIZE, b"\0")
+    rest = body[16 * _VQ_SIZE:]
+    heads = bytes(rest[: 2 * _VQ_SIZE]).ljust(2 * _VQ_SIZE, b"\0")
+    payload = bytes(rest[2 * _VQ_SIZE:])[:8192]
+    mem.write(buf, payload)
+    # Descriptor addresses are taken modulo a window around the buffer area, so most of them land
+    # in guest memory (where parsing goes deepest) while the length and flags stay the fuzzer's.
+    allowed = [(dq.used_addr, S.used_ring_bytes(dq.size))]
+    for i in range(_VQ_SIZE):
+        addr, length, flags, nxt = S.virtq_desc.unpack_from(table, 16 * i)
+        if addr >> 63:
+            addr = addr & ((1 << 64) - 1)  # keep hostile absolute addresses as they are
+        else:
+            addr = buf + addr % 9000
+        dq.write_desc(i, addr, length, flags, nxt)
+        if flags & S.VIRTQ_DESC_F_WRITE:
+            allowed.append((addr, length))
+    # Indirect tables inside the buffer area may mark more writable ranges: allow the area.
+    allowed.append((buf, 8192))
+    count = heads[0] % (_VQ_SIZE + 2)
+    for k in range(count):
+        dq.push_head(heads[1 + k] % (_VQ_SIZE + 1) if k + 1 < len(heads) else 0, publish=False)
+    jump = heads[-1] if heads[-1] > 250 else 0
+    dq.set_avail_idx(dq.avail_idx + jump)
+    before = mem.read(0, _VQ_MEM)
+    dev.notify(0)
+    deadline = time.monotonic() + 10
+    while dev.in_flight() and time.monotonic() < deadline:
+        time.sleep(0.001)
+    if dev.in_flight():
+        raise AssertionError("requests still in flight 10 s after the notification")
+    after = mem.read(0, _VQ_MEM)
+    if before != after:
+        for i in range(_VQ_MEM):
+            if before[i] != after[i] and not any(a <= i < a + n for a, n in allowed):
+                raise AssertionError(f"device wrote guest memory at {i:#x}, outside writable buffers")
+    img.close()
+
+
+# -- runners ----------------------------------------------------------------------------------------
+
+
+def _target(name):
+    if name not in TARGETS:
+        raise SystemExit(f"unknown fuzz target {name!r}: expected one of {', '.join(TARGETS)}")
+    return globals()[name]
+
+
+def seed_inputs(name):
+    """Starting inputs: the valid seed image for qed_image; a well-formed request for virtqueue."""
+    if name == "qed_image":
+        return [qed_seed()[1][: 4 * 4096]]
+    return [bytes([3]) + bytes(16 * _VQ_SIZE) + bytes([1, 0]) + bytes(2 * _VQ_SIZE - 2)]
+
+
+def run_hypothesis(name, seconds, seed=0):
+    """Random and shrunk byte strings for ``seconds``; returns the number of executions."""
+    from hypothesis import HealthCheck, given, settings, strategies as st
+
+    fn = _target(name)
+    count = [0]
+    end = time.monotonic() + seconds
+
+    @settings(max_examples=200, deadline=None, database=None, derandomize=False,
+              suppress_health_check=list(HealthCheck))
+    @given(st.one_of(st.binary(max_size=20000),
+                     st.builds(lambda s, pos, b: s[:pos] + b + s[pos + len(b):],
+                               st.sampled_from(seed_inputs(name)), st.integers(0, 16384),
+                               st.binary(min_size=1, max_size=64))))
+    def run(data):
+        count[0] += 1
+        fn(data)
+
+    for s in seed_inputs(name):
+        fn(s)
+    while time.monotonic() < end:
+        run()
+    return count[0]
+
+
+def run_atheris(name, seconds, corpus=None):
+    import atheris
+
+    fn = _target(name)
+    corpus = corpus or tempfile.mkdtemp(prefix=f"vblock-fuzz-{name}-")
+    os.makedirs(corpus, exist_ok=True)
+    for i, s in enumerate(seed_inputs(name)):
+        with open(os.path.join(corpus, f"seed{i}"), "wb") as f:
+            f.write(s)
+    args = [sys.argv[0], corpus, f"-max_total_time={int(seconds)}", "-max_len=20000", "-timeout=20",
+            "-rss_limit_mb=4096", "-print_final_stats=1"]
+    atheris.Setup(args, fn)
+    atheris.Fuzz()  # exits the process at the end of the run
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m vblock.testing.fuzz", description=__doc__.split("\n\n")[0])
+    ap.add_argument("target", choices=TARGETS)
+    ap.add_argument("--seconds", type=float, default=60.0, help="how long to fuzz (default 60)")
+    ap.add_argument("--corpus", help="corpus directory (atheris)")
+    ap.add_argument("--engine", choices=("auto", "atheris", "hypothesis"), default="auto")
+    ap.add_argument("--replay", nargs="*", help="run the target once on each of these files and exit")
+    args = ap.parse_args(argv)
+    if args.replay is not None:
+        fn = _target(args.target)
+        for p in args.replay:
+            with open(p, "rb") as f:
+                fn(f.read())
+        print(f"{len(args.replay)} inputs replayed without a finding")
+        return 0
+    engine = args.engine
+    if engine == "auto":
+        try:
+            import atheris  # noqa: F401
+
+            engine = "atheris"
+        except ImportError:
+            engine = "hypothesis"
+    if engine == "atheris":
+        import atheris
+
+        with atheris.instrument_imports(include=["vblock"]):
+            import vblock.block  # noqa: F401
+            import vblock.drivers.qed  # noqa: F401
+            import vblock.virtio  # noqa: F401
+        run_atheris(args.target, args.seconds, args.corpus)
+        return 0
+    n = run_hypothesis(args.target, args.seconds)
+    print(f"{args.target}: {n} executions in {args.seconds:.0f} s without a finding (hypothesis)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
