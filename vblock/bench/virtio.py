@@ -58,7 +58,7 @@ def measure_virtio(img, depth, duration, seed=1):
     slot_of = {}
     nblocks = img.size // BS
     randrange = random.Random(seed).randrange
-    submit, reap, kick = drv.submit, drv.reap, drv.kick
+    post_one, reap, kick = drv.post, drv.reap, drv.kick
     now = time.perf_counter
     lock = threading.Lock()
     state = {"count": 0, "pending": False, "error": None}
@@ -68,7 +68,7 @@ def measure_virtio(img, depth, duration, seed=1):
     def post():
         while free:
             a = free.pop()
-            req = submit(VIRTIO_BLK_T_OUT, randrange(nblocks) * (BS // 512), buffers=[(a, BS)], kick=False)
+            req = post_one(VIRTIO_BLK_T_OUT, randrange(nblocks) * (BS // 512), a, BS)
             slot_of[req] = a
         kick()
 

@@ -312,10 +312,10 @@ class VirtioBlk:
         """An available-buffer notification for queue ``index`` (any thread)."""
         if self._status & (DRIVER_OK | DEVICE_NEEDS_RESET | FAILED) != DRIVER_OK:
             return  # 2.1.2: no buffers are used before DRIVER_OK, nor after a fatal error
-        try:
-            dq = self._queues[index]
-        except (IndexError, TypeError):
+        queues = self._queues
+        if not 0 <= index < len(queues):
             return
+        dq = queues[index]
         if not dq.ring.ready:
             return
         if not dq.queued:

@@ -66,6 +66,8 @@ class VirtioMmio:
         return None
 
     def read(self, offset, size):
+        if offset == S.VIRTIO_MMIO_INTERRUPT_STATUS and size == 4:  # the interrupt handler's read
+            return self.interrupt_status
         dev = self.device
         if offset >= S.VIRTIO_MMIO_CONFIG:
             return dev.read_config(offset - S.VIRTIO_MMIO_CONFIG, size)
@@ -117,6 +119,9 @@ class VirtioMmio:
         return 0
 
     def write(self, offset, size, value):
+        if offset == S.VIRTIO_MMIO_QUEUE_NOTIFY and size == 4:  # the hot path: a kick
+            self.device.notify(value & _MASK32)
+            return
         try:
             self._write(offset, size, value)
         except GuestError as exc:  # the transport boundary: log and ignore (see module doc)
@@ -130,9 +135,6 @@ class VirtioMmio:
         if size != 4:
             raise GuestError(f"{size}-byte register write")
         value &= _MASK32
-        if offset == S.VIRTIO_MMIO_QUEUE_NOTIFY:  # first: the hot path
-            dev.notify(value)
-            return
         if offset == S.VIRTIO_MMIO_INTERRUPT_ACK:
             with self._isr_lock:
                 self.interrupt_status &= ~value
