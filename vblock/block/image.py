@@ -244,15 +244,22 @@ class Image:
     def submit_read(self, offset: int, buffers) -> Future:
         """Read ``len(buffers)`` bytes at ``offset`` into the (writable) buffers; result: bytes read."""
         views, total = _views(buffers, True)
-        offset, _ = self._range(offset, total)
+        if type(offset) is not int or offset < 0 or offset + total > self._size or self._closed:
+            offset, _ = self._range(offset, total)  # raises, or converts an int-like offset
         if not total:
             return completed(0)
         if self._rl is None:
             if total <= self._max:
                 return self._drv_read(offset, views)
             return _join([self._drv_read(o, g) for o, g in self._groups(offset, views)])
-        if self._aligned(offset, views, total):
-            return self._drv_read(offset, views)
+        a = self._align
+        if not offset % a and total <= self._max:
+            m = self._mem_align
+            for v in views:
+                if len(v) % a or (m > 1 and address_of(v) % m):
+                    break
+            else:
+                return self._drv_read(offset, views)
         return self._bounce_read(offset, views, total)
 
     def submit_write(self, offset: int, buffers, fua: bool = False) -> Future:
@@ -260,7 +267,8 @@ class Image:
         if self.read_only:
             self._writable("write")
         views, total = _views(buffers, False)
-        offset, _ = self._range(offset, total)
+        if type(offset) is not int or offset < 0 or offset + total > self._size or self._closed:
+            offset, _ = self._range(offset, total)  # raises, or converts an int-like offset
         if not total:
             return completed(0)
         return self._write(offset, views, total, fua)
@@ -271,16 +279,22 @@ class Image:
             if total <= self._max:
                 return self._drv_write(offset, views, fua)
             return _join([self._drv_write(o, g, fua) for o, g in self._groups(offset, views)])
-        if self._aligned(offset, views, total):
-            token = rl.try_shared(offset, offset + total)
-            if token is not None:
-                try:
-                    fut = self._drv_write(offset, views, fua)
-                except BaseException:
-                    rl.release(token)
-                    raise
-                fut.add_done_callback(functools.partial(rl.release, token))
-                return fut
+        a = self._align
+        if not offset % a and total <= self._max:
+            m = self._mem_align
+            for v in views:
+                if len(v) % a or (m > 1 and address_of(v) % m):
+                    break
+            else:
+                token = rl.try_shared(offset, offset + total)
+                if token is not None:
+                    try:
+                        fut = self._drv_write(offset, views, fua)
+                    except BaseException:
+                        rl.release(token)
+                        raise
+                    fut.add_done_callback(functools.partial(rl.release, token))
+                    return fut
         return self._bounce_write(offset, views, total, fua)
 
     def submit_flush(self) -> Future:
