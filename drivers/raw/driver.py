@@ -53,6 +53,8 @@ class RawDriver(BlockDriver):
         self._punch = True  # False once the host said it cannot punch holes
         self._zero_range = True  # False once the host said it cannot zero ranges
         self._closed = False
+        # block devices take discard / zero-range only in whole logical blocks (EINVAL otherwise)
+        self._dev_align = max(f.alignment, 512) if f.is_block_device else 1
         self.size = f.size
         self.limits = Limits(
             request_alignment=f.alignment,
@@ -118,9 +120,18 @@ class RawDriver(BlockDriver):
     def submit_discard(self, offset, length):
         if not self._punch:
             return completed(None)
+        a = self._dev_align
+        if a > 1:  # discard is advisory: keep the whole blocks inside the range
+            end = (offset + length) // a * a
+            offset = -(-offset // a) * a
+            if end <= offset:
+                return completed(None)
+            length = end - offset
         return _unless_unsupported(self._file.submit_discard(offset, length), self, "_punch", None)
 
     def submit_write_zeroes(self, offset, length, may_unmap):
+        if (offset | length) % self._dev_align:
+            return None  # partial device blocks: the block layer writes zero buffers
         if may_unmap and self._punch:
             fut = self._file.submit_zero_range(offset, length, unmap=True)
             # where punching fails, the generic fallback (zero buffers) is still right

@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 
 import vblock
+from vblock.block import Limits
+from vblock.block.bounce import address_of
+from vblock.drivers.memory.driver import MemoryDriver
+from vblock.future import Future
 
 #: (id, open keywords) of every configuration the generic tests run against.
 CONFIGS = [
@@ -33,3 +38,77 @@ def make_image(scratch, name: str, size: int, config: dict, content: bytes | Non
 def digest(path) -> str:
     with open(path, "rb") as f:
         return hashlib.sha256(f.read()).hexdigest()
+
+
+class StrictMemory(MemoryDriver):
+    """A RAM disk that declares awkward limits (512-byte requests, 64-byte buffer addresses,
+    4 KiB transfers) and records every request that breaks them in ``violations``; it completes
+    its futures on a thread of its own, so bounce and read-modify-write chains run asynchronously.
+    Register it with ``vblock.block.register("strict", StrictMemory)``."""
+
+    format_name = "strict"
+    violations: list = []
+    calls: list = []
+
+    def __init__(self, *a):
+        super().__init__(*a)
+        self.limits = Limits(request_alignment=512, mem_alignment=64, max_transfer=4096)
+        self._done = []
+        self._cv = threading.Condition()
+        self._worker = threading.Thread(target=self._complete, daemon=True)
+        self._worker.start()
+
+    def _complete(self):
+        while True:
+            with self._cv:
+                while not self._done:
+                    self._cv.wait()
+                batch, self._done = self._done, []
+            for fut, value in batch:
+                if fut is None:
+                    return
+                fut.set_result(value)
+
+    def _later(self, inner):
+        out = Future()
+        with self._cv:
+            self._done.append((out, inner.result()))
+            self._cv.notify()
+        return out
+
+    def _check(self, op, offset, buffers):
+        total = sum(len(b) for b in buffers)
+        problems = []
+        if offset % 512:
+            problems.append("offset")
+        if total > 4096:
+            problems.append("max_transfer")
+        if offset + total > self.size:
+            problems.append("range")
+        for b in buffers:
+            if type(b) is not memoryview or b.format != "B":
+                problems.append("type")
+            elif len(b) % 512:
+                problems.append("length")
+            elif address_of(b) % 64:
+                problems.append("address")
+        if problems:
+            self.violations.append((op, offset, [len(b) for b in buffers], problems))
+        self.calls.append(op)
+
+    def submit_read(self, offset, buffers):
+        self._check("read", offset, buffers)
+        return self._later(super().submit_read(offset, buffers))
+
+    def submit_write(self, offset, buffers, fua=False):
+        self._check("write", offset, buffers)
+        return self._later(super().submit_write(offset, buffers, fua))
+
+    def submit_write_zeroes(self, offset, length, may_unmap):
+        return None  # ask for the generic fallback: zero buffers through the write path
+
+    def close(self):
+        with self._cv:
+            self._done.append((None, None))
+            self._cv.notify()
+        self._worker.join()

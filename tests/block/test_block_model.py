@@ -16,6 +16,8 @@ import hypothesis.strategies as st
 from hypothesis import HealthCheck, settings
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
+from block_helpers import StrictMemory
+
 import vblock
 from vblock.block.bounce import aligned_buffer
 
@@ -83,7 +85,7 @@ class ImageMachine(RuleBasedStateMachine):
     @initialize(data=st.data())
     def open(self, data):
         size = data.draw(st.integers(1, MAX_SIZE // 512)) * 512
-        if self.open_kwargs["format"] == "memory":
+        if self.open_kwargs["format"] in ("memory", "strict"):
             self.img = vblock.open_image(None, size=size, **self.open_kwargs)
         else:
             self.dir = tempfile.mkdtemp(prefix="vblock-model-", dir=_scratch_base())
@@ -185,9 +187,25 @@ class Memory(ImageMachine):
     open_kwargs = {"format": "memory"}
 
 
+@_settings
+class Strict(ImageMachine):
+    """An asynchronous driver with awkward limits that records any request breaking them."""
+
+    open_kwargs = {"format": "strict"}
+
+    def __init__(self):
+        vblock.block.register("strict", StrictMemory)
+        super().__init__()
+
+    @invariant()
+    def limits_respected(self):
+        assert StrictMemory.violations == []
+
+
 TestRawDirect = RawDirect.TestCase
 TestRawWriteback = RawWriteback.TestCase
 TestMemory = Memory.TestCase
+TestStrict = Strict.TestCase
 
 
 def test_raw_direct_really_bounces():

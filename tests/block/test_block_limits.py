@@ -1,0 +1,151 @@
+"""The guarantees Image gives drivers (interface.py), checked by a driver that asserts them
+(``StrictMemory`` in block_helpers.py), plus backing-chain status and raw on a block device."""
+
+import os
+import random
+import subprocess
+
+import pytest
+from block_helpers import StrictMemory
+
+import vblock
+from vblock.block import DATA, UNALLOCATED, ZERO, Run, registry
+from vblock.drivers.memory.driver import MemoryDriver
+
+
+@pytest.fixture
+def strict():
+    registry.register("strict", StrictMemory)
+    StrictMemory.violations = []
+    StrictMemory.calls = []
+    img = vblock.open_image(None, format="strict", size=256 * 1024)
+    yield img
+    img.close()
+    registry._added.pop("strict", None)
+    registry.refresh()
+
+
+def test_random_requests_respect_the_driver_limits(strict):
+    rng = random.Random(7)
+    model = bytearray(strict.size)
+    for _ in range(300):
+        offset = rng.randrange(strict.size)
+        length = rng.randint(0, min(20000, strict.size - offset))
+        op = rng.random()
+        if op < 0.45:
+            data = rng.randbytes(length)
+            cut = rng.randint(0, length)
+            shift = rng.randint(0, 3)
+            odd = memoryview(bytearray(len(data) - cut + shift))[shift:]
+            odd[:] = data[cut:]
+            strict.submit_write(offset, [data[:cut], odd]).result(timeout=10)
+            model[offset : offset + length] = data
+        elif op < 0.6:
+            strict.write_zeroes(offset, length)
+            model[offset : offset + length] = bytes(length)
+        else:
+            assert strict.read(offset, length) == model[offset : offset + length]
+    assert strict.read(0, strict.size) == model
+    assert StrictMemory.violations == []
+    assert "write" in StrictMemory.calls and "read" in StrictMemory.calls
+
+
+def test_aligned_requests_into_aligned_memory_are_not_copied(strict, monkeypatch):
+    seen = []
+    original = StrictMemory.submit_write
+
+    def spy(self, offset, buffers, fua=False):
+        seen.extend(buffers)
+        return original(self, offset, buffers, fua)
+
+    monkeypatch.setattr(StrictMemory, "submit_write", spy)
+    buf = vblock.block.bounce.aligned_buffer(4096)
+    buf[:] = b"\x33" * 4096
+    with vblock.open_image(None, format="strict", size=65536) as img:
+        img.submit_write(8192, [buf]).result(timeout=10)
+        assert len(seen) == 1 and seen[0] is buf  # the caller's own memoryview reached the driver
+        assert img.read(8192, 4096) == b"\x33" * 4096
+
+
+def test_big_request_is_split_at_max_transfer(strict):
+    data = os.urandom(40960)
+    strict.write(0, data)
+    assert strict.read(0, 40960) == data
+    assert StrictMemory.violations == []
+    assert StrictMemory.calls.count("write") >= 10
+
+
+class _Layer(MemoryDriver):
+    """A memory layer whose first half is unallocated (so the backing file decides)."""
+
+    format_name = "layer"
+    backing_image = None
+
+    def block_status(self, offset, length):
+        half = self.size // 2
+        runs = []
+        if offset < half:
+            n = min(half, offset + length) - offset
+            runs.append(Run(offset, n, UNALLOCATED))
+            offset, length = offset + n, length - n
+        if length:
+            runs.append(Run(offset, length, DATA, offset))
+        return runs
+
+    @property
+    def backing(self):
+        return self.backing_image
+
+
+def test_block_status_resolves_the_backing_chain():
+    registry.register("layer", _Layer)
+    try:
+        base = vblock.open_image(None, format="null", size=8192)  # all ZERO, shorter than the top
+        top = vblock.open_image(None, format="layer", size=32768)
+        top.driver.backing_image = base
+        runs = top.block_status(0, 32768)
+        assert runs == [
+            Run(0, 8192, ZERO, None, 1),
+            Run(8192, 8192, ZERO, None, 0),
+            Run(16384, 16384, DATA, 16384, 0),
+        ]
+        top.driver.backing_image = None
+        assert top.block_status(0, 32768)[0] == Run(0, 16384, ZERO, None, 0)
+    finally:
+        registry._added.pop("layer", None)
+        registry.refresh()
+
+
+@pytest.fixture
+def loop_device(scratch):
+    if os.geteuid() != 0 or not os.path.exists("/dev/loop-control"):
+        pytest.skip("needs root and loop devices")
+    backing = os.path.join(scratch, "loop.img")
+    with open(backing, "wb") as f:
+        f.truncate(4 << 20)
+    try:
+        dev = subprocess.run(["losetup", "-f", "--show", backing], check=True, capture_output=True, text=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError) as exc:
+        pytest.skip(f"losetup failed: {exc}")
+    try:
+        yield dev
+    finally:
+        subprocess.run(["losetup", "-d", dev], check=False)
+
+
+def test_raw_on_a_block_device(loop_device):
+    from vblock.errors import UnsupportedError
+
+    with vblock.open_image(loop_device, format="raw") as img:
+        assert img.size == 4 << 20
+        assert img.info()["block-device"] is True
+        img.write(1001, b"on a block device")
+        assert img.read(1000, 19) == b"\x00on a block device\x00"
+        img.write(0, b"\xee" * 8192)
+        img.write_zeroes(100, 1000)  # partial blocks: generic zero fill
+        img.write_zeroes(4096, 4096, may_unmap=True)
+        assert img.read(0, 8192) == b"\xee" * 100 + bytes(1000) + b"\xee" * 2996 + bytes(4096)
+        img.discard(1, 8190)  # advisory; only whole blocks reach the device
+        assert img.block_status(0, img.size) == [Run(0, 4 << 20, DATA, 0)]
+        with pytest.raises(UnsupportedError):
+            img.resize(1 << 20)
