@@ -139,7 +139,11 @@ class BlockDriver:
         return completed(None)
 
     def submit_write_zeroes(self, offset: int, length: int, may_unmap: bool) -> Future:
-        """Default: the block layer writes zero buffers instead (return ``None`` to ask for it)."""
+        """Default: the block layer writes zero buffers instead (return ``None`` to ask for it).
+
+        A future that fails with ``OSError(EOPNOTSUPP)`` asks for the same fallback (for hosts that
+        only tell on the first try). The range need not be aligned to ``limits``: a driver with
+        alignment needs of its own returns ``None`` for ranges it cannot serve."""
         return None
 
     # -- metadata ---------------------------------------------------------------------------------
