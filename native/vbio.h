@@ -10,7 +10,7 @@
  * Offsets and lengths are in bytes.
  */
 
-#define VBIO_VERSION 4
+#define VBIO_VERSION 5
 
 /* Operation codes of struct vbio_op. */
 #define VBIO_OP_READV 1
@@ -71,6 +71,10 @@ int vbio_engine_reap(struct vbio_engine *eng, struct vbio_op **out, int max, int
 /* The same, handing back each finished op's token and result instead of the op (cheaper to read
  * from Python: two integer arrays). max is at most 256. */
 int vbio_engine_reap_tokens(struct vbio_engine *eng, int64_t *tokens, int64_t *results, int max, int64_t timeout_ns);
+/* Submit ops (may be 0) and reap finished ones in one call: with io_uring one io_uring_enter both
+ * submits and waits when nothing has completed yet. For the completion thread's resubmissions. */
+int vbio_engine_submit_reap(struct vbio_engine *eng, struct vbio_op **ops, int nops, int64_t *tokens,
+                            int64_t *results, int max, int64_t timeout_ns);
 /* Fill a one-buffer readv/writev op whose `iov` already points at room for one iovec. Checks the
  * O_DIRECT alignment first: returns 0, or VBIO_MISALIGNED_OFFSET / _LENGTH / _ADDRESS. */
 int vbio_op_prep1(struct vbio_op *op, int opcode, int fd, uint64_t offset, void *base, size_t len,

@@ -8,6 +8,8 @@ import venv
 
 import pytest
 
+from vblock.hostio import _binding
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -28,7 +30,7 @@ def test_wheel_installs_and_imports_in_fresh_venv(tmp_path):
     )
     out = subprocess.run([str(py), "-c", probe], check=True, capture_output=True, text=True,
                          cwd=tmp_path, env={**os.environ, "PYTHONPATH": ""}).stdout.split()
-    assert out == ["4", "vblock.drivers", "HostFile"]
+    assert out == [_binding.EXPECTED_VERSION, "vblock.drivers", "HostFile"]
     # The installed copy is the wheel's, not this source tree.
     where = subprocess.run([str(py), "-c", "import vblock; print(vblock.__file__)"], check=True,
                            capture_output=True, text=True, cwd=tmp_path).stdout

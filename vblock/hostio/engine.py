@@ -250,8 +250,17 @@ class Engine:
         free = self._free
         local = self._local
         reap = lib.vbio_engine_reap_tokens
+        submit_reap = lib.vbio_engine_submit_reap
+        ops = self._ops
+        toks = None
         while True:
-            n = reap(eng, tokens, results, _REAP_MAX, -1)
+            if not toks:
+                n = reap(eng, tokens, results, _REAP_MAX, -1)
+            elif len(toks) == 1:
+                n = submit_reap(eng, self._opp[toks[0]], 1, tokens, results, _REAP_MAX, -1)
+            else:
+                arr = ffi.new("struct vbio_op *[]", [ops[t] for t in toks])
+                n = submit_reap(eng, arr, len(toks), tokens, results, _REAP_MAX, -1)
             if n < 0:
                 _log.error("%s engine: reap failed: %s", self.kind, os.strerror(-n))
                 continue
@@ -273,8 +282,14 @@ class Engine:
                 else:
                     free.append(tok)
                     fut.set_result(res)
-            self.end_batch()
-            if self._closed and lib.vbio_engine_inflight(eng) == 0:
+            # What the callbacks submitted goes to the kernel with the next wait (one syscall).
+            toks = local.batch
+            local.batch = None
+            if toks and len(toks) > _REAP_MAX // 2:
+                local.batch = toks
+                self.end_batch()
+                toks = None
+            if not toks and self._closed and lib.vbio_engine_inflight(eng) == 0:
                 return
 
     def inflight(self):
