@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from vblock.block.interface import DATA, UNALLOCATED, ZERO, BlockDriver, Limits, Run
 from vblock.errors import ImageError, UnsupportedError
 from vblock.future import Future, completed, failed
-from vblock.hostio import HostFile, announce, open_host_file
+from vblock.hostio import announce, open_host_file
 
 from . import alloc, check as checkmod, format as fmt, lookup, tables
 from .cache import CLEAN, LOADING, WRITING, Entry, L2Cache, wait_loaded
@@ -187,7 +187,7 @@ class QedDriver(BlockDriver):
                 f"{path}: QEMU corrupts QED images with table_size >= 8 on large writes",
                 stacklevel=2,
             )
-        f = HostFile(path, direct=False, create=True)
+        f = open_host_file(path, direct=False, create=True)
         try:
             f.truncate(0)
             buf = f.alloc(4096)
