@@ -130,7 +130,7 @@ class RawDriver(BlockDriver):
         return _unless_unsupported(self._file.submit_discard(offset, length), self, "_punch", None)
 
     def submit_write_zeroes(self, offset, length, may_unmap):
-        if (offset | length) % self._dev_align:
+        if offset % self._dev_align or length % self._dev_align:
             return None  # partial device blocks: the block layer writes zero buffers
         if may_unmap and self._punch:
             fut = self._file.submit_zero_range(offset, length, unmap=True)
