@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import glob
 import gzip
+import hashlib
 import io
 import os
 import re
@@ -35,7 +36,7 @@ MODULES = ("virtio_ring", "virtio", "virtio_pci_legacy_dev", "virtio_pci_modern_
 APPLETS = ("sh", "mount", "umount", "insmod", "dd", "sha256sum", "cut", "cat", "head", "yes", "cmp", "sleep",
            "blockdev", "poweroff", "mke2fs", "mkfs.ext2", "blkdiscard", "sync", "echo", "ls", "mkdir", "rm",
            "seq", "wait", "tr", "wc", "sed", "grep", "true", "false", "test", "[", "printf", "awk", "stat",
-           "uptime", "time", "date", "expr", "tail")
+           "uptime", "time", "date", "expr", "tail", "taskset", "nproc")
 MARK = "VBG "
 
 INIT = """#!/bin/sh
@@ -92,7 +93,9 @@ def _debs():
 def artifacts():
     """(vmlinuz, base initramfs) paths, built into the cache on first use."""
     vmlinuz = os.path.join(CACHE, "vmlinuz")
-    base = os.path.join(CACHE, "base.cpio.gz")
+    # the base's name carries a digest of what goes into it, so a changed /init rebuilds it
+    key = hashlib.sha256((INIT + " ".join(APPLETS + MODULES)).encode()).hexdigest()[:12]
+    base = os.path.join(CACHE, f"base-{key}.cpio.gz")
     if os.path.exists(vmlinuz) and os.path.exists(base):
         return vmlinuz, base
     kdeb, bbdeb = _debs()
@@ -165,14 +168,18 @@ def initrd_for(script, directory):
 
 
 # -- running ----------------------------------------------------------------------------------------
-def wait_for_socket(path, proc=None, timeout=30.0):
-    """Poll (bounded) until the server's socket exists; fail early if the server died."""
+def wait_for_server(log_path, proc, timeout=30.0):
+    """Poll (bounded) until the server says it listens (its first stderr line is written after the
+    socket is bound, so a stale socket file left by a killed server does not count)."""
     deadline = time.monotonic() + timeout
-    while not os.path.exists(path):
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode} before creating {path}")
+    while True:
+        with open(log_path, "rb") as f:
+            if b" on " in f.read():
+                return
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode} before listening")
         if time.monotonic() > deadline:
-            raise RuntimeError(f"no socket at {path} after {timeout} s")
+            raise RuntimeError(f"server not listening after {timeout} s")
         time.sleep(0.02)
 
 
@@ -185,7 +192,7 @@ class Serve:
         self._err = open(self.stderr_path, "wb")
         self.proc = subprocess.Popen([sys.executable, "-m", "vblock.cli.serve", "--vhost-user", sock, image, *args],
                                      stdout=subprocess.DEVNULL, stderr=self._err)
-        wait_for_socket(sock, self.proc)
+        wait_for_server(self.stderr_path, self.proc)
 
     def stop(self, sig=signal.SIGTERM, timeout=60):
         """Send ``sig``; returns (exit status, stderr text)."""
@@ -217,7 +224,8 @@ def qemu_cmd(sock, vmlinuz, initrd, queues=1, smp=1, mem_mb=512):
 def boot(sock, script, directory, queues=1, smp=1, timeout=BOOT_TIMEOUT, on_line=None):
     """Boot the guest on the vhost-user socket ``sock`` running ``script``; returns the markers as
     a dict (``VBG key=value`` lines; repeated keys keep the last) plus ``_console`` (the whole
-    console). ``on_line(line)`` sees each console line as it arrives."""
+    console). ``on_line(line)`` sees each console line as it arrives; when it returns True the VM
+    is killed there (``_rc`` is then negative)."""
     vmlinuz, _ = artifacts()
     initrd = initrd_for(script, directory)
     cmd = ["timeout", "-k", "5", str(timeout)] + qemu_cmd(sock, vmlinuz, initrd, queues, smp)
@@ -233,8 +241,9 @@ def boot(sock, script, directory, queues=1, smp=1, timeout=BOOT_TIMEOUT, on_line
                 for kv in line[i + len(MARK):].split():
                     k, _, v = kv.partition("=")
                     markers[k] = v
-            if on_line is not None:
-                on_line(line)
+            if on_line is not None and on_line(line):
+                proc.terminate()  # timeout(1) passes SIGTERM on to QEMU
+                break
     finally:
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout + 10)
