@@ -4,7 +4,8 @@
 VirtioMmio -> VirtioBlk -> image, over a preallocated raw image and over a fully allocated QED
 image (rewrites, no allocation). The peer of every row is the raw block layer itself
 (``Image.submit_write`` on the same raw image, same pattern and depth), measured in the same run
-right before, so the ratio is the cost of the virtio layer (and of QED, for the QED rows).
+in interleaved rounds, so the ratio is the cost of the virtio layer (and of QED, for the QED
+rows).
 
 The driver runs in the calling thread like a vCPU: it keeps ``depth`` requests posted in guest
 buffers, kicks once per batch, sleeps on the interrupt, and reaps every completion it finds.
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import random
 import shutil
+import statistics
 import threading
 import time
 
@@ -122,9 +124,14 @@ def fill(img, chunk=1 << 20):
     img.flush()
 
 
-def run(duration=3.0, depths=DEPTHS, size=SIZE, qed=True):
+def run(duration=3.0, depths=DEPTHS, size=SIZE, qed=True, rounds=3):
+    """Rows for every depth and image. Each case is measured in ``rounds`` interleaved rounds
+    (peer, then each virtio case, ``duration / rounds`` seconds each); a row reports the median
+    IOPS, and its ratio is the median of the per-round ratios, so a burst of load from other
+    processes skews one round, not the result."""
     rows = []
     tmp = bench_dir()
+    slice_ = duration / rounds
     try:
         raw_path = preallocated_file(tmp, size, "raw.img")
         raw = vblock.open_image(raw_path, format="raw", cache="none")
@@ -138,11 +145,19 @@ def run(duration=3.0, depths=DEPTHS, size=SIZE, qed=True):
         try:
             engine = raw.info().get("engine", "?")
             for depth in depths:
-                peer = measure_block(raw, depth, duration)
-                for name, img in images:
-                    iops = measure_virtio(img, depth, duration)
+                peers = []
+                got = {name: [] for name, _ in images}
+                for _ in range(rounds):
+                    peer = measure_block(raw, depth, slice_)
+                    peers.append(peer)
+                    for name, img in images:
+                        got[name].append((measure_virtio(img, depth, slice_), peer))
+                for name, _ in images:
+                    iops = statistics.median(v for v, _ in got[name])
                     row = Row(f"virtio/{name}", engine, "randwrite", BS, depth, iops, iops * BS / 1e6)
-                    rows.append(row.against("block raw", peer))
+                    row.against("block raw", statistics.median(peers))
+                    row.ratio = statistics.median(v / p for v, p in got[name])
+                    rows.append(row)
         finally:
             for _, img in images:
                 img.close()
@@ -155,8 +170,9 @@ def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m vblock.bench virtio", description=__doc__.split("\n\n")[0])
     ap.add_argument("--json", action="store_true", help="one JSON object per row")
     ap.add_argument("--duration", type=float, default=3.0, help="seconds per case (default 3)")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds per case (default 3)")
     ap.add_argument("--no-qed", action="store_true", help="skip the QED rows")
     args = ap.parse_args(argv)
-    rows = run(duration=args.duration, qed=not args.no_qed)
+    rows = run(duration=args.duration, qed=not args.no_qed, rounds=max(1, args.rounds))
     report(rows, as_json=args.json)
     return 0
