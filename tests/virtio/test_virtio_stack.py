@@ -165,6 +165,20 @@ def test_random_workload_file_backends(open_backend, kind, event_idx, indirect, 
     assert counts[IN] and counts[OUT]
 
 
+def test_workload_with_native_fences(open_backend):
+    """The shared-memory configuration: hostio's CPU fences at the four ordering points."""
+    from vblock.virtio import queue
+
+    queue.use_native_fences()
+    try:
+        assert queue.full_fence is not queue._no_fence
+        st = Stack(open_backend("raw"), event_idx=True, indirect=True, queue_size=64)
+        run_workload(st, 300, seed=5, depth=16)
+    finally:
+        queue.use_native_fences(False)
+    assert queue.full_fence is queue._no_fence
+
+
 def test_get_id_and_flush_through_raw(open_backend):
     st = Stack(open_backend("raw"), serial="disk-serial-1234567890")
     assert st.drv.get_id() == (0, b"disk-serial-12345678")

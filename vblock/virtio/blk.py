@@ -303,6 +303,8 @@ class VirtioBlk:
         if not ready:
             q.ready = False
             return
+        if q.ready:
+            return  # already enabled: re-enabling must not rewind a queue in use
         if index and not self._mq:
             raise RingError(f"queue {index} enabled but VIRTIO_BLK_F_MQ not negotiated")  # 5.2.2
         q.activate(self.mem, self._event_idx)

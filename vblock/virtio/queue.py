@@ -27,7 +27,8 @@ re-checking the avail index. In-process Python needs nothing more: every ``pack_
 ``unpack_from`` is one C call made under the GIL, and the GIL hand-off between threads is itself a
 full barrier, so every Python thread observes these stores in program order. A guest running
 concurrently on another CPU (KVM, a vhost-user frontend) needs real fences there;
-``vblock.hostio`` will provide a native one, installed with :func:`set_fence`.
+``vblock.hostio`` provides native ones (``fence_acquire`` / ``fence_release`` / ``fence_full``),
+installed with :func:`use_native_fences` (or any others with :func:`set_fence`).
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ from vblock.virtio.spec import (
     vring_need_event,
 )
 
-__all__ = ["SplitQueue", "set_fence"]
+__all__ = ["SplitQueue", "set_fence", "use_native_fences"]
 
 _unpack16 = le16.unpack_from
 _pack16 = le16.pack_into
@@ -63,9 +64,20 @@ acquire_fence = release_fence = full_fence = _no_fence
 
 
 def set_fence(acquire, release, full):
-    """Install native fences for guests that run concurrently with the device."""
+    """Install fences for guests that run concurrently with the device (process-wide)."""
     global acquire_fence, release_fence, full_fence
     acquire_fence, release_fence, full_fence = acquire, release, full
+
+
+def use_native_fences(enable=True):
+    """Use ``vblock.hostio``'s CPU fences (for rings shared with another process or a running
+    vCPU), or go back to none with ``enable=False``."""
+    if not enable:
+        set_fence(_no_fence, _no_fence, _no_fence)
+        return
+    from vblock.hostio import fence_acquire, fence_full, fence_release
+
+    set_fence(fence_acquire, fence_release, fence_full)
 
 
 class SplitQueue:
