@@ -97,7 +97,8 @@ class Server:
     """``Server(path, image, num_queues=1, serial="vblock0", read_only=None, writeback=True)``.
 
     Binds at construction (so the socket exists when the constructor returns); ``serve_forever()``
-    runs until :meth:`stop`; the image is closed by the caller.
+    runs until :meth:`stop`; the image is closed by the caller. ``path=None`` binds nothing (use
+    :meth:`serve_connection` with a socket of your own).
     """
 
     def __init__(self, path, image, num_queues=1, serial="vblock0", read_only=None, writeback=True):
@@ -111,7 +112,8 @@ class Server:
         self._kicks = {}  # index -> fd
         self.connections = 0  # front-ends served so far
         self._lock = threading.Lock()
-        self.listener = bind_unix(path)
+        self._sel.register(self._wake_r, selectors.EVENT_READ, ("wake", None))
+        self.listener = bind_unix(path) if path is not None else None
 
     # -- control --------------------------------------------------------------------------------
     def stop(self):
@@ -143,8 +145,8 @@ class Server:
 
     # -- the loop ---------------------------------------------------------------------------------
     def serve_forever(self):
+        """Accept front-ends one after another until :meth:`stop`; then :meth:`close`."""
         sel = self._sel
-        sel.register(self._wake_r, selectors.EVENT_READ, ("wake", None))
         sel.register(self.listener, selectors.EVENT_READ, ("listen", None))
         try:
             while not self._stopping:
@@ -167,16 +169,21 @@ class Server:
             return
         self.connections += 1
         _log.info("vhost-user: front-end connected")
+        sel = self._sel
+        sel.unregister(self.listener)  # one front-end at a time
         try:
-            self._serve_connection(conn)
+            self.serve_connection(conn)
         finally:
             conn.close()
+            sel.register(self.listener, selectors.EVENT_READ, ("listen", None))
             _log.info("vhost-user: front-end gone; waiting for the next one")
 
-    def _serve_connection(self, conn):
+    def serve_connection(self, conn):
+        """Serve one connected front-end (any connected stream socket: tests pass one end of a
+        ``socketpair``) until it disconnects, breaks the protocol, or :meth:`stop` is called.
+        Returns after its requests in flight finished and the image was flushed."""
         sel = self._sel
         proto = self.backend.new_connection()
-        sel.unregister(self.listener)  # one front-end at a time
         sel.register(conn, selectors.EVENT_READ, ("conn", None))
         try:
             while not self._stopping:
@@ -200,7 +207,6 @@ class Server:
                 self.backend.disconnect()
             finally:
                 _close_quietly(proto.pending_fds())
-                sel.register(self.listener, selectors.EVENT_READ, ("listen", None))
 
     @staticmethod
     def _read_kick(fd):
@@ -244,18 +250,20 @@ class Server:
     def close(self):
         """Stop serving: unlink the socket (the image stays open for the caller to close)."""
         with self._lock:
-            if self.listener is None:
+            if self._sel is None:
                 return
             try:
                 self._sel.close()
             except Exception:
                 pass
-            self.listener.close()
-            self.listener = None
-            try:
-                os.unlink(self.path)
-            except FileNotFoundError:
-                pass
+            self._sel = None
+            if self.listener is not None:
+                self.listener.close()
+                self.listener = None
+                try:
+                    os.unlink(self.path)
+                except FileNotFoundError:
+                    pass
             for fd in (self._wake_r, self._wake_w):
                 try:
                     os.close(fd)

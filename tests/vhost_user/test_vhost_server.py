@@ -1,0 +1,304 @@
+"""The vhost-user server and back-end driven by a fake front-end (``frontend.py``) over a
+socketpair or the server's unix socket: the message sequence QEMU sends (reference §4), feature
+renegotiation on one connection, a memory table re-sent while a ring runs, disconnect and
+reconnect, refused requests, and ``vblock serve``'s clean close on SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+import vblock
+from vblock.vhost_user import protocol as P
+from vblock.vhost_user.protocol import Req
+from vblock.vhost_user.server import Server, bind_unix
+
+sys.path.insert(0, os.path.dirname(__file__))
+from frontend import (  # noqa: E402
+    F_EVENT_IDX,
+    F_MQ,
+    LINUX_FEATURES,
+    SEABIOS_FEATURES,
+    T_FLUSH,
+    T_IN,
+    T_OUT,
+    Frontend,
+)
+
+DISK = 8 << 20
+PAT = bytes(range(256)) * 16  # 4 KiB
+
+
+class Served:
+    """A server on one end of a socketpair, serving in a thread; the fake front-end on the other."""
+
+    def __init__(self, img, **kw):
+        self.img = img
+        self.server = Server(None, img, **kw)
+        a, b = socket.socketpair()
+        self.fe = Frontend(a)
+        self._b = b
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.error = None
+        self.thread.start()
+
+    def _run(self):
+        try:
+            self.server.serve_connection(self._b)
+        except BaseException as exc:  # surfaced by finish()
+            self.error = exc
+        finally:
+            self._b.close()
+
+    def finish(self):
+        self.fe.close()
+        self.thread.join(30)
+        assert not self.thread.is_alive()
+        assert self.error is None, self.error
+        self.server.close()
+
+
+@pytest.fixture
+def image(scratch):
+    img = vblock.create_image(str(scratch / "disk.raw"), "raw", DISK)
+    yield img
+    img.close()
+
+
+@pytest.fixture
+def served(image):
+    s = Served(image)
+    yield s
+    if s.thread.is_alive():
+        s.finish()
+
+
+def test_connect_sequence_answers_as_qemu_expects(served):
+    fe = served.fe
+    feats, pf, queues, slots = fe.connect()
+    assert feats >> 32 & 1 and feats >> P.VHOST_USER_F_PROTOCOL_FEATURES & 1
+    assert feats & F_EVENT_IDX and feats >> 28 & 1  # EVENT_IDX and INDIRECT_DESC offered
+    assert pf >> P.PROTOCOL_F_CONFIG & 1  # mandatory for QEMU
+    assert pf >> P.PROTOCOL_F_REPLY_ACK & 1 and pf >> P.PROTOCOL_F_MQ & 1
+    assert queues == 1 and slots == 32
+    cfg = fe.get_config()
+    assert int.from_bytes(cfg[0:8], "little") == DISK // 512  # capacity in sectors
+    assert cfg[0x20] == 1  # writeback reported (default --writeback on)
+    served.finish()
+
+
+def test_seabios_then_linux_on_one_connection(served, image):
+    """Start with SeaBIOS's features (no EVENT_IDX), one read, stop; restart with Linux's."""
+    fe = served.fe
+    fe.connect()
+    image.write(0, PAT)
+    image.flush()
+    assert fe.add_mem_reg() == 0
+    ring = fe.start_ring(0, SEABIOS_FEATURES)
+    status, used_len, data = ring.run(T_IN, 0, length=512)
+    assert (status, used_len, data) == (0, 513, PAT[:512])
+    assert fe.stop_ring(0) == 1  # GET_VRING_BASE: one request consumed
+
+    ring2 = fe.start_ring(0, LINUX_FEATURES, size=32)  # fresh ring memory, base 0, EVENT_IDX now
+    for i in range(10):
+        assert ring2.run(T_OUT, 8 * i, data=bytes([i]) * 4096)[0] == 0
+    assert ring2.run(T_FLUSH, 0)[0] == 0
+    got = ring2.run(T_IN, 8 * 9, length=4096)
+    assert got[0] == 0 and got[2] == bytes([9]) * 4096
+    assert fe.stop_ring(0) == 12
+    served.finish()
+    assert image.read(8 * 512 * 3, 4096) == bytes([3]) * 4096
+    assert served.server.backend.flushes == 1
+
+
+def test_many_requests_in_flight_complete(served, image):
+    fe = served.fe
+    fe.connect()
+    fe.set_mem_table()
+    ring = fe.start_ring(0, LINUX_FEATURES, size=64)
+    heads = [ring.submit(T_OUT, 16 * i, data=bytes([0x40 + i]) * 8192) for i in range(16)]
+    ring.notify()
+    done = ring.wait(len(heads))
+    assert sorted(done) == sorted(heads) and all(v[0] == 0 for v in done.values())
+    assert fe.stop_ring(0) == 16
+    served.finish()
+    for i in range(16):
+        assert image.read(16 * 512 * i, 8192) == bytes([0x40 + i]) * 8192
+
+
+def test_mem_table_resent_while_ring_runs(served, image):
+    fe = served.fe
+    fe.connect(protocol_features=(1 << P.PROTOCOL_F_CONFIG) | (1 << P.PROTOCOL_F_REPLY_ACK))
+    assert fe.set_mem_table() == 0
+    ring = fe.start_ring(0, LINUX_FEATURES)
+    assert ring.run(T_OUT, 0, data=PAT)[0] == 0
+    assert fe.set_mem_table() == 0  # as QEMU does during the SeaBIOS start
+    assert ring.run(T_OUT, 8, data=PAT[::-1])[0] == 0
+    assert ring.run(T_IN, 0, length=4096)[2] == PAT
+    assert fe.stop_ring(0) == 3
+    served.finish()
+    assert image.read(4096, 4096) == PAT[::-1]
+
+
+def test_rings_wait_for_enable_with_protocol_features(served, image):
+    fe = served.fe
+    fe.connect()
+    fe.set_mem_table()
+    ring = fe.start_ring(0, LINUX_FEATURES, enable=False)
+    ring.submit(T_OUT, 0, data=PAT)
+    ring.notify()
+    # not enabled: the back-end must not take the request; GET_CONFIG round-trips prove it had time
+    fe.get_config()
+    assert fe.ram[ring.used + 2] == 0  # used idx untouched
+    assert fe.request(Req.SET_VRING_ENABLE, (0, 1)) == 0
+    done = ring.wait(1)
+    assert list(done.values())[0][0] == 0
+    served.finish()
+    assert image.read(0, 4096) == PAT
+
+
+def test_two_queues_with_mq(image):
+    s = Served(image, num_queues=2)
+    fe = s.fe
+    _, _, queues, _ = fe.connect()
+    assert queues == 2
+    fe.set_mem_table()
+    r0 = fe.start_ring(0, LINUX_FEATURES | F_MQ)
+    r1 = fe.start_ring(1, LINUX_FEATURES | F_MQ)
+    h0 = r0.submit(T_OUT, 0, data=b"\x11" * 4096)
+    h1 = r1.submit(T_OUT, 8, data=b"\x22" * 4096)
+    r0.notify()
+    r1.notify()
+    assert r0.wait(1)[h0][0] == 0 and r1.wait(1)[h1][0] == 0
+    assert fe.stop_ring(0) == 1 and fe.stop_ring(1) == 1
+    s.finish()
+    assert image.read(0, 8192) == b"\x11" * 4096 + b"\x22" * 4096
+
+
+def test_unknown_request_is_refused_and_the_session_goes_on(served):
+    fe = served.fe
+    fe.connect()
+    fe.send(99, raw=b"\0" * 8, flags=P.VERSION | P.FLAG_NEED_REPLY)
+    assert P.u64.unpack(fe.recv_reply(99))[0] == 1  # REPLY_ACK: failed
+    fe.send(Req.SET_LOG_BASE, raw=b"\0" * 16, flags=P.VERSION | P.FLAG_NEED_REPLY)
+    assert P.u64.unpack(fe.recv_reply(Req.SET_LOG_BASE))[0] == 1
+    assert fe.request(Req.SET_CONFIG, P.ConfigSpace(0, 8, 0, bytes(8))) == 1  # capacity is read-only
+    assert fe.get_u64(Req.GET_QUEUE_NUM) == 1
+    served.finish()
+
+
+def test_protocol_error_drops_the_front_end(served):
+    fe = served.fe
+    fe.connect()
+    fe.send(Req.SET_VRING_NUM, raw=b"\0" * 3)  # wrong payload size
+    served.thread.join(30)
+    assert not served.thread.is_alive()
+    assert fe.sock.recv(16) == b""  # the back-end hung up
+    served.finish()
+
+
+def test_set_config_writeback_reaches_the_device(served):
+    fe = served.fe
+    fe.connect()
+    fe.set_mem_table()
+    fe.start_ring(0, LINUX_FEATURES)
+    assert fe.request(Req.SET_CONFIG, P.ConfigSpace(0x20, 1, 0, b"\0")) == 0
+    assert fe.get_config()[0x20] == 0
+    served.finish()
+
+
+def _header_features(path):
+    with open(path, "rb") as f:
+        return int.from_bytes(f.read(24)[16:24], "little")
+
+
+def test_disconnect_then_reconnect_on_the_unix_socket(scratch):
+    img = vblock.create_image(str(scratch / "d.raw"), "raw", DISK)
+    path = str(scratch / "s.sock")
+    server = Server(path, img)
+    t = threading.Thread(target=server.serve_forever, daemon=True)
+    t.start()
+    try:
+        for round_ in range(2):
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.connect(path)
+            fe = Frontend(sock)
+            fe.connect()
+            fe.set_mem_table()
+            ring = fe.start_ring(0, LINUX_FEATURES)
+            if round_:
+                assert ring.run(T_IN, 0, length=4096)[2] == PAT  # written by the first front-end
+            else:
+                assert ring.run(T_OUT, 0, data=PAT)[0] == 0
+            fe.close()  # disconnect without stopping the ring, as a crashed QEMU would
+    finally:
+        server.stop()
+        t.join(30)
+        img.close()
+    assert not t.is_alive()
+    assert server.connections == 2
+    assert not os.path.exists(path)
+
+
+def test_stale_socket_file_is_replaced_and_a_live_one_refused(scratch):
+    path = str(scratch / "stale.sock")
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.bind(path)
+    s.close()  # the file stays: stale
+    live = bind_unix(path)
+    try:
+        with pytest.raises(OSError):
+            bind_unix(path)
+    finally:
+        live.close()
+        os.unlink(path)
+    with open(path, "w"):
+        pass
+    with pytest.raises(FileExistsError):
+        bind_unix(path)
+
+
+def test_serve_sigterm_drains_flushes_and_clears_qed_need_check(scratch):
+    path = str(scratch / "d.qed")
+    vblock.create_image(path, "qed", 64 << 20).close()
+    sock_path = str(scratch / "serve.sock")
+    log = open(scratch / "serve.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "vblock.cli.serve", "--vhost-user", sock_path, path],
+                            stderr=log)
+    try:
+        deadline = time.monotonic() + 30
+        while not os.path.exists(sock_path):
+            assert proc.poll() is None, open(scratch / "serve.log").read()
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.connect(sock_path)
+        fe = Frontend(sock)
+        fe.connect()
+        fe.set_mem_table()
+        ring = fe.start_ring(0, LINUX_FEATURES)
+        for i in range(8):  # allocating writes: the image is marked need-check
+            assert ring.run(T_OUT, 2048 * i, data=bytes([i + 1]) * 4096)[0] == 0
+        assert _header_features(path) & 0x2
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+        fe.close()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        log.close()
+    assert not os.path.exists(sock_path)
+    assert _header_features(path) & 0x2 == 0  # clean close cleared need-check
+    text = open(scratch / "serve.log").read()
+    assert "closed" in text and "1 connections" in text
+    with vblock.open_image(path, read_only=True) as img:
+        for i in range(8):
+            assert img.read(2048 * 512 * i, 4096) == bytes([i + 1]) * 4096
