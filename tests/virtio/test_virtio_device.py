@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import itertools
+import threading
 
 import pytest
 
@@ -12,6 +13,7 @@ from vblock.errors import UnsupportedError
 from vblock.virtio import GuestMemory, VirtioBlk, VirtioMmio
 from vblock.virtio import spec as S
 from vblock.virtio.blk import StatusError
+from vblock.virtio.chain import RingError
 
 from conftest import FakeImage, Stack
 from guest import Guest
@@ -378,3 +380,37 @@ def test_reset_with_requests_in_flight_drops_them_safely():
     drv.start()
     assert drv.write(0, b"r" * 512) == 0 and drv.read(0, 512) == (0, b"r" * 512)
     assert st.dev.in_flight() == 0
+
+
+# -- hooks for transports that own memory and rings -------------------------------------------------
+def test_wait_idle_follows_heads_back_to_the_used_ring():
+    st = Stack(FakeImage(defer=True), num_queues=2)
+    drv = st.drv
+    drv.submit(OUT, 0, data=b"i" * 512, queue=1)
+    assert st.dev.wait_idle(0, timeout=0) is True  # queue 0 has nothing taken
+    assert st.dev.wait_idle(timeout=0) is False  # queue 1 has a head out
+    done = threading.Thread(target=st.img.complete)
+    done.start()
+    assert st.dev.wait_idle(timeout=30) is True
+    done.join()
+    assert len(drv.reap()) == 1
+
+
+def test_set_memory_rebinds_ready_rings_and_restore_continues_indices():
+    st = Stack(FakeImage())
+    drv = st.drv
+    assert drv.write(0, b"m" * 512) == 0
+    # a new mapping of the same guest RAM (vhost-user sends a new memory table)
+    from vblock.virtio import GuestMemory as GM
+
+    same = GM([(0, st.mem.regions[0][1])])
+    st.dev.set_memory(same)
+    assert st.dev.mem is same
+    assert drv.write(1, b"n" * 512) == 0
+    with pytest.raises(RingError):
+        st.dev.set_memory(GM([(1 << 40, bytearray(4096))]))
+    assert st.dev.mem is same
+    q = st.dev.queue(0)
+    q.restore(q.next_avail)  # next_used from the ring itself
+    assert q.next_used == drv.queues[0].used_idx() == 2
+    assert drv.read(1, 512) == (0, b"n" * 512)

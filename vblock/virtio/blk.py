@@ -39,12 +39,12 @@ from __future__ import annotations
 import collections
 import logging
 import threading
+import time
 
 from vblock.errors import GuestError
 from vblock.virtio.blk_request import BlkRequest, RequestRules, finish, parse
 from vblock.virtio.chain import ChainError, RingError, walk
 from vblock.virtio.queue import SplitQueue
-from vblock.virtio.spec import le16
 from vblock.virtio.spec import (
     ACKNOWLEDGE,
     DEVICE_NEEDS_RESET,
@@ -74,6 +74,7 @@ from vblock.virtio.spec import (
     VIRTIO_F_INDIRECT_DESC,
     VIRTIO_F_VERSION_1,
     VIRTIO_ID_BLOCK,
+    le16,
     virtio_blk_config,
 )
 
@@ -117,10 +118,14 @@ class _Request(BlkRequest):
 class _DeviceQueue:
     """Per-virtqueue device state: the ring, one request slot per head, and the completion batch."""
 
-    __slots__ = ("index", "ring", "slots", "done", "lock", "draining", "queued", "dead")
+    __slots__ = ("index", "ring", "slots", "done", "lock", "draining", "queued", "dead", "popped",
+                 "published", "idle")
 
     def __init__(self, index, size_max):
         self.index = index
+        self.popped = 0  # heads taken from the avail ring (drainer only)
+        self.published = 0  # used entries published (under ``lock``)
+        self.idle = None  # an Event while someone waits for this queue to go idle
         self.ring = SplitQueue(size_max)
         self.slots = ()
         self.done = collections.deque()  # (head, used_len) waiting to be published
@@ -366,6 +371,7 @@ class VirtioBlk:
                     head = _unpack16(avail, 4 + 2 * (i & mask))[0]
                     i = (i + 1) & 0xFFFF
                     q.next_avail = i
+                    dq.popped += 1
                     try:
                         chain = walk(mem, table, size, head, indirect, indirect_max)
                     except ChainError as exc:
@@ -484,10 +490,15 @@ class VirtioBlk:
                     return
                 add_used = q.add_used
                 pop = done.popleft
+                n = 0
                 while done:
                     add_used(*pop())
+                    n += 1
                 q.publish_used()
                 irq = q.needs_notification() and not self._status & FAILED
+                dq.published += n
+                if dq.idle is not None and dq.published == dq.popped:
+                    dq.idle.set()
             finally:
                 lock.release()
             if irq:
@@ -541,6 +552,37 @@ class VirtioBlk:
         self.config_generation = (self.config_generation + 1) & 0xFFFFFFFF
         if self._status & DRIVER_OK:
             self._config_irq()
+
+    # -- hooks for transports that own memory and rings (vhost-user) ------------------------------
+    def set_memory(self, mem):
+        """Replace guest memory (vhost-user SET_MEM_TABLE): ready queues re-resolve their rings
+        at the same guest addresses and keep their indices. Raises ``RingError`` (memory
+        unchanged) if a ready queue's rings are not inside ``mem``."""
+        for dq in self._queues:
+            if dq.ring.ready and dq.ring.check(mem) is not None:
+                raise RingError(f"queue {dq.index}: {dq.ring.check(mem)}")
+        self.mem = mem
+        for dq in self._queues:
+            if dq.ring.ready:
+                dq.ring.rebind(mem)
+
+    def wait_idle(self, index=None, timeout=None):
+        """Wait until queue ``index`` (default: every queue) has every head it took from the
+        avail ring back on the used ring. Returns False on timeout. Call it from a thread that
+        is not the one completing requests."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for dq in self._queues if index is None else [self._queues[index]]:
+            with dq.lock:
+                if dq.published == dq.popped or dq.dead:
+                    continue
+                dq.idle = event = threading.Event()
+            try:
+                left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                if not event.wait(left):
+                    return False
+            finally:
+                dq.idle = None
+        return True
 
     # -- introspection ---------------------------------------------------------------------------
     def in_flight(self):

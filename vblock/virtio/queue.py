@@ -135,6 +135,14 @@ class SplitQueue:
     def activate(self, mem, event_idx):
         """Resolve the ring views and start at index 0. Raises ``RingError`` if :meth:`check`
         finds a problem."""
+        self.rebind(mem)
+        self.event_idx = event_idx
+        self.next_avail = self.next_used = self.signalled_used = 0
+        self.ready = True
+
+    def rebind(self, mem):
+        """Resolve the ring views in ``mem`` (new guest memory, same guest addresses), keeping
+        the indices. Raises ``RingError`` if :meth:`check` finds a problem."""
         problem = self.check(mem)
         if problem is not None:
             raise RingError(problem)
@@ -144,9 +152,14 @@ class SplitQueue:
         self.used = mem.view(self.device_addr, used_ring_bytes(size))
         self._used_event_off = 4 + 2 * size  # avail.ring[size] (2.7.6)
         self._avail_event_off = 4 + 8 * size  # used.ring[size] (2.7.8)
-        self.event_idx = event_idx
-        self.next_avail = self.next_used = self.signalled_used = 0
-        self.ready = True
+
+    def restore(self, next_avail, next_used=None):
+        """Continue where another device left off (vhost-user SET_VRING_BASE, migration):
+        ``next_used`` None takes the used index the ring itself holds."""
+        if next_used is None:
+            next_used = _unpack16(self.used, 2)[0]
+        self.next_avail = next_avail & 0xFFFF
+        self.next_used = self.signalled_used = next_used & 0xFFFF
 
     # -- available side (device reads) ----------------------------------------------------------
     def avail_idx(self):
