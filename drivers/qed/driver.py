@@ -27,7 +27,7 @@ from vblock.errors import ImageError, UnsupportedError
 from vblock.future import Future, completed, failed
 from vblock.hostio import announce, open_host_file
 
-from . import alloc, check as checkmod, format as fmt, lookup, tables
+from . import alloc, check as checkmod, compact, format as fmt, lookup, tables
 from .cache import CLEAN, LOADING, WRITING, Entry, L2Cache, wait_loaded
 
 _log = logging.getLogger("vblock.drivers.qed")
@@ -231,6 +231,7 @@ class QedDriver(BlockDriver):
         self._backing = None
         self.pool = None
         self._closed = False
+        self.damaged = False  # a failed allocation may have leaked clusters: keep need-check set
         try:
             self._open(dopts)
         except BaseException:
@@ -377,7 +378,8 @@ class QedDriver(BlockDriver):
     def _idle_clear(self):
         """Clear the need-check bit when no allocation is in flight (the idle timer's action)."""
         with self.lock:
-            if self.allocs_in_flight or self._nc_fut is not None or not self.header.need_check:
+            if (self.allocs_in_flight or self._nc_fut is not None or not self.header.need_check
+                    or self.damaged):
                 return
             fut = self._nc_fut = Future()
         err = None
@@ -672,26 +674,32 @@ class QedDriver(BlockDriver):
         if busy is not None:
             busy.exception()  # wait; its outcome is the other request's business
             return False
+        ok = False
         try:
-            if self._backing is None:
-                self._ensure_need_check()
+            # Set with or without a backing file (QEMU sets it only without one): a crash can
+            # leak clusters either way, and only a repair at the next open gives them back.
+            self._ensure_need_check()
             if not zero:
                 self._write_data(p, views, kind)
             self._update(entry, p.entries(geo), "L2_UPDATE").result()
+            ok = True
         finally:
-            self._alloc_end(p, entry, done)
+            self._alloc_end(p, entry, done, ok)
         return True
 
-    def _alloc_end(self, p, entry, done):
-        """An allocation is over (written or failed): drop its pending marks and its hold."""
+    def _alloc_end(self, p, entry, done, ok):
+        """An allocation is over (written or failed): drop its pending marks and its hold. A
+        failed one may have left clusters allocated but unlinked: the need-check bit then stays
+        set until the image is repaired (at the next read-write open)."""
         with self.lock:
             for c in p.guest_clusters(self.geo):
                 if self.pending.get(c) is done:
                     del self.pending[c]
             self.allocs_in_flight -= 1
             self.cache.release(entry)
-            idle = (self.allocs_in_flight == 0 and self._timer is not None
-                    and self._backing is None)
+            if not ok:
+                self.damaged = True
+            idle = self.allocs_in_flight == 0 and self._timer is not None and not self.damaged
         done.set_result(None)
         if idle:
             self._timer.arm()
@@ -738,8 +746,8 @@ class QedDriver(BlockDriver):
         out = Future()
 
         def finish(f):
-            self._alloc_end(p, entry, done)
             exc = f.exception()
+            self._alloc_end(p, entry, done, exc is None)
             if exc is None:
                 out.set_result(length)
             else:
@@ -1045,6 +1053,15 @@ class QedDriver(BlockDriver):
                 corruptions_fixed += len(s.l1_fixes)
             with self.lock:
                 self.cache.clear()
+            found = s
+            leaks_found = s.leaks
+            if s.leaked and s.corruptions == s.fixable:
+                # Fill interior leaks with the clusters at the end of the file (compact.py), so
+                # that nothing but a truncation is left to do.
+                self._set_need_check_sync()
+                self._compact(s.leaked)
+                s = checkmod.scan(geo, h.l1_table_offset, h.image_size, self.l1, self.tio.read,
+                                  self.file_size)
             nclusters = self.file_size // geo.cluster_size
             trailing, interior = checkmod.leak_ranges(s.leaked, nclusters)
             for start, count in interior:
@@ -1059,23 +1076,73 @@ class QedDriver(BlockDriver):
                 with self._extend_lock:
                     self.f.truncate(self.file_size)
                     self._file_length = self.file_size
-                leaks_fixed = nclusters - trailing
             self.f.flush()
+            leaks_fixed = leaks_found - sum(n for _, n in interior)  # punched ones stay leaks
             if corruptions_fixed or leaks_fixed:
                 # double-check, as qemu-img does after a repair
                 after = checkmod.scan(geo, h.l1_table_offset, h.image_size, self.l1,
                                       self.tio.read, self.file_size)
             else:
                 after = s
-            if after.corruptions == 0 and after.check_errors == 0 and self.header.need_check:
-                self._write_header(self.header.with_(features=self.header.features
-                                                     & ~fmt.F_NEED_CHECK))
-                self.f.flush()
+            if after.corruptions == 0 and after.check_errors == 0:
+                self.damaged = False
+                if self.header.need_check:
+                    self._write_header(self.header.with_(features=self.header.features
+                                                         & ~fmt.F_NEED_CHECK))
+                    self.f.flush()
             result = after.as_dict(self.path, corruptions_fixed, leaks_fixed)
-            result["corruptions-found"] = s.corruptions
-            result["leaks-found"] = s.leaks
+            result["corruptions-found"] = found.corruptions
+            result["leaks-found"] = found.leaks
             return result
         return s.as_dict(self.path)
+
+    def _compact(self, leaked):
+        """Move clusters from the end of the file into the leaked ones (see compact.py)."""
+        geo = self.geo
+        cs = geo.cluster_size
+        lowest = leaked[0]
+        owners = {}
+        for l1i, l2off in enumerate(self.l1):
+            if not l2off:
+                continue
+            first = l2off // cs
+            if first + geo.table_size > lowest:
+                for k in range(geo.table_size):
+                    owners[first + k] = ("table", l1i, first)
+            for l2i, entry in enumerate(self.tio.read(l2off)):
+                if entry > fmt.ZERO_CLUSTER and entry // cs >= lowest:
+                    owners[entry // cs] = ("data", l2off, l2i)
+        moves = compact.plan(leaked, self.file_size // cs, geo.table_size, owners.get)
+        if not moves.data and not moves.tables:
+            return
+        f = self.f
+        if moves.data:
+            buf = f.alloc(cs)
+            for src, dst, _, _ in moves.data:
+                f.pread(buf, src * cs)
+                f.pwrite(buf, dst * cs)
+            f.flush()
+            by_table = {}
+            for _, dst, l2off, l2i in moves.data:
+                by_table.setdefault(l2off, []).append((l2i, dst * cs))
+            for l2off, items in by_table.items():
+                table = self.tio.read(l2off)
+                for l2i, new in items:
+                    table[l2i] = new
+                self.tio.write_whole(l2off, table, "L2_REPAIR")
+            f.flush()
+        if moves.tables:
+            buf = f.alloc(geo.table_bytes)
+            for src, dst, _ in moves.tables:
+                f.pread(buf, src * cs)
+                f.pwrite(buf, dst * cs)
+            f.flush()
+            for _, dst, l1i in moves.tables:
+                self.l1[l1i] = dst * cs
+            self.tio.write_whole(self.header.l1_table_offset, self.l1, "L1_REPAIR")
+            f.flush()
+        with self.lock:
+            self.cache.clear()
 
     def _set_need_check_sync(self):
         if not self.header.need_check:
@@ -1102,7 +1169,7 @@ class QedDriver(BlockDriver):
             if not self.read_only:
                 self._trim()
                 self.f.flush()
-                if self.header.need_check:
+                if self.header.need_check and not self.damaged:
                     self._write_header(self.header.with_(features=self.header.features
                                                          & ~fmt.F_NEED_CHECK))
                     self.f.flush()
