@@ -322,6 +322,7 @@ def main(argv=None):
     p.add_argument("--json", action="store_true")
     p.add_argument("--rounds", type=int, default=2, help="boots per server and format; best is kept")
     p.add_argument("--formats", default="raw,qed")
+    p.add_argument("--serve-args", default="", help="extra options for vblock serve (e.g. '--aio threads')")
     args = p.parse_args(argv)
     why = missing()
     if why:
@@ -344,7 +345,7 @@ def main(argv=None):
                     img = os.path.join(d, f"{who}.{fmt}")
                     shutil.copyfile(src, img)
                     sock = os.path.join(d, f"{who}.sock")
-                    srv = (Serve(sock, img, "-f", fmt) if who == "vblock" else QsdServe(sock, img, fmt, size))
+                    srv = (Serve(sock, img, "-f", fmt, *args.serve_args.split()) if who == "vblock" else QsdServe(sock, img, fmt, size))
                     w, rd = _run_once(srv, d)
                     bw, br = best.get((fmt, who), (0, 0))
                     best[(fmt, who)] = (max(bw, w), max(br, rd))

@@ -48,6 +48,8 @@ def configure(p):
                         "off: the guest sees a write-through disk")
     p.add_argument("--cache", default="none", choices=("none", "writeback", "unsafe"),
                    help="host cache mode for the image (default none: O_DIRECT)")
+    p.add_argument("--aio", default="auto", choices=("auto", "io_uring", "threads"),
+                   help="host I/O engine (default auto: io_uring where the kernel allows)")
     return p
 
 
@@ -73,7 +75,8 @@ def run(args, env=None):
     import vblock
     from vblock.vhost_user.server import Server
 
-    img = vblock.open_image(args.image, format=args.fmt, read_only=args.read_only, cache=args.cache)
+    img = vblock.open_image(args.image, format=args.fmt, read_only=args.read_only, cache=args.cache,
+                             aio=args.aio)
     try:
         server = Server(args.vhost_user, img, num_queues=args.queues, serial=args.serial,
                         read_only=args.read_only or None, writeback=args.writeback)
