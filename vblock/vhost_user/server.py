@@ -241,6 +241,9 @@ class Server:
             except Refused as exc:
                 _log.warning("vhost-user: %s", exc)
                 out = proto.refuse(req)
+            except Exception:  # a bug of ours: drop this front-end, keep serving the next
+                _log.exception("vhost-user: internal error handling request %s; dropping the front-end", req.code)
+                return False
             if out:
                 try:
                     conn.sendall(out)
