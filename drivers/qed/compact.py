@@ -43,6 +43,7 @@ def plan(leaked, nclusters, table_size, owner):
     free_set = set(free)
     moves = Moves()
     top = nclusters - 1
+    placed = set()  # destinations already filled
     lo = 0  # index into free of the lowest still-free cluster
     while top >= 0:
         while lo < len(free) and free[lo] not in free_set:
@@ -53,12 +54,16 @@ def plan(leaked, nclusters, table_size, owner):
             free_set.discard(top)  # a leak at the end: truncated, not filled
             top -= 1
             continue
+        if top in placed:
+            top -= 1  # already holds a cluster moved here, into the lowest hole of its time
+            continue
         who = owner(top)
         if who is None:
             break
         if who[0] == "data":
             dest = free[lo]
             free_set.discard(dest)
+            placed.add(dest)
             moves.data.append((top, dest, who[1], who[2]))
             top -= 1
             continue
@@ -70,12 +75,18 @@ def plan(leaked, nclusters, table_size, owner):
             break
         for i in range(dest, dest + table_size):
             free_set.discard(i)
+            placed.add(i)
         moves.tables.append((first, dest, who[1]))
         top = first - 1
     # The file ends after the highest cluster still in use.
-    while top >= 0 and top in free_set:
-        top -= 1
-    moves.end = top + 1
+    leaked_set = set(free)
+    moved = {m[0] for m in moves.data}
+    for src, _, _ in moves.tables:
+        moved.update(range(src, src + table_size))
+    end = nclusters
+    while end > 0 and (end - 1 not in placed) and (end - 1 in leaked_set or end - 1 in moved):
+        end -= 1
+    moves.end = end
     return moves
 
 
