@@ -182,7 +182,7 @@ def read_sector(data, p: int, offset: int, run_id: int):
     if magic == MAGIC:
         good = zlib.crc32(data[p : p + 24], zlib.crc32(data[p + HEADER_BYTES : p + SECTOR]))
         if crc != good:
-            return f"a stamp whose checksum fails (generation field {gen}, offset field {off})"
+            return _damage(data, p, offset, gen, run_id)
         if rid != run_id:
             return f"a stamp from another run (run id {rid:#x})"
         if off != offset:
@@ -192,6 +192,18 @@ def read_sector(data, p: int, offset: int, run_id: int):
         return ZERO
     nz = next(i for i in range(SECTOR) if data[p + i])
     return f"unstamped data (first non-zero byte {data[p + nz]:#04x} at offset {offset + nz})"
+
+
+def _damage(data, p, offset, gen, run_id) -> str:
+    """Describe a stamped sector whose checksum fails: the first byte that differs from what
+    generation ``gen`` wrote there (the header is trusted only as far as naming the generation)."""
+    want = stamp(offset, SECTOR, gen, run_id)
+    got = bytes(data[p : p + SECTOR])
+    for i in range(SECTOR):
+        if got[i] != want[i]:
+            return (f"generation {gen} with byte {offset + i} changed "
+                    f"({got[i]:#04x} instead of {want[i]:#04x}): checksum fails")
+    return f"generation {gen} with a wrong checksum field"
 
 
 # -- the model -------------------------------------------------------------------------------------

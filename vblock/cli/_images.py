@@ -72,11 +72,11 @@ def replace_atomically(final: str):
     tmp = temporary_path(final)
     try:
         yield tmp
+        os.replace(tmp, final)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    os.replace(tmp, final)
     with contextlib.suppress(OSError):  # make the rename itself durable
         fd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY)
         try:

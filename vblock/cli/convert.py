@@ -1,6 +1,299 @@
+"""``vblock convert [-f FMT] -O FMT [-o OPTIONS] [-B BACKING [-F FMT]] [-t CACHE] [-T CACHE] [-m N]
+SRC DST``
+
+Copies what the guest sees in SRC into a new DST image of format ``-O`` (raw <-> qed, qed -> qed).
+Only data is copied: the source's block status (QED tables, SEEK_DATA/SEEK_HOLE on raw files) says
+where it is, and blocks of zeros inside data are skipped too, since a new image reads as zeros.
+Without ``-B`` the backing chain is flattened; with ``-B`` the new image gets that backing file and
+receives only what the source's top layer allocates (zeros included, so they still hide the
+backing file). ``-m`` requests are in flight at once (default 16).
+
+DST is written under a temporary name and renamed into place at the end; it is never left
+half-written. ``-t`` is the destination's cache mode: ``writeback`` (default: flushed before the
+rename, so the result is durable), ``unsafe`` (no flush, as ``qemu-img convert``'s default), or
+``none`` (O_DIRECT). ``-T`` is the source's (default ``writeback``).
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import threading
+import time
+
+import vblock
+from vblock.block.interface import DATA, UNALLOCATED, ZERO
+from vblock.cli import _images
+from vblock.cli.output import UsageError, human_size
+from vblock.cli.progress import progress_for
+from vblock.cli.status import ExitStatus
+from vblock.hostio import alloc_buffer
+
+CHUNK = 2 << 20  # bytes per read request
+WINDOW = 1 << 30  # bytes of block status asked at a time
+DEFAULT_DEPTH = 16
+_u64 = struct.Struct("<Q").unpack_from
+
+
 def add_parser(sub, common):
-    sub.add_parser("convert", parents=[common])
+    p = sub.add_parser("convert", parents=[common], help="copy an image into a new one, maybe of another format",
+                       description=" ".join(__doc__.split("\n\n")[1].split()))
+    p.add_argument("-f", dest="fmt", metavar="FMT", help="source format (default: probe)")
+    p.add_argument("-O", dest="out_fmt", required=True, metavar="FMT", help="destination format (raw, qed)")
+    p.add_argument("-o", dest="options", metavar="OPTIONS", help="destination format options (cluster_size=64k,...)")
+    p.add_argument("-B", dest="backing", metavar="BACKING", help="give the destination this backing file")
+    p.add_argument("-F", dest="backing_fmt", metavar="FMT", help="format of the -B backing file")
+    p.add_argument("-t", dest="cache", choices=("none", "writeback", "unsafe"), default="writeback",
+                   help="destination cache mode (default writeback)")
+    p.add_argument("-T", dest="src_cache", choices=("none", "writeback", "unsafe"), default="writeback",
+                   help="source cache mode (default writeback)")
+    p.add_argument("-m", dest="depth", type=int, default=DEFAULT_DEPTH, metavar="N",
+                   help=f"requests in flight (default {DEFAULT_DEPTH})")
+    p.add_argument("src", metavar="SRC")
+    p.add_argument("dst", metavar="DST")
+
+
+class _Copier:
+    """Reads chunks of the source and writes their non-zero parts, ``depth`` chunks in flight."""
+
+    def __init__(self, src, dst, depth, granule, mask_zeros, task):
+        self.src = src
+        self.dst = dst
+        self.granule = granule  # bytes: zero detection unit (the destination's cluster)
+        self.zero_granule = bytes(granule)
+        self.mask_zeros = mask_zeros  # write zeros explicitly (a backing file would show through)
+        self.task = task
+        self.slots = threading.Semaphore(depth)
+        self.buffers = [alloc_buffer(CHUNK) for _ in range(depth)]
+        self.lock = threading.Lock()
+        self.pending = 0
+        self.idle = threading.Event()
+        self.idle.set()
+        self.error = None
+        self.copied = 0  # bytes written as data
+        self.skipped = 0  # bytes of zeros found inside data
+
+    def _fail(self, exc):
+        with self.lock:
+            if self.error is None:
+                self.error = exc
+
+    def _finish(self, buf, nbytes):
+        with self.lock:
+            self.buffers.append(buf)
+            self.pending -= 1
+            if self.pending == 0:
+                self.idle.set()
+        self.task.advance(nbytes)
+        self.slots.release()
+
+    def copy(self, offset, length):
+        """Queue [offset, offset+length) (at most CHUNK bytes) for copying; blocks for a slot."""
+        self.slots.acquire()
+        if self.error is not None:
+            self.slots.release()
+            raise self.error
+        with self.lock:
+            buf = self.buffers.pop()
+            self.pending += 1
+            self.idle.clear()
+        view = buf[:length]
+        try:
+            fut = self.src.submit_read(offset, view)
+        except BaseException:
+            self._finish(buf, 0)
+            raise
+        fut.add_done_callback(lambda f: self._read_done(f, buf, view, offset, length))
+
+    def zeroes(self, offset, length):
+        """Write zeros over [offset, offset+length) (only when masking a backing file)."""
+        self.slots.acquire()
+        with self.lock:
+            buf = self.buffers.pop()
+            self.pending += 1
+            self.idle.clear()
+        try:
+            fut = self.dst.submit_write_zeroes(offset, length)
+        except BaseException:
+            self._finish(buf, 0)
+            raise
+        fut.add_done_callback(lambda f: self._written(f, buf, length))
+
+    def _read_done(self, fut, buf, view, offset, length):
+        try:
+            fut.result()
+            futs = self._write_parts(view, offset, length)
+        except BaseException as exc:
+            self._fail(exc)
+            self._finish(buf, length)
+            return
+        if not futs:
+            self._finish(buf, length)
+            return
+        state = [len(futs)]
+        lock = threading.Lock()
+
+        def one(f):
+            exc = f.exception()
+            if exc is not None:
+                self._fail(exc)
+            with lock:
+                state[0] -= 1
+                last = state[0] == 0
+            if last:
+                self._finish(buf, length)
+
+        for f in futs:
+            f.add_done_callback(one)
+
+    def _written(self, fut, buf, length):
+        exc = fut.exception()
+        if exc is not None:
+            self._fail(exc)
+        self._finish(buf, length)
+
+    def _write_parts(self, view, offset, length):
+        """Submit writes for the non-zero granules of ``view`` (and write-zeroes for the zero ones
+        when masking); returns the futures."""
+        g = self.granule
+        zeros = self.zero_granule
+        copied = skipped = 0
+        futs = []
+        start = None  # start of the current non-zero stretch (relative)
+        zstart = None
+        pos = 0
+        while pos < length:
+            n = min(g, length - pos)
+            # Data rarely starts and ends with 8 zero bytes: decide those granules without
+            # copying them; only the rest are compared whole.
+            is_zero = (not _u64(view, pos)[0] and not _u64(view, pos + n - 8)[0]
+                       and bytes(view[pos : pos + n]) == (zeros if n == g else bytes(n)))
+            if is_zero:
+                if start is not None:
+                    futs.append(self.dst.submit_write(offset + start, view[start:pos]))
+                    copied += pos - start
+                    start = None
+                if zstart is None:
+                    zstart = pos
+                skipped += n
+            else:
+                if zstart is not None:
+                    if self.mask_zeros:
+                        futs.append(self.dst.submit_write_zeroes(offset + zstart, pos - zstart))
+                    zstart = None
+                if start is None:
+                    start = pos
+            pos += n
+        if start is not None:
+            futs.append(self.dst.submit_write(offset + start, view[start:length]))
+            copied += length - start
+        if zstart is not None and self.mask_zeros:
+            futs.append(self.dst.submit_write_zeroes(offset + zstart, length - zstart))
+        with self.lock:
+            self.copied += copied
+            self.skipped += skipped
+        return futs
+
+    def wait(self):
+        self.idle.wait()
+        if self.error is not None:
+            raise self.error
+
+
+def _plan(src, keep_backing):
+    """Yield (offset, length, kind) runs to copy: kind DATA (read and copy) or ZERO (write zeros;
+    only with ``keep_backing``). Without it the whole chain is flattened and zeros are skipped."""
+    size = src.size
+    pos = 0
+    while pos < size:
+        n = min(WINDOW, size - pos)
+        runs = src.driver.block_status(pos, n) if keep_backing else src.block_status(pos, n)
+        for r in runs:
+            if r.kind == DATA:
+                yield r.offset, r.length, DATA
+            elif r.kind == ZERO and keep_backing:
+                yield r.offset, r.length, ZERO
+            else:
+                assert r.kind in (ZERO, UNALLOCATED)
+        pos += n
+
+
+def convert(src_path, dst_path, out_fmt, *, fmt=None, options=None, backing=None, backing_fmt=None,
+            cache="writeback", src_cache="writeback", depth=DEFAULT_DEPTH, progress=None) -> dict:
+    """Convert ``src_path`` to a new ``dst_path``; returns statistics. See the module docstring."""
+    _images.check_format(out_fmt)
+    _images.check_format(backing_fmt)
+    if depth < 1:
+        raise UsageError("convert: -m must be at least 1")
+    options = dict(options or {})
+    if backing:
+        where = backing if os.path.isabs(backing) else os.path.join(os.path.dirname(os.path.abspath(dst_path)), backing)
+        with _images.open_image(where, backing_fmt) as b:
+            backing_fmt = backing_fmt or b.format
+        options["backing_file"] = backing
+        options["backing_fmt"] = backing_fmt
+    elif backing_fmt:
+        raise UsageError("convert: -F needs -B")
+    if os.path.exists(dst_path) and os.path.samefile(src_path, dst_path):
+        raise UsageError(f"convert: {dst_path} is the source image")
+    t0 = time.perf_counter()
+    with _images.open_image(src_path, fmt, cache=src_cache) as src:
+        size = src.size
+        with _images.replace_atomically(dst_path) as tmp:
+            vblock.create_image(tmp, out_fmt, size, **options).close()
+            dst = vblock.open_image(tmp, format=out_fmt, cache=cache)
+            try:
+                granule = dst.info().get("cluster-size") or 4096
+                plan = list(_plan(src, bool(backing)))
+                total = sum(n for _, n, _ in plan)
+                task = progress.task(f"converting {os.path.basename(src_path)}", total=total, unit="bytes") \
+                    if progress is not None else _NoTask()
+                copier = _Copier(src, dst, depth, granule, bool(backing), task)
+                for off, length, kind in plan:
+                    end = off + length
+                    while off < end:
+                        n = min(CHUNK - off % CHUNK, end - off)
+                        if kind == DATA:
+                            copier.copy(off, n)
+                        else:
+                            copier.zeroes(off, n)
+                        off += n
+                copier.wait()
+                if cache == "unsafe":
+                    _skip_close_flush(dst)
+                else:
+                    dst.flush()
+            finally:
+                dst.close()
+    return {"size": size, "data": total, "copied": copier.copied, "zero-skipped": copier.skipped,
+            "seconds": time.perf_counter() - t0}
+
+
+def _skip_close_flush(img):
+    """cache=unsafe promises that flushes do nothing, but the QED driver's close() calls
+    fdatasync on its host file directly (twice), which costs seconds after a large conversion.
+    Until the driver honours the mode itself, silence the host file's flush on this image only,
+    right before closing it. (Workaround; see the issue 6 note.)"""
+    f = getattr(img.driver, "f", None)
+    if f is not None and img.options.cache == "unsafe":
+        f.flush = lambda: None
+
+
+class _NoTask:
+    def advance(self, n=1):
+        pass
+
+    def update(self, **kw):
+        pass
 
 
 def run(args, env):
-    raise NotImplementedError
+    options = _images.parse_options(args.options)
+    with progress_for(env, args.quiet) as progress:
+        stats = convert(args.src, args.dst, args.out_fmt, fmt=args.fmt, options=options, backing=args.backing,
+                        backing_fmt=args.backing_fmt, cache=args.cache, src_cache=args.src_cache,
+                        depth=args.depth, progress=progress)
+    if not args.quiet:
+        env.err(f"{args.dst}: {human_size(stats['copied'])} of data copied "
+                f"({human_size(stats['zero-skipped'])} of zeros skipped) in {stats['seconds']:.2f} s")
+    return ExitStatus.SUCCESS

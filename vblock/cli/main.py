@@ -38,7 +38,8 @@ class _Parser(argparse.ArgumentParser):
     env: Environment = None
 
     def error(self, message):
-        raise UsageError(f"{self.prog}: {message}")
+        # "vblock: error: vblock create: the following arguments are required: FILE"
+        raise UsageError(f"{self.prog}: {message}" if " " in self.prog else message)
 
     def _print_message(self, message, file=None):
         if not message:
