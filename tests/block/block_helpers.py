@@ -22,7 +22,7 @@ CONFIGS = [
 
 def make_image(scratch, name: str, size: int, config: dict, content: bytes | None = None):
     """Open a fresh image of ``size`` bytes for ``config`` (a CONFIGS entry's keywords)."""
-    if config["format"] == "memory":
+    if config["format"] in ("memory", "strict", "laggy"):
         img = vblock.open_image(None, size=size, **config)
         if content:
             img.write(0, content)
@@ -110,5 +110,54 @@ class StrictMemory(MemoryDriver):
     def close(self):
         with self._cv:
             self._done.append((None, None))
+            self._cv.notify()
+        self._worker.join()
+
+
+class LaggyMemory(MemoryDriver):
+    """A RAM disk with 512-byte request alignment whose writes land late, in random order.
+
+    Reads are served at once from the bytes as they are; writes are queued to a worker thread
+    that applies each batch it finds in shuffled order and only then completes their futures.
+    A write in flight has therefore not landed yet, which is exactly what a read-modify-write must
+    not race with: a block layer that failed to serialise them would lose writes here, visibly.
+    Register it with ``vblock.block.register("laggy", LaggyMemory)``."""
+
+    format_name = "laggy"
+
+    def __init__(self, *a):
+        super().__init__(*a)
+        self.limits = Limits(request_alignment=512, mem_alignment=1)
+        self._queue = []
+        self._cv = threading.Condition()
+        self._rng = __import__("random").Random(99)
+        self._worker = threading.Thread(target=self._land, daemon=True)
+        self._worker.start()
+
+    def _land(self):
+        while True:
+            with self._cv:
+                while not self._queue:
+                    self._cv.wait()
+                batch, self._queue = self._queue, []
+            self._rng.shuffle(batch)
+            for item in batch:
+                if item is None:
+                    return
+                fut, offset, data = item
+                MemoryDriver.submit_write(self, offset, [data])
+                fut.set_result(len(data))
+
+    def submit_write(self, offset, buffers, fua=False):
+        fut = Future()
+        data = b"".join(bytes(b) for b in buffers)
+        with self._cv:
+            self._queue.append((fut, offset, data))
+            self._cv.notify()
+        return fut
+
+    def close(self):
+        with self._cv:
+            self._queue.append(None)
             self._cv.notify()
         self._worker.join()

@@ -1,5 +1,6 @@
 """The alignment helpers: addresses, aligned buffers, the pool and the range lock."""
 
+from vblock.future import Future
 from vblock.block.bounce import BufferPool, RangeLock, address_of, aligned_buffer
 
 
@@ -79,3 +80,54 @@ def test_waiters_keep_arrival_order_per_range():
     rl.release(order[-1][1])
     rl.release(order[-1][1])
     assert [n for n, _ in order] == ["a", "b", "c"]
+
+
+def test_exclusive_waits_for_a_plain_write_in_flight():
+    rl = RangeLock()
+    started = []
+    slot = rl.begin_plain(0, 4096)
+    fut = Future()
+    rl.plain_submitted(slot, fut)
+    assert rl.acquire(512, 1024, True, started.append) is None
+    assert rl.begin_plain(8192, 12288) is None  # fast path closed while the exclusive one waits
+    assert started == []
+    fut.set_result(4096)  # the write completes: the waiting exclusive entry starts
+    assert len(started) == 1
+    rl.release(started[0])
+    assert rl.begin_plain(0, 4096) is not None
+
+
+def test_exclusive_arriving_during_submission_is_started_by_the_submitter():
+    rl = RangeLock()
+    started = []
+    slot = rl.begin_plain(0, 4096)  # registered, future not stored yet
+    assert rl.acquire(0, 512, True, started.append) is None
+    assert slot[3] is True  # watched
+    fut = Future()
+    rl.plain_submitted(slot, fut)  # attaches the completion hook because the slot is watched
+    assert started == []
+    fut.set_result(4096)
+    assert len(started) == 1
+
+
+def test_finished_plain_writes_do_not_block_and_are_swept():
+    rl = RangeLock()
+    for i in range(200):
+        slot = rl.begin_plain(0, 4096)
+        f = Future()
+        f.set_result(4096)
+        rl.plain_submitted(slot, f)
+    assert len(rl._plain) < RangeLock._PRUNE_AT
+    token = rl.acquire(0, 4096, True, None)
+    assert token is not None  # done plain writes never make an exclusive entry wait
+    rl.release(token)
+    assert not rl.busy
+
+
+def test_failed_submission_frees_the_slot():
+    rl = RangeLock()
+    started = []
+    slot = rl.begin_plain(0, 4096)
+    assert rl.acquire(0, 4096, True, started.append) is None
+    rl.plain_failed(slot)
+    assert len(started) == 1

@@ -9,8 +9,10 @@ import pytest
 from block_helpers import StrictMemory
 
 import vblock
-from vblock.block import DATA, UNALLOCATED, ZERO, Run, registry
+from vblock.block import DATA, UNALLOCATED, ZERO, Limits, Run, registry
+from vblock.block.bounce import aligned_buffer
 from vblock.drivers.memory.driver import MemoryDriver
+from vblock.future import Future
 
 
 @pytest.fixture
@@ -149,3 +151,75 @@ def test_raw_on_a_block_device(loop_device):
         assert img.block_status(0, img.size) == [Run(0, 4 << 20, DATA, 0)]
         with pytest.raises(UnsupportedError):
             img.resize(1 << 20)
+
+
+class HeldWrites(MemoryDriver):
+    """512-byte alignment; writes wait in ``held`` until the test calls ``land()``."""
+
+    format_name = "held"
+
+    def __init__(self, *a):
+        super().__init__(*a)
+        self.limits = Limits(request_alignment=512, mem_alignment=1)
+        self.held = []
+        self.reads = []
+
+    def submit_read(self, offset, buffers):
+        self.reads.append(offset)
+        return super().submit_read(offset, buffers)
+
+    def submit_write(self, offset, buffers, fua=False):
+        fut = Future()
+        self.held.append((fut, offset, b"".join(bytes(b) for b in buffers)))
+        return fut
+
+    def land(self):
+        """Apply and complete every held write, in order (completions may submit more)."""
+        while self.held:
+            fut, offset, data = self.held.pop(0)
+            MemoryDriver.submit_write(self, offset, [data])
+            fut.set_result(len(data))
+
+
+@pytest.fixture
+def held():
+    registry.register("held", HeldWrites)
+    img = vblock.open_image(None, format="held", size=8192)
+    yield img
+    img.close()
+    registry._added.pop("held", None)
+    registry.refresh()
+
+
+def test_read_modify_write_waits_for_a_plain_write_in_flight(held):
+    drv = held.driver
+    block = aligned_buffer(512)
+    block[:] = b"X" * 512
+    plain = held.submit_write(0, [block])  # zero-copy path; not landed yet
+    rmw = held.submit_write(10, [b"w" * 10])  # read-modify-write of the same block
+    assert drv.reads == []  # the RMW has not read the block under the plain write
+    drv.land()
+    assert plain.result(timeout=5) == 512 and rmw.result(timeout=5) == 10
+    assert drv.reads == [0]
+    assert held.read(0, 512) == b"X" * 10 + b"w" * 10 + b"X" * 492
+
+
+def test_plain_write_waits_for_a_read_modify_write_in_flight(held):
+    drv = held.driver
+    rmw = held.submit_write(600, [b"r" * 20])  # RMW of block 1: read done, write held
+    block = aligned_buffer(1024)
+    block[:] = b"P" * 1024
+    plain = held.submit_write(0, [block])  # covers blocks 0-1: must not reach the driver yet
+    assert len(drv.held) == 1
+    drv.land()
+    assert rmw.result(timeout=5) == 20 and plain.result(timeout=5) == 1024
+    assert held.read(0, 1024) == b"P" * 1024  # the plain write, queued second, lands last
+
+
+def test_writes_to_other_blocks_do_not_wait(held):
+    drv = held.driver
+    held.submit_write(600, [b"r" * 20])
+    block = aligned_buffer(512)
+    held.submit_write(4096, [block])
+    assert len(drv.held) == 2
+    drv.land()

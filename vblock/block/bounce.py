@@ -29,6 +29,7 @@ The plain aligned path costs one uncontended lock, a counter and a dict insert/d
 
 from __future__ import annotations
 
+import functools
 import itertools
 import mmap
 import threading
@@ -112,24 +113,69 @@ class RangeLock:
     a queued entry's ``callback(token)`` runs, in the thread that released the last conflicting
     entry, once it is granted. ``release(token)`` ends an entry (it accepts and ignores one extra
     argument so that it can serve as a future's done-callback through ``functools.partial``).
+
+    Plain writes (the hot path) use *slots* instead, which cost no completion callback:
+    ``begin_plain`` registers ``slot = [start, end, future, watched]`` before the write is
+    submitted, and the caller stores the driver's future in ``slot[2]`` right after submitting.
+    A slot counts as a shared entry until its future is done; finished slots are dropped lazily.
+    Only when an exclusive entry has to wait for a slot is a callback attached to the slot's
+    future: the waiter sets ``slot[3]`` (watched) and attaches it if the future is already
+    stored; the submitter, after storing the future, attaches it if ``slot[3]`` is set
+    (``plain_submitted``). Under the GIL one of the two always sees the other's store, and
+    attaching twice is harmless.
     """
 
-    __slots__ = ("_lock", "_held", "_waiting", "_ids", "_exclusive")
+    __slots__ = ("_lock", "_held", "_waiting", "_ids", "_exclusive", "_plain")
+
+    _PRUNE_AT = 64  # plain slots kept before finished ones are swept out
 
     def __init__(self):
         self._lock = threading.Lock()
         self._held: dict[int, tuple] = {}  # token -> (start, end, exclusive)
         self._waiting: list[tuple] = []  # (token, start, end, exclusive, callback), in arrival order
         self._ids = itertools.count(1)
-        self._exclusive = 0  # exclusive entries held or queued: 0 lets shared entries skip the scan
+        self._exclusive = 0  # exclusive entries held or queued: 0 lets plain writes skip every scan
+        self._plain: list[list] = []  # [start, end, future or None, watched]
 
     @property
     def busy(self) -> bool:
-        return bool(self._held or self._waiting)
+        live = [s for s in self._plain if s[2] is None or not s[2].done()]
+        return bool(self._held or self._waiting or live)
 
+    # -- plain writes ---------------------------------------------------------------------------
+    def begin_plain(self, start: int, end: int):
+        """A slot for a plain write over [start, end), or ``None`` when an exclusive entry is held
+        or queued anywhere (the caller then uses ``acquire``)."""
+        with self._lock:
+            if self._exclusive:
+                return None
+            slot = [start, end, None, False]
+            plain = self._plain
+            plain.append(slot)
+            if len(plain) >= self._PRUNE_AT:
+                self._plain = [s for s in plain if s[2] is None or not s[2].done()]
+            return slot
+
+    def plain_submitted(self, slot, future) -> None:
+        """Store the future of a slot's write (callers may inline this when ``slot[3]`` is false)."""
+        slot[2] = future
+        if slot[3]:
+            future.add_done_callback(functools.partial(self._plain_done, slot))
+
+    def plain_failed(self, slot) -> None:
+        """The slot's write was never submitted."""
+        self._plain_done(slot)
+
+    def _plain_done(self, slot, _future=None) -> None:
+        with self._lock:
+            self._plain = [s for s in self._plain if s is not slot]
+            granted, attach = self._grant_locked()
+        self._after(granted, attach)
+
+    # -- entries --------------------------------------------------------------------------------
     def try_shared(self, start: int, end: int):
         """Grant a shared entry if nothing exclusive is held or queued anywhere; else ``None``
-        (the caller then uses ``acquire``). The hot path of aligned writes."""
+        (the caller then uses ``acquire``)."""
         with self._lock:
             if self._exclusive:
                 return None
@@ -138,24 +184,58 @@ class RangeLock:
             return token
 
     def acquire(self, start: int, end: int, exclusive: bool, callback):
+        attach = []
         with self._lock:
             token = next(self._ids)
             if exclusive:
                 self._exclusive += 1
-            if self._conflicts(start, end, exclusive, self._waiting):
+            if self._conflicts(start, end, exclusive, self._waiting, attach):
                 self._waiting.append((token, start, end, exclusive, callback))
-                return None
-            self._held[token] = (start, end, exclusive)
-            return token
+                token = None
+            else:
+                self._held[token] = (start, end, exclusive)
+        self._after((), attach)
+        return token
 
-    def _conflicts(self, start, end, exclusive, waiting) -> bool:
+    def _conflicts(self, start, end, exclusive, waiting, attach) -> bool:
         for s, e, x in self._held.values():
             if s < end and start < e and (x or exclusive):
                 return True
         for _, s, e, x, _ in waiting:
             if s < end and start < e and (x or exclusive):
                 return True
+        if exclusive:
+            found = False
+            for slot in self._plain:
+                if slot[0] < end and start < slot[1]:
+                    fut = slot[2]
+                    if fut is not None and fut.done():
+                        continue
+                    found = True
+                    if not slot[3]:
+                        slot[3] = True
+                        if fut is not None:
+                            attach.append(slot)
+            return found
         return False
+
+    def _grant_locked(self):
+        granted, attach, still = [], [], []
+        for w in self._waiting:
+            if self._conflicts(w[1], w[2], w[3], still, attach):
+                still.append(w)
+            else:
+                self._held[w[0]] = (w[1], w[2], w[3])
+                granted.append(w)
+        self._waiting = still
+        return granted, attach
+
+    def _after(self, granted, attach) -> None:
+        """Outside the lock: watch the slots a waiter depends on, then start the granted."""
+        for slot in attach:
+            slot[2].add_done_callback(functools.partial(self._plain_done, slot))
+        for w in granted:
+            w[4](w[0])
 
     def release(self, token, _future=None) -> None:
         with self._lock:
@@ -164,14 +244,5 @@ class RangeLock:
                 self._exclusive -= 1
             if not self._waiting:
                 return
-            granted = []
-            still = []
-            for w in self._waiting:
-                if self._conflicts(w[1], w[2], w[3], still):
-                    still.append(w)
-                else:
-                    self._held[w[0]] = (w[1], w[2], w[3])
-                    granted.append(w)
-            self._waiting = still
-        for w in granted:
-            w[4](w[0])
+            granted, attach = self._grant_locked()
+        self._after(granted, attach)

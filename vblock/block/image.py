@@ -286,14 +286,16 @@ class Image:
                 if len(v) % a or (m > 1 and address_of(v) % m):
                     break
             else:
-                token = rl.try_shared(offset, offset + total)
-                if token is not None:
+                slot = rl.begin_plain(offset, offset + total)
+                if slot is not None:
                     try:
                         fut = self._drv_write(offset, views, fua)
                     except BaseException:
-                        rl.release(token)
+                        rl.plain_failed(slot)
                         raise
-                    fut.add_done_callback(functools.partial(rl.release, token))
+                    slot[2] = fut  # RangeLock.plain_submitted, inlined
+                    if slot[3]:
+                        rl.plain_submitted(slot, fut)
                     return fut
         return self._bounce_write(offset, views, total, fua)
 
@@ -308,7 +310,10 @@ class Image:
         offset, length = self._range(offset, length)
         if not length or not self._discard:
             return completed(None)
-        return self._locked(offset, offset + length, lambda: self.driver.submit_discard(offset, length))
+        # a driver returning None from discard means "nothing to do"
+        return self._locked(
+            offset, offset + length, lambda: self.driver.submit_discard(offset, length) or completed(None)
+        )
 
     def submit_write_zeroes(self, offset: int, length: int, may_unmap: bool = False) -> Future:
         """Make the range read as zeros; ``may_unmap`` lets the driver deallocate it."""
