@@ -265,7 +265,8 @@ def test_stale_socket_file_is_replaced_and_a_live_one_refused(scratch):
         bind_unix(path)
 
 
-def test_serve_sigterm_drains_flushes_and_clears_qed_need_check(scratch):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_serve_signal_drains_flushes_and_clears_qed_need_check(scratch, sig):
     path = str(scratch / "d.qed")
     vblock.create_image(path, "qed", 64 << 20).close()
     sock_path = str(scratch / "serve.sock")
@@ -287,7 +288,7 @@ def test_serve_sigterm_drains_flushes_and_clears_qed_need_check(scratch):
         for i in range(8):  # allocating writes: the image is marked need-check
             assert ring.run(T_OUT, 2048 * i, data=bytes([i + 1]) * 4096)[0] == 0
         assert _header_features(path) & 0x2
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(sig)
         assert proc.wait(60) == 0
         fe.close()
     finally:
@@ -302,3 +303,46 @@ def test_serve_sigterm_drains_flushes_and_clears_qed_need_check(scratch):
     with vblock.open_image(path, read_only=True) as img:
         for i in range(8):
             assert img.read(2048 * 512 * i, 4096) == bytes([i + 1]) * 4096
+
+
+def test_add_and_remove_a_region_while_the_ring_runs(served, image):
+    fe = served.fe
+    fe.connect()
+    assert fe.add_mem_reg() == 0
+    ring = fe.start_ring(0, LINUX_FEATURES)
+    extra_fd = os.memfd_create("more-ram")
+    os.ftruncate(extra_fd, 1 << 20)
+    extra = P.MemRegion(64 << 20, 1 << 20, 0x7E00_0000_0000, 0)
+    try:
+        assert fe.request(Req.ADD_MEM_REG, extra, fds=(extra_fd,)) == 0
+        assert ring.run(T_OUT, 0, data=PAT)[0] == 0  # the ring's views survived the new table
+        assert fe.request(Req.REM_MEM_REG, extra) == 0
+        assert fe.request(Req.REM_MEM_REG, extra) == 1  # no such region any more
+        assert ring.run(T_IN, 0, length=4096)[2] == PAT
+    finally:
+        os.close(extra_fd)
+    assert fe.stop_ring(0) == 2
+    served.finish()
+
+
+def test_ring_outside_guest_memory_is_not_started_and_err_fd_fires(served):
+    fe = served.fe
+    fe.connect()
+    fe.set_mem_table()
+    err = os.eventfd(0, os.EFD_NONBLOCK)
+    try:
+        assert fe.request(Req.SET_VRING_ERR, 0, fds=(err,)) == 0
+        fe.request(Req.SET_FEATURES, LINUX_FEATURES)
+        fe.request(Req.SET_VRING_NUM, (0, 16))
+        fe.request(Req.SET_VRING_BASE, (0, 0))
+        far = 0x7F00_0000_0000 + (64 << 20)  # past the end of the only region
+        fe.request(Req.SET_VRING_ADDR, P.VringAddr(0, 0, far, far + 0x1000, far + 0x800, 0))
+        kick = os.eventfd(0)
+        assert fe.request(Req.SET_VRING_KICK, 0, fds=(kick,)) == 0
+        assert fe.request(Req.SET_VRING_ENABLE, (0, 1)) == 0
+        assert os.eventfd_read(err) == 1  # the back-end reported the broken ring
+        assert fe.stop_ring(0) == 0
+        os.close(kick)
+    finally:
+        os.close(err)
+    served.finish()
