@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import random
 import threading
 
 import vblock
@@ -40,10 +41,47 @@ def digest(path) -> str:
         return hashlib.sha256(f.read()).hexdigest()
 
 
-class StrictMemory(MemoryDriver):
+class _WorkerMemory(MemoryDriver):
+    """A RAM disk with a worker thread that runs posted jobs in batches (shuffled when
+    ``shuffle``), so that futures complete on a thread of their own."""
+
+    shuffle = False
+
+    def __init__(self, *a):
+        super().__init__(*a)
+        self._jobs = []
+        self._cv = threading.Condition()
+        self._rng = random.Random(99)
+        self._worker = threading.Thread(target=self._run, daemon=True)
+        self._worker.start()
+
+    def _run(self):
+        while True:
+            with self._cv:
+                while not self._jobs:
+                    self._cv.wait()
+                batch, self._jobs = self._jobs, []
+            if self.shuffle:
+                self._rng.shuffle(batch)
+            for job in batch:
+                if job is None:
+                    return
+                job()
+
+    def _post(self, job):
+        with self._cv:
+            self._jobs.append(job)
+            self._cv.notify()
+
+    def close(self):
+        self._post(None)
+        self._worker.join()
+
+
+class StrictMemory(_WorkerMemory):
     """A RAM disk that declares awkward limits (512-byte requests, 64-byte buffer addresses,
     4 KiB transfers) and records every request that breaks them in ``violations``; it completes
-    its futures on a thread of its own, so bounce and read-modify-write chains run asynchronously.
+    its futures on its worker thread, so bounce and read-modify-write chains run asynchronously.
     Register it with ``vblock.block.register("strict", StrictMemory)``."""
 
     format_name = "strict"
@@ -53,27 +91,11 @@ class StrictMemory(MemoryDriver):
     def __init__(self, *a):
         super().__init__(*a)
         self.limits = Limits(request_alignment=512, mem_alignment=64, max_transfer=4096)
-        self._done = []
-        self._cv = threading.Condition()
-        self._worker = threading.Thread(target=self._complete, daemon=True)
-        self._worker.start()
-
-    def _complete(self):
-        while True:
-            with self._cv:
-                while not self._done:
-                    self._cv.wait()
-                batch, self._done = self._done, []
-            for fut, value in batch:
-                if fut is None:
-                    return
-                fut.set_result(value)
 
     def _later(self, inner):
         out = Future()
-        with self._cv:
-            self._done.append((out, inner.result()))
-            self._cv.notify()
+        value = inner.result()
+        self._post(lambda: out.set_result(value))
         return out
 
     def _check(self, op, offset, buffers):
@@ -107,57 +129,30 @@ class StrictMemory(MemoryDriver):
     def submit_write_zeroes(self, offset, length, may_unmap):
         return None  # ask for the generic fallback: zero buffers through the write path
 
-    def close(self):
-        with self._cv:
-            self._done.append((None, None))
-            self._cv.notify()
-        self._worker.join()
 
-
-class LaggyMemory(MemoryDriver):
+class LaggyMemory(_WorkerMemory):
     """A RAM disk with 512-byte request alignment whose writes land late, in random order.
 
-    Reads are served at once from the bytes as they are; writes are queued to a worker thread
-    that applies each batch it finds in shuffled order and only then completes their futures.
-    A write in flight has therefore not landed yet, which is exactly what a read-modify-write must
-    not race with: a block layer that failed to serialise them would lose writes here, visibly.
+    Reads are served at once from the bytes as they are; writes go to the worker thread, which
+    applies each batch it finds in shuffled order and only then completes their futures. A write
+    in flight has therefore not landed yet, which is exactly what a read-modify-write must not
+    race with: a block layer that failed to serialise them would lose writes here, visibly.
     Register it with ``vblock.block.register("laggy", LaggyMemory)``."""
 
     format_name = "laggy"
+    shuffle = True
 
     def __init__(self, *a):
         super().__init__(*a)
         self.limits = Limits(request_alignment=512, mem_alignment=1)
-        self._queue = []
-        self._cv = threading.Condition()
-        self._rng = __import__("random").Random(99)
-        self._worker = threading.Thread(target=self._land, daemon=True)
-        self._worker.start()
-
-    def _land(self):
-        while True:
-            with self._cv:
-                while not self._queue:
-                    self._cv.wait()
-                batch, self._queue = self._queue, []
-            self._rng.shuffle(batch)
-            for item in batch:
-                if item is None:
-                    return
-                fut, offset, data = item
-                MemoryDriver.submit_write(self, offset, [data])
-                fut.set_result(len(data))
 
     def submit_write(self, offset, buffers, fua=False):
         fut = Future()
         data = b"".join(bytes(b) for b in buffers)
-        with self._cv:
-            self._queue.append((fut, offset, data))
-            self._cv.notify()
-        return fut
 
-    def close(self):
-        with self._cv:
-            self._queue.append(None)
-            self._cv.notify()
-        self._worker.join()
+        def land():
+            MemoryDriver.submit_write(self, offset, [data])
+            fut.set_result(len(data))
+
+        self._post(land)
+        return fut
