@@ -31,11 +31,17 @@ def _positive_int(text):
     return v
 
 
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600}
+
+
 def _duration(text):
+    """Seconds, optionally with a unit: ``20``, ``2.5s``, ``10m``, ``1h``."""
+    unit = text[-1:].lower()
+    scale = _DURATION_UNITS.get(unit)
     try:
-        v = float(text.rstrip("s"))
+        v = float(text[:-1] if scale else text) * (scale or 1)
     except ValueError:
-        raise UsageError(f"invalid duration {text!r}: expected seconds (e.g. 20 or 2.5)") from None
+        raise UsageError(f"invalid duration {text!r}: expected seconds or a unit (e.g. 20, 2.5s, 10m)") from None
     if v < 0:
         raise UsageError(f"invalid duration {text!r}: negative")
     return v
@@ -44,8 +50,8 @@ def _duration(text):
 def add_parser(sub, common):
     p = sub.add_parser("stress", parents=[common], help="verified random I/O through virtio-blk queues (the main job)",
                        description=" ".join(__doc__.split("\n\n")[1].split()))
-    p.add_argument("--duration", type=_duration, default=engine.DEFAULT_DURATION, metavar="SECONDS",
-                   help=f"seconds of random I/O (default {engine.DEFAULT_DURATION:g})")
+    p.add_argument("--duration", type=_duration, default=engine.DEFAULT_DURATION, metavar="DURATION",
+                   help=f"how long: seconds, or with a unit s, m, h (default {engine.DEFAULT_DURATION:g})")
     p.add_argument("--queues", type=_positive_int, default=engine.StressConfig.queues, metavar="N",
                    help="virtqueues (default %(default)s)")
     p.add_argument("--depth", type=_positive_int, default=engine.StressConfig.depth, metavar="D",
