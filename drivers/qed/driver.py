@@ -401,6 +401,10 @@ class QedDriver(BlockDriver):
 
     # -- request tracking ----------------------------------------------------------------------------
     def _track(self, fut):
+        """Count ``fut`` as in flight until it completes. Tracked: everything that may change
+        metadata (allocations, slow-path work), which ``check`` and ``close`` wait for. Data I/O
+        on the fast path is not: as with raw images, callers finish their requests before close
+        (the host file still waits for them)."""
         with self._inflight_cond:
             self._inflight += 1
         fut.add_done_callback(self._untrack)
@@ -497,10 +501,29 @@ class QedDriver(BlockDriver):
                           f"invalid cluster offset {host:#x} for guest offset {pos}")
 
     # -- read --------------------------------------------------------------------------------------
+    def _fast_host(self, offset, length):
+        """Host offset for a request inside one allocated cluster whose table is cached, else
+        None. The hot path of reads and rewrites: no lock, no allocation."""
+        geo = self.geo
+        l2off = self.l1[offset >> geo.l1_shift]
+        if not l2off:
+            return None
+        table = self.cache.peek(l2off)
+        if table is None:
+            return None
+        inside = offset & geo.cluster_mask
+        if inside + length > geo.cluster_size:
+            return None
+        entry = table[(offset >> geo.cluster_bits) & geo.l2_mask]
+        if entry & geo.cluster_mask or not geo.header_bytes <= entry < self.file_size:
+            return None  # 0, 1 or invalid: the general path decides
+        return entry + inside
+
     def submit_read(self, offset, buffers):
-        length = 0
-        for b in buffers:
-            length += len(b)
+        length = len(buffers[0]) if len(buffers) == 1 else sum(len(b) for b in buffers)
+        host = self._fast_host(offset, length)
+        if host is not None:
+            return self.f.submit_read(host, buffers)
         geo = self.geo
         runs = []
         pos, end = offset, offset + length
@@ -511,7 +534,7 @@ class QedDriver(BlockDriver):
             run = lookup.find_run(geo, table, pos, end - pos, self.file_size)
             runs.append(run)
             pos += run[1]
-        return self._track(self._read_runs(offset, buffers, runs, length))
+        return self._read_runs(offset, buffers, runs, length)
 
     def _read_slow(self, offset, buffers, length):
         geo = self.geo
@@ -559,19 +582,18 @@ class QedDriver(BlockDriver):
 
     # -- write -------------------------------------------------------------------------------------
     def submit_write(self, offset, buffers, fua=False):
-        length = 0
-        for b in buffers:
-            length += len(b)
+        length = len(buffers[0]) if len(buffers) == 1 else sum(len(b) for b in buffers)
+        host = self._fast_host(offset, length)
+        if host is not None:
+            fut = self.f.submit_write(host, buffers)
+            return self._then_flush(fut, length) if fua else fut
         geo = self.geo
-        pos, end = offset, offset + length
-        known, table = self._peek(pos >> geo.l1_shift)
+        known, table = self._peek(offset >> geo.l1_shift)
         if known and table is not None:
-            kind, n, host = lookup.find_run(geo, table, pos, length, self.file_size)
-            if kind is lookup.FOUND and n == length:
+            kind, n, host = lookup.find_run(geo, table, offset, length, self.file_size)
+            if kind is lookup.FOUND and n == length:  # several contiguous clusters
                 fut = self.f.submit_write(host, buffers)
-                if fua:
-                    fut = self._then_flush(fut, length)
-                return self._track(fut)
+                return self._then_flush(fut, length) if fua else fut
         fut = None
         if known and self._backing is None:
             fut = self._alloc_inline(offset, buffers, length)
@@ -907,7 +929,7 @@ class QedDriver(BlockDriver):
     def submit_flush(self):
         if self._unsafe:
             return completed(None)
-        return self._track(self.f.submit_flush())
+        return self.f.submit_flush()
 
     def submit_write_zeroes(self, offset, length, may_unmap):
         cs = self.geo.cluster_size

@@ -30,6 +30,7 @@ import tracemalloc
 
 import vblock
 from vblock.bench import Row, bench_dir, closed_loop, preallocated_file, report
+from vblock.hostio import alloc_buffer
 
 BS = 8192
 STEP = 65536
@@ -51,8 +52,7 @@ def _quiet_create(path, size, **opts):
 
 def _strided(img, depth, duration, write, limit=None):
     """IOPS of ``depth`` requests in flight at BS bytes, STEP apart (wrapping at ``limit``)."""
-    f = getattr(img.driver, "f", None)
-    bufs = [f.alloc(BS) if f is not None else memoryview(bytearray(BS)) for _ in range(depth)]
+    bufs = [alloc_buffer(BS) for _ in range(depth)]
     for b in bufs:
         b[:] = b"\x5a" * BS
     counter = itertools.count()
@@ -122,7 +122,7 @@ def alloc_write(tmp, depths, duration, use_qemu):
 def _fill_qed(path, size):
     img = _quiet_create(path, VIRTUAL)
     chunk = 4 << 20
-    buf = img.driver.f.alloc(chunk)
+    buf = alloc_buffer(chunk)
     buf[:] = b"\xa5" * chunk
     futs = [img.submit_write(off, buf) for off in range(0, size, chunk)]
     for fu in futs:
@@ -190,7 +190,7 @@ def read_wide(tmp, duration):
         fu.result()
     img.close()
     img = vblock.open_image(p, format="qed")
-    bufs = [img.driver.f.alloc(4096) for _ in range(16)]
+    bufs = [alloc_buffer(4096) for _ in range(16)]
     rnd = random.Random(7)
 
     def submit(_offset, slot):
