@@ -1,6 +1,7 @@
 """The guarantees Image gives drivers (interface.py), checked by a driver that asserts them
 (``StrictMemory`` in block_helpers.py), plus backing-chain status and raw on a block device."""
 
+import errno
 import os
 import random
 import subprocess
@@ -12,7 +13,7 @@ import vblock
 from vblock.block import DATA, UNALLOCATED, ZERO, Limits, Run, registry
 from vblock.block.bounce import aligned_buffer
 from vblock.drivers.memory.driver import MemoryDriver
-from vblock.future import Future
+from vblock.future import Future, failed
 
 
 @pytest.fixture
@@ -223,3 +224,43 @@ def test_writes_to_other_blocks_do_not_wait(held):
     held.submit_write(4096, [block])
     assert len(drv.held) == 2
     drv.land()
+
+
+class FailingWrites(MemoryDriver):
+    """512-byte alignment; every write fails with EIO; write_zeroes asks for the fallback."""
+
+    format_name = "failing"
+
+    def __init__(self, *a):
+        super().__init__(*a)
+        self.limits = Limits(request_alignment=512, mem_alignment=1)
+
+    def submit_write(self, offset, buffers, fua=False):
+        return failed(OSError(errno.EIO, "injected write failure"))
+
+    def submit_write_zeroes(self, offset, length, may_unmap):
+        return None
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda img: img.write(512, b"a" * 512),  # aligned, copied from unaligned memory
+        lambda img: img.write(100, b"b" * 10),  # read-modify-write
+        lambda img: img.write_zeroes(0, 100000),  # generic zero fill, several requests
+        lambda img: img.write_zeroes(7, 9),
+    ],
+    ids=["bounce", "rmw", "zero-fill", "zero-fill-rmw"],
+)
+def test_write_failures_reach_the_caller_and_free_the_range(call):
+    registry.register("failing", FailingWrites)
+    try:
+        with vblock.open_image(None, format="failing", size=1 << 20) as img:
+            for _ in range(2):  # the second try would hang if the first left its range locked
+                with pytest.raises(OSError) as info:
+                    call(img)
+                assert info.value.errno == errno.EIO
+            assert not img._rl.busy
+    finally:
+        registry._added.pop("failing", None)
+        registry.refresh()

@@ -90,10 +90,10 @@ def _split(views, limit: int):
     return groups
 
 
-def _join(futures, result=None):
-    """One future for several: fails with the first exception, else completes with ``result``
-    (or, when ``result`` is None, the sum of the integer results)."""
-    if len(futures) == 1 and result is None:
+def _join(futures):
+    """One future for several: fails with the first exception, else completes with the sum of the
+    (integer) results."""
+    if len(futures) == 1:
         return futures[0]
     out = Future()
     lock = threading.Lock()
@@ -113,7 +113,7 @@ def _join(futures, result=None):
             if state[2] is not None:
                 out.set_exception(state[2])
             else:
-                out.set_result(state[1] if result is None else result)
+                out.set_result(state[1])
 
     for f in futures:
         f.add_done_callback(done)
@@ -411,7 +411,7 @@ class Image:
                 views.append(zeros[: n % _ZERO_CHUNK])
             futs.append(self._write(pos, views, n, False))
             pos += n
-        return _join(futs, result=None) if len(futs) > 1 else _then(futs[0], lambda f: None)
+        return _then(_join(futs), _none)
 
     def _bounce_read(self, offset, views, total):
         rl = self._rl
@@ -619,6 +619,11 @@ def _forward(src: Future, dst: Future) -> None:
         dst.set_result(src.result())
     else:
         dst.set_exception(exc)
+
+
+def _none(f: Future) -> None:
+    f.result()  # re-raises a failure
+    return None
 
 
 def _failed(exc) -> Future:
