@@ -1,5 +1,6 @@
 """Image behaviour through each driver: the API, bouncing, cache modes, metadata."""
 
+import errno
 import os
 
 import pytest
@@ -241,3 +242,37 @@ def test_null_reads_zeros_and_drops_writes():
         buf = bytearray(b"\x01" * 4096)
         img.submit_read(0, buf).result()
         assert buf == b"\x01" * 4096
+
+
+def _unsupported(*args, **kwargs):
+    from vblock.future import failed
+
+    return failed(OSError(errno.EOPNOTSUPP, "not on this file system"))
+
+
+def test_raw_discard_where_the_host_cannot_punch_is_a_visible_no_op(scratch, monkeypatch):
+    path = os.path.join(scratch, "nopunch.raw")
+    with open(path, "wb") as f:
+        f.write(b"\x66" * 65536)
+    with vblock.open_image(path, format="raw") as img:
+        monkeypatch.setattr(img.driver.hostfile, "submit_discard", _unsupported)
+        img.discard(0, 65536)  # no error
+        assert img.info()["discard"] == "unsupported"
+        img.discard(0, 4096)  # remembered: not even tried again
+        assert img.read(0, 65536) == b"\x66" * 65536
+
+
+def test_raw_write_zeroes_falls_back_to_writing_zeros(scratch, monkeypatch):
+    path = os.path.join(scratch, "nozero.raw")
+    with open(path, "wb") as f:
+        f.write(b"\x66" * 65536)
+    for cache in ("none", "writeback"):
+        with vblock.open_image(path, format="raw", cache=cache) as img:
+            monkeypatch.setattr(img.driver.hostfile, "submit_zero_range", _unsupported)
+            img.write_zeroes(1000, 20000)
+            assert img.info()["write-zeroes"] == "write"
+            img.write_zeroes(30000, 100)  # now without asking the host
+            expect = b"\x66" * 1000 + bytes(20000) + b"\x66" * 9000 + bytes(100) + b"\x66" * (65536 - 30100)
+            assert img.read(0, 65536) == expect
+        with open(path, "wb") as f:
+            f.write(b"\x66" * 65536)
