@@ -87,12 +87,11 @@ class _RichProgress(Progress):
                     return super().render(task)
                 from rich.text import Text
 
-                total = "?" if task.total is None else f"{task.total:g}"
-                return Text(f"{task.completed:g}/{total}", style="progress.download")
+                return Text("")
 
         self._rich = RichProgress(
             TextColumn("[progress.description]{task.description}"),
-            BarColumn(),
+            BarColumn(bar_width=24),
             TaskProgressColumn(),
             _Amount(binary_units=True),
             TimeElapsedColumn(),

@@ -97,8 +97,9 @@ def run(args, env=None):
         for s, h in old.items():
             signal.signal(s, h)
         img.close()
+    kicks = "/".join(str(k) for k in server.backend.kicks)
     _say(env, f"vblock serve: closed {args.image}: {server.backend.flushes} flushes, "
-              f"{server.connections} connections")
+              f"{server.connections} connections, kicks per queue {kicks}")
     return 0
 
 

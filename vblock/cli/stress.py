@@ -56,7 +56,7 @@ def add_parser(sub, common):
                    help="virtqueues (default %(default)s)")
     p.add_argument("--depth", type=_positive_int, default=engine.StressConfig.depth, metavar="D",
                    help="requests in flight per queue (default %(default)s)")
-    p.add_argument("--size", default="512M", metavar="SIZE", help="size of a created image (default 512M)")
+    p.add_argument("--size", default="256M", metavar="SIZE", help="size of a created image (default 256M)")
     p.add_argument("--image", metavar="FILE", help="stress this image instead of a temporary one (its data is overwritten)")
     p.add_argument("--format", metavar="FMT", help="image format (default: qed for new images, probe otherwise)")
     p.add_argument("--seed", type=int, metavar="N", help="random seed (default: from the clock; printed)")
