@@ -61,7 +61,9 @@ def encode_slice(table, first: int, last: int, align: int, overlay=None) -> tupl
 
 
 class TableIO:
-    """Reads and writes tables of one image through its HostFile (blocking; pool threads)."""
+    """Reads tables and writes whole ones through the image's HostFile (blocking: pool threads,
+    open and repair). Slice updates on the request path are submitted by the driver's table
+    writer (driver.py ``_write_batch``) with ``encode_slice``."""
 
     def __init__(self, hostfile, table_bytes: int, align: int, events=None):
         self.f = hostfile
@@ -86,10 +88,6 @@ class TableIO:
         buf = self.f.alloc(len(data))
         buf[:] = data
         self.f.pwrite(buf, table_offset + byte_offset)
-
-    def write_slice(self, table_offset, table, first, last, overlay=None, event="L2_UPDATE"):
-        byte_offset, data = encode_slice(table, first, last, self.align, overlay)
-        self.write_bytes(table_offset, byte_offset, data, event)
 
     def write_whole(self, table_offset, table, event="L2_ALLOC"):
         self.write_bytes(table_offset, 0, encode(table), event)

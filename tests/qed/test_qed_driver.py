@@ -375,3 +375,21 @@ def test_fua_write_is_durable_path(scratch):
     img.write(0, pattern(2, 4096), fua=True)  # in place
     assert img.read(0, 4096) == pattern(2, 4096)
     img.close()
+
+
+def test_cache_stays_bounded_and_loads_each_table_once_per_miss(scratch):
+    p = scratch / "wide.qed"
+    img = create(p, 64 * MiB, cluster_size=4096, table_size=1)  # 32 L2 tables of 2 MiB
+    for region in range(32):
+        img.write(region * 2 * MiB, pattern(region + 1, 4096))
+    img.close()
+    img = reopen(p, read_only=True, l2_cache_size=4)
+    for region in range(32):
+        assert img.read(region * 2 * MiB, 4096) == pattern(region + 1, 4096)
+    assert img.driver.cache.loads == 32 and len(img.driver.cache) == 4
+    for region in range(28, 32):  # the four most recent are cached: no load
+        img.read(region * 2 * MiB, 4096)
+    assert img.driver.cache.loads == 32
+    img.read(0, 4096)  # evicted long ago
+    assert img.driver.cache.loads == 33 and len(img.driver.cache) == 4
+    img.close()
