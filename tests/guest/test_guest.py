@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import signal
 import subprocess
 
@@ -17,6 +18,8 @@ import pytest
 
 import harness
 from conftest import HOST_PATTERN, HOST_PATTERN_OFFSET, MiB, image_bytes, make_disk, qemu_img_check
+
+pytestmark = pytest.mark.timeout(400)  # a test boots once or twice; each QEMU run has its own timeout
 
 FORMATS = ["raw", "qed"]
 QED_F_NEED_CHECK = 0x2  # QED header features bit 1
@@ -48,14 +51,16 @@ def assert_ran(m):
 def test_guest_reads_host_pattern_and_writes_with_odirect(gdir, fmt):
     img = make_disk(gdir, fmt)
     script = f"""
+echo "VBG serial=$(cat /sys/block/vda/serial)"
 echo "VBG hostpat=$(dd if=/dev/vda bs=65536 skip={HOST_PATTERN_OFFSET // 65536} count=16 iflag=direct 2>/dev/null | sha256sum | cut -c1-64)"
 yes VBG-GUEST-PATTERN-0123456789abcdef | head -c 1048576 > /tmp/pat
 dd if=/tmp/pat of=/dev/vda bs=65536 oflag=direct conv=fsync 2>/dev/null || exit 3
 dd if=/dev/vda of=/tmp/back bs=65536 count=16 iflag=direct 2>/dev/null || exit 4
 cmp -s /tmp/pat /tmp/back && echo "VBG readback=OK" || echo "VBG readback=MISMATCH"
 """
-    m = serve_and_boot(gdir, img, fmt, script)
+    m = serve_and_boot(gdir, img, fmt, script, serve_args=("--serial", "VBLOCK-GUEST-1"))
     assert_ran(m)
+    assert m["serial"] == "VBLOCK-GUEST-1"
     assert m["hostpat"] == sha(HOST_PATTERN)
     assert m["readback"] == "OK"
     assert qemu_img_check(img, fmt)[0] == 0
@@ -166,6 +171,8 @@ echo "VBG rb=$(dd if=/dev/vda bs=65536 skip=128 count=64 iflag=direct 2>/dev/nul
     m = serve_and_boot(gdir, img, fmt, script, serve_args=("--queues", "2"), queues=2, smp=2)
     assert_ran(m)
     assert m["hwq"] == "2"
+    kicks = re.search(r"kicks per queue (\d+)/(\d+)", m["_serve_log"])
+    assert kicks and int(kicks.group(1)) > 0 and int(kicks.group(2)) > 0, m["_serve_log"]  # both rings worked
     assert m["ra"] == m["a"] and m["rb"] == m["b"]
     assert qemu_img_check(img, fmt)[0] == 0
     data = image_bytes(img, fmt)

@@ -346,3 +346,17 @@ def test_ring_outside_guest_memory_is_not_started_and_err_fd_fires(served):
     finally:
         os.close(err)
     served.finish()
+
+
+def test_read_only_offers_ro_and_answers_writes_with_ioerr(image):
+    image.write(0, PAT)
+    s = Served(image, read_only=True)
+    fe = s.fe
+    feats, _, _, _ = fe.connect()
+    assert feats >> 5 & 1  # VIRTIO_BLK_F_RO
+    fe.set_mem_table()
+    ring = fe.start_ring(0, LINUX_FEATURES | 1 << 5)
+    assert ring.run(T_OUT, 0, data=b"\0" * 4096)[0] == 1  # VIRTIO_BLK_S_IOERR
+    assert ring.run(T_IN, 0, length=4096)[2] == PAT
+    s.finish()
+    assert image.read(0, 4096) == PAT

@@ -146,6 +146,7 @@ class VhostUserBlk:
         self.rings = [_RingIO() for _ in range(num_queues)]
         self.regions = []  # [(MemRegion, buffer)]
         self.session = None
+        self.kicks = [0] * num_queues  # notifications served per ring (reported on exit)
 
     def new_connection(self):
         """A fresh protocol ``Connection`` for a newly accepted front-end."""
@@ -359,6 +360,7 @@ class VhostUserBlk:
 
     def kick(self, index):
         """An available-buffer notification for ring ``index`` (the loop thread)."""
+        self.kicks[index] += 1
         self.device.notify(index)
 
     def _stop(self, index):
