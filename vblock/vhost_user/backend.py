@@ -59,7 +59,6 @@ from vblock.virtio.spec import (
     used_ring_bytes,
 )
 from vblock.vhost_user import protocol as P
-from vblock.vhost_user.protocol import Req
 
 __all__ = ["VhostUserBlk", "Refused", "install_fences", "PROTOCOL_FEATURES"]
 
@@ -114,6 +113,10 @@ class _CountingImage:
     def submit_flush(self):
         self.flushes += 1  # one thread (the loop thread) submits flushes
         return self._img.submit_flush()
+
+    def flush(self):
+        """A host-side flush (on disconnect), not counted as the guest's."""
+        self._img.flush()
 
 
 class _RingIO:
@@ -440,7 +443,7 @@ class VhostUserBlk:
         self.device.mem = _no_memory()
         self.session = None
         if not self.image.read_only:
-            self.image._img.flush()
+            self.image.flush()
 
     @property
     def flushes(self):
