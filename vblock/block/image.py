@@ -49,7 +49,18 @@ def _flat(view: memoryview) -> memoryview:
 
 
 def _views(buffers, writable: bool):
-    """(list of 1-D byte memoryviews, total length) for one buffer or a list/tuple of buffers."""
+    """(list of 1-D byte memoryviews, total length) for one buffer or a list/tuple of buffers.
+    A list that already holds only such views is returned as it is (the hot path)."""
+    if type(buffers) is list:
+        total = 0
+        for v in buffers:
+            if type(v) is not memoryview or v.ndim != 1 or v.format != "B" or not v.c_contiguous:
+                break
+            if writable and v.readonly:
+                raise TypeError("read buffers must be writable")
+            total += len(v)
+        else:
+            return buffers, total
     if not isinstance(buffers, (list, tuple)):
         buffers = (buffers,)
     views = []
@@ -414,6 +425,7 @@ class Image:
         return _then(_join(futs), _none)
 
     def _bounce_read(self, offset, views, total):
+        views = list(views)  # kept until completion: the caller's list may be reused
         rl = self._rl
         pool = self._pool
         a0, a1 = self._span(offset, offset + total)
@@ -450,6 +462,7 @@ class Image:
         return out
 
     def _bounce_write(self, offset, views, total, fua):
+        views = list(views)  # kept until the copy: the caller's list may be reused
         rl = self._rl
         pool = self._pool
         a = self._align
