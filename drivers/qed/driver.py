@@ -277,6 +277,7 @@ class QedDriver(BlockDriver):
         self.allocs_in_flight = 0
         self._nc_fut = None  # Future while the need-check bit is being set or cleared
         self._extend_lock = threading.Lock()
+        self._header_lock = threading.Lock()  # serialises header writes (held across that I/O)
         self._file_length = length
         self._inflight = 0
         self._inflight_cond = threading.Condition()
@@ -287,8 +288,8 @@ class QedDriver(BlockDriver):
             self._open_backing()
         if not self.read_only:
             if h.autoclear_features & ~fmt.AUTOCLEAR_FEATURE_MASK:
-                self._write_header(h.with_(autoclear_features=h.autoclear_features
-                                           & fmt.AUTOCLEAR_FEATURE_MASK))
+                self._write_header(autoclear_features=h.autoclear_features
+                                   & fmt.AUTOCLEAR_FEATURE_MASK)
                 f.flush()
             if length > self.file_size:
                 # A partial trailing cluster: nothing references it and new clusters overwrite
@@ -330,21 +331,29 @@ class QedDriver(BlockDriver):
         return self._backing
 
     # -- header ------------------------------------------------------------------------------------
-    def _write_header(self, h):
-        """Rewrite the header (the first aligned block, keeping the bytes after the 64-byte
-        header as they are on disk)."""
-        self._event("HEADER_UPDATE")
-        align = self.meta_align
-        buf = self.f.alloc(align)
-        if self._head_area is not None:
-            buf[:] = self._head_area
-        else:
-            self.f.pread(buf, 0)
-        h.pack_into(buf, 0)
-        self.f.pwrite(buf, 0)
-        if self._head_area is not None:
-            self._head_area[:64] = buf[:64]
-        self.header = h
+    def _write_header(self, **changes):
+        """Rewrite the header with ``changes`` applied (the first aligned block, keeping the bytes
+        after the 64-byte header as they are). ``features_set`` / ``features_clear`` name bits.
+        Header writes are serialised by their own lock, so concurrent changes (a resize and the
+        need-check bit, say) never undo each other."""
+        set_bits = changes.pop("features_set", 0)
+        clear_bits = changes.pop("features_clear", 0)
+        with self._header_lock:
+            h = self.header
+            if set_bits or clear_bits:
+                changes["features"] = (h.features | set_bits) & ~clear_bits
+            h = h.with_(**changes)
+            self._event("HEADER_UPDATE")
+            buf = self.f.alloc(self.meta_align)
+            if self._head_area is not None:
+                buf[:] = self._head_area
+            else:
+                self.f.pread(buf, 0)
+            h.pack_into(buf, 0)
+            self.f.pwrite(buf, 0)
+            if self._head_area is not None:
+                self._head_area[:64] = buf[:64]
+            self.header = h
 
     def _ensure_need_check(self):
         """Set the need-check bit and make it durable before the first allocation (no backing)."""
@@ -362,8 +371,7 @@ class QedDriver(BlockDriver):
                 fut.result()
                 continue
             try:
-                self._write_header(self.header.with_(features=self.header.features
-                                                     | fmt.F_NEED_CHECK))
+                self._write_header(features_set=fmt.F_NEED_CHECK)
                 self.f.flush()
             except BaseException as exc:
                 with self.lock:
@@ -386,8 +394,7 @@ class QedDriver(BlockDriver):
         try:
             self._trim()
             self.f.flush()
-            self._write_header(self.header.with_(features=self.header.features
-                                                 & ~fmt.F_NEED_CHECK))
+            self._write_header(features_clear=fmt.F_NEED_CHECK)
             self.f.flush()
         except BaseException as exc:
             err = exc
@@ -995,8 +1002,7 @@ class QedDriver(BlockDriver):
         h = self.header
         if not fmt.image_size_valid(size, h.cluster_size, h.table_size):
             raise ValueError(f"{self.path}: invalid QED image size {size}")
-        with self.lock:
-            self._write_header(self.header.with_(image_size=size))
+        self._write_header(image_size=size)
         if not self._unsafe:
             self.f.flush()
         self.size = size
@@ -1018,30 +1024,36 @@ class QedDriver(BlockDriver):
         return d
 
     def change_backing(self, name, fmt_name=None):
-        h = self.header
-        if h.compat_features & ~fmt.COMPAT_FEATURE_MASK:
+        """Point the image at another backing file (or none): header and name rewritten together,
+        features recomputed (NO_PROBE only for raw), as ``qemu-img rebase -u`` does."""
+        if self.header.compat_features & ~fmt.COMPAT_FEATURE_MASK:
             raise UnsupportedError(f"{self.path}: unknown compat features are set")
-        features = h.features & ~(fmt.F_BACKING_FILE | fmt.F_BACKING_FORMAT_NO_PROBE)
         raw = b""
         if name:
             raw = name.encode("utf-8", "surrogateescape")
             if fmt.HEADER_SIZE + len(raw) > self.geo.header_bytes or len(raw) >= 4096:
                 raise OSError(errno.ENOSPC, f"{self.path}: backing file name too long")
-            features |= fmt.F_BACKING_FILE
-            if fmt_name == "raw":
-                features |= fmt.F_BACKING_FORMAT_NO_PROBE
-        new = h.with_(features=features, backing_filename_offset=fmt.HEADER_SIZE,
-                      backing_filename_size=len(raw))
-        area = self.f.alloc(-(-(fmt.HEADER_SIZE + len(raw)) // self.meta_align) * self.meta_align)
-        self.f.pread(area, 0)
-        new.pack_into(area, 0)
-        area[fmt.HEADER_SIZE : fmt.HEADER_SIZE + len(raw)] = raw
-        self.f.pwrite(area, 0)
-        self.f.flush()
-        if self._head_area is not None:
-            n = min(len(self._head_area), len(area))
-            self._head_area[:n] = area[:n]
-        self.header = new
+        with self._header_lock:
+            h = self.header
+            features = h.features & ~(fmt.F_BACKING_FILE | fmt.F_BACKING_FORMAT_NO_PROBE)
+            if name:
+                features |= fmt.F_BACKING_FILE
+                if fmt_name == "raw":
+                    features |= fmt.F_BACKING_FORMAT_NO_PROBE
+            new = h.with_(features=features, backing_filename_offset=fmt.HEADER_SIZE,
+                          backing_filename_size=len(raw))
+            size = -(-(fmt.HEADER_SIZE + len(raw)) // self.meta_align) * self.meta_align
+            area = self.f.alloc(size)
+            self.f.pread(area, 0)
+            new.pack_into(area, 0)
+            area[fmt.HEADER_SIZE : fmt.HEADER_SIZE + len(raw)] = raw
+            self._event("HEADER_UPDATE")
+            self.f.pwrite(area, 0)
+            self.f.flush()
+            if self._head_area is not None:
+                n = min(len(self._head_area), len(area))
+                self._head_area[:n] = area[:n]
+            self.header = new
         old, self._backing = self._backing, None
         self.backing_filename = name or None
         if old is not None:
@@ -1109,8 +1121,7 @@ class QedDriver(BlockDriver):
             if after.corruptions == 0 and after.check_errors == 0:
                 self.damaged = False
                 if self.header.need_check:
-                    self._write_header(self.header.with_(features=self.header.features
-                                                         & ~fmt.F_NEED_CHECK))
+                    self._write_header(features_clear=fmt.F_NEED_CHECK)
                     self.f.flush()
             result = after.as_dict(self.path, corruptions_fixed, leaks_fixed)
             result["corruptions-found"] = found.corruptions
@@ -1168,8 +1179,7 @@ class QedDriver(BlockDriver):
 
     def _set_need_check_sync(self):
         if not self.header.need_check:
-            self._write_header(self.header.with_(features=self.header.features
-                                                 | fmt.F_NEED_CHECK))
+            self._write_header(features_set=fmt.F_NEED_CHECK)
             self.f.flush()
 
     def _drain(self):
@@ -1192,8 +1202,7 @@ class QedDriver(BlockDriver):
                 self._trim()
                 self.f.flush()
                 if self.header.need_check and not self.damaged:
-                    self._write_header(self.header.with_(features=self.header.features
-                                                         & ~fmt.F_NEED_CHECK))
+                    self._write_header(features_clear=fmt.F_NEED_CHECK)
                     self.f.flush()
         finally:
             self._teardown()
