@@ -692,10 +692,8 @@ class QedDriver(BlockDriver):
                     entry = self.cache.create(p.l2_offset, tables.new_table(geo.table_entries),
                                               l1_index)
                     self.creating[l1_index] = entry
-                    created = entry
                 else:
                     self.cache.hold(entry)
-                    created = None
                 done = Future()
                 for c in p.guest_clusters(geo):
                     self.pending[c] = done

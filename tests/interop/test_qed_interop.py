@@ -10,8 +10,6 @@ import sys
 
 import pytest
 
-import vblock
-from vblock.drivers.qed import format as fmt
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "qed"))
 from qed_helpers import KiB, MiB, create, header, pattern, reopen  # noqa: E402

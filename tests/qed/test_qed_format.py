@@ -1,7 +1,5 @@
 """Header codec, geometry helpers and open-time checks (drivers/qed/format.py)."""
 
-import struct
-
 import pytest
 from hypothesis import given, strategies as st
 

@@ -1,11 +1,7 @@
 """QEMU's qemu-iotests cases that concern QED, rewritten in our own words against vblock.
 (116, invalid headers, lives in test_qed_corruption.py; QEMU-side checks in tests/interop.)"""
 
-import os
-
 import pytest
-
-import vblock
 
 from qed_helpers import KiB, MiB, create, header, pattern, reopen
 
