@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import os
 
 import vblock
-from vblock.block.registry import get_driver
+from vblock.block.registry import get_driver, probe_format
 from vblock.cli.output import UsageError, parse_size
 
 __all__ = ["open_image", "parse_options", "temporary_path", "replace_atomically", "check_format"]
@@ -35,7 +36,21 @@ def open_image(path, fmt=None, read_only=True, cache="writeback"):
             raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), path)
         if os.path.isdir(path):
             raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
+    if fmt is None and read_only:
+        # Looking is safe: only writing to a raw disk whose header was probed is dangerous, so
+        # the registry's warning about probing raw is kept for writers and silenced here.
+        fmt = _quiet_probe(path)
     return vblock.open_image(path, format=fmt, read_only=read_only, cache=cache)
+
+
+def _quiet_probe(path) -> str:
+    log = logging.getLogger("vblock.block.registry")
+    old = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        return probe_format(path)
+    finally:
+        log.setLevel(old)
 
 
 def parse_options(text: str | None) -> dict:

@@ -19,6 +19,7 @@ import argparse
 import contextlib
 import importlib
 import logging
+import os
 import sys
 import warnings
 
@@ -28,7 +29,7 @@ from vblock.errors import VblockError
 
 __all__ = ["main", "build_parser", "VERBS"]
 
-VERBS = ("create", "info", "check", "map", "convert", "compare", "resize", "rebase", "bench", "stress")
+VERBS = ("create", "info", "check", "map", "convert", "compare", "resize", "rebase", "bench", "stress", "serve")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -133,16 +134,20 @@ def main(argv=None, env: Environment | None = None) -> int:
             args.quiet = getattr(args, "quiet", False)
             args.debug = getattr(args, "debug", False)
             module = importlib.import_module(f"vblock.cli.{args.verb}")
-            return int(module.run(args, env))
+            status = int(module.run(args, env))
+            env.stdout.flush()  # here, so a reader that went away is met inside the boundary
+            return status
     except KeyboardInterrupt:
         if debug:
             raise
         env.err(f"{prog}: interrupted")
         return ExitStatus.INTERRUPTED
     except BrokenPipeError:
-        # the reader went away (``vblock map big.qed | head``): nothing more to say to it
-        with contextlib.suppress(Exception):
-            sys.stdout = None
+        # the reader went away (``vblock map big.qed | head``): nothing more to say to it, and
+        # the interpreter's own flush of stdout at exit must not complain either
+        if env.stdout is sys.stdout:
+            with contextlib.suppress(OSError, ValueError):
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return ExitStatus.ERROR
     except (UsageError, VblockError, OSError, ValueError) as exc:
         if debug:

@@ -1,0 +1,66 @@
+"""Every subcommand once as a real process (``python -m vblock``), in the order a user would meet
+them, plus the broken-pipe manners of a command whose reader goes away."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import vblock
+
+from conftest import run_cmd
+
+MiB = 1 << 20
+
+
+def test_every_subcommand_as_a_process(scratch):
+    d = scratch
+    assert run_cmd("create", "-f", "raw", d / "base.raw", "4M").rc == 0
+    with open(d / "base.raw", "r+b") as f:
+        f.seek(MiB)
+        f.write(b"\x3c" * 65536)
+    r = run_cmd("create", "-q", "-f", "qed", "-b", "base.raw", "-F", "raw", d / "top.qed")
+    assert (r.rc, r.out, r.err) == (0, "", "")
+    info = json.loads(run_cmd("info", "--output=json", d / "top.qed").out)
+    assert info["backing-filename"] == "base.raw" and info["virtual-size"] == 4 * MiB
+    r = run_cmd("check", d / "top.qed")
+    assert r.rc == 0 and r.out.startswith("No errors were found on the image.")
+    entries = json.loads(run_cmd("map", "--output=json", d / "top.qed").out)
+    assert [e["depth"] for e in entries if e["data"]] == [1]
+    r = run_cmd("convert", "-q", "-O", "qed", d / "top.qed", d / "flat.qed")
+    assert r.rc == 0 and r.err == ""
+    assert run_cmd("compare", d / "top.qed", d / "flat.qed").out == "Images are identical.\n"
+    r = run_cmd("resize", d / "flat.qed", "+1M")
+    assert r.rc == 0 and r.out == "Image resized to 5242880 bytes (5 MiB).\n"
+    assert run_cmd("rebase", "-u", "-b", "", d / "top.qed").rc == 0
+    with vblock.open_image(str(d / "top.qed"), read_only=True) as img:
+        assert img.backing is None
+    r = run_cmd("compare", d / "top.qed", d / "flat.qed")
+    assert r.rc == 2 and r.out == f"Content mismatch at offset {MiB}!\n"
+    r = run_cmd("bench", "nosuch")
+    assert r.rc == 1 and "unknown benchmark 'nosuch'" in r.err
+
+
+def test_bench_host_runs_through_the_dispatcher():
+    r = run_cmd("bench", "host", "--duration", "0.05", "--no-peer", "--json", timeout=300)
+    assert r.rc == 0, r.err
+    rows = [json.loads(line) for line in r.out.splitlines()]
+    assert rows and {row["layer"] for row in rows} == {"host"} and all(row["iops"] > 0 for row in rows)
+
+
+def test_a_closed_pipe_ends_the_command_quietly(scratch):
+    """``vblock map ... | head``: the reader is gone before the first byte (its end of the pipe is
+    closed before the command starts), so every write fails with EPIPE."""
+    img = vblock.create_image(str(scratch / "d.qed"), "qed", 4 * MiB)
+    img.close()
+    r, w = os.pipe()
+    os.close(r)
+    try:
+        p = subprocess.run([sys.executable, "-m", "vblock", "map", "--output=json", str(scratch / "d.qed")],
+                           stdout=w, stderr=subprocess.PIPE, timeout=60)
+    finally:
+        os.close(w)
+    assert p.returncode == 1
+    assert p.stderr == b""
