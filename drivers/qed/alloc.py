@@ -7,7 +7,8 @@ length rounded down to a cluster, ``file_size``), and whether a cluster is in us
 the tables that point at it. Every crash point must leave an image that ``check`` can repair
 without losing flushed data, so each allocating write makes its pieces durable in this order::
 
-    need-check bit set and flushed (no backing file; once, before the first allocation)
+    need-check bit set and flushed (once, before the first allocation of a session; QEMU sets
+    it only without a backing file and does not flush it, §15e)
       -> data (guest bytes, plus head/tail copied from the backing file when there is one)
       -> flush, if there is a backing file (else an L2 entry could hide backing data that
          never reached the new cluster)
@@ -23,21 +24,26 @@ driver lock (a few dictionary operations, no I/O) and everything after runs in p
    are taken from ``file_size``, then, if the L1 entry is 0 and nobody is creating that table, a new
    L2 table right after them. Every touched guest cluster is marked pending.
 2. **Data**: the file is first extended to cover the new clusters (under a small extend lock, never
-   shrinking, so parallel allocations finishing out of order cannot cut each other off); then the
-   data is written. Zero padding is not written at all: the clusters lie past the old end of file,
-   so the file system already reads them as zeros. Only backing-file content is copied.
-3. **Table update** (``queue`` on the cache entry): the new entries join the table's queue. If no
-   thread is writing that table, this one becomes its writer and writes batches until the queue is
-   empty; each batch covers the changed entries rounded out to the host alignment, so updates that
-   land in one table while a write is in flight are coalesced into the next single write. A new
-   table's first batch is the whole table, flushed, followed by its L1 entry (the L1 table has a
-   writer queue of its own). A batch becomes visible in the cached table only after its write
-   completed: a reader either sees the old entry (old data) or the new one (whose data is already
-   in the file), never a cluster whose contents are not written yet.
+   shrinking, so parallel allocations finishing out of order cannot cut each other off; without a
+   backing file it grows ahead in steps, because file systems serialise writes that extend a
+   file). Then the data is written. Zero padding is not written at all: the clusters lie past the
+   old end of file, so the file system already reads them as zeros. Only backing-file content is
+   copied.
+3. **Table update** (``driver._update``): the new entries join the table's queue. If no write of
+   that table is in flight, this request starts its writer, which then runs on I/O completions,
+   batch after batch, until the queue is empty; each batch covers the changed entries rounded out
+   to whole file-system blocks, so updates that land in one table while a write is in flight are
+   coalesced into the next single write. A new table's first batch is the whole table, flushed,
+   followed by its L1 entry (the L1 table has a writer queue of its own). A batch becomes visible
+   in the cached table only after its write completed: a reader sees either the old entry (old
+   data) or the new one (whose data is already in the file), never a cluster not yet written.
 4. **Finish**: the pending marks go, waiters retry and find the clusters allocated.
 
-Writers and waiters block only on work that a running thread owns (its own load, its own batch,
-its own data write), so a bounded pool cannot deadlock.
+Two executors share these steps. The inline one (``driver._alloc_inline``: table cached, no
+backing file, need-check already set) plans in the calling thread and lets I/O completions carry
+steps 2-4, with no thread hop. The pool one (``driver._allocate``) does the rest: loading tables,
+copying from the backing file, setting need-check. A pool thread blocks only on work that a
+running thread or an I/O completion owns, so a bounded pool cannot deadlock.
 """
 
 from __future__ import annotations
