@@ -175,7 +175,7 @@ class QedDriver(BlockDriver):
         cs = options.get("cluster_size", fmt.DEFAULT_CLUSTER_SIZE)
         ts = options.get("table_size", fmt.DEFAULT_TABLE_SIZE)
         backing = options.get("backing_file") or None
-        bfmt = options.get("backing_fmt") or options.get("backing_format")
+        bfmt = options.get("backing_fmt")
         try:
             h, head = fmt.create_header(size, cs, ts, backing, bfmt)
         except ValueError as exc:
