@@ -87,3 +87,30 @@ def _changed_outside(before, after, allowed):
             if before[i] != after[i] and not any(a <= i < a + ln for a, ln in allowed):
                 bad.append(i)
     return bad
+
+
+class PackedGuest(Guest):
+    """Raw access to a packed queue: chains are published at the driver's next ring positions."""
+
+    def pchain(self, descs, buffer_id=0):
+        """Publish ``descs`` = [(addr, len, flags)] with NEXT on all but the last (unless a
+        4th element ``False`` says no NEXT); returns ``buffer_id``."""
+        entries = []
+        for i, d in enumerate(descs):
+            addr, length, flags = d[:3]
+            nxt = d[3] if len(d) > 3 else i < len(descs) - 1
+            entries.append((addr, length, flags | (S.VIRTQ_DESC_F_NEXT if nxt else 0)))
+        self.dq.publish_raw(entries, buffer_id)
+        return buffer_id
+
+    def run(self, buffer_id=None):
+        """Notify (the chain is already published), and return the used entries and the memory
+        changed outside the writable buffers and the ring (where used descriptors go)."""
+        before = self.mem.read(0, self.mem.size)
+        self.drv.notify(self.dq.index)
+        after = self.mem.read(0, self.mem.size)
+        used = self.dq.reap_raw()
+        allowed = [(self.dq.desc_addr, S.packed_ring_bytes(self.dq.size)), (self.dq.used_addr, 4),
+                   *self.writable]
+        self.writable = []
+        return used, _changed_outside(before, after, allowed)

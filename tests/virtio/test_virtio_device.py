@@ -59,7 +59,7 @@ def test_failed_may_be_set_any_time_and_stops_service():
 
 
 def test_features_ok_refused_without_version_1_or_with_unoffered_bits():
-    for feats in (1 << S.VIRTIO_BLK_F_FLUSH, (1 << S.VIRTIO_F_VERSION_1) | (1 << S.VIRTIO_F_RING_PACKED)):
+    for feats in (1 << S.VIRTIO_BLK_F_FLUSH, (1 << S.VIRTIO_F_VERSION_1) | (1 << S.VIRTIO_F_IN_ORDER)):
         dev = _dev()
         dev.set_status(A)
         dev.set_status(A | D)
@@ -78,7 +78,8 @@ def test_offered_features():
     dev = _dev()
     offered = {b for b in range(64) if dev.device_features >> b & 1}
     assert offered == {
-        S.VIRTIO_F_VERSION_1, S.VIRTIO_F_INDIRECT_DESC, S.VIRTIO_F_EVENT_IDX, S.VIRTIO_BLK_F_SIZE_MAX,
+        S.VIRTIO_F_VERSION_1, S.VIRTIO_F_INDIRECT_DESC, S.VIRTIO_F_EVENT_IDX, S.VIRTIO_F_RING_PACKED,
+        S.VIRTIO_BLK_F_SIZE_MAX,
         S.VIRTIO_BLK_F_SEG_MAX, S.VIRTIO_BLK_F_BLK_SIZE, S.VIRTIO_BLK_F_TOPOLOGY, S.VIRTIO_BLK_F_FLUSH,
         S.VIRTIO_BLK_F_CONFIG_WCE, S.VIRTIO_BLK_F_MQ, S.VIRTIO_BLK_F_DISCARD, S.VIRTIO_BLK_F_WRITE_ZEROES,
     }

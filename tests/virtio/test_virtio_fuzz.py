@@ -193,3 +193,67 @@ def test_request_verdicts_match_the_oracle(r):
     written = [op for op in img.ops if op[0] in ("write", "discard", "write_zeroes")]
     if expected or t not in (1, 11, 13):
         assert written == []
+
+
+# -- packed rings ---------------------------------------------------------------------------------
+@st.composite
+def packed_scenarios(draw):
+    qsize = draw(st.sampled_from([3, 4, 8]))
+    flag_bits = st.lists(st.sampled_from([1, 2, 4, S.VIRTQ_DESC_F_AVAIL, S.VIRTQ_DESC_F_USED]), max_size=4)
+    ring = []
+    for i in range(qsize):
+        addr = draw(descriptors(4))[0]
+        if draw(st.booleans()):  # mostly available, mostly chained sensibly
+            flags = S.VIRTQ_DESC_F_AVAIL | draw(st.sampled_from([0, 1, 1, 2, 3]))
+        else:
+            flags = sum(set(draw(flag_bits)))
+        ring.append((addr, draw(lengths), draw(st.integers(0, qsize + 1)), flags))
+    tables = [draw(st.lists(descriptors(4), min_size=1, max_size=5)) for _ in range(2)]
+    headers = [(draw(st.sampled_from([0, 1, 4, 8, 11, 13, 99])), draw(st.sampled_from([0, 1, 2048])))
+               for _ in range(POOL)]
+    return dict(qsize=qsize, ring=ring, tables=tables, headers=headers, indirect=draw(st.booleans()),
+                event_idx=draw(st.booleans()), driver_event=draw(st.tuples(st.integers(0, 0xFFFF), st.integers(0, 3))))
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(packed_scenarios())
+def test_random_packed_rings_never_crash_or_write_outside_writable_buffers(sc):
+    img = FakeImage(size=1 << 20)
+    stack = Stack(img, mem_size=MEM, packed=True, queue_size=sc["qsize"], queue_size_max=8,
+                  indirect=sc["indirect"], event_idx=sc["event_idx"])
+    mem, drv = stack.mem, stack.drv
+    dq = drv.queues[0]
+    alloc = drv.allocator.alloc
+    pool = [alloc(BUF) for _ in range(POOL)]
+    tabs = [alloc(16 * 8) for _ in range(2)]
+    for addr, (t, sector) in zip(pool, sc["headers"]):
+        mem.write(addr, bytes([0x3C]) * BUF)
+        mem.write(addr, S.virtio_blk_req_hdr.pack(t, 0, sector))
+    allowed = [(dq.desc_addr, S.packed_ring_bytes(dq.size)), (dq.used_addr, 4)]
+    for ti, entries in enumerate(sc["tables"]):
+        view = mem.view(tabs[ti], 16 * len(entries))
+        for i, (addr, ln, flags, _nxt) in enumerate(entries):
+            a = _resolve(addr, pool, tabs)
+            S.pvirtq_desc.pack_into(view, 16 * i, a & ((1 << 64) - 1), ln, 0, flags)
+            if flags & S.VIRTQ_DESC_F_WRITE:
+                allowed.append((a, ln))
+    for i, (addr, ln, bid, flags) in enumerate(sc["ring"]):
+        a = _resolve(addr, pool, tabs)
+        if addr[0] == "table" and ln % 3:
+            ln = 16 * len(sc["tables"][addr[1]])
+        dq.write_pdesc(i, a & ((1 << 64) - 1), ln, bid, flags)
+        if flags & S.VIRTQ_DESC_F_WRITE and not flags & S.VIRTQ_DESC_F_INDIRECT:
+            allowed.append((a, ln))
+    S.pvirtq_event_suppress.pack_into(dq.driver_event, 0, *sc["driver_event"])
+    before = mem.read(0, MEM)
+    drv.notify(0)  # must not raise
+    after = mem.read(0, MEM)
+    for i in range(MEM):
+        if before[i] != after[i]:
+            assert any(a <= i < a + ln for a, ln in allowed), f"device wrote at {i:#x}"
+    dev = stack.dev
+    q = dev.queue(0)
+    event("needs reset" if dev.status & S.DEVICE_NEEDS_RESET else f"served {q.used_pos} positions")
+    assert q.used_pos <= q.avail_pos <= 2 * sc["qsize"]  # random flags may look available for a lap more
+    if not dev.status & S.DEVICE_NEEDS_RESET:
+        assert dev.in_flight() == 0 and q.used_pos == q.avail_pos

@@ -329,3 +329,88 @@ def test_chain_total_over_2_32_bytes():
 
     with pytest.raises(ChainError, match="2\\^32"):
         walk(Everything(), memoryview(table), 4, 0, False, 4)
+
+
+# -- packed virtqueues (2.8) ----------------------------------------------------------------------
+from guest import PackedGuest  # noqa: E402
+
+
+@pytest.fixture
+def pguest():
+    return PackedGuest(Stack(FakeImage(), packed=True, queue_size=8, queue_size_max=8, indirect=True))
+
+
+def packed_unanswerable(g, bid):
+    g.writable = []
+    used, bad = g.run()
+    assert used == [(bid, 0)] and bad == []
+    assert not g.stack.dev.status & S.DEVICE_NEEDS_RESET
+    serves_next(g)
+
+
+def test_packed_chain_that_never_ends(pguest):
+    g = pguest
+    h, d = write_request(g)
+    g.pchain([(h, 16, 0)] + [(d, 512, 0)] * 6 + [(d, 512, 0, True)], buffer_id=1)  # 8 of 8, all NEXT
+    used, bad = g.run()
+    assert used == [] and bad == []
+    assert g.stack.dev.status & S.DEVICE_NEEDS_RESET
+
+
+def test_packed_buffer_id_beyond_queue_size(pguest):
+    g = pguest
+    h, d = write_request(g)
+    g.pchain([(h, 16, 0), (d, 512, 0), (g.status(), 1, W)], buffer_id=8)
+    used, bad = g.run()
+    assert used == [] and bad == [] and g.stack.dev.status & S.DEVICE_NEEDS_RESET
+
+
+def test_packed_buffer_id_reused_while_in_flight():
+    g = PackedGuest(Stack(FakeImage(defer=True), packed=True, queue_size=8))
+    for _ in range(2):
+        h, d = write_request(g)
+        g.pchain([(h, 16, 0), (d, 512, 0), (g.status(), 1, W)], buffer_id=3)
+    g.drv.notify(0)
+    assert g.stack.dev.status & S.DEVICE_NEEDS_RESET and len(g.stack.img.pending) == 1
+
+
+def test_packed_nested_indirect(pguest):
+    g = pguest
+    h, d = write_request(g)
+    inner = g.indirect_table([(d, 512, 0), (g.status(), 1, W)])
+    table = g.indirect_table([(h, 16, 0), (inner[0], inner[1], IND)])
+    packed_unanswerable(g, g.pchain([(table[0], table[1], IND)], buffer_id=2))
+
+
+def test_packed_indirect_after_chained_descriptor(pguest):
+    g = pguest
+    h, d = write_request(g)
+    table = g.indirect_table([(d, 512, 0), (g.status(), 1, W)])
+    packed_unanswerable(g, g.pchain([(h, 16, 0), (table[0], table[1], IND)], buffer_id=2))
+
+
+def test_packed_indirect_length_not_multiple_of_16(pguest):
+    g = pguest
+    h, d = write_request(g)
+    table = g.indirect_table([(h, 16, 0), (d, 512, 0), (g.status(), 1, W)])
+    packed_unanswerable(g, g.pchain([(table[0], table[1] - 1, IND)], buffer_id=4))
+
+
+def test_packed_zero_length_and_out_of_memory_buffers(pguest):
+    g = pguest
+    h, d = write_request(g)
+    packed_unanswerable(g, g.pchain([(h, 16, 0), (d, 0, 0), (g.status(), 1, W)], buffer_id=5))
+    h = g.header(IN, 0)
+    packed_unanswerable(g, g.pchain([(h, 16, 0), ((1 << 64) - 100, 512, W), (g.status(), 1, W)], buffer_id=6))
+
+
+def test_packed_writable_header_and_missing_status(pguest):
+    g = pguest
+    h = g.header(IN, 0, writable=True)
+    d = g.buf(512, writable=True)
+    st = g.status()
+    g.pchain([(h, 16, W), (d, 512, W), (st, 1, W)], buffer_id=0)
+    used, bad = g.run()
+    assert used == [(0, 1)] and bad == [] and g.mem.read(st, 1)[0] == IOERR
+    h, d = write_request(g)
+    packed_unanswerable(g, g.pchain([(h, 16, 0), (d, 512, 0)], buffer_id=1))

@@ -56,7 +56,7 @@ def run_workload(stack, nreq, seed, depth=16, indirect_share=0.5):
             slot = rng.randrange(nslots)
             if slot in busy:
                 continue
-            dq = max(drv.queues, key=lambda q: len(q.free))
+            dq = max(drv.queues, key=lambda q: q.room())
             roll = rng.random()
             t = IN if roll < 0.4 else OUT if roll < 0.85 else WZ if roll < 0.93 else FLUSH
             first = rng.randrange(16)
@@ -71,7 +71,7 @@ def run_workload(stack, nreq, seed, depth=16, indirect_share=0.5):
                 pieces, merge, need = 1, True, 2
             if t == FLUSH:
                 need = 1 if indirect else 2
-            if len(dq.free) < need:
+            if dq.room() < need:
                 if drv.in_flight():
                     break
                 continue
@@ -131,6 +131,34 @@ def test_random_workload_queue_sizes(open_backend, queue_size, indirect):
     st = Stack(open_backend("memory"), indirect=indirect, queue_size=queue_size, queue_size_max=1024)
     assert st.drv.queues[0].size == queue_size
     run_workload(st, 600, seed=queue_size, depth=min(queue_size, 32))
+
+
+@pytest.mark.parametrize("queue_size", [2, 3, 5, 64, 100, 256])
+@pytest.mark.parametrize("event_idx", [False, True], ids=["flags", "event_idx"])
+@pytest.mark.parametrize("indirect", [False, True], ids=["direct", "indirect"])
+def test_random_workload_packed_rings(open_backend, queue_size, event_idx, indirect):
+    st = Stack(open_backend("memory"), packed=True, event_idx=event_idx, indirect=indirect,
+               queue_size=queue_size, queue_size_max=256)
+    assert st.drv.packed and st.dev.queue(0).packed and st.drv.queues[0].size == queue_size
+    run_workload(st, 500, seed=queue_size + 7 * event_idx, depth=min(queue_size, 24))
+
+
+@pytest.mark.parametrize("kind", ["raw", "qed"])
+def test_random_workload_packed_rings_file_backends(open_backend, kind):
+    st = Stack(open_backend(kind), packed=True, event_idx=True, indirect=True, num_queues=2, queue_size=48)
+    run_workload(st, 600, seed=3, depth=24)
+
+
+def test_packed_ring_wraps_many_laps(open_backend):
+    st = Stack(open_backend("memory", size=1 << 20), packed=True, queue_size=7, queue_size_max=8)
+    drv = st.drv
+    bufs = [drv.allocator.alloc(512) for _ in range(2)]
+    for n in range(3000):  # 2 requests of 3 descriptors per round on a ring of 7
+        reqs = [drv.submit(OUT, (2 * n + i) % 2048, buffers=[(bufs[i], 512)], kick=False) for i in range(2)]
+        drv.kick()
+        assert [r.status for r in drv.reap()] == [0, 0] and all(r.done for r in reqs)
+    q = st.dev.queue(0)
+    assert q.avail_pos == q.used_pos == 3000 * 6 and drv.queues[0].num_free == 7
 
 
 @pytest.mark.parametrize("event_idx", [False, True], ids=["flags", "event_idx"])

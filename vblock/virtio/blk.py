@@ -44,6 +44,7 @@ import time
 from vblock.errors import GuestError
 from vblock.virtio.blk_request import BlkRequest, RequestRules, finish, parse
 from vblock.virtio.chain import ChainError, RingError, walk
+from vblock.virtio.packed import PackedQueue
 from vblock.virtio.queue import SplitQueue
 from vblock.virtio.spec import (
     ACKNOWLEDGE,
@@ -72,6 +73,7 @@ from vblock.virtio.spec import (
     VIRTIO_BLK_T_WRITE_ZEROES,
     VIRTIO_F_EVENT_IDX,
     VIRTIO_F_INDIRECT_DESC,
+    VIRTIO_F_RING_PACKED,
     VIRTIO_F_VERSION_1,
     VIRTIO_ID_BLOCK,
     le16,
@@ -182,6 +184,7 @@ class VirtioBlk:
             VIRTIO_F_VERSION_1,
             VIRTIO_F_INDIRECT_DESC,
             VIRTIO_F_EVENT_IDX,
+            VIRTIO_F_RING_PACKED,
             VIRTIO_BLK_F_SIZE_MAX,
             VIRTIO_BLK_F_SEG_MAX,
             VIRTIO_BLK_F_BLK_SIZE,
@@ -243,6 +246,10 @@ class VirtioBlk:
             return False
         has = lambda bit: bool(feats >> bit & 1)  # noqa: E731
         self._event_idx = has(VIRTIO_F_EVENT_IDX)
+        ring = PackedQueue if has(VIRTIO_F_RING_PACKED) else SplitQueue
+        for dq in self._queues:  # queues are set up after FEATURES_OK (3.1.1 step 7)
+            if not isinstance(dq.ring, ring):
+                dq.ring = ring(self.queue_size_max)
         self._indirect = has(VIRTIO_F_INDIRECT_DESC)
         self._mq = has(VIRTIO_BLK_F_MQ)
         flush = has(VIRTIO_BLK_F_FLUSH)
@@ -354,61 +361,97 @@ class VirtioBlk:
         q = dq.ring
         if dq.dead or not q.ready or self._status & (DEVICE_NEEDS_RESET | FAILED):
             return False
-        budget = size = q.size
-        mask = size - 1
-        mem, table, avail = self.mem, q.desc_table, q.avail
-        indirect, indirect_max = self._indirect, self.queue_size_max
-        slots, rules, submit, done = dq.slots, self._rules, self._submit, dq.done
         dq.draining = True
         try:
             q.disable_notification()
-            while True:
-                n = q.available()
-                if n > budget:
-                    n = budget
-                i = q.next_avail
-                for _ in range(n):
-                    head = _unpack16(avail, 4 + 2 * (i & mask))[0]
-                    i = (i + 1) & 0xFFFF
-                    q.next_avail = i
-                    dq.popped += 1
-                    try:
-                        chain = walk(mem, table, size, head, indirect, indirect_max)
-                    except ChainError as exc:
-                        _log.debug("virtio-blk: queue %d head %d: %s", dq.index, head, exc)
-                        chain = None
-                    req = slots[head]
-                    if req.busy:
-                        raise RingError(f"head {head} made available again while in flight")
-                    if chain is None:
-                        done.append((head, 0))  # an unparseable frame still returns its head (used len 0)
-                        continue
-                    try:
-                        parse(req, chain, rules)
-                    except ChainError as exc:
-                        _log.debug("virtio-blk: queue %d head %d: %s", dq.index, head, exc)
-                        done.append((head, 0))
-                        continue
-                    except GuestError as exc:
-                        req.busy = True
-                        self.complete(req, exc)
-                        continue
-                    req.busy = True
-                    submit(req)
-                    if dq.dead:
-                        return False  # reset by an interrupt handler meanwhile
-                budget -= n
-                if budget == 0:
-                    return True
-                if not q.enable_notification():
-                    return False
+            if q.packed:
+                return self._drain_packed(dq, q)
+            return self._drain_split(dq, q)
         except RingError as exc:
             self._set_needs_reset(str(exc))
             return False
         finally:
             dq.draining = False
-            if done:
+            if dq.done:
                 self._flush(dq)
+
+    def _drain_split(self, dq, q):
+        budget = size = q.size
+        mask = size - 1
+        mem, table, avail = self.mem, q.desc_table, q.avail
+        indirect, indirect_max = self._indirect, self.queue_size_max
+        start = self._start
+        while True:
+            n = q.available()
+            if n > budget:
+                n = budget
+            i = q.next_avail
+            for _ in range(n):
+                head = _unpack16(avail, 4 + 2 * (i & mask))[0]
+                i = (i + 1) & 0xFFFF
+                q.next_avail = i
+                dq.popped += 1
+                try:
+                    chain = walk(mem, table, size, head, indirect, indirect_max)
+                except ChainError as exc:
+                    _log.debug("virtio-blk: queue %d head %d: %s", dq.index, head, exc)
+                    chain = None
+                start(dq, head, chain)
+                if dq.dead:
+                    return False  # reset by an interrupt handler meanwhile
+            budget -= n
+            if budget == 0:
+                return True
+            if not q.enable_notification():
+                return False
+
+    def _drain_packed(self, dq, q):
+        budget = q.size
+        mem, indirect, indirect_max = self.mem, self._indirect, self.queue_size_max
+        start = self._start
+        while True:
+            while budget and q.available():
+                budget -= 1
+                dq.popped += 1
+                try:
+                    bid, ndesc, chain = q.walk(mem, indirect, indirect_max)
+                except ChainError as exc:
+                    _log.debug("virtio-blk: queue %d at %d: %s", dq.index, q.next_avail, exc)
+                    bid, ndesc, chain = exc.buffer_id, exc.ring_descs, None
+                    if bid >= q.size:
+                        raise RingError(f"buffer id {bid} >= queue size {q.size}") from None
+                if dq.slots[bid].busy:  # checked before advance() overwrites its descriptor count
+                    raise RingError(f"buffer id {bid} made available again while in flight")
+                q.advance(bid, ndesc)
+                start(dq, bid, chain)
+                if dq.dead:
+                    return False
+            if budget == 0:
+                return True
+            if not q.enable_notification():
+                return False
+
+    def _start(self, dq, head, chain):
+        """Start the request of ``head`` (split: descriptor index; packed: buffer ID) whose
+        walked ``chain`` is None when the walk failed."""
+        req = dq.slots[head]
+        if req.busy:
+            raise RingError(f"head {head} made available again while in flight")
+        if chain is None:
+            dq.done.append((head, 0))  # an unparseable frame still returns its head (used len 0)
+            return
+        try:
+            parse(req, chain, self._rules)
+        except ChainError as exc:
+            _log.debug("virtio-blk: queue %d head %d: %s", dq.index, head, exc)
+            dq.done.append((head, 0))
+            return
+        except GuestError as exc:
+            req.busy = True
+            self.complete(req, exc)
+            return
+        req.busy = True
+        self._submit(req)
 
     def _submit(self, req):
         t = req.type

@@ -39,7 +39,8 @@ from vblock.virtio.spec import (
     virtq_desc,
 )
 
-__all__ = ["ChainError", "RingError", "DescriptorChain", "walk", "split_front", "split_back", "gather"]
+__all__ = ["ChainError", "RingError", "DescriptorChain", "walk", "walk_packed", "split_front", "split_back",
+           "gather"]
 
 _unpack_desc = virtq_desc.unpack_from
 _TOTAL_LIMIT = 1 << 32
@@ -146,6 +147,89 @@ def walk(mem, table, queue_size, head, indirect_ok, indirect_max):
         if nxt >= n:
             raise ChainError(f"next index {nxt} >= table size {n}")  # 2.7.5
         idx = nxt
+
+
+def walk_packed(mem, ring, size, pos, indirect_ok, indirect_max):
+    """Walk the packed-ring chain whose first descriptor is at ring position ``pos`` (2.8).
+
+    The chain is the run of descriptors from ``pos`` (wrapping at ``size``) up to the first one
+    without NEXT; its buffer ID is the ``id`` of that last descriptor (2.8.6). The caller has
+    checked that the first one is available. Returns ``(buffer_id, ring_descs, chain)``.
+
+    Rules beyond :func:`walk`'s (which apply to buffers here too): the run must end within
+    ``size`` descriptors, or its extent is unknown and nothing can be returned - a
+    :class:`RingError`; an INDIRECT descriptor must be the only ring descriptor of its chain
+    (2.8.19: never with NEXT) and its table entries are read in order, ignoring their NEXT
+    (2.8.19). Any other violation raises :class:`ChainError` carrying ``buffer_id`` and
+    ``ring_descs`` so the device can still return the buffer with used length 0.
+    """
+    # 1. the extent: flags are read once here, buffers below from the same single read
+    descs = []
+    p = pos
+    while True:
+        if len(descs) == size:
+            raise RingError(f"packed chain at {pos} does not end within the ring of {size}")  # 2.8.18
+        d = _unpack_desc(ring, p * VIRTQ_DESC_SIZE)  # addr, len, id, flags
+        descs.append(d)
+        p = p + 1 if p + 1 < size else 0
+        if not d[3] & VIRTQ_DESC_F_NEXT:
+            break
+    buffer_id = descs[-1][2]
+    ndesc = len(descs)
+    try:
+        chain = _packed_buffers(mem, descs, indirect_ok, indirect_max)
+    except ChainError as exc:
+        exc.buffer_id = buffer_id
+        exc.ring_descs = ndesc
+        raise
+    chain.head = buffer_id
+    return buffer_id, ndesc, chain
+
+
+def _packed_buffers(mem, descs, indirect_ok, indirect_max):
+    first = descs[0]
+    if first[3] & VIRTQ_DESC_F_INDIRECT:
+        if not indirect_ok:
+            raise ChainError("INDIRECT descriptor but VIRTIO_F_INDIRECT_DESC not negotiated")
+        if len(descs) > 1:
+            raise ChainError("INDIRECT and NEXT both set")  # 2.8.19
+        addr, length = first[0], first[1]
+        if length == 0 or length % VIRTQ_DESC_SIZE:
+            raise ChainError(f"indirect table length {length} is not a non-zero multiple of 16")
+        n = length // VIRTQ_DESC_SIZE
+        if n > indirect_max:
+            raise ChainError(f"indirect table of {n} entries exceeds {indirect_max}")
+        try:
+            table = mem.view(addr, length)
+        except GuestMemoryError as exc:
+            raise ChainError(f"indirect table: {exc}") from None
+        descs = [_unpack_desc(table, i * VIRTQ_DESC_SIZE) for i in range(n)]  # read once
+        for d in descs:
+            if d[3] & VIRTQ_DESC_F_INDIRECT:
+                raise ChainError("INDIRECT descriptor inside an indirect table")  # 2.8.19
+    elif any(d[3] & VIRTQ_DESC_F_INDIRECT for d in descs):
+        raise ChainError("INDIRECT descriptor after chained descriptors")  # 2.8.19
+    readable = []
+    writable = []
+    rbytes = wbytes = 0
+    for i, (addr, length, _id, flags) in enumerate(descs):
+        if length == 0:
+            raise ChainError(f"zero-length buffer in descriptor {i} of the chain")
+        try:
+            buf = mem.view(addr, length)
+        except GuestMemoryError as exc:
+            raise ChainError(f"descriptor {i} of the chain: {exc}") from None
+        if flags & VIRTQ_DESC_F_WRITE:
+            writable.append(buf)
+            wbytes += length
+        else:
+            if writable:
+                raise ChainError(f"readable descriptor {i} after a writable one")  # 2.8.17
+            readable.append(buf)
+            rbytes += length
+    if rbytes + wbytes >= _TOTAL_LIMIT:
+        raise ChainError("chain length exceeds 2^32 bytes")
+    return DescriptorChain(None, readable, writable, rbytes, wbytes)
 
 
 # -- cursors: the readable / writable parts as one byte stream ---------------------------------

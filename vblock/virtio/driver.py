@@ -33,7 +33,7 @@ from vblock.virtio.spec import (
     vring_need_event,
 )
 
-__all__ = ["Driver", "DriverQueue", "Request", "DriverError", "GuestAllocator"]
+__all__ = ["Driver", "DriverQueue", "PackedDriverQueue", "Request", "DriverError", "GuestAllocator"]
 
 _pack_desc = virtq_desc.pack_into
 _pack_hdr = virtio_blk_req_hdr.pack_into
@@ -201,6 +201,204 @@ class DriverQueue:
             return vring_need_event(self.avail_event(), new, old)
         return not self.used_flags() & S.VIRTQ_USED_F_NO_NOTIFY
 
+    # -- what Driver.submit / reap use ---------------------------------------------------------------
+    packed = False
+
+    def room(self):
+        """Descriptors that can be used now."""
+        return len(self.free)
+
+    def take(self, req, ndesc):
+        """Reserve ``ndesc`` descriptors for ``req``; returns its head."""
+        free = self.free
+        req.descs = [free.pop() for _ in range(ndesc)]
+        return req.descs[0]
+
+    def write_table(self, view, entries):
+        last = len(entries) - 1
+        for i, (a, n, f) in enumerate(entries):
+            _pack_desc(view, 16 * i, a, n, f | (VIRTQ_DESC_F_NEXT if i < last else 0), i + 1 if i < last else 0)
+
+    def publish_chain(self, req, entries):
+        idx = req.descs
+        desc = self.desc
+        last = len(entries) - 1
+        for i, (a, n, f) in enumerate(entries):
+            if i < last:
+                _pack_desc(desc, 16 * idx[i], a, n, f | VIRTQ_DESC_F_NEXT, idx[i + 1])
+            else:
+                _pack_desc(desc, 16 * idx[i], a, n, f, 0)
+        _pack16(self.avail, 4 + 2 * (self.avail_idx % self.size), req.head)
+        self.avail_idx = (self.avail_idx + 1) & 0xFFFF
+        _pack16(self.avail, 2, self.avail_idx)  # 2.7.13: ring entry before the index
+
+    def reap_into(self, finish):
+        """Call ``finish(req, used_len)`` for every completion published since the last reap."""
+        used = self.used
+        end = _unpack16(used, 2)[0]
+        i = self.last_used
+        mask = self.size - 1
+        inflight = self.inflight
+        while i != end:
+            head, length = _unpack_elem(used, 4 + 8 * (i & mask))
+            i = (i + 1) & 0xFFFF
+            req = inflight.pop(head, None)
+            if req is None:
+                self.unknown.append((head, length))
+                continue
+            self.free.extend(req.descs)
+            finish(req, length)
+        self.last_used = i
+        if self.driver.event_idx:
+            self.set_used_event(i)  # 2.7.7.2: interrupt me at the next completion
+
+
+class PackedDriverQueue:
+    """The driver side of one packed virtqueue (2.8): ring positions with wrap counters, buffer
+    IDs (one per request, < size; the per-ID header/status slot plays the per-head slot's part),
+    and the two event suppression structures."""
+
+    packed = True
+
+    def __init__(self, driver, index, size):
+        self.driver = driver
+        self.index = index
+        self.size = size
+        alloc = driver.allocator.alloc
+        self.desc_addr = alloc(S.packed_ring_bytes(size))
+        self.avail_addr = alloc(4)  # driver event suppression (the "driver area")
+        self.used_addr = alloc(4)  # device event suppression (the "device area")
+        self.slot_addr = alloc(32 * size)
+        mem = driver.mem
+        mem.view(self.desc_addr, S.packed_ring_bytes(size))[:] = bytes(S.packed_ring_bytes(size))  # 2.8.1
+        mem.view(self.avail_addr, 4)[:] = bytes(4)
+        mem.view(self.used_addr, 4)[:] = bytes(4)
+        self.ring = mem.view(self.desc_addr, S.packed_ring_bytes(size))
+        self.driver_event = mem.view(self.avail_addr, 4)
+        self.device_event = mem.view(self.used_addr, 4)
+        self.slots = mem.view(self.slot_addr, 32 * size)
+        self.next_avail, self.avail_wrap, self.avail_pos = 0, 1, 0
+        self.kicked_pos = 0
+        self.last_used, self.used_wrap = 0, 1
+        self.free_ids = list(range(size - 1, -1, -1))
+        self.num_free = size
+        self.inflight = {}
+        self.unknown = []
+        self.raw_chains = {}  # buffer id -> ring descriptors, for chains published raw
+
+    def avail_flags(self, wrap=None):
+        """AVAIL/USED bits that make a descriptor available in lap ``wrap`` (2.8.1)."""
+        w = self.avail_wrap if wrap is None else wrap
+        return S.VIRTQ_DESC_F_AVAIL if w else S.VIRTQ_DESC_F_USED
+
+    def room(self):
+        return self.num_free if self.free_ids else 0
+
+    def take(self, req, ndesc):
+        req.descs = ndesc
+        self.num_free -= ndesc
+        return self.free_ids.pop()
+
+    def write_table(self, view, entries):
+        for i, (a, n, f) in enumerate(entries):
+            S.pvirtq_desc.pack_into(view, 16 * i, a, n, 0, f)  # 2.8.19: entries in order, no NEXT
+
+    def publish_chain(self, req, entries):
+        """Write the chain at the next positions; the first descriptor's flags go last (2.8.21)."""
+        ring, size = self.ring, self.size
+        p, w = self.next_avail, self.avail_wrap
+        first = None
+        last = len(entries) - 1
+        for i, (a, n, f) in enumerate(entries):
+            flags = f | (VIRTQ_DESC_F_NEXT if i < last else 0) | self.avail_flags(w)
+            if i == 0:
+                first = (p, flags)
+                keep = _unpack16(ring, 16 * p + S.PVIRTQ_FLAGS_OFFSET)[0]  # still not available
+                S.pvirtq_desc.pack_into(ring, 16 * p, a, n, req.head, keep)
+            else:
+                S.pvirtq_desc.pack_into(ring, 16 * p, a, n, req.head, flags)
+            p += 1
+            if p == size:
+                p, w = 0, w ^ 1
+        self.next_avail, self.avail_wrap = p, w
+        self.avail_pos += len(entries)
+        _pack16(ring, 16 * first[0] + S.PVIRTQ_FLAGS_OFFSET, first[1])  # publishes the chain
+
+    def write_pdesc(self, pos, addr, length, buffer_id, flags):
+        """Raw access (hostile tests): one descriptor at ring position ``pos``."""
+        S.pvirtq_desc.pack_into(self.ring, 16 * pos, addr, length, buffer_id, flags)
+
+    def publish_raw(self, entries, buffer_id):
+        """Raw access: publish ``entries`` = [(addr, len, flags)] as written (NEXT is the
+        caller's business) at the next positions, all with ``buffer_id``, the first made
+        available last. Returns the position of the first."""
+        req = Request(0, 0)
+        req.head = buffer_id
+        start = self.next_avail
+        ring, size = self.ring, self.size
+        p, w = self.next_avail, self.avail_wrap
+        for i, (a, n, f) in enumerate(entries):
+            flags = f | self.avail_flags(w)
+            if i == 0:
+                first = (p, flags)
+                keep = _unpack16(ring, 16 * p + S.PVIRTQ_FLAGS_OFFSET)[0]
+                S.pvirtq_desc.pack_into(ring, 16 * p, a, n, buffer_id, keep)
+            else:
+                S.pvirtq_desc.pack_into(ring, 16 * p, a, n, buffer_id, flags)
+            p += 1
+            if p == size:
+                p, w = 0, w ^ 1
+        self.next_avail, self.avail_wrap = p, w
+        self.avail_pos += len(entries)
+        self.raw_chains[buffer_id] = len(entries)
+        if buffer_id in self.free_ids:
+            self.free_ids.remove(buffer_id)
+            self.free_ids.insert(0, buffer_id)  # handed out last, after the raw chain is back
+        _pack16(ring, 16 * first[0] + S.PVIRTQ_FLAGS_OFFSET, first[1])
+        return start
+
+    def reap_into(self, finish):
+        ring, size = self.ring, self.size
+        p, w = self.last_used, self.used_wrap
+        inflight = self.inflight
+        while True:
+            _addr, length, buffer_id, flags = S.pvirtq_desc.unpack_from(ring, 16 * p)
+            if bool(flags & S.VIRTQ_DESC_F_AVAIL) != w or bool(flags & S.VIRTQ_DESC_F_USED) != w:
+                break
+            req = inflight.pop(buffer_id, None)
+            if req is None:
+                self.unknown.append((buffer_id, length))
+                n = self.raw_chains.pop(buffer_id, 1)
+            else:
+                n = req.descs
+                self.num_free += n
+                self.free_ids.append(buffer_id)
+                finish(req, length)
+            p += n
+            if p >= size:
+                p, w = p - size, w ^ 1
+        self.last_used, self.used_wrap = p, w
+        if self.driver.event_idx:  # 2.8.10: interrupt me when the next used descriptor is written
+            S.pvirtq_event_suppress.pack_into(self.driver_event, 0, p | w << 15, S.RING_EVENT_FLAGS_DESC)
+
+    def reap_raw(self):
+        out = []
+        self.reap_into(lambda req, n: None)
+        out, self.unknown = self.unknown, []
+        return out
+
+    def needs_kick(self):
+        new, old = self.avail_pos, self.kicked_pos
+        self.kicked_pos = new
+        if new == old:
+            return False
+        off_wrap, flags = S.pvirtq_event_suppress.unpack_from(self.device_event)
+        if flags == S.RING_EVENT_FLAGS_DISABLE:
+            return False
+        if flags == S.RING_EVENT_FLAGS_DESC and self.driver.event_idx:
+            return S.packed_need_event(off_wrap, self.size, old, new)
+        return True
+
 
 class Driver:
     """``Driver(mmio, mem, ...)``: a virtio-blk driver over a ``VirtioMmio`` and the guest memory
@@ -209,6 +407,7 @@ class Driver:
     ``event_idx`` / ``indirect``: negotiate VIRTIO_F_EVENT_IDX / VIRTIO_F_INDIRECT_DESC;
     ``num_queues``: how many request queues to enable (MQ is negotiated when > 1);
     ``queue_size``: entries per queue (default: the device maximum);
+    ``packed``: negotiate VIRTIO_F_RING_PACKED (packed virtqueues);
     ``arena_base`` / ``arena_size``: the guest memory window the driver may use (default: all of
     the first region). ``features``: if given, exactly the feature bits to request (instead of
     everything this driver knows that the device offers).
@@ -227,6 +426,7 @@ class Driver:
         arena_size=None,
         features=None,
         interrupts=True,
+        packed=False,
     ):
         self.mmio = mmio
         self.mem = mem
@@ -241,6 +441,7 @@ class Driver:
             arena_size = base + len(view) - arena_base
         self.allocator = GuestAllocator(arena_base, arena_size)
         self.wanted_features = features
+        self.packed = packed
         self.queues = []
         self._rr = 0
         self._irq = threading.Event()
@@ -309,12 +510,15 @@ class Driver:
             want.add(S.VIRTIO_F_INDIRECT_DESC)
         if self.num_queues_wanted > 1:
             want.add(S.VIRTIO_BLK_F_MQ)
+        if self.packed:
+            want.add(S.VIRTIO_F_RING_PACKED)
         features = sum(1 << b for b in want) & offered
         if self.wanted_features is not None:
             features = self.wanted_features
         self.features = features
         self.event_idx = bool(features >> S.VIRTIO_F_EVENT_IDX & 1)
         self.indirect = bool(features >> S.VIRTIO_F_INDIRECT_DESC & 1)
+        self.packed = bool(features >> S.VIRTIO_F_RING_PACKED & 1)
         for sel in (0, 1):
             self.w32(S.VIRTIO_MMIO_DRIVER_FEATURES_SEL, sel)
             self.w32(S.VIRTIO_MMIO_DRIVER_FEATURES, features >> (32 * sel) & 0xFFFFFFFF)
@@ -343,7 +547,7 @@ class Driver:
         if qmax == 0:
             raise DriverError(f"queue {i} does not exist")
         size = min(self.queue_size or qmax, qmax)
-        dq = DriverQueue(self, i, size)
+        dq = (PackedDriverQueue if self.packed else DriverQueue)(self, i, size)
         self.w32(S.VIRTIO_MMIO_QUEUE_NUM, size)
         for lo, addr in (
             (S.VIRTIO_MMIO_QUEUE_DESC_LOW, dq.desc_addr),
@@ -446,18 +650,11 @@ class Driver:
             req.status_addr = None
         use_indirect = self.indirect if indirect is None else indirect
         ndesc = 1 if use_indirect else len(descs)
-        if len(dq.free) < ndesc:
+        if dq.room() < ndesc:
             for a, n in owned:
                 self.allocator.free(a, n)
-            raise DriverError(f"queue {dq.index}: {ndesc} descriptors needed, {len(dq.free)} free")
-        free = dq.free
-        if use_indirect:
-            head = free.pop()
-            req.descs = [head]
-        else:
-            req.descs = [free.pop() for _ in range(ndesc)]
-            head = req.descs[0]
-        req.head = head
+            raise DriverError(f"queue {dq.index}: {ndesc} descriptors needed, {dq.room()} free")
+        head = req.head = dq.take(req, ndesc)
         slot = dq.slot_addr + 32 * head
         if descs[0] is None:
             descs[0] = (slot, 16, 0)
@@ -472,24 +669,11 @@ class Driver:
             tlen = 16 * len(descs)
             table = alloc(tlen)
             owned.append((table, tlen))
-            tview = mem.view(table, tlen)
-            last = len(descs) - 1
-            for i, (a, n, f) in enumerate(descs):
-                _pack_desc(tview, 16 * i, a, n, f | (VIRTQ_DESC_F_NEXT if i < last else 0), i + 1 if i < last else 0)
-            _pack_desc(dq.desc, 16 * head, table, tlen, VIRTQ_DESC_F_INDIRECT, 0)
-        else:
-            idx = req.descs
-            last = len(descs) - 1
-            for i, (a, n, f) in enumerate(descs):
-                if i < last:
-                    _pack_desc(dq.desc, 16 * idx[i], a, n, f | VIRTQ_DESC_F_NEXT, idx[i + 1])
-                else:
-                    _pack_desc(dq.desc, 16 * idx[i], a, n, f, 0)
+            dq.write_table(mem.view(table, tlen), descs)
+            descs = [(table, tlen, VIRTQ_DESC_F_INDIRECT)]
         req.owned = owned
         dq.inflight[head] = req
-        _pack16(dq.avail, 4 + 2 * (dq.avail_idx % dq.size), head)
-        dq.avail_idx = (dq.avail_idx + 1) & 0xFFFF
-        _pack16(dq.avail, 2, dq.avail_idx)  # 2.7.13: ring entry before the index
+        dq.publish_chain(req, descs)
         if kick:
             self.kick(dq)
         return req
@@ -498,6 +682,8 @@ class Driver:
         """The lean path for benchmarks: one pre-placed data buffer ``(addr, length)`` (writable
         for IN), a direct chain of header, data and status, published without a kick."""
         dq = self._pick_queue(queue)
+        if dq.packed:
+            return self.submit(type_, sector, buffers=[(addr, length)], queue=dq.index, kick=False, indirect=False)
         free = dq.free
         if len(free) < 3:
             raise DriverError(f"queue {dq.index}: 3 descriptors needed, {len(free)} free")
@@ -543,36 +729,21 @@ class Driver:
         """Collect every published completion; returns the requests completed now."""
         done = []
         mem = self.mem
+        free = self.allocator.free
+
+        def finish(req, length):
+            req.used_len = length
+            req.status = mem.view(req.status_addr, 1)[0]
+            if req.read_len and req.copy_out:
+                req.data = b"".join(mem.view(a, n) for a, n in req.bufs)
+            if req.owned:
+                for a, n in req.owned:
+                    free(a, n)
+            req.done = True
+            done.append(req)
+
         for dq in self.queues:
-            used = dq.used
-            end = _unpack16(used, 2)[0]
-            i = dq.last_used
-            if i == end:
-                if self.event_idx:
-                    dq.set_used_event(i)
-                continue
-            size = dq.size
-            inflight = dq.inflight
-            while i != end:
-                head, length = _unpack_elem(used, 4 + 8 * (i & (size - 1)))
-                i = (i + 1) & 0xFFFF
-                req = inflight.pop(head, None)
-                if req is None:
-                    dq.unknown.append((head, length))
-                    continue
-                req.used_len = length
-                req.status = mem.view(req.status_addr, 1)[0]
-                if req.read_len and req.copy_out:
-                    req.data = b"".join(mem.view(a, n) for a, n in req.bufs)
-                dq.free.extend(req.descs)
-                if req.owned:
-                    for a, n in req.owned:
-                        self.allocator.free(a, n)
-                req.done = True
-                done.append(req)
-            dq.last_used = i
-            if self.event_idx:
-                dq.set_used_event(i)  # 2.7.7.2: interrupt me at the next completion
+            dq.reap_into(finish)
         return done
 
     def in_flight(self):

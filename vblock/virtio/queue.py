@@ -85,6 +85,8 @@ class SplitQueue:
     ``device_addr``) are plain attributes, written while the queue is not ready;
     :meth:`activate` checks them and makes the queue usable."""
 
+    packed = False
+
     __slots__ = (
         "size_max",
         "size",

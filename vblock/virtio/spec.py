@@ -120,6 +120,42 @@ def vring_need_event(event_idx, new_idx, old_idx):
     return ((new_idx - event_idx - 1) & 0xFFFF) < ((new_idx - old_idx) & 0xFFFF)
 
 
+# -- packed virtqueue (2.8) ------------------------------------------------------------------------
+VIRTQ_DESC_F_AVAIL = 1 << 7
+VIRTQ_DESC_F_USED = 1 << 15
+RING_EVENT_FLAGS_ENABLE = 0x0
+RING_EVENT_FLAGS_DISABLE = 0x1
+RING_EVENT_FLAGS_DESC = 0x2  # only with VIRTIO_F_EVENT_IDX
+PACKED_EVENT_ALIGN = 4
+
+# struct pvirtq_desc (2.8.13): le64 addr; le32 len; le16 id; le16 flags
+pvirtq_desc = struct.Struct("<QIHH")
+PVIRTQ_ID_OFFSET = 12
+PVIRTQ_FLAGS_OFFSET = 14
+# struct pvirtq_event_suppress (2.8.14): le16 desc (off:15, wrap:1); le16 flags (2 bits)
+pvirtq_event_suppress = struct.Struct("<HH")
+
+
+def packed_ring_bytes(size):
+    return 16 * size
+
+
+def packed_need_event(off_wrap, size, old_pos, new_pos):
+    """2.8.10/2.8.21 with EVENT_IDX: whether the positions ``[old_pos, new_pos)`` just made
+    available (or used) include the one named by ``off_wrap`` (offset in the ring, bit 15 the
+    wrap counter it is expected with). Positions are absolute (unwrapped) counts from the start,
+    where lap ``L`` of the ring runs with wrap counter ``1 ^ (L & 1)`` (counters start at 1)."""
+    if new_pos <= old_pos:
+        return False
+    off = off_wrap & 0x7FFF
+    wrap = off_wrap >> 15
+    lap = (new_pos - 1) // size
+    if wrap != 1 ^ (lap & 1):
+        lap -= 1
+    event = lap * size + off
+    return old_pos <= event < new_pos
+
+
 # -- virtio-mmio version 2 (4.2.2) -----------------------------------------------------------------
 MMIO_MAGIC_VALUE = 0x74726976  # "virt"
 MMIO_VERSION = 2
