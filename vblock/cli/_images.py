@@ -76,9 +76,11 @@ def temporary_path(final: str) -> str:
 
 
 @contextlib.contextmanager
-def replace_atomically(final: str):
+def replace_atomically(final: str, durable: bool = True):
     """Yield a temporary path next to ``final``; on success rename it over ``final``, on any
-    failure (Ctrl-C included) remove it, so ``final`` is never left half-written."""
+    failure (Ctrl-C included) remove it, so ``final`` is never left half-written. ``durable``
+    also syncs the directory so the rename survives a crash (on ext4 that commits the journal,
+    which writes out the new file's data too: skipped for cache=unsafe conversions)."""
     if os.path.isdir(final):
         raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), final)
     parent = os.path.dirname(os.path.abspath(final))
@@ -92,6 +94,8 @@ def replace_atomically(final: str):
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+    if not durable:
+        return
     with contextlib.suppress(OSError):  # make the rename itself durable
         fd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY)
         try:

@@ -239,7 +239,7 @@ def convert(src_path, dst_path, out_fmt, *, fmt=None, options=None, backing=None
     t0 = time.perf_counter()
     with _images.open_image(src_path, fmt, cache=src_cache) as src:
         size = src.size
-        with _images.replace_atomically(dst_path) as tmp:
+        with _images.replace_atomically(dst_path, durable=cache != "unsafe") as tmp:
             vblock.create_image(tmp, out_fmt, size, **options).close()
             dst = vblock.open_image(tmp, format=out_fmt, cache=cache)
             try:
