@@ -130,7 +130,7 @@ class _DeviceQueue:
         self.idle = None  # an Event while someone waits for this queue to go idle
         self.ring = SplitQueue(size_max)
         self.slots = ()
-        self.done = collections.deque()  # (head, used_len) waiting to be published
+        self.done = collections.deque()  # (head, used_len, ring descriptors) waiting to be published
         self.lock = threading.Lock()  # the used side: add_used / publish / notification decision
         self.draining = False
         self.queued = False
@@ -396,7 +396,7 @@ class VirtioBlk:
                 except ChainError as exc:
                     _log.debug("virtio-blk: queue %d head %d: %s", dq.index, head, exc)
                     chain = None
-                start(dq, head, chain)
+                start(dq, head, chain, 1)
                 if dq.dead:
                     return False  # reset by an interrupt handler meanwhile
             budget -= n
@@ -420,10 +420,8 @@ class VirtioBlk:
                     bid, ndesc, chain = exc.buffer_id, exc.ring_descs, None
                     if bid >= q.size:
                         raise RingError(f"buffer id {bid} >= queue size {q.size}") from None
-                if dq.slots[bid].busy:  # checked before advance() overwrites its descriptor count
-                    raise RingError(f"buffer id {bid} made available again while in flight")
-                q.advance(bid, ndesc)
-                start(dq, bid, chain)
+                q.advance(ndesc)
+                start(dq, bid, chain, ndesc)
                 if dq.dead:
                     return False
             if budget == 0:
@@ -431,20 +429,21 @@ class VirtioBlk:
             if not q.enable_notification():
                 return False
 
-    def _start(self, dq, head, chain):
-        """Start the request of ``head`` (split: descriptor index; packed: buffer ID) whose
-        walked ``chain`` is None when the walk failed."""
+    def _start(self, dq, head, chain, ndesc):
+        """Start the request of ``head`` (split: descriptor index; packed: buffer ID, whose chain
+        took ``ndesc`` ring descriptors) whose walked ``chain`` is None when the walk failed."""
         req = dq.slots[head]
         if req.busy:
             raise RingError(f"head {head} made available again while in flight")
+        req.ndesc = ndesc
         if chain is None:
-            dq.done.append((head, 0))  # an unparseable frame still returns its head (used len 0)
+            dq.done.append((head, 0, ndesc))  # an unparseable frame still returns its head (used len 0)
             return
         try:
             parse(req, chain, self._rules)
         except ChainError as exc:
             _log.debug("virtio-blk: queue %d head %d: %s", dq.index, head, exc)
-            dq.done.append((head, 0))
+            dq.done.append((head, 0, ndesc))
             return
         except GuestError as exc:
             req.busy = True
@@ -513,7 +512,7 @@ class VirtioBlk:
         used = finish(req, outcome)
         req.data = req.segments = None
         req.busy = False
-        dq.done.append((req.head, used))
+        dq.done.append((req.head, used, req.ndesc))
         if not dq.draining:
             self._flush(dq)
 

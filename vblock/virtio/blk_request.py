@@ -125,6 +125,7 @@ class BlkRequest:
         "busy",
         "owner",
         "gen",
+        "ndesc",
     )
 
     def __init__(self, head, owner=None):
@@ -132,6 +133,7 @@ class BlkRequest:
         self.owner = owner
         self.busy = False
         self.type = self.offset = self.length = self.used_len = self.gen = 0
+        self.ndesc = 1  # packed rings: ring descriptors the chain took (its used entry skips them)
         self.data = self.segments = self.status = None
 
 

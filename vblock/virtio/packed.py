@@ -74,7 +74,6 @@ class PackedQueue:
         "ring",
         "driver_event",
         "device_event",
-        "ndesc",
     )
 
     def __init__(self, size_max):
@@ -88,7 +87,6 @@ class PackedQueue:
         self.event_idx = False
         self._start()
         self.ring = self.driver_event = self.device_event = None
-        self.ndesc = None
 
     def _start(self):
         self.next_avail = self.next_used = 0
@@ -115,7 +113,6 @@ class PackedQueue:
         self.rebind(mem)
         self.event_idx = event_idx
         self._start()
-        self.ndesc = [1] * self.size  # ring descriptors each in-flight buffer ID took
         self.ready = True
 
     def rebind(self, mem):
@@ -144,11 +141,8 @@ class PackedQueue:
             raise RingError(f"buffer id {buffer_id} >= queue size {self.size}")
         return buffer_id, ndesc, chain
 
-    def advance(self, buffer_id, ndesc):
-        """Move past a chain of ``ndesc`` ring descriptors, remembering the count for its used
-        descriptor."""
-        if buffer_id < self.size:
-            self.ndesc[buffer_id] = ndesc
+    def advance(self, ndesc):
+        """Move past a chain of ``ndesc`` ring descriptors."""
         p = self.next_avail + ndesc
         if p >= self.size:
             p -= self.size
@@ -157,8 +151,9 @@ class PackedQueue:
         self.avail_pos += ndesc
 
     # -- used side ------------------------------------------------------------------------------
-    def add_used(self, buffer_id, length):
-        """Write one used descriptor (2.8.7): id and length, then the flags that publish it."""
+    def add_used(self, buffer_id, length, ndesc):
+        """Write one used descriptor (2.8.7): id and length, then the flags that publish it; the
+        next one goes ``ndesc`` positions on (the ring descriptors the chain took)."""
         p = self.next_used
         off = 16 * p
         ring = self.ring
@@ -169,13 +164,12 @@ class PackedQueue:
             flags |= VIRTQ_DESC_F_WRITE
         _split.release_fence()  # FENCE release: id, length, data and status before the flags
         _pack16(ring, off + PVIRTQ_FLAGS_OFFSET, flags)
-        n = self.ndesc[buffer_id]
-        p += n
+        p += ndesc
         if p >= self.size:
             p -= self.size
             self.used_wrap ^= 1
         self.next_used = p
-        self.used_pos += n
+        self.used_pos += ndesc
 
     def publish_used(self):
         """Nothing to do: each used descriptor's flags published it."""

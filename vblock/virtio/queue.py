@@ -184,8 +184,9 @@ class SplitQueue:
         return _unpack16(self.avail, 4 + 2 * (i & (self.size - 1)))[0]
 
     # -- used side (device writes) --------------------------------------------------------------
-    def add_used(self, head, length):
-        """Write one used element; it becomes visible to the driver at :meth:`publish_used`."""
+    def add_used(self, head, length, _ndesc=1):
+        """Write one used element; it becomes visible to the driver at :meth:`publish_used`.
+        (``_ndesc`` is for the packed ring's signature; a split ring ignores it.)"""
         i = self.next_used
         _pack_elem(self.used, 4 + 8 * (i & (self.size - 1)), head, length)
         self.next_used = (i + 1) & 0xFFFF
