@@ -24,7 +24,9 @@ Queued entries keep their order: a newcomer also waits for queued entries it con
 RMW cannot be starved by a stream of plain writes. Bounced reads take shared entries too, so a read
 never sees an RMW's block half written.
 
-The plain aligned path costs one uncontended lock, a counter and a dict insert/delete.
+The plain aligned write path costs one uncontended lock and a list append: its entry is a *slot*
+that needs no completion callback (finished slots are swept out lazily) unless an RMW has to
+wait for it (see ``RangeLock``). Aligned reads into aligned memory take no entry at all.
 """
 
 from __future__ import annotations
