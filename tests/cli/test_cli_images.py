@@ -320,3 +320,11 @@ def test_convert_bad_inputs(scratch):
     one_error_line(run_cli("convert", "-O", "vhdx", scratch / "s.raw", scratch / "o"), "unknown format 'vhdx'")
     one_error_line(run_cli("convert", "-f", "raw", "-O", "qed", scratch / "s.raw", scratch / "s.raw"), "is the source")
     assert sorted(os.listdir(scratch)) == ["s.raw"]
+
+
+def test_convert_an_odd_sized_raw_file_rounds_qed_up_to_a_sector(scratch):
+    (scratch / "odd.raw").write_bytes(b"abc")
+    assert run_cli("convert", "-f", "raw", "-O", "qed", scratch / "odd.raw", scratch / "odd.qed").rc == 0
+    with vblock.open_image(str(scratch / "odd.qed"), read_only=True) as img:
+        assert img.size == 512 and img.read(0, 512) == b"abc" + bytes(509)
+    assert run_cli("compare", "-f", "raw", scratch / "odd.raw", scratch / "odd.qed").rc == 0

@@ -25,7 +25,7 @@ import vblock
 from vblock.block.interface import DATA, UNALLOCATED, ZERO
 from vblock.cli import _images
 from vblock.cli.output import UsageError, human_size
-from vblock.cli.progress import progress_for
+from vblock.cli.progress import Progress, progress_for
 from vblock.cli.status import ExitStatus
 from vblock.hostio import alloc_buffer
 
@@ -166,7 +166,7 @@ class _Copier:
             n = min(g, length - pos)
             # Data rarely starts and ends with 8 zero bytes: decide those granules without
             # copying them; only the rest are compared whole.
-            is_zero = (not _u64(view, pos)[0] and not _u64(view, pos + n - 8)[0]
+            is_zero = ((n < 8 or (not _u64(view, pos)[0] and not _u64(view, pos + n - 8)[0]))
                        and bytes(view[pos : pos + n]) == (zeros if n == g else bytes(n)))
             if is_zero:
                 if start is not None:
@@ -239,6 +239,8 @@ def convert(src_path, dst_path, out_fmt, *, fmt=None, options=None, backing=None
     t0 = time.perf_counter()
     with _images.open_image(src_path, fmt, cache=src_cache) as src:
         size = src.size
+        if out_fmt == "qed":
+            size = -(-size // 512) * 512  # QED sizes are whole sectors (qemu-img rounds up too)
         with _images.replace_atomically(dst_path, durable=cache != "unsafe") as tmp:
             vblock.create_image(tmp, out_fmt, size, **options).close()
             dst = vblock.open_image(tmp, format=out_fmt, cache=cache)
@@ -246,8 +248,8 @@ def convert(src_path, dst_path, out_fmt, *, fmt=None, options=None, backing=None
                 granule = dst.info().get("cluster-size") or 4096
                 plan = list(_plan(src, bool(backing)))
                 total = sum(n for _, n, _ in plan)
-                task = progress.task(f"converting {os.path.basename(src_path)}", total=total, unit="bytes") \
-                    if progress is not None else _NoTask()
+                task = (progress or Progress()).task(f"converting {os.path.basename(src_path)}", total=total,
+                                                     unit="bytes")
                 copier = _Copier(src, dst, depth, granule, bool(backing), task)
                 for off, length, kind in plan:
                     end = off + length
@@ -277,14 +279,6 @@ def _skip_close_flush(img):
     f = getattr(img.driver, "f", None)
     if f is not None and img.options.cache == "unsafe":
         f.flush = lambda: None
-
-
-class _NoTask:
-    def advance(self, n=1):
-        pass
-
-    def update(self, **kw):
-        pass
 
 
 def run(args, env):

@@ -16,6 +16,7 @@ import dataclasses
 import json
 
 from vblock import stress as engine
+from vblock.cli import _images
 from vblock.cli.output import UsageError, human_size, parse_size, table
 from vblock.cli.progress import progress_for
 from vblock.cli.status import MISMATCH, ExitStatus, check_status
@@ -127,8 +128,6 @@ def run(args, env):
         duration=args.duration, queues=args.queues, depth=args.depth, size=parse_size(args.size),
         image=args.image, format=args.format, seed=args.seed, keep=args.keep,
     )
-    from vblock.cli import _images
-
     _images.check_format(cfg.format)
     with progress_for(env, args.quiet) as progress:
         task = progress.task("stress", total=cfg.duration or 1)
