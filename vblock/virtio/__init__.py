@@ -1,4 +1,4 @@
-"""virtio-blk devices over vblock images: guest memory, split virtqueues, the device model,
+"""virtio-blk devices over vblock images: guest memory, split and packed virtqueues, the device model,
 the virtio-mmio transport, and (in ``vblock.virtio.driver``) a guest-side driver for tests.
 
 ```python

@@ -14,7 +14,9 @@ step 6) unless the driver's features are a subset of the device's and include VE
 No buffer is consumed and no used-buffer interrupt is sent before DRIVER_OK (2.1.2).
 
 A notification puts its queue on the device's work list and, if no other thread is draining,
-drains the list: each queue gets a turn of at most ``queue size`` chains (bounded work, so a busy
+drains the list (split rings: ``SplitQueue``; packed rings, when VIRTIO_F_RING_PACKED is
+negotiated: ``PackedQueue``, swapped in at FEATURES_OK): each queue gets a turn of at most
+``queue size`` chains (bounded work, so a busy
 queue cannot starve another: a queue with more work goes to the back of the list), with
 notifications disabled during the turn and re-enabled, then re-checked, at its end. Every chain is
 walked and validated (``chain.walk``), parsed (``blk_request.parse``) and submitted to the image
