@@ -207,6 +207,17 @@ def test_workload_with_native_fences(open_backend):
     assert queue.full_fence is queue._no_fence
 
 
+def test_capacity_follows_image_resize(open_backend):
+    img = open_backend("raw", size=1 << 20)
+    st = Stack(img)
+    cap = st.drv.capacity
+    assert cap == (1 << 20) // 512 and st.drv.write(cap, b"g" * 512) == S.VIRTIO_BLK_S_IOERR
+    img.resize(2 << 20)
+    assert st.drv.capacity == (2 << 20) // 512  # the config read notices the new size
+    assert st.drv.config_interrupts == 1
+    assert st.drv.write(cap, b"g" * 512) == 0 and st.drv.read(cap, 512) == (0, b"g" * 512)
+
+
 def test_get_id_and_flush_through_raw(open_backend):
     st = Stack(open_backend("raw"), serial="disk-serial-1234567890")
     assert st.drv.get_id() == (0, b"disk-serial-12345678")

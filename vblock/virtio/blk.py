@@ -363,6 +363,8 @@ class VirtioBlk:
         q = dq.ring
         if dq.dead or not q.ready or self._status & (DEVICE_NEEDS_RESET | FAILED):
             return False
+        if self.image.size >> SECTOR_SHIFT != self._rules.capacity_sectors:
+            self.update_capacity()  # the image was resized under us: follow it (5.2.4)
         dq.draining = True
         try:
             q.disable_notification()
@@ -577,6 +579,8 @@ class VirtioBlk:
         )
 
     def read_config(self, offset, size):
+        if self.image.size >> SECTOR_SHIFT != self._rules.capacity_sectors:
+            self.update_capacity()
         cfg = self.config_bytes()
         if offset < 0 or size not in (1, 2, 4, 8) or offset + size > len(cfg):
             return 0
@@ -591,7 +595,8 @@ class VirtioBlk:
 
     def update_capacity(self):
         """Re-read the image size (after a resize): capacity follows, the config generation moves
-        and a config-change interrupt goes out once the driver is up (5.2.6.2 MAY/SHOULD)."""
+        and a config-change interrupt goes out once the driver is up (5.2.6.2 MAY/SHOULD). The
+        device also notices a new size by itself at its next queue turn or config read."""
         self._rules.capacity_sectors = self.image.size >> SECTOR_SHIFT
         self.config_generation = (self.config_generation + 1) & 0xFFFFFFFF
         if self._status & DRIVER_OK:
