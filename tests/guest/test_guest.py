@@ -221,3 +221,17 @@ echo "VBG ra=$(dd if=/dev/vda bs=65536 count=32 iflag=direct 2>/dev/null | sha25
     rc, out = qemu_img_check(img, fmt)
     assert rc == 0, out
     assert sha(image_bytes(img, fmt)[: 2 * MiB]) == flushed
+
+
+def test_guest_sees_a_read_only_disk(gdir):
+    img = make_disk(gdir, "raw")
+    script = f"""
+echo "VBG ro=$(blockdev --getro /dev/vda)"
+dd if=/dev/zero of=/dev/vda bs=4096 count=1 oflag=direct 2>/dev/null && echo "VBG write=ok" || echo "VBG write=refused"
+echo "VBG hostpat=$(dd if=/dev/vda bs=65536 skip={HOST_PATTERN_OFFSET // 65536} count=16 iflag=direct 2>/dev/null | sha256sum | cut -c1-64)"
+"""
+    m = serve_and_boot(gdir, img, "raw", script, serve_args=("--read-only",))
+    assert_ran(m)
+    assert m["ro"] == "1" and m["write"] == "refused"
+    assert m["hostpat"] == sha(HOST_PATTERN)
+    assert image_bytes(img, "raw")[:4096] == bytes(4096)

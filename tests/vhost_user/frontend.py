@@ -163,7 +163,7 @@ class GuestRing:
         self.call = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self.avail_idx = 0
         self.last_used = 0
-        self.bufs = [fe.alloc(512 + 65536 + 64, 4096) for _ in range(size // 3)]  # per head: hdr, data, status
+        self.bufs = [fe.alloc(4096 + 65536 + 64, 4096) for _ in range(size // 3)]  # per head: hdr, data, status
         self.free = list(range(size // 3))
         self.pending = {}
 
@@ -177,7 +177,7 @@ class GuestRing:
         """Queue one request (data for writes, ``length`` bytes for reads); returns its head."""
         head = self.free.pop(0)
         base = self.bufs[head]
-        hdr, buf, status = base, base + 512, base + 512 + 65536
+        hdr, buf, status = base, base + 4096, base + 4096 + 65536  # data page-aligned, as a guest's
         self._w("<IIQ", hdr, type_, 0, sector)
         n = len(data) if type_ == T_OUT else length
         if type_ == T_OUT:
