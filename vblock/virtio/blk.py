@@ -306,7 +306,8 @@ class VirtioBlk:
 
     # -- queues ---------------------------------------------------------------------------------
     def queue(self, index):
-        """The ``SplitQueue`` of queue ``index``: transports write size and addresses into it."""
+        """The ring state (``SplitQueue``, or ``PackedQueue`` once RING_PACKED is negotiated) of
+        queue ``index``: transports write size and addresses into it."""
         return self._queues[index].ring
 
     def set_queue_ready(self, index, ready):

@@ -124,7 +124,6 @@ class BlkRequest:
         "used_len",
         "busy",
         "owner",
-        "gen",
         "ndesc",
     )
 
@@ -132,7 +131,7 @@ class BlkRequest:
         self.head = head
         self.owner = owner
         self.busy = False
-        self.type = self.offset = self.length = self.used_len = self.gen = 0
+        self.type = self.offset = self.length = self.used_len = 0
         self.ndesc = 1  # packed rings: ring descriptors the chain took (its used entry skips them)
         self.data = self.segments = self.status = None
 
