@@ -127,8 +127,7 @@ CASES = [
 def laggy():
     register("laggy", LaggyMemory)
     yield
-    registry._added.pop("laggy", None)
-    registry.refresh()
+    registry.unregister("laggy")
 
 
 @pytest.mark.parametrize(

@@ -24,8 +24,7 @@ def strict():
     img = vblock.open_image(None, format="strict", size=256 * 1024)
     yield img
     img.close()
-    registry._added.pop("strict", None)
-    registry.refresh()
+    registry.unregister("strict")
 
 
 def test_random_requests_respect_the_driver_limits(strict):
@@ -115,8 +114,7 @@ def test_block_status_resolves_the_backing_chain():
         top.driver.backing_image = None
         assert top.block_status(0, 32768)[0] == Run(0, 16384, ZERO, None, 0)
     finally:
-        registry._added.pop("layer", None)
-        registry.refresh()
+        registry.unregister("layer")
 
 
 @pytest.fixture
@@ -188,8 +186,7 @@ def held():
     img = vblock.open_image(None, format="held", size=8192)
     yield img
     img.close()
-    registry._added.pop("held", None)
-    registry.refresh()
+    registry.unregister("held")
 
 
 def test_read_modify_write_waits_for_a_plain_write_in_flight(held):
@@ -262,5 +259,4 @@ def test_write_failures_reach_the_caller_and_free_the_range(call):
                 assert info.value.errno == errno.EIO
             assert not img._rl.busy
     finally:
-        registry._added.pop("failing", None)
-        registry.refresh()
+        registry.unregister("failing")

@@ -16,7 +16,8 @@ Where drivers come from
 
   They are loaded when first used (opened, created or probed). A built-in name wins over an
   entry point of the same name (with a warning).
-* ``register(name, cls)`` adds a driver at run time (embedders, tests).
+* ``register(name, cls)`` adds a driver at run time (embedders, tests); ``unregister(name)``
+  takes it away again.
 
 Probing
 -------
@@ -48,6 +49,7 @@ __all__ = [
     "probe_format",
     "refresh",
     "register",
+    "unregister",
 ]
 
 _log = logging.getLogger(__name__)
@@ -123,6 +125,13 @@ def register(name: str, cls) -> None:
         _added[name] = cls
         if _table is not None:
             _table[name] = cls
+
+
+def unregister(name: str) -> None:
+    """Forget a driver given to ``register`` (built-ins and entry points come back on ``refresh``)."""
+    with _lock:
+        _added.pop(name, None)
+    refresh()
 
 
 def available() -> list:
