@@ -285,6 +285,7 @@ class Image:
         return self._write(offset, views, total, fua)
 
     def _write(self, offset, views, total, fua):
+        """The write path after the edge checks (also used by the generic zero fill)."""
         rl = self._rl
         if rl is None:
             if total <= self._max:
