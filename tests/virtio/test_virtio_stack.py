@@ -185,11 +185,13 @@ def test_ring_indices_wrap_past_65536(open_backend, event_idx):
 
 
 @pytest.mark.parametrize("kind", ["raw", "qed"])
-@pytest.mark.parametrize("event_idx,indirect,num_queues", [(True, True, 4), (False, False, 1)])
+@pytest.mark.parametrize("event_idx", [False, True], ids=["flags", "event_idx"])
+@pytest.mark.parametrize("indirect", [False, True], ids=["direct", "indirect"])
+@pytest.mark.parametrize("num_queues", [1, 4])
 def test_random_workload_file_backends(open_backend, kind, event_idx, indirect, num_queues):
     st = Stack(open_backend(kind), event_idx=event_idx, indirect=indirect, num_queues=num_queues,
                queue_size=32)
-    counts = run_workload(st, 800, seed=7, depth=24)
+    counts = run_workload(st, 500, seed=7 + num_queues, depth=24)
     assert counts[IN] and counts[OUT]
 
 
