@@ -85,6 +85,7 @@ def test_connect_sequence_answers_as_qemu_expects(served):
     feats, pf, queues, slots = fe.connect()
     assert feats >> 32 & 1 and feats >> P.VHOST_USER_F_PROTOCOL_FEATURES & 1
     assert feats & F_EVENT_IDX and feats >> 28 & 1  # EVENT_IDX and INDIRECT_DESC offered
+    assert not feats >> 34 & 1  # RING_PACKED: not served over vhost-user (GET/SET_VRING_BASE differ)
     assert pf >> P.PROTOCOL_F_CONFIG & 1  # mandatory for QEMU
     assert pf >> P.PROTOCOL_F_REPLY_ACK & 1 and pf >> P.PROTOCOL_F_MQ & 1
     assert queues == 1 and slots == 32

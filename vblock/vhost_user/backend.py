@@ -41,7 +41,6 @@ from __future__ import annotations
 import logging
 import os
 import threading
-import time
 
 from vblock.virtio import GuestMemory, VirtioBlk
 from vblock.virtio.chain import RingError
@@ -53,9 +52,9 @@ from vblock.virtio.spec import (
     FEATURES_OK,
     VIRTIO_BLK_CONFIG_WRITEBACK_OFFSET,
     VIRTIO_BLK_F_CONFIG_WCE,
+    VIRTIO_F_RING_PACKED,
     avail_ring_bytes,
     desc_table_bytes,
-    le16,
     used_ring_bytes,
 )
 from vblock.vhost_user import protocol as P
@@ -73,6 +72,8 @@ PROTOCOL_FEATURES = (
 MAX_MEM_SLOTS = 32
 QUEUE_SIZE_MAX = 1024  # QEMU's vhost-user-blk accepts queue-size up to 1024
 _VHOST_BITS = 1 << P.VHOST_USER_F_PROTOCOL_FEATURES | 1 << P.VHOST_F_LOG_ALL
+# Packed rings carry a wrap counter in GET/SET_VRING_BASE and other ring addresses: not served here yet.
+_NOT_OVER_VHOST_USER = 1 << VIRTIO_F_RING_PACKED
 STOP_TIMEOUT = 60.0  # seconds to wait for a stopped ring's requests before giving up on them
 
 _fences_installed = False
@@ -153,7 +154,7 @@ class VhostUserBlk:
 
     def new_connection(self):
         """A fresh protocol ``Connection`` for a newly accepted front-end."""
-        conn = P.Connection(self.num_queues, self.device.device_features, PROTOCOL_FEATURES)
+        conn = P.Connection(self.num_queues, self.device.device_features & ~_NOT_OVER_VHOST_USER, PROTOCOL_FEATURES)
         self.session = conn.session
         return conn
 
@@ -245,14 +246,14 @@ class VhostUserBlk:
         except ValueError as exc:
             raise Refused(f"memory table refused: {exc}") from None
         self.regions = regions
-        self.device.mem = mem
-        for i, rio in enumerate(self.rings):  # running rings keep their indices, views move
-            if rio.running:
-                try:
-                    _rebind(self.device.queue(i), mem)
-                except RingError as exc:
-                    _log.error("vhost-user: ring %d not in the new memory table: %s", i, exc)
-                    self._stop(i)
+        for i in range(self.num_queues):  # a ring the new table does not hold cannot go on
+            q = self.device.queue(i)
+            problem = q.check(mem) if q.ready else None
+            if problem is not None:
+                _log.error("vhost-user: ring %d not in the new memory table: %s", i, problem)
+                self._stop(i)
+                self._signal_err(i)
+        self.device.set_memory(mem)  # running rings keep their indices; their views move
         self._sync()
 
     def uva_to_gpa(self, addr, length):
@@ -335,7 +336,7 @@ class VhostUserBlk:
             q.size = size
             q.desc_addr, q.driver_addr, q.device_addr = desc, avail, used
             dev.set_queue_ready(i, True)
-            _resume(q, ring.base)
+            q.restore(ring.base)  # next avail from SET_VRING_BASE, next used from the used ring
         except (Refused, RingError) as exc:
             _log.error("vhost-user: cannot start ring %d: %s", i, exc)
             self._signal_err(i)
@@ -377,7 +378,8 @@ class VhostUserBlk:
         q = dev.queue(index)
         base = q.next_avail if q.ready else self.session.rings[index].base
         if q.ready:
-            _wait_idle(dev, index)
+            if not dev.wait_idle(index, STOP_TIMEOUT):
+                _log.error("vhost-user: ring %d still has requests in flight after %.0f s", index, STOP_TIMEOUT)
             dev.set_queue_ready(index, False)
         _close([rio.kick] if rio.kick is not None else [])
         rio.kick = None
@@ -440,7 +442,7 @@ class VhostUserBlk:
                 rio.kick = rio.call = rio.err = None
             _close(fds)
         self.regions = []
-        self.device.mem = _no_memory()
+        self.device.set_memory(_no_memory())
         self.session = None
         if not self.image.read_only:
             self.image.flush()
@@ -450,40 +452,9 @@ class VhostUserBlk:
         return self.image.flushes
 
 
-# -- adapters over VirtioBlk / SplitQueue (see the report: hooks VirtioBlk should grow) ------------
 def _no_memory():
     """Before the first memory table: a single page far away, so no ring can resolve into it."""
     return GuestMemory([(1 << 62, bytearray(4096))])
-
-
-def _resume(q, base):
-    """Continue a ring where the front-end says it is: next avail from SET_VRING_BASE, next used
-    from the used ring itself (what a previous back-end, or this one, last published)."""
-    used_idx = le16.unpack_from(q.used, 2)[0]
-    q.next_avail = base & 0xFFFF
-    q.next_used = q.signalled_used = used_idx
-
-
-def _rebind(q, mem):
-    """Re-resolve a ready ring's views in new guest memory, keeping its indices."""
-    problem = q.check(mem)
-    if problem is not None:
-        raise RingError(problem)
-    size = q.size
-    q.desc_table = mem.view(q.desc_addr, desc_table_bytes(size))
-    q.avail = mem.view(q.driver_addr, avail_ring_bytes(size))
-    q.used = mem.view(q.device_addr, used_ring_bytes(size))
-
-
-def _wait_idle(dev, index, timeout=STOP_TIMEOUT):
-    """Wait until queue ``index`` has nothing in flight and nothing unpublished."""
-    dq = dev._queues[index]
-    deadline = time.monotonic() + timeout
-    while any(r.busy for r in dq.slots) or dq.done:
-        if time.monotonic() > deadline:
-            _log.error("vhost-user: ring %d still has requests in flight after %.0f s", index, timeout)
-            return
-        time.sleep(0.001)
 
 
 def _close(fds):
