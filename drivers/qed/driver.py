@@ -772,8 +772,7 @@ class QedDriver(BlockDriver):
             self.allocs_in_flight += 1
         out = Future()
 
-        def finish(f):
-            exc = f.exception()
+        def finish(exc):
             self._alloc_end(p, entry, done, exc is None)
             if exc is None:
                 out.set_result(length)
@@ -785,9 +784,18 @@ class QedDriver(BlockDriver):
             self._event("DATA_WRITE")
             fut = self.f.submit_write(p.host_offset + (offset - p.cluster_start), buffers)
         except BaseException as exc:
-            finish(failed(exc))
+            finish(exc)
             return out
-        _chain(fut, self._update, entry, p.entries(geo), "L2_UPDATE").add_done_callback(finish)
+        entries = p.entries(geo)
+
+        def written(f):
+            exc = f.exception()
+            if exc is None:
+                self._update(entry, entries, "L2_UPDATE", finish)
+            else:
+                finish(exc)
+
+        fut.add_done_callback(written)
         return out
 
     def _extend(self, end):
@@ -848,15 +856,19 @@ class QedDriver(BlockDriver):
         if fut is not None:
             fut.result()
 
-    def _update(self, entry, updates, event):
-        """Queue ``updates`` (index -> value) for ``entry``'s table; the returned future completes
-        once they are written and visible. The first request to find the table idle starts its
-        writer; the writer runs on I/O completions, one batch after another, until the queue is
-        empty (no thread waits for it)."""
-        fut = Future()
+    def _update(self, entry, updates, event, callback=None):
+        """Queue ``updates`` (index -> value) for ``entry``'s table. Once they are written and
+        visible, ``callback(error or None)`` runs (on an I/O completion); without a callback a
+        future is returned instead. The first request to find the table idle starts its writer;
+        the writer runs on I/O completions, one batch after another, until the queue is empty (no
+        thread waits for it)."""
+        fut = None
+        if callback is None:
+            fut = Future()
+            callback = _completer(fut)
         with self.lock:
             entry.queued.update(updates)
-            entry.waiters.append(fut)
+            entry.waiters.append(callback)
             start = entry.state is not WRITING
             if start:
                 self.cache.move(entry, "queue")
@@ -923,10 +935,7 @@ class QedDriver(BlockDriver):
             else:
                 self.cache.move(entry, "written")
         for w in waiters:
-            if err is None:
-                w.set_result(None)
-            else:
-                w.set_exception(err)
+            w(err)
         if nwaiters:
             self._write_batch(entry, nbatch, nwaiters, event)
 
@@ -1243,3 +1252,15 @@ def _chain(fut, fn, *args):
 
     fut.add_done_callback(step)
     return out
+
+
+def _completer(fut):
+    """A table-writer callback that completes ``fut``."""
+
+    def complete(err):
+        if err is None:
+            fut.set_result(None)
+        else:
+            fut.set_exception(err)
+
+    return complete
