@@ -272,7 +272,7 @@ def test_serve_signal_drains_flushes_and_clears_qed_need_check(scratch, sig):
     vblock.create_image(path, "qed", 64 << 20).close()
     sock_path = str(scratch / "serve.sock")
     log = open(scratch / "serve.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "vblock.cli.serve", "--vhost-user", sock_path, path],
+    proc = subprocess.Popen([sys.executable, "-m", "vblock.cli.main", "serve", "--vhost-user", sock_path, path],
                             stderr=log)
     try:
         deadline = time.monotonic() + 30

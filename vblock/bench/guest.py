@@ -193,13 +193,13 @@ def wait_for_server(log_path, proc, timeout=30.0):
 
 
 class Serve:
-    """``vblock serve --vhost-user`` in a child process (``python -m vblock.cli.serve``)."""
+    """``vblock serve --vhost-user`` in a child process (``python -m vblock.cli.main serve``)."""
 
     def __init__(self, sock, image, *args):
         self.sock = sock
         self.stderr_path = sock + ".log"
         self._err = open(self.stderr_path, "wb")
-        self.proc = subprocess.Popen([sys.executable, "-m", "vblock.cli.serve", "--vhost-user", sock, image, *args],
+        self.proc = subprocess.Popen([sys.executable, "-m", "vblock.cli.main", "serve", "--vhost-user", sock, image, *args],
                                      stdout=subprocess.DEVNULL, stderr=self._err)
         wait_for_server(self.stderr_path, self.proc)
 

@@ -57,7 +57,7 @@ def add_parser(sub, common=None):
     """Register ``serve`` on the ``vblock`` subparsers (``vblock.cli.main`` pattern)."""
     p = sub.add_parser("serve", parents=[common] if common is not None else [],
                        help="serve an image to a VM over vhost-user-blk",
-                       description=__doc__.split("\n\n")[0].strip("`"))
+                       description="Serve an image to a VM as a vhost-user-blk disk, until SIGTERM or SIGINT.")
     configure(p)
     return p
 
