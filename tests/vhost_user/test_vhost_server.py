@@ -361,3 +361,51 @@ def test_read_only_offers_ro_and_answers_writes_with_ioerr(image):
     assert ring.run(T_IN, 0, length=4096)[2] == PAT
     s.finish()
     assert image.read(0, 4096) == PAT
+
+
+def test_the_reference_sequence_with_q35_memory_layout(served, image):
+    """QEMU 7.2's messages in the order captured in the reference (§4), with guest RAM as two
+    regions of one memfd around the 640K-1M hole, ring and buffers above it."""
+    fe = served.fe
+    assert fe.get_u64(Req.GET_FEATURES) >> 32 & 1
+    pf = fe.get_u64(Req.GET_PROTOCOL_FEATURES)
+    fe.send(Req.SET_PROTOCOL_FEATURES, pf)
+    fe.protocol_features = pf
+    assert fe.get_u64(Req.GET_QUEUE_NUM) == 1
+    assert fe.get_u64(Req.GET_MAX_MEM_SLOTS) == 32
+    assert fe.request(Req.SET_OWNER) == 0
+    fe.get_u64(Req.GET_FEATURES)
+    call0 = os.eventfd(0, os.EFD_NONBLOCK)
+    err0 = os.eventfd(0, os.EFD_NONBLOCK)
+    try:
+        assert fe.request(Req.SET_VRING_CALL, 0, fds=(call0,)) == 0
+        assert fe.request(Req.SET_VRING_ERR, 0, fds=(err0,)) == 0
+        assert len(fe.get_config(57)) == 57
+        for features in (SEABIOS_FEATURES, LINUX_FEATURES):
+            assert fe.request(Req.SET_FEATURES, features) == 0  # sent twice, as QEMU does
+            if features == SEABIOS_FEATURES:
+                low = P.MemRegion(0, 0xA0000, 0x7F00_0000_0000, 0)
+                high = P.MemRegion(0xC0000, len(fe.ram) - 0xC0000, 0x7F00_0000_0000 + 0xC0000, 0xC0000)
+                assert fe.add_mem_reg(low) == 0 and fe.add_mem_reg(high) == 0
+                fe._next_alloc = 0x100000  # the guest's rings and buffers live above 1 MiB
+            ring = fe.start_ring(0, features, size=32)
+            image.write(0, PAT)
+            assert ring.run(T_IN, 0, length=4096)[2] == PAT
+            assert ring.run(T_OUT, 8, data=PAT)[0] == 0
+            assert fe.stop_ring(0) == 2
+    finally:
+        os.close(call0)
+        os.close(err0)
+    served.finish()
+    assert image.read(4096, 4096) == PAT
+
+
+def test_the_backend_installs_real_fences():
+    from vblock import hostio
+    from vblock.virtio import queue
+
+    from vblock.vhost_user.backend import install_fences
+
+    install_fences()
+    assert (queue.acquire_fence, queue.release_fence, queue.full_fence) == (
+        hostio.fence_acquire, hostio.fence_release, hostio.fence_full)
