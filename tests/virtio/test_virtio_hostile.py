@@ -71,7 +71,7 @@ def test_next_index_beyond_queue_size(guest):
 
 
 def test_chain_longer_than_the_queue(guest):
-    g = guest  # 8 descriptors of a queue of 8 in the table, then one more in an indirect table...
+    g = guest  # an indirect table of 9 entries (header, 7 data, status) on a queue of 8
     h = g.header(OUT, 0)
     data = [g.buf(512, b"\x22" * 512) for _ in range(7)]
     st = g.status()
