@@ -12,7 +12,8 @@ cluster of a default 64K/4 image), O_DIRECT, through ``vblock.open_image`` (the 
 * ``read-1TiB``: 4 KiB random reads across 1 TiB whose every 2 GiB region has an L2 table, with
   the default 64-table cache (resident memory before and after on stderr: the bound holds).
 
-Each case runs next to its peers in the same run, because figures on shared machines drift.
+Each case runs in three rounds interleaved with its peers (medians reported, ratios are medians of
+per-round ratios), because figures on shared machines drift.
 """
 
 from __future__ import annotations
@@ -82,40 +83,65 @@ def _qemu_bench(path, depth, count, write):
     return count / secs
 
 
-def _row(pattern, depth, iops, *peers):
-    rows = []
-    for name, peer in peers:
-        row = Row("qed", "auto", pattern, BS, depth, iops, iops * BS / 1e6)
+ENGINE = "auto"  # replaced by the engine the first image really used
+
+
+def _engine(img):
+    global ENGINE
+    f = getattr(img.driver, "f", None)
+    if f is not None:
+        ENGINE = f.engine
+    return img
+
+
+def _median(values):
+    values = sorted(v for v in values if v is not None)
+    return values[len(values) // 2] if values else None
+
+
+def _rows(pattern, depth, rounds, *peer_names, bs=BS):
+    """Rows from interleaved rounds: each round is (ours, peer1, peer2...) measured back to back.
+    IOPS are medians over rounds; ratios are medians of the per-round ratios, so a burst of load
+    from elsewhere moves both sides of a ratio together."""
+    ours = _median(r[0] for r in rounds)
+    out = []
+    for k, name in enumerate(peer_names, start=1):
+        peer = _median(r[k] for r in rounds)
+        row = Row("qed", ENGINE, pattern, bs, depth, ours, ours * bs / 1e6)
         if peer:
             row.against(name, peer)
-        rows.append(row)
-    return rows
+            row.ratio = _median(r[0] / r[k] for r in rounds if r[k])
+        out.append(row)
+    return out
 
 
-def alloc_write(tmp, depths, duration, use_qemu):
+def alloc_write(tmp, depths, duration, use_qemu, rounds=3):
     rows = []
     for depth in depths:
-        qemu = None
-        if use_qemu:
-            q = os.path.join(tmp, "q-alloc.qed")
-            subprocess.run([_qemu_img(), "create", "-q", "-f", "qed", q, str(VIRTUAL)],
-                           check=True)
-            qemu = _qemu_bench(q, depth, 4096, True)
-            os.unlink(q)
-        p = os.path.join(tmp, "v-alloc.qed")
-        _quiet_create(p, VIRTUAL).close()
-        img = vblock.open_image(p, format="qed")
-        iops = _strided(img, depth, duration, True)
-        img.close()
-        os.unlink(p)
-        r = os.path.join(tmp, "v-alloc.raw")
-        with open(r, "wb") as fh:
-            fh.truncate(VIRTUAL)
-        img = vblock.open_image(r, format="raw")
-        raw = _strided(img, depth, duration, True)
-        img.close()
-        os.unlink(r)
-        rows += _row("alloc-write", depth, iops, ("qemu-img bench qed", qemu), ("vblock raw", raw))
+        results = []
+        for _ in range(rounds):
+            qemu = None
+            if use_qemu:
+                q = os.path.join(tmp, "q-alloc.qed")
+                subprocess.run([_qemu_img(), "create", "-q", "-f", "qed", q, str(VIRTUAL)],
+                               check=True)
+                qemu = _qemu_bench(q, depth, 4096, True)
+                os.unlink(q)
+            p = os.path.join(tmp, "v-alloc.qed")
+            _quiet_create(p, VIRTUAL).close()
+            img = _engine(vblock.open_image(p, format="qed"))
+            iops = _strided(img, depth, duration, True)
+            img.close()
+            os.unlink(p)
+            r = os.path.join(tmp, "v-alloc.raw")
+            with open(r, "wb") as fh:
+                fh.truncate(VIRTUAL)
+            img = vblock.open_image(r, format="raw")
+            raw = _strided(img, depth, duration, True)
+            img.close()
+            os.unlink(r)
+            results.append((iops, qemu, raw))
+        rows += _rows("alloc-write", depth, results, "qemu-img bench qed", "vblock raw")
     return rows
 
 
@@ -130,7 +156,7 @@ def _fill_qed(path, size):
     img.close()
 
 
-def steady(tmp, depths, duration, use_qemu):
+def steady(tmp, depths, duration, use_qemu, rounds=3):
     rows = []
     qp = os.path.join(tmp, "v-full.qed")
     _fill_qed(qp, REGION)
@@ -144,14 +170,18 @@ def steady(tmp, depths, duration, use_qemu):
                         qemu_img_path], check=True, capture_output=True)
     for pattern, write in (("rewrite", True), ("read", False)):
         for depth in depths:
-            qemu = _qemu_bench(qemu_img_path, depth, REGION // STEP, write) if use_qemu else None
-            img = vblock.open_image(rp, format="raw")
-            raw = _strided(img, depth, duration, write, REGION)
-            img.close()
-            img = vblock.open_image(qp, format="qed")
-            iops = _strided(img, depth, duration, write, REGION)
-            img.close()
-            rows += _row(pattern, depth, iops, ("vblock raw", raw), ("qemu-img bench qed", qemu))
+            results = []
+            for _ in range(rounds):
+                img = _engine(vblock.open_image(qp, format="qed"))
+                iops = _strided(img, depth, duration, write, REGION)
+                img.close()
+                img = vblock.open_image(rp, format="raw")
+                raw = _strided(img, depth, duration, write, REGION)
+                img.close()
+                qemu = (_qemu_bench(qemu_img_path, depth, REGION // STEP, write)
+                        if use_qemu else None)
+                results.append((iops, raw, qemu))
+            rows += _rows(pattern, depth, results, "vblock raw", "qemu-img bench qed")
     return rows
 
 
@@ -176,7 +206,7 @@ def open_big(tmp):
     best = sorted(times)[len(times) // 2]
     print(f"qed open 64 TiB: median {best * 1000:.1f} ms, Python memory peak during the first "
           f"open {peak / (1 << 20):.2f} MiB", file=sys.stderr)
-    row = Row("qed", "auto", "open-64TiB", 0, 1, 1 / best, 0.0)
+    row = Row("qed", ENGINE, "open-64TiB", 0, 1, 1 / best, 0.0)
     return [row]
 
 
@@ -204,10 +234,11 @@ def read_wide(tmp, duration):
     img.close()
     print(f"qed reads across 1 TiB: resident {before:.1f} MiB -> {after:.1f} MiB, "
           f"{cached} tables cached (bound 64)", file=sys.stderr)
-    return [Row("qed", "auto", "read-1TiB", 4096, 16, count / elapsed, count / elapsed * 4096 / 1e6)]
+    return [Row("qed", ENGINE, "read-1TiB", 4096, 16, count / elapsed,
+                count / elapsed * 4096 / 1e6)]
 
 
-def run(duration=2.0, depths=(1, 8, 16), peers=True, cases=("alloc", "steady", "open", "wide")):
+def run(duration=1.0, depths=(1, 8, 16), peers=True, cases=("alloc", "steady", "open", "wide")):
     use_qemu = peers and _qemu_img() is not None and shutil.which("qemu-io") is not None
     if peers and not use_qemu:
         print("qemu-img/qemu-io not found: QEMU peers skipped", file=sys.stderr)
@@ -231,7 +262,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m vblock.bench qed",
                                  description=__doc__.split("\n\n")[0])
     ap.add_argument("--json", action="store_true", help="one JSON object per row")
-    ap.add_argument("--duration", type=float, default=2.0, help="seconds per case (default 2)")
+    ap.add_argument("--duration", type=float, default=1.0,
+                    help="seconds per measurement; each case runs 3 interleaved rounds (default 1)")
     ap.add_argument("--depths", default="1,8,16", help="requests in flight (default 1,8,16)")
     ap.add_argument("--no-peer", action="store_true", help="skip qemu-img bench")
     ap.add_argument("--cases", default="alloc,steady,open,wide",
