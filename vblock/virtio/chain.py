@@ -108,15 +108,7 @@ def walk(mem, table, queue_size, head, indirect_ok, indirect_max):
                 raise ChainError("INDIRECT descriptor inside an indirect table")  # 2.7.5.3.1
             if flags & VIRTQ_DESC_F_NEXT:
                 raise ChainError("INDIRECT and NEXT both set")  # 2.7.5.3.1
-            if length == 0 or length % VIRTQ_DESC_SIZE:
-                raise ChainError(f"indirect table length {length} is not a non-zero multiple of 16")
-            n = length // VIRTQ_DESC_SIZE
-            if n > indirect_max:
-                raise ChainError(f"indirect table of {n} entries exceeds {indirect_max}")
-            try:
-                table = mem.view(addr, length)
-            except GuestMemoryError as exc:
-                raise ChainError(f"indirect table: {exc}") from None
+            table, n = _indirect_table(mem, addr, length, indirect_max)
             in_indirect = True
             ttl = n  # 2.7.5.3.2: the table is walked from entry 0, at most n entries
             idx = 0
@@ -147,6 +139,20 @@ def walk(mem, table, queue_size, head, indirect_ok, indirect_max):
         if nxt >= n:
             raise ChainError(f"next index {nxt} >= table size {n}")  # 2.7.5
         idx = nxt
+
+
+def _indirect_table(mem, addr, length, indirect_max):
+    """The view and entry count of an indirect table (2.7.5.3.1 / 2.8.19): ``len`` a non-zero
+    multiple of 16, at most ``indirect_max`` entries, inside guest memory."""
+    if length == 0 or length % VIRTQ_DESC_SIZE:
+        raise ChainError(f"indirect table length {length} is not a non-zero multiple of 16")
+    n = length // VIRTQ_DESC_SIZE
+    if n > indirect_max:
+        raise ChainError(f"indirect table of {n} entries exceeds {indirect_max}")
+    try:
+        return mem.view(addr, length), n
+    except GuestMemoryError as exc:
+        raise ChainError(f"indirect table: {exc}") from None
 
 
 def walk_packed(mem, ring, size, pos, indirect_ok, indirect_max):
@@ -193,16 +199,7 @@ def _packed_buffers(mem, descs, indirect_ok, indirect_max):
             raise ChainError("INDIRECT descriptor but VIRTIO_F_INDIRECT_DESC not negotiated")
         if len(descs) > 1:
             raise ChainError("INDIRECT and NEXT both set")  # 2.8.19
-        addr, length = first[0], first[1]
-        if length == 0 or length % VIRTQ_DESC_SIZE:
-            raise ChainError(f"indirect table length {length} is not a non-zero multiple of 16")
-        n = length // VIRTQ_DESC_SIZE
-        if n > indirect_max:
-            raise ChainError(f"indirect table of {n} entries exceeds {indirect_max}")
-        try:
-            table = mem.view(addr, length)
-        except GuestMemoryError as exc:
-            raise ChainError(f"indirect table: {exc}") from None
+        table, n = _indirect_table(mem, first[0], first[1], indirect_max)
         descs = [_unpack_desc(table, i * VIRTQ_DESC_SIZE) for i in range(n)]  # read once
         for d in descs:
             if d[3] & VIRTQ_DESC_F_INDIRECT:

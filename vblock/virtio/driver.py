@@ -305,18 +305,22 @@ class PackedDriverQueue:
 
     def publish_chain(self, req, entries):
         """Write the chain at the next positions; the first descriptor's flags go last (2.8.21)."""
+        last = len(entries) - 1
+        self._write_chain([(a, n, f | (VIRTQ_DESC_F_NEXT if i < last else 0)) for i, (a, n, f) in enumerate(entries)],
+                          req.head)
+
+    def _write_chain(self, entries, buffer_id):
         ring, size = self.ring, self.size
         p, w = self.next_avail, self.avail_wrap
         first = None
-        last = len(entries) - 1
         for i, (a, n, f) in enumerate(entries):
-            flags = f | (VIRTQ_DESC_F_NEXT if i < last else 0) | self.avail_flags(w)
+            flags = f | self.avail_flags(w)
             if i == 0:
                 first = (p, flags)
                 keep = _unpack16(ring, 16 * p + S.PVIRTQ_FLAGS_OFFSET)[0]  # still not available
-                S.pvirtq_desc.pack_into(ring, 16 * p, a, n, req.head, keep)
+                S.pvirtq_desc.pack_into(ring, 16 * p, a, n, buffer_id, keep)
             else:
-                S.pvirtq_desc.pack_into(ring, 16 * p, a, n, req.head, flags)
+                S.pvirtq_desc.pack_into(ring, 16 * p, a, n, buffer_id, flags)
             p += 1
             if p == size:
                 p, w = 0, w ^ 1
@@ -332,29 +336,12 @@ class PackedDriverQueue:
         """Raw access: publish ``entries`` = [(addr, len, flags)] as written (NEXT is the
         caller's business) at the next positions, all with ``buffer_id``, the first made
         available last. Returns the position of the first."""
-        req = Request(0, 0)
-        req.head = buffer_id
         start = self.next_avail
-        ring, size = self.ring, self.size
-        p, w = self.next_avail, self.avail_wrap
-        for i, (a, n, f) in enumerate(entries):
-            flags = f | self.avail_flags(w)
-            if i == 0:
-                first = (p, flags)
-                keep = _unpack16(ring, 16 * p + S.PVIRTQ_FLAGS_OFFSET)[0]
-                S.pvirtq_desc.pack_into(ring, 16 * p, a, n, buffer_id, keep)
-            else:
-                S.pvirtq_desc.pack_into(ring, 16 * p, a, n, buffer_id, flags)
-            p += 1
-            if p == size:
-                p, w = 0, w ^ 1
-        self.next_avail, self.avail_wrap = p, w
-        self.avail_pos += len(entries)
         self.raw_chains[buffer_id] = len(entries)
         if buffer_id in self.free_ids:
             self.free_ids.remove(buffer_id)
             self.free_ids.insert(0, buffer_id)  # handed out last, after the raw chain is back
-        _pack16(ring, 16 * first[0] + S.PVIRTQ_FLAGS_OFFSET, first[1])
+        self._write_chain(entries, buffer_id)
         return start
 
     def reap_into(self, finish):

@@ -98,16 +98,11 @@ class PackedQueue:
         size = self.size
         if not 0 < size <= min(self.size_max, VIRTQ_MAX_SIZE):
             return f"queue size {size} is not in 1..{self.size_max}"  # 2.8: any size up to 2^15
-        for name, addr, align, length in (
+        return _split.check_areas(mem, (
             ("descriptor ring", self.desc_addr, VIRTQ_DESC_ALIGN, packed_ring_bytes(size)),
             ("driver event suppression", self.driver_addr, PACKED_EVENT_ALIGN, 4),
             ("device event suppression", self.device_addr, PACKED_EVENT_ALIGN, 4),
-        ):
-            if addr % align:
-                return f"{name} at {addr:#x} is not {align}-byte aligned"
-            if not mem.contains(addr, length):
-                return f"{name} at {addr:#x}+{length:#x} is not inside guest memory"
-        return None
+        ))
 
     def activate(self, mem, event_idx):
         self.rebind(mem)

@@ -80,6 +80,17 @@ def use_native_fences(enable=True):
     set_fence(fence_acquire, fence_release, fence_full)
 
 
+def check_areas(mem, areas):
+    """The first problem with ``areas`` = ``[(name, addr, alignment, length)]`` of a ring
+    (misaligned, or not inside guest memory), or ``None``."""
+    for name, addr, align, length in areas:
+        if addr % align:
+            return f"{name} at {addr:#x} is not {align}-byte aligned"
+        if not mem.contains(addr, length):
+            return f"{name} at {addr:#x}+{length:#x} is not inside guest memory"
+    return None
+
+
 class SplitQueue:
     """State of one split virtqueue. Transport setters (``size``, ``desc_addr``, ``driver_addr``,
     ``device_addr``) are plain attributes, written while the queue is not ready;
@@ -123,16 +134,11 @@ class SplitQueue:
         size = self.size
         if size == 0 or size & (size - 1) or size > min(self.size_max, VIRTQ_MAX_SIZE):
             return f"queue size {size} is not a power of 2 in 1..{self.size_max}"
-        for name, addr, align, length in (
+        return check_areas(mem, (
             ("descriptor table", self.desc_addr, VIRTQ_DESC_ALIGN, desc_table_bytes(size)),
             ("available ring", self.driver_addr, VIRTQ_AVAIL_ALIGN, avail_ring_bytes(size)),
             ("used ring", self.device_addr, VIRTQ_USED_ALIGN, used_ring_bytes(size)),
-        ):
-            if addr % align:
-                return f"{name} at {addr:#x} is not {align}-byte aligned"
-            if not mem.contains(addr, length):
-                return f"{name} at {addr:#x}+{length:#x} is not inside guest memory"
-        return None
+        ))
 
     def activate(self, mem, event_idx):
         """Resolve the ring views and start at index 0. Raises ``RingError`` if :meth:`check`
