@@ -801,20 +801,18 @@ class QedDriver(BlockDriver):
     def _extend(self, end):
         """Grow the file to at least ``end`` bytes; never shrinks it.
 
-        Without a backing file the file grows ahead of the allocation pointer, in steps of an
-        eighth of its size (1 MiB to 1 GiB): file systems serialise writes that extend a file,
-        and writes into a hole inside it run in parallel. The extra tail is unreferenced: a clean
-        close and the idle need-check clear cut it off, and after a crash the need-check repair
-        reclaims it as trailing leaks. With a backing file need-check is never set, so the file
-        grows exactly."""
+        The file grows ahead of the allocation pointer, in steps of an eighth of its size (1 MiB
+        to 1 GiB): file systems serialise writes that extend a file, and writes into a hole inside
+        it run in parallel. The extra tail is unreferenced: a clean close and the idle need-check
+        clear cut it off, and after a crash the need-check repair at the next open reclaims it as
+        trailing leaks."""
         if end <= self._file_length:
             return
         with self._extend_lock:
             if end > self._file_length:
-                if self._backing is None:
-                    step = min(max(self._file_length // 8, 1 << 20), 1 << 30)
-                    end = max(end, -(-(self._file_length + step) // self.geo.cluster_size)
-                              * self.geo.cluster_size)
+                step = min(max(self._file_length // 8, 1 << 20), 1 << 30)
+                end = max(end, -(-(self._file_length + step) // self.geo.cluster_size)
+                          * self.geo.cluster_size)
                 self.f.truncate(end)
                 self._file_length = end
 
