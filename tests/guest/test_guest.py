@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import shutil
 import signal
 import subprocess
 
@@ -92,6 +93,7 @@ echo "VBG sum=$(sha256sum /tmp/r | cut -c1-64)"
         assert m["_flushes"] == 0
 
 
+@pytest.mark.skipif(not (shutil.which("e2fsck") and shutil.which("debugfs")), reason="needs e2fsprogs (e2fsck, debugfs)")
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_guest_ext2_file_system(gdir, fmt):
     img = make_disk(gdir, fmt, host_pattern=False)
