@@ -278,6 +278,7 @@ class QedDriver(BlockDriver):
         self._nc_fut = None  # Future while the need-check bit is being set or cleared
         self._extend_lock = threading.Lock()
         self._header_lock = threading.Lock()  # serialises header writes (held across that I/O)
+        self._meta_free = {}  # length -> aligned buffers for table writes (list ops are atomic)
         self._file_length = length
         self._inflight = 0
         self._inflight_cond = threading.Condition()
@@ -880,7 +881,10 @@ class QedDriver(BlockDriver):
     def _write_batch(self, entry, batch, waiters, event):
         """Write one batch of ``entry``'s queued updates; ``_batch_done`` follows on completion."""
 
+        buf = None
+
         def done(f):
+            self._meta_release(buf)
             self._batch_done(entry, batch, waiters, event, f.exception())
 
         try:
@@ -889,15 +893,18 @@ class QedDriver(BlockDriver):
                 for i, v in batch.items():
                     table[i] = v
                 data = tables.encode(table)
+                buf = self._meta_buffer(data)
                 self._event("L2_ALLOC")
-                fut = self.f.submit_write(entry.offset, [self._meta_buffer(data)])
+                fut = self.f.submit_write(entry.offset, [buf])
                 fut = _chain(fut, self._after_new_table, entry)
             else:
                 off, data = tables.encode_slice(entry.table, min(batch), max(batch) + 1,
                                                 self.meta_align, batch)
+                buf = self._meta_buffer(data)
                 self._event(event)
-                fut = self.f.submit_write(entry.offset + off, [self._meta_buffer(data)])
+                fut = self.f.submit_write(entry.offset + off, [buf])
         except BaseException as exc:
+            self._meta_release(buf)
             self._batch_done(entry, batch, waiters, event, exc)
             return
         fut.add_done_callback(done)
@@ -911,9 +918,21 @@ class QedDriver(BlockDriver):
                       {entry.l1_index: entry.offset}, "L1_UPDATE")
 
     def _meta_buffer(self, data):
-        buf = self.f.alloc(len(data))
+        """An aligned buffer holding ``data``, from a free list (allocating aligned memory costs
+        more than the rest of a table update); give it back with ``_meta_release``."""
+        free = self._meta_free.get(len(data))
+        try:
+            buf = free.pop()
+        except (AttributeError, IndexError):
+            buf = self.f.alloc(len(data))
         buf[:] = data
         return buf
+
+    def _meta_release(self, buf):
+        if buf is not None and len(buf) <= self.meta_align * 4:
+            free = self._meta_free.setdefault(len(buf), [])
+            if len(free) < 8:
+                free.append(buf)
 
     def _batch_done(self, entry, batch, waiters, event, err):
         with self.lock:
