@@ -22,6 +22,8 @@ import functools
 import threading
 
 from vblock.block.bounce import BufferPool, RangeLock, address_of, aligned_buffer
+# address_of's parts, for the two hot paths that inline it
+from vblock.block.bounce import _CHAR_ARRAY, _UINTPTR, _cast, _from_buffer
 from vblock.block.interface import UNALLOCATED, ZERO, OpenOptions, Run
 from vblock.errors import ReadOnlyError
 from vblock.future import Future, completed
@@ -267,7 +269,8 @@ class Image:
         if not offset % a and total <= self._max:
             m = self._mem_align
             for v in views:
-                if len(v) % a or (m > 1 and address_of(v) % m):
+                # address_of(v) % m, inlined (hot path)
+                if len(v) % a or (m > 1 and int(_cast(_UINTPTR, _from_buffer(_CHAR_ARRAY, v, False))) % m):
                     break
             else:
                 return self._drv_read(offset, views)
@@ -282,20 +285,15 @@ class Image:
             offset, _ = self._range(offset, total)  # raises, or converts an int-like offset
         if not total:
             return completed(0)
-        return self._write(offset, views, total, fua)
-
-    def _write(self, offset, views, total, fua):
-        """The write path after the edge checks (also used by the generic zero fill)."""
         rl = self._rl
-        if rl is None:
-            if total <= self._max:
-                return self._drv_write(offset, views, fua)
-            return _join([self._drv_write(o, g, fua) for o, g in self._groups(offset, views)])
+        if rl is None or total > self._max:
+            return self._write(offset, views, total, fua)
+        # the aligned write into aligned memory, as in _write, inlined (hot path)
         a = self._align
-        if not offset % a and total <= self._max:
+        if not offset % a:
             m = self._mem_align
             for v in views:
-                if len(v) % a or (m > 1 and address_of(v) % m):
+                if len(v) % a or (m > 1 and int(_cast(_UINTPTR, _from_buffer(_CHAR_ARRAY, v, False))) % m):
                     break
             else:
                 slot = rl.begin_plain(offset, offset + total)
@@ -309,6 +307,25 @@ class Image:
                     if slot[3]:
                         rl.plain_submitted(slot, fut)
                     return fut
+        return self._bounce_write(offset, views, total, fua)
+
+    def _write(self, offset, views, total, fua):
+        """The write path after the edge checks (also used by the generic zero fill)."""
+        rl = self._rl
+        if rl is None:
+            if total <= self._max:
+                return self._drv_write(offset, views, fua)
+            return _join([self._drv_write(o, g, fua) for o, g in self._groups(offset, views)])
+        if self._aligned(offset, views, total):
+            slot = rl.begin_plain(offset, offset + total)
+            if slot is not None:
+                try:
+                    fut = self._drv_write(offset, views, fua)
+                except BaseException:
+                    rl.plain_failed(slot)
+                    raise
+                rl.plain_submitted(slot, fut)
+                return fut
         return self._bounce_write(offset, views, total, fua)
 
     def submit_flush(self) -> Future:
