@@ -29,8 +29,8 @@ def _on_off(value):
 
 def _queues(value):
     n = int(value)
-    if not 1 <= n <= 64:
-        raise argparse.ArgumentTypeError(f"queues must be in 1..64, not {n}")
+    if not 1 <= n <= 256:  # SET_VRING_KICK/CALL/ERR carry the ring index in 8 bits
+        raise argparse.ArgumentTypeError(f"queues must be in 1..256, not {n}")
     return n
 
 

@@ -57,6 +57,9 @@ def bind_unix(path):
     try:
         sock.bind(path)
         sock.listen(1)
+    except OSError as exc:
+        sock.close()
+        raise type(exc)(exc.errno, exc.strerror, path) from None  # name the socket path
     except BaseException:
         sock.close()
         raise
