@@ -10,7 +10,7 @@ from vblock.future import Future
 from vblock.virtio import spec as S
 from vblock.virtio.driver import DriverError, GuestAllocator
 
-from conftest import FakeImage, Stack
+from virtio_helpers import FakeImage, Stack
 from test_virtio_stack import run_workload
 
 

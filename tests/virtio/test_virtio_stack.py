@@ -14,7 +14,7 @@ import pytest
 import vblock
 from vblock.virtio import spec as S
 
-from conftest import Stack
+from virtio_helpers import Stack
 
 SLOT = 8192
 SIZE = 4 << 20
