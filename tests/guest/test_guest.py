@@ -59,9 +59,13 @@ dd if=/tmp/pat of=/dev/vda bs=65536 oflag=direct conv=fsync 2>/dev/null || exit 
 dd if=/dev/vda of=/tmp/back bs=65536 count=16 iflag=direct 2>/dev/null || exit 4
 cmp -s /tmp/pat /tmp/back && echo "VBG readback=OK" || echo "VBG readback=MISMATCH"
 """
-    m = serve_and_boot(gdir, img, fmt, script, serve_args=("--serial", "VBLOCK-GUEST-1"))
+    m = serve_and_boot(gdir, img, fmt, script, serve_args=("--serial", "VBLOCK-GUEST-1", "--debug"))
     assert_ran(m)
     assert m["serial"] == "VBLOCK-GUEST-1"
+    # q35: SeaBIOS drives the disk first (no EVENT_IDX), then Linux restarts it with EVENT_IDX
+    ups = [int(f, 16) for f in re.findall(r"device up with features (0x[0-9a-f]+)", m["_serve_log"])]
+    assert len(ups) >= 2 and not ups[0] >> 29 & 1 and ups[-1] >> 29 & 1, m["_serve_log"]
+    assert "ring 0 stopped at avail index" in m["_serve_log"]
     assert m["hostpat"] == sha(HOST_PATTERN)
     assert m["readback"] == "OK"
     assert qemu_img_check(img, fmt)[0] == 0

@@ -361,6 +361,7 @@ class VhostUserBlk:
         if not self.writeback and features >> VIRTIO_BLK_F_CONFIG_WCE & 1:
             dev.write_config(VIRTIO_BLK_CONFIG_WRITEBACK_OFFSET, 1, 0)
         dev.set_status(ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK)
+        _log.info("vhost-user: device up with features %#x", features)
 
     def kick(self, index):
         """An available-buffer notification for ring ``index`` (the loop thread)."""
@@ -383,6 +384,7 @@ class VhostUserBlk:
             dev.set_queue_ready(index, False)
         _close([rio.kick] if rio.kick is not None else [])
         rio.kick = None
+        _log.info("vhost-user: ring %d stopped at avail index %d", index, base)
         if not any(r.running for r in self.rings) and not any(dev.queue(i).ready for i in range(self.num_queues)):
             dev.reset()
         return base
