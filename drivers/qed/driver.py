@@ -5,8 +5,11 @@ Paths through a request:
 * **Fast path** (calling thread, no thread hop, no lock): a read, or a write whose clusters are
   all allocated, whose L2 tables are cached (``L2Cache.peek``). Lookup, then submit to the host
   file. Reads of zero or unallocated clusters fill zeros or read the backing image inline.
-* **Slow path** (``self.pool``): everything that must wait: loading an L2 table, allocating
-  clusters (``alloc.py`` describes the order of writes), copying from the backing file.
+* **Inline allocation** (calling thread, one lock): an allocating write whose table is cached,
+  on an image without a backing file whose need-check bit is already set: planned under the lock,
+  then carried by I/O completions (data, then the table update; ``alloc.py``).
+* **Slow path** (``self.pool``): everything that must wait: loading an L2 table, setting the
+  need-check bit, copying from the backing file, zero markers, discards.
 
 State shared by requests (``l1``, the cache, ``file_size``, ``pending``, ``creating``, the header)
 changes under ``self.lock``, which is never held across I/O.
@@ -36,7 +39,7 @@ DEFAULT_L2_CACHE_SIZE = 64  # tables
 DEFAULT_NEED_CHECK_TIMEOUT = 5.0  # seconds without allocation before the dirty bit is cleared
 DEFAULT_POOL_SIZE = 32  # threads
 
-_ZEROS = bytes(1 << 20)
+_ZEROS = memoryview(bytes(1 << 20))  # sliced without copying
 _opening = threading.local()  # realpaths of the backing chain being opened in this thread
 
 
@@ -1010,12 +1013,10 @@ class QedDriver(BlockDriver):
             if kind is lookup.INVALID:
                 raise self._invalid(pos, host)
             k = kinds[kind]
-            if out and out[-1].kind == k and k != DATA and out[-1].offset + out[-1].length == pos:
-                out[-1] = out[-1]._replace(length=out[-1].length + n)
-            elif (out and k == DATA and out[-1].kind == DATA
-                  and out[-1].offset + out[-1].length == pos
-                  and out[-1].host_offset + out[-1].length == host):
-                out[-1] = out[-1]._replace(length=out[-1].length + n)
+            last = out[-1] if out else None
+            if (last is not None and last.kind == k and last.offset + last.length == pos
+                    and (k != DATA or last.host_offset + last.length == host)):
+                out[-1] = last._replace(length=last.length + n)  # runs split by L2 boundaries
             else:
                 out.append(Run(pos, n, k, host if k == DATA else None))
         return out
