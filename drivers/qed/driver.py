@@ -681,30 +681,11 @@ class QedDriver(BlockDriver):
             k2, n2, _ = lookup.find_run(geo, table, pos, n, self.file_size)
             if k2 is not kind or n2 != n:
                 return False
-            first = pos >> geo.cluster_bits
-            last = (pos + n - 1) >> geo.cluster_bits
-            for c in range(first, last + 1):
-                busy = self.pending.get(c)
-                if busy is not None:
-                    break
-            else:
-                busy = None
-            if busy is None:
-                p = alloc.plan(geo, self.file_size, pos, n, zero, entry is None)
-                self.file_size = p.file_size
-                if entry is None:
-                    entry = self.cache.create(p.l2_offset, tables.new_table(geo.table_entries),
-                                              l1_index)
-                    self.creating[l1_index] = entry
-                else:
-                    self.cache.hold(entry)
-                done = Future()
-                for c in p.guest_clusters(geo):
-                    self.pending[c] = done
-                self.allocs_in_flight += 1
+            busy, claim = self._claim(l1_index, entry, pos, n, zero)
         if busy is not None:
             busy.exception()  # wait; its outcome is the other request's business
             return False
+        p, entry, done = claim
         ok = False
         try:
             # Set with or without a backing file (QEMU sets it only without one): a crash can
@@ -717,6 +698,30 @@ class QedDriver(BlockDriver):
         finally:
             self._alloc_end(p, entry, done, ok)
         return True
+
+    def _claim(self, l1_index, entry, pos, n, zero):
+        """Under ``self.lock``: claim the clusters of [pos, pos+n) for one allocation. Returns
+        (the future of an allocation already holding one of them, None), or (None, (plan, the
+        held table entry, the future that completes when this allocation ends)); a new L2 table
+        is created when ``entry`` is None (L1 miss)."""
+        geo = self.geo
+        pending = self.pending
+        for c in range(pos >> geo.cluster_bits, ((pos + n - 1) >> geo.cluster_bits) + 1):
+            busy = pending.get(c)
+            if busy is not None:
+                return busy, None
+        p = alloc.plan(geo, self.file_size, pos, n, zero, entry is None)
+        self.file_size = p.file_size
+        if entry is None:
+            entry = self.cache.create(p.l2_offset, tables.new_table(geo.table_entries), l1_index)
+            self.creating[l1_index] = entry
+        else:
+            self.cache.hold(entry)
+        done = Future()
+        for c in p.guest_clusters(geo):
+            pending[c] = done
+        self.allocs_in_flight += 1
+        return None, (p, entry, done)
 
     def _alloc_end(self, p, entry, done, ok):
         """An allocation is over (written or failed): drop its pending marks and its hold. A
@@ -757,23 +762,10 @@ class QedDriver(BlockDriver):
             kind, n, _ = lookup.find_run(geo, table, offset, length, self.file_size)
             if n != length or (kind is not lookup.UNALLOCATED and kind is not lookup.ZERO):
                 return None
-            pending = self.pending
-            for c in range(offset >> geo.cluster_bits,
-                           ((offset + length - 1) >> geo.cluster_bits) + 1):
-                if c in pending:
-                    return None
-            p = alloc.plan(geo, self.file_size, offset, length, False, entry is None)
-            self.file_size = p.file_size
-            if entry is None:
-                entry = self.cache.create(p.l2_offset, tables.new_table(geo.table_entries),
-                                          l1_index)
-                self.creating[l1_index] = entry
-            else:
-                self.cache.hold(entry)
-            done = Future()
-            for c in p.guest_clusters(geo):
-                pending[c] = done
-            self.allocs_in_flight += 1
+            busy, claim = self._claim(l1_index, entry, offset, length, False)
+            if busy is not None:
+                return None  # another request is allocating there: wait on the pool
+        p, entry, done = claim
         out = Future()
 
         def finish(exc):
