@@ -39,10 +39,12 @@ driver lock (a few dictionary operations, no I/O) and everything after runs in p
    data) or the new one (whose data is already in the file), never a cluster not yet written.
 4. **Finish**: the pending marks go, waiters retry and find the clusters allocated.
 
-Two executors share these steps. The inline one (``driver._alloc_inline``: table cached, no
-backing file, need-check already set) plans in the calling thread and lets I/O completions carry
-steps 2-4, with no thread hop. The pool one (``driver._allocate``) does the rest: loading tables,
-copying from the backing file, setting need-check. A pool thread blocks only on work that a
+Two executors share these steps. The inline one (``driver._alloc_inline``: table cached,
+need-check already set) plans in the calling thread and lets I/O completions carry steps 2-4
+(backing-file reads, data, the flush, the table update), with no thread hop. The pool one
+(``driver._allocate``) does the rest: loading tables, setting need-check, zero markers.
+Concurrent allocations share their flushes (``driver._ordered_flush``): each waits for a flush
+that started after its data was written, and one flush serves everyone who arrived meanwhile. A pool thread blocks only on work that a
 running thread or an I/O completion owns, so a bounded pool cannot deadlock.
 """
 

@@ -6,8 +6,9 @@ Paths through a request:
   all allocated, whose L2 tables are cached (``L2Cache.peek``). Lookup, then submit to the host
   file. Reads of zero or unallocated clusters fill zeros or read the backing image inline.
 * **Inline allocation** (calling thread, one lock): an allocating write whose table is cached,
-  on an image without a backing file whose need-check bit is already set: planned under the lock,
-  then carried by I/O completions (data, then the table update; ``alloc.py``).
+  on an image whose need-check bit is already set: planned under the lock, then carried by I/O
+  completions (backing reads, data, a shared flush with a backing file, the table update;
+  ``alloc.py``).
 * **Slow path** (``self.pool``): everything that must wait: loading an L2 table, setting the
   need-check bit, copying from the backing file, zero markers, discards.
 
@@ -282,6 +283,9 @@ class QedDriver(BlockDriver):
         self._extend_lock = threading.Lock()
         self._header_lock = threading.Lock()  # serialises header writes (held across that I/O)
         self._meta_free = {}  # length -> aligned buffers for table writes (list ops are atomic)
+        self._flush_lock = threading.Lock()  # ordered flushes (data -> flush -> L2, backing)
+        self._flush_waiters = []
+        self._flush_running = False
         self._file_length = length
         self._inflight = 0
         self._inflight_cond = threading.Condition()
@@ -606,7 +610,7 @@ class QedDriver(BlockDriver):
                 fut = self.f.submit_write(host, buffers)
                 return self._then_flush(fut, length) if fua else fut
         fut = None
-        if known and self._backing is None:
+        if known:
             fut = self._alloc_inline(offset, buffers, length)
         if fut is None:
             fut = self._on_pool(self._write_slow, offset, buffers, length, False)
@@ -742,9 +746,10 @@ class QedDriver(BlockDriver):
 
     def _alloc_inline(self, offset, buffers, length):
         """The allocating write without a thread hop: when the table is cached (or the L1 entry is
-        0), the image has no backing file, need-check is already set and no cluster of the run is
-        being allocated, plan under the lock and let I/O completions carry the rest (data, then
-        the table update; see alloc.py). Returns None when the request needs the pool."""
+        0), need-check is already set and no cluster of the run is being allocated, plan under the
+        lock and let I/O completions carry the rest (backing-file reads for the head and tail,
+        data, a shared flush when there is a backing file, then the table update; see alloc.py).
+        Returns None when the request needs the pool."""
         geo = self.geo
         l1_index = offset >> geo.l1_shift
         with self.lock:
@@ -775,23 +780,43 @@ class QedDriver(BlockDriver):
             else:
                 out.set_exception(exc)
 
-        try:
-            self._extend(p.host_offset + p.nclusters * geo.cluster_size)
-            self._event("DATA_WRITE")
-            fut = self.f.submit_write(p.host_offset + (offset - p.cluster_start), buffers)
-        except BaseException as exc:
-            finish(exc)
-            return out
         entries = p.entries(geo)
 
-        def written(f):
-            exc = f.exception()
+        def ordered(exc):
             if exc is None:
                 self._update(entry, entries, "L2_UPDATE", finish)
             else:
                 finish(exc)
 
-        fut.add_done_callback(written)
+        def written(f):
+            exc = f.exception()
+            if exc is None and self._backing is not None and not self._unsafe:
+                self._ordered_flush(ordered)
+            else:
+                ordered(exc)
+
+        def filled(f):
+            exc = f.exception()
+            if exc is not None:
+                finish(exc)
+                return
+            try:
+                self._event("DATA_WRITE")
+                fut = self.f.submit_write(start, iov)
+            except BaseException as e:
+                finish(e)
+                return
+            fut.add_done_callback(written)
+
+        try:
+            self._extend(p.host_offset + p.nclusters * geo.cluster_size)
+            start, iov, fills = self._layout(p, buffers, kind)
+            reads = [r for r in (self._read_backing(pos, [buf], len(buf)) for pos, buf in fills)
+                     if r is not None]
+        except BaseException as exc:
+            finish(exc)
+            return out
+        _join(reads, 0).add_done_callback(filled)
         return out
 
     def _extend(self, end):
@@ -819,31 +844,72 @@ class QedDriver(BlockDriver):
                 self.f.truncate(self.file_size)
                 self._file_length = self.file_size
 
-    def _write_data(self, p, views, kind):
-        geo = self.geo
-        self._extend(p.host_offset + p.nclusters * geo.cluster_size)
-        head_pos, head_len = p.head
-        tail_pos, tail_len = p.tail(geo)
-        copy = kind is lookup.UNALLOCATED and self._backing is not None
+    def _layout(self, p, views, kind):
+        """Where the data write of plan ``p`` starts and its buffers: the guest's ``views``, plus
+        head and tail buffers to fill from the backing file when the clusters were unallocated
+        over one (listed as (guest offset, buffer) in the third element). Zero padding is never
+        written: new clusters lie past the old end of file and read as zeros already."""
         iov = list(views)
         start = p.host_offset + (p.pos - p.cluster_start)
-        if copy:
+        fills = []
+        if kind is lookup.UNALLOCATED and self._backing is not None:
             backing_end = self._backing.size
+            head_pos, head_len = p.head
+            tail_pos, tail_len = p.tail(self.geo)
             if head_len and head_pos < backing_end:
                 buf = self.f.alloc(head_len)
-                self._copy_backing(head_pos, buf)
                 iov.insert(0, buf)
+                fills.append((head_pos, buf))
                 start = p.host_offset
             if tail_len and tail_pos < backing_end:
                 tail_len = min(tail_len, -(-(backing_end - tail_pos) // self.align) * self.align)
                 buf = self.f.alloc(tail_len)
-                self._copy_backing(tail_pos, buf)
                 iov.append(buf)
+                fills.append((tail_pos, buf))
+        return start, iov, fills
+
+    def _write_data(self, p, views, kind):
+        self._extend(p.host_offset + p.nclusters * self.geo.cluster_size)
+        start, iov, fills = self._layout(p, views, kind)
+        for pos, buf in fills:
+            self._copy_backing(pos, buf)
         self._event("DATA_WRITE")
         self.f.submit_write(start, iov).result()
         if self._backing is not None and not self._unsafe:
-            self._event("DATA_FLUSH")
-            self.f.flush()
+            fut = Future()
+            self._ordered_flush(_completer(fut))
+            fut.result()
+
+    def _ordered_flush(self, callback):
+        """Run ``callback(error or None)`` after a flush that started after this call (data ->
+        flush -> L2 with a backing file). Concurrent callers share flushes: while one is in
+        flight, the next round collects everyone who arrives meanwhile."""
+        with self._flush_lock:
+            self._flush_waiters.append(callback)
+            if self._flush_running:
+                return
+            self._flush_running = True
+        self._flush_round()
+
+    def _flush_round(self):
+        with self._flush_lock:
+            waiters, self._flush_waiters = self._flush_waiters, []
+            if not waiters:
+                self._flush_running = False
+                return
+
+        def done(f):
+            err = f.exception()
+            for w in waiters:
+                w(err)
+            self._flush_round()
+
+        self._event("DATA_FLUSH")
+        try:
+            fut = self.f.submit_flush()
+        except BaseException as exc:
+            fut = failed(exc)
+        fut.add_done_callback(done)
 
     def _copy_backing(self, pos, buf):
         fut = self._read_backing(pos, [buf], len(buf))
