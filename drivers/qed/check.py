@@ -6,7 +6,8 @@ must zero, and the leaked clusters. Differences from QEMU (``reference/qed-forma
 
 * leaks are counted exactly (QEMU's bitmap skips one index every cluster_size - 1 clusters and
   reports leaks that do not exist, §3.3);
-* repair also reclaims leaks (the driver truncates trailing ones and punches holes for the rest).
+* repair also reclaims leaks: the driver moves clusters from the end of the file into interior
+  leaks (compact.py), truncates the trailing ones, and punches holes for any it could not fill.
 
 Like QEMU: an invalid L1 or L2 entry is a corruption that repair zeroes (an L1 entry of 1 is
 invalid); a cluster referenced twice is a corruption repair cannot fix; a table whose clusters are

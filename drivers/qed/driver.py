@@ -1147,7 +1147,8 @@ class QedDriver(BlockDriver):
     # -- check -----------------------------------------------------------------------------------
     def check(self, repair=False):
         """qemu-img check's counters (see check.py). With ``repair``: zero invalid entries, reclaim
-        leaked clusters (truncate trailing ones, punch holes for the rest), clear need-check."""
+        leaked clusters (fill interior ones from the end of the file, truncate, punch holes for any
+        left), clear need-check."""
         self._drain()
         geo = self.geo
         h = self.header
