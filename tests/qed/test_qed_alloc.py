@@ -1,8 +1,13 @@
-"""Allocation planning (drivers/qed/alloc.py)."""
+"""Allocation planning (drivers/qed/alloc.py), and the table writer and shared flush that carry
+the plans out (driver._update, driver._ordered_flush) driven by hand."""
 
+import pytest
 from hypothesis import given, strategies as st
 
-from vblock.drivers.qed import alloc, format as fmt
+from vblock.drivers.qed import alloc, cache, format as fmt
+from vblock.future import Future
+
+from qed_helpers import MiB, create
 
 G = fmt.Geometry(4096, 2)
 
@@ -33,3 +38,86 @@ def test_plan(sector, nsectors, file_clusters, zero, need_table):
     tail_pos, tail_len = p.tail(G)
     assert head_pos + head_len == pos and tail_pos == pos + length
     assert head_len + length + tail_len == p.nclusters * 4096
+
+
+# -- the table writer and the shared flush, driven by hand -----------------------------------------
+
+
+class _HeldFile:
+    """Wraps a HostFile: table writes and flushes return futures the test completes."""
+
+    def __init__(self, real, meta_align):
+        self.real = real
+        self.meta_align = meta_align
+        self.writes = []  # (offset, bytes, future)
+        self.flushes = []
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+    def submit_write(self, offset, buffers):
+        fut = Future()
+        self.writes.append((offset, b"".join(bytes(b) for b in buffers), fut))
+        return fut
+
+    def submit_flush(self):
+        fut = Future()
+        self.flushes.append(fut)
+        return fut
+
+
+@pytest.fixture
+def held(scratch):
+    img = create(scratch / "w.qed", 8 * MiB, cluster_size=4096, table_size=2)
+    img.write(0, b"\x01" * 4096)  # table 0 exists and is cached
+    drv = img.driver
+    entry = drv.cache.get(drv.l1[0])
+    real = drv.f
+    drv.f = _HeldFile(real, drv.meta_align)
+    yield drv, entry
+    drv.f = real
+    img.close()
+
+
+def test_updates_queued_during_a_write_go_out_as_one_write(held):
+    drv, entry = held
+    done = []
+    drv._update(entry, {10: 4096 * 40}, "L2_UPDATE", done.append)
+    assert entry.state == cache.WRITING and len(drv.f.writes) == 1
+    for i in range(11, 20):  # arrive while the first write is in flight
+        drv._update(entry, {i: 4096 * (30 + i)}, "L2_UPDATE", done.append)
+    assert len(drv.f.writes) == 1 and len(entry.queued) == 9
+    assert entry.table[11] == 0  # not visible before it is written
+    drv.f.writes[0][2].set_result(4096)
+    assert done == [None]
+    assert entry.table[10] == 4096 * 40
+    assert len(drv.f.writes) == 2 and entry.state == cache.WRITING  # one write for nine
+    offset, data, fut = drv.f.writes[1]
+    assert offset == entry.offset and len(data) == drv.meta_align
+    fut.set_result(len(data))
+    assert done == [None] * 10
+    assert entry.state == cache.CLEAN and entry.queued == {}
+    assert [entry.table[i] for i in range(11, 20)] == [4096 * (30 + i) for i in range(11, 20)]
+
+
+def test_failed_table_write_fails_its_batch_and_keeps_the_table(held):
+    drv, entry = held
+    done = []
+    drv._update(entry, {10: 4096 * 40}, "L2_UPDATE", done.append)
+    drv.f.writes[0][2].set_exception(OSError(5, "EIO"))
+    assert isinstance(done[0], OSError) and entry.table[10] == 0
+    assert entry.state == cache.CLEAN
+
+
+def test_concurrent_ordered_flushes_share_one_flush(held):
+    drv, _ = held
+    done = []
+    drv._ordered_flush(done.append)
+    assert len(drv.f.flushes) == 1
+    for _ in range(4):  # their data completed after the first flush started: they need another
+        drv._ordered_flush(done.append)
+    assert len(drv.f.flushes) == 1
+    drv.f.flushes[0].set_result(None)
+    assert done == [None] and len(drv.f.flushes) == 2
+    drv.f.flushes[1].set_result(None)
+    assert done == [None] * 5 and len(drv.f.flushes) == 2
