@@ -121,3 +121,22 @@ def test_concurrent_ordered_flushes_share_one_flush(held):
     assert done == [None] and len(drv.f.flushes) == 2
     drv.f.flushes[1].set_result(None)
     assert done == [None] * 5 and len(drv.f.flushes) == 2
+
+
+def test_idle_clear_waits_for_allocations_in_flight(held):
+    drv, _ = held
+    path = drv.path
+    fut = drv.submit_write(64 * 4096, [memoryview(bytearray(4096))])  # allocates, inline
+    assert len(drv.f.writes) == 1  # the data write, held
+    drv._idle_clear()
+    assert header_need_check(path)  # an allocation is in flight: the bit stays
+    drv.f.writes[0][2].set_result(4096)
+    drv.f.writes[1][2].set_result(drv.meta_align)  # its L2 update
+    assert fut.result() == 4096
+    drv._idle_clear()
+    assert not header_need_check(path)
+
+
+def header_need_check(path):
+    with open(path, "rb") as f:
+        return fmt.Header.unpack(f.read(64)).need_check
