@@ -232,3 +232,16 @@ def test_qemu_sizes_rounded_like_vblock(scratch):
         run(QEMU_IMG, "create", "-q", "-f", "qed", str(scratch / "q.qed"), str(size))
         create(scratch / "v.qed", size).close()
         assert header(scratch / "q.qed").image_size == want == header(scratch / "v.qed").image_size
+
+
+def test_table_size_one_images_qemu_creates_but_cannot_open(scratch):
+    # reference §2 step 8: QEMU's overflow guard rejects every table_size=1 image it creates
+    p = scratch / "t1.qed"
+    run(QEMU_IMG, "create", "-q", "-f", "qed", "-o", "cluster_size=4096,table_size=1", str(p), "4M")
+    assert run(QEMU_IO, "-f", "qed", "-c", "read 0 512", str(p), check=False).returncode != 0
+    img = reopen(p)
+    img.write(3 * MiB, pattern(0x31, 8192))
+    assert img.read(3 * MiB, 8192) == pattern(0x31, 8192)
+    r = img.check()
+    assert (r["corruptions"], r["leaks"]) == (0, 0)
+    img.close()

@@ -202,3 +202,10 @@ def test_backing_name_read_from_header_area():
     h, head = fmt.create_header(1 << 20, backing_file="dir/base img.raw")
     assert fmt.backing_name(h, head + bytes(100)) == "dir/base img.raw"
     assert fmt.backing_name(GOOD, GOOD.pack()) is None
+
+
+@given(st.integers(0, 63))
+def test_validate_every_short_prefix_names_the_header(n):
+    with pytest.raises(ImageError) as info:
+        fmt.validate(GOOD.pack()[:n], n, "p")
+    assert info.value.field == "header"
