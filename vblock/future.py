@@ -16,7 +16,8 @@ from __future__ import annotations
 import logging
 import threading
 
-__all__ = ["Future", "completed", "failed", "CancelledError"]
+__all__ = ["Future", "completed", "failed", "CancelledError", "defer", "begin_completions",
+           "end_completions"]
 
 from concurrent.futures import CancelledError, TimeoutError as _FutureTimeout
 
@@ -24,6 +25,7 @@ _log = logging.getLogger(__name__)
 _lock = threading.Lock()  # guards _state/_callbacks/_event of every Future; held for a few bytecodes
 
 _PENDING, _DONE = 0, 1
+_completing = threading.local()  # .deferred: {(fn, arg): None} while a batch of completions runs
 
 
 class Future:
@@ -132,3 +134,41 @@ def failed(exc):
     fut._state = _DONE
     fut._exc = exc
     return fut
+
+
+# -- once-per-batch work ----------------------------------------------------------------------------
+
+
+def defer(fn, arg):
+    """Run ``fn(arg)`` once the current batch of completions is over, or now outside one.
+
+    An engine completes futures in batches on its completion thread (``begin_completions`` ...
+    ``end_completions``). Work that is cheaper done once per batch than once per completion
+    (publishing a virtqueue's used index and raising its interrupt) goes through ``defer``: inside
+    a batch, equal ``(fn, arg)`` pairs collapse into one call made after the batch's last
+    callback; anywhere else ``fn(arg)`` runs at once. ``fn`` must not block.
+    """
+    pending = getattr(_completing, "deferred", None)
+    if pending is None:
+        fn(arg)
+    else:
+        pending[(fn, arg)] = None
+
+
+def begin_completions():
+    """The calling thread starts completing a batch of futures (see ``defer``)."""
+    _completing.deferred = {}
+
+
+def end_completions():
+    """The batch is over: run the deferred work (and what it defers in turn)."""
+    pending = _completing.deferred
+    while pending:
+        _completing.deferred = {}
+        for fn, arg in pending:
+            try:
+                fn(arg)
+            except Exception:  # pragma: no cover - a bug in the deferred work
+                _log.exception("deferred completion work %r failed", fn)
+        pending = _completing.deferred
+    _completing.deferred = None

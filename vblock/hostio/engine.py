@@ -18,7 +18,7 @@ import logging
 import os
 import threading
 
-from vblock.future import Future
+from vblock.future import Future, begin_completions, end_completions
 
 from ._binding import ffi, host_error, lib
 
@@ -265,8 +265,10 @@ class Engine:
                 _log.error("%s engine: reap failed: %s", self.kind, os.strerror(-n))
                 continue
             # Callbacks that submit more I/O to this engine (chained requests, closed-loop load)
-            # are collected and handed to the kernel together once the whole batch is completed.
+            # are collected and handed to the kernel together once the whole batch is completed;
+            # work they defer() runs once after the batch.
             local.batch = []
+            begin_completions()
             for tok, res in zip(tok_view[:n].tolist(), res_view[:n].tolist()):
                 fut = futs[tok]
                 futs[tok] = None
@@ -282,6 +284,7 @@ class Engine:
                 else:
                     free.append(tok)
                     fut.set_result(res)
+            end_completions()
             # What the callbacks submitted goes to the kernel with the next wait (one syscall).
             toks = local.batch
             local.batch = None

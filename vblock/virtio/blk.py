@@ -44,6 +44,7 @@ import threading
 import time
 
 from vblock.errors import GuestError
+from vblock.future import defer
 from vblock.virtio.blk_request import BlkRequest, RequestRules, finish, parse
 from vblock.virtio.chain import ChainError, RingError, walk
 from vblock.virtio.packed import PackedQueue
@@ -519,7 +520,8 @@ class VirtioBlk:
         req.busy = False
         dq.done.append((req.head, used, req.ndesc))
         if not dq.draining:
-            self._flush(dq)
+            # Once per batch of backend completions: one used-index store, one interrupt.
+            defer(self._flush, dq)
 
     def _flush(self, dq):
         """Publish every queued completion of ``dq``: one used-index store, at most one interrupt.
