@@ -1,6 +1,8 @@
 """Crash at every write point of scripted QED workloads; after reopen and repair nothing flushed is
 lost, nothing reads garbage, check is clean and the file holds no unreferenced clusters."""
 
+import random
+
 import pytest
 
 from crashlib import count_write_points, crash_and_recover
@@ -48,19 +50,55 @@ BACKING_WORKLOADS = {
 }
 
 
-@pytest.mark.parametrize("name", sorted(WORKLOADS) + sorted(BACKING_WORKLOADS))
-def test_every_crash_point_recovers(scratch, name):
-    backing = name in BACKING_WORKLOADS
-    steps = (BACKING_WORKLOADS if backing else WORKLOADS)[name]
+def _large_random_workload(seed=2026, n=60):
+    """Many small steps over the whole disk: writes, zeroes, discards, flushes, concurrent groups."""
+    rng = random.Random(seed)
+    steps = []
+    for _ in range(n):
+        r = rng.random()
+        off = rng.randrange(SIZE // 512 - 64) * 512
+        length = rng.choice([512, 1024, 4096, 8192, 12288])
+        if r < 0.1:
+            steps.append(("flush",))
+        elif r < 0.2:
+            steps.append(("zeroes", off, length))
+        elif r < 0.25:
+            steps.append(("discard", off, length))
+        elif r < 0.4:
+            steps.append(("group", [("write", rng.randrange(SIZE // 512 - 64) * 512, 4096) for _ in range(4)]))
+        else:
+            steps.append(("write", off, length))
+    return steps
+
+
+SEEDS_PER_POINT = 2  # different subsets of the unflushed writes kept, and different tears
+
+
+def _crash_everywhere(scratch, name, steps, backing, points_to_try=None):
     count_dir = scratch / "count"
     count_dir.mkdir()
     points = count_write_points(str(count_dir), steps, SIZE, backing)
     assert points > 3
+    tried = range(points + 1) if points_to_try is None else sorted(
+        random.Random(points).sample(range(points + 1), points_to_try))
     failures = []
-    for k in range(points + 1):
-        d = scratch / f"crash{k}"
-        d.mkdir()
-        found = crash_and_recover(str(d), steps, SIZE, crash_after=k, seed=k, backing=backing)
-        if found["bad_sectors"] or found["corruptions"] or found["leaks"] or found["oversize"]:
-            failures.append((k, found["corruptions"], found["leaks"], found["oversize"], found["bad_sectors"][:3]))
-    assert failures == [], f"{name}: {len(failures)} of {points + 1} crash points failed: {failures[:5]}"
+    for k in tried:
+        for seed in range(SEEDS_PER_POINT):
+            d = scratch / f"crash{k}-{seed}"
+            d.mkdir()
+            found = crash_and_recover(str(d), steps, SIZE, crash_after=k, seed=k * 7919 + seed,
+                                      backing=backing)
+            if found["bad_sectors"] or found["corruptions"] or found["leaks"] or found["oversize"]:
+                failures.append((k, seed, found["corruptions"], found["leaks"], found["oversize"],
+                                 found["bad_sectors"][:3]))
+    assert failures == [], f"{name}: {len(failures)} of {len(tried)} crash points failed: {failures[:5]}"
+
+
+@pytest.mark.parametrize("name", sorted(WORKLOADS) + sorted(BACKING_WORKLOADS))
+def test_every_crash_point_recovers(scratch, name):
+    backing = name in BACKING_WORKLOADS
+    _crash_everywhere(scratch, name, (BACKING_WORKLOADS if backing else WORKLOADS)[name], backing)
+
+
+def test_sampled_crash_points_of_a_large_workload_recover(scratch):
+    _crash_everywhere(scratch, "large_random", _large_random_workload(), False, points_to_try=40)
