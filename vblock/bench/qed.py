@@ -6,8 +6,8 @@ cluster of a default 64K/4 image), O_DIRECT, through ``vblock.open_image`` (the 
 * ``alloc-write``: a fresh image without a backing file, so every request allocates. Peers:
   ``qemu-img bench -w -t none -i io_uring`` on a fresh QED image, and vblock raw on a fresh sparse
   file (the same writes into holes).
-* ``rewrite`` / ``read``: a fully allocated 1 GiB region. Peers: vblock raw on a preallocated file,
-  and qemu-img bench on a QED image filled by qemu-io.
+* ``rewrite`` / ``read``: a fully written 1 GiB region. Peers: vblock raw on a file written the
+  same way, and qemu-img bench on a QED image filled by qemu-io.
 * ``open-64TiB``: opening a sparse 64 TiB image (iops = opens per second; memory on stderr).
 * ``read-1TiB``: 4 KiB random reads across 1 TiB whose every 2 GiB region has an L2 table, with
   the default 64-table cache (resident memory before and after on stderr: the bound holds).
@@ -145,8 +145,8 @@ def alloc_write(tmp, depths, duration, use_qemu, rounds=3):
     return rows
 
 
-def _fill_qed(path, size):
-    img = _quiet_create(path, VIRTUAL)
+def _fill(img, size):
+    """Write ``size`` bytes of data from offset 0 (so reads hit written blocks on every side)."""
     chunk = 4 << 20
     buf = alloc_buffer(chunk)
     buf[:] = b"\xa5" * chunk
@@ -159,8 +159,9 @@ def _fill_qed(path, size):
 def steady(tmp, depths, duration, use_qemu, rounds=3):
     rows = []
     qp = os.path.join(tmp, "v-full.qed")
-    _fill_qed(qp, REGION)
+    _fill(_quiet_create(qp, VIRTUAL), REGION)
     rp = preallocated_file(tmp, REGION, "v-full.raw")
+    _fill(vblock.open_image(rp, format="raw"), REGION)  # written, not just reserved
     qemu_img_path = None
     if use_qemu:
         qemu_img_path = os.path.join(tmp, "q-full.qed")
