@@ -64,11 +64,18 @@ def bench_dir():
 
 
 def preallocated_file(directory, size, name="bench.img"):
-    """A file of ``size`` bytes with every block allocated (fallocate), so runs measure I/O, not
-    allocation."""
+    """A file of ``size`` bytes, every block written once (non-zero data, then fdatasync), so
+    writes measure overwrites, not allocation, and reads really reach the disk (blocks that are
+    merely fallocated read as zeros without any device I/O)."""
     path = os.path.join(directory, name)
+    chunk = bytes([0xA5]) * (8 << 20)
     with open(path, "wb") as f:
         os.posix_fallocate(f.fileno(), 0, size)
+        left = size
+        while left > 0:
+            left -= f.write(chunk[: min(left, len(chunk))])
+        f.flush()
+        os.fdatasync(f.fileno())
     return path
 
 
