@@ -17,7 +17,7 @@ import logging
 import threading
 
 __all__ = ["Future", "completed", "failed", "CancelledError", "defer", "begin_completions",
-           "end_completions"]
+           "end_completions", "forward", "resolve", "then", "settle", "followed_by", "join"]
 
 from concurrent.futures import CancelledError, TimeoutError as _FutureTimeout
 
@@ -172,3 +172,111 @@ def end_completions():
                 _log.exception("deferred completion work %r failed", fn)
         pending = _completing.deferred
     _completing.deferred = None
+
+
+# -- composing futures ------------------------------------------------------------------------------
+# The few shapes every layer needs (split requests, write-then-flush, metadata steps chained on I/O
+# completions), written once. Callbacks run on whichever thread completes the future before them.
+
+_SAME = object()
+
+
+def forward(src, dst, result=_SAME):
+    """Complete ``dst`` with the outcome of the completed ``src`` (its result replaced by
+    ``result`` when given and ``src`` succeeded)."""
+    exc = src._exc if src._state is _DONE else src.exception()
+    if exc is not None:
+        dst.set_exception(exc)
+    else:
+        dst.set_result(src._result if result is _SAME else result)
+
+
+def resolve(out, fn, *args):
+    """Complete ``out`` with ``fn(*args)``: its value, the outcome of the Future it returns, or the
+    exception it raises."""
+    try:
+        value = fn(*args)
+    except BaseException as exc:
+        out.set_exception(exc)
+        return
+    if isinstance(value, Future):
+        value.add_done_callback(lambda f: forward(f, out))
+    else:
+        out.set_result(value)
+
+
+def then(fut, fn, *args):
+    """A future for ``fn(*args)`` (a value or a Future), run once ``fut`` succeeds; a failure of
+    ``fut`` passes through and ``fn`` never runs."""
+    out = Future()
+
+    def step(f):
+        if f._exc is not None:
+            out.set_exception(f._exc)
+        else:
+            resolve(out, fn, *args)
+
+    fut.add_done_callback(step)
+    return out
+
+
+def settle(fut, fn):
+    """A future for ``fn(fut)`` run once ``fut`` completes, succeeded or not (``fn`` may recover
+    from the failure, or re-raise it)."""
+    out = Future()
+    fut.add_done_callback(lambda f: resolve(out, fn, f))
+    return out
+
+
+def followed_by(fut, fn, result=_SAME):
+    """Once ``fut`` succeeds, start ``fn()`` (a Future, e.g. a flush); complete with ``fut``'s
+    result (or ``result``) when that is done too. Write-then-flush for FUA."""
+    out = Future()
+
+    def first(f):
+        if f._exc is not None:
+            out.set_exception(f._exc)
+            return
+        value = f._result if result is _SAME else result
+        try:
+            second = fn()
+        except BaseException as exc:
+            out.set_exception(exc)
+            return
+        second.add_done_callback(lambda g: forward(g, out, value))
+
+    fut.add_done_callback(first)
+    return out
+
+
+def join(futures, result=_SAME):
+    """One future for several: the first failure wins; otherwise ``result``, or by default the
+    sum of the (integer) results. A single future is returned as it is when ``result`` is not
+    given."""
+    if result is _SAME and len(futures) == 1:
+        return futures[0]
+    if not futures:
+        return completed(0 if result is _SAME else result)
+    out = Future()
+    lock = threading.Lock()
+    state = [len(futures), 0, None]  # remaining, sum of results, first exception
+
+    def done(f):
+        exc = f._exc
+        with lock:
+            state[0] -= 1
+            if exc is not None:
+                if state[2] is None:
+                    state[2] = exc
+            else:
+                state[1] += f._result or 0
+            last = state[0] == 0
+        if last:
+            if state[2] is not None:
+                out.set_exception(state[2])
+            else:
+                out.set_result(state[1] if result is _SAME else result)
+
+    for f in futures:
+        f.add_done_callback(done)
+    return out

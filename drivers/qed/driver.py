@@ -28,7 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from vblock.block.interface import DATA, UNALLOCATED, ZERO, BlockDriver, Limits, Run
 from vblock.errors import ImageError, UnsupportedError
-from vblock.future import Future, completed, failed
+from vblock.future import Future, completed, failed, followed_by, join, resolve, then
 from vblock.hostio import announce, open_host_file
 
 from . import alloc, check as checkmod, compact, format as fmt, lookup, tables
@@ -70,32 +70,6 @@ def _slice(views, skip, length):
         skip = 0
         if not length:
             break
-    return out
-
-
-def _join(futures, total):
-    """One future completed with ``total`` when all of ``futures`` are done (first error wins)."""
-    if not futures:
-        return completed(total)
-    out = Future()
-    lock = threading.Lock()
-    state = [len(futures), None]
-
-    def done(f):
-        exc = f.exception()
-        with lock:
-            state[0] -= 1
-            if exc is not None and state[1] is None:
-                state[1] = exc
-            last = state[0] == 0
-        if last:
-            if state[1] is not None:
-                out.set_exception(state[1])
-            else:
-                out.set_result(total)
-
-    for f in futures:
-        f.add_done_callback(done)
     return out
 
 
@@ -435,19 +409,7 @@ class QedDriver(BlockDriver):
         """Run ``fn(*args)`` on the pool; its return value (a value or a Future) completes the
         returned future."""
         out = Future()
-
-        def run():
-            try:
-                value = fn(*args)
-            except BaseException as exc:
-                out.set_exception(exc)
-                return
-            if isinstance(value, Future):
-                value.add_done_callback(lambda f: _forward(f, out))
-            else:
-                out.set_result(value)
-
-        self.pool.submit(run)
+        self.pool.submit(resolve, out, fn, *args)
         return out
 
     # -- table access ------------------------------------------------------------------------------
@@ -584,7 +546,7 @@ class QedDriver(BlockDriver):
                 _zero_fill(views)
             skip += n
             pos += n
-        return _join(futs, length)
+        return join(futs, length)
 
     def _read_backing(self, pos, views, n):
         """Read [pos, pos+n) from the backing image into ``views``; zeros past its end."""
@@ -601,37 +563,22 @@ class QedDriver(BlockDriver):
         host = self._fast_host(offset, length)
         if host is not None:
             fut = self.f.submit_write(host, buffers)
-            return self._then_flush(fut, length) if fua else fut
+            return followed_by(fut, self.submit_flush, length) if fua else fut
         geo = self.geo
         known, table = self._peek(offset >> geo.l1_shift)
         if known and table is not None:
             kind, n, host = lookup.find_run(geo, table, offset, length, self.file_size)
             if kind is lookup.FOUND and n == length:  # several contiguous clusters
                 fut = self.f.submit_write(host, buffers)
-                return self._then_flush(fut, length) if fua else fut
+                return followed_by(fut, self.submit_flush, length) if fua else fut
         fut = None
         if known:
             fut = self._alloc_inline(offset, buffers, length)
         if fut is None:
             fut = self._on_pool(self._write_slow, offset, buffers, length, False)
         if fua:
-            fut = self._then_flush(fut, length)
+            fut = followed_by(fut, self.submit_flush, length)
         return self._track(fut)
-
-    def _then_flush(self, fut, result):
-        out = Future()
-
-        def flushed(f):
-            _forward(f, out, result)
-
-        def written(f):
-            if f.exception() is not None:
-                out.set_exception(f.exception())
-            else:
-                self.submit_flush().add_done_callback(flushed)
-
-        fut.add_done_callback(written)
-        return out
 
     def _write_slow(self, offset, buffers, length, zero):
         """Pool thread: write (or, with ``zero``, zero; then ``buffers`` is None and the range is
@@ -816,7 +763,7 @@ class QedDriver(BlockDriver):
         except BaseException as exc:
             finish(exc)
             return out
-        _join(reads, 0).add_done_callback(filled)
+        join(reads, 0).add_done_callback(filled)
         return out
 
     def _extend(self, end):
@@ -957,7 +904,7 @@ class QedDriver(BlockDriver):
                 buf = self._meta_buffer(data)
                 self._event("L2_ALLOC")
                 fut = self.f.submit_write(entry.offset, [buf])
-                fut = _chain(fut, self._after_new_table, entry)
+                fut = then(fut, self._after_new_table, entry)
             else:
                 off, data = tables.encode_slice(entry.table, min(batch), max(batch) + 1,
                                                 self.meta_align, batch)
@@ -975,7 +922,7 @@ class QedDriver(BlockDriver):
         if self._unsafe:
             return self._update(self.l1_entry, {entry.l1_index: entry.offset}, "L1_UPDATE")
         self._event("L2_FLUSH")
-        return _chain(self.f.submit_flush(), self._update, self.l1_entry,
+        return then(self.f.submit_flush(), self._update, self.l1_entry,
                       {entry.l1_index: entry.offset}, "L1_UPDATE")
 
     def _meta_buffer(self, data):
@@ -1298,37 +1245,6 @@ class QedDriver(BlockDriver):
             self._backing.close()
             self._backing = None
         self.f.close()
-
-
-def _forward(src, dst, result=None):
-    exc = src.exception()
-    if exc is not None:
-        dst.set_exception(exc)
-    else:
-        dst.set_result(src.result() if result is None else result)
-
-
-def _chain(fut, fn, *args):
-    """A future for ``fn(*args)`` (a value or a Future) run once ``fut`` succeeds."""
-    out = Future()
-
-    def step(f):
-        exc = f.exception()
-        if exc is not None:
-            out.set_exception(exc)
-            return
-        try:
-            value = fn(*args)
-        except BaseException as e:
-            out.set_exception(e)
-            return
-        if isinstance(value, Future):
-            value.add_done_callback(lambda g: _forward(g, out))
-        else:
-            out.set_result(value)
-
-    fut.add_done_callback(step)
-    return out
 
 
 def _completer(fut):

@@ -24,7 +24,7 @@ import os
 
 from vblock.block.interface import DATA, ZERO, BlockDriver, Limits, Run
 from vblock.errors import UnsupportedError
-from vblock.future import Future, completed
+from vblock.future import Future, completed, followed_by
 
 __all__ = ["RawDriver"]
 
@@ -110,7 +110,7 @@ class RawDriver(BlockDriver):
         fut = self._file.submit_write(offset, buffers)
         if not fua or self._unsafe:
             return fut
-        return _after(fut, self._file.submit_flush)
+        return followed_by(fut, self._file.submit_flush)
 
     def submit_flush(self):
         if self._unsafe:
@@ -201,25 +201,6 @@ class RawDriver(BlockDriver):
                 self._file.flush()
         finally:
             self._file.close()
-
-
-def _after(fut: Future, then) -> Future:
-    """``then()`` once ``fut`` succeeded; the result is ``fut``'s (FUA: write, then fdatasync)."""
-    out = Future()
-
-    def step1(f):
-        exc = f.exception()
-        if exc is not None:
-            out.set_exception(exc)
-            return
-        n = f.result()
-        try:
-            then().add_done_callback(lambda g: out.set_exception(g.exception()) if g.exception() else out.set_result(n))
-        except BaseException as e:
-            out.set_exception(e)
-
-    fut.add_done_callback(step1)
-    return out
 
 
 def _unless_unsupported(fut: Future, driver, flag: str, result) -> Future:

@@ -26,7 +26,7 @@ from vblock.block.bounce import BufferPool, RangeLock, address_of, aligned_buffe
 from vblock.block.bounce import _CHAR_ARRAY, _UINTPTR, _cast, _from_buffer
 from vblock.block.interface import UNALLOCATED, ZERO, OpenOptions, Run
 from vblock.errors import ReadOnlyError
-from vblock.future import Future, completed
+from vblock.future import Future, completed, failed, forward, join, settle
 
 __all__ = ["Image"]
 
@@ -101,63 +101,6 @@ def _split(views, limit: int):
     if cur:
         groups.append(cur)
     return groups
-
-
-def _join(futures):
-    """One future for several: fails with the first exception, else completes with the sum of the
-    (integer) results."""
-    if len(futures) == 1:
-        return futures[0]
-    out = Future()
-    lock = threading.Lock()
-    state = [len(futures), 0, None]  # remaining, bytes, first exception
-
-    def done(f):
-        exc = f.exception()
-        with lock:
-            state[0] -= 1
-            if exc is not None:
-                if state[2] is None:
-                    state[2] = exc
-            else:
-                state[1] += f.result() or 0
-            last = state[0] == 0
-        if last:
-            if state[2] is not None:
-                out.set_exception(state[2])
-            else:
-                out.set_result(state[1])
-
-    for f in futures:
-        f.add_done_callback(done)
-    return out
-
-
-def _then(fut: Future, cont) -> Future:
-    """A future for ``cont(fut)``, which runs when ``fut`` completes and returns a value, a Future
-    (whose outcome is forwarded) or raises."""
-    out = Future()
-
-    def forward(f):
-        exc = f.exception()
-        if exc is not None:
-            out.set_exception(exc)
-        else:
-            out.set_result(f.result())
-
-    def done(f):
-        try:
-            value = cont(f)
-        except BaseException as exc:
-            out.set_exception(exc)
-            return
-        if isinstance(value, Future):
-            value.add_done_callback(forward)
-        else:
-            out.set_result(value)
-
-    fut.add_done_callback(done)
-    return out
 
 
 def _copy_in(buf: memoryview, pos: int, views) -> None:
@@ -264,7 +207,7 @@ class Image:
         if self._rl is None:
             if total <= self._max:
                 return self._drv_read(offset, views)
-            return _join([self._drv_read(o, g) for o, g in self._groups(offset, views)])
+            return join([self._drv_read(o, g) for o, g in self._groups(offset, views)])
         a = self._align
         if not offset % a and total <= self._max:
             m = self._mem_align
@@ -315,7 +258,7 @@ class Image:
         if rl is None:
             if total <= self._max:
                 return self._drv_write(offset, views, fua)
-            return _join([self._drv_write(o, g, fua) for o, g in self._groups(offset, views)])
+            return join([self._drv_write(o, g, fua) for o, g in self._groups(offset, views)])
         if self._aligned(offset, views, total):
             slot = rl.begin_plain(offset, offset + total)
             if slot is not None:
@@ -363,7 +306,7 @@ class Image:
                 return self._zero_fill(offset, length)
             raise exc
 
-        return _then(fut, fallback)
+        return settle(fut, fallback)
 
     # -- slow paths -----------------------------------------------------------------------------
     def _groups(self, offset, views):
@@ -382,7 +325,7 @@ class Image:
         if len(buf) <= self._max:
             return fn(a0, [buf], *args)
         step = self._max - self._max % max(self._align, 1)
-        return _join([fn(a0 + p, [buf[p : p + step]], *args) for p in range(0, len(buf), step)])
+        return join([fn(a0 + p, [buf[p : p + step]], *args) for p in range(0, len(buf), step)])
 
     def _locked(self, start, end, start_io):
         """Run ``start_io()`` (which returns a driver future, or None) while holding a shared
@@ -418,7 +361,7 @@ class Image:
                 out.set_exception(OSError(errno.EOPNOTSUPP, "driver asked for the generic fallback"))
                 return
             fut.add_done_callback(functools.partial(rl.release, token))
-            fut.add_done_callback(lambda f: _forward(f, out))
+            fut.add_done_callback(lambda f: forward(f, out))
 
         token = rl.acquire(a0, a1, False, run)
         if token is not None:
@@ -440,7 +383,7 @@ class Image:
                 views.append(zeros[: n % _ZERO_CHUNK])
             futs.append(self._write(pos, views, n, False))
             pos += n
-        return _then(_join(futs), _none)
+        return settle(join(futs), _none)
 
     def _bounce_read(self, offset, views, total):
         views = list(views)  # kept until completion: the caller's list may be reused
@@ -517,7 +460,7 @@ class Image:
                         _copy_in(buf, offset - a0, views)
                         fut = self._submit_span(self._drv_write, a0, buf, fua)
                     except BaseException as exc:
-                        finish(token, buf, _failed(exc))
+                        finish(token, buf, failed(exc))
                         return
                     fut.add_done_callback(functools.partial(finish, token, buf))
 
@@ -529,9 +472,9 @@ class Image:
                     reads.append(self._drv_read(a0, [buf[:a]]))
                 if end != a1 and not (a1 - a == a0 and offset != a0):
                     reads.append(self._drv_read(a1 - a, [buf[a1 - a - a0 :]]))
-                _join(reads).add_done_callback(write_back)
+                join(reads).add_done_callback(write_back)
             except BaseException as exc:
-                finish(token, buf, _failed(exc))
+                finish(token, buf, failed(exc))
 
         token = rl.acquire(a0, a1, rmw, run)
         if token is not None:
@@ -644,20 +587,8 @@ class Image:
         self.driver.close()
 
 
-def _forward(src: Future, dst: Future) -> None:
-    exc = src.exception()
-    if exc is None:
-        dst.set_result(src.result())
-    else:
-        dst.set_exception(exc)
-
-
 def _none(f: Future) -> None:
     f.result()  # re-raises a failure
     return None
 
 
-def _failed(exc) -> Future:
-    f = Future()
-    f.set_exception(exc)
-    return f
