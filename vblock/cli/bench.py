@@ -3,7 +3,8 @@
 The benchmarks in one place. Each measures vblock beside a peer in the same run (fio, qemu-img
 bench, qemu-img convert, or the layer below) and reports ratios; ``all`` runs every one and prints
 one markdown table (or, with ``--json``, one JSON object per row). Options after the name go to
-the benchmark itself (``vblock bench host --duration 1``).
+the benchmark itself (``vblock bench host --duration 1``). With ``all`` each benchmark runs in a
+process of its own.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import contextlib
 import importlib
 import io
 import json
+import subprocess
+import sys
 
 from vblock.cli.output import UsageError
 from vblock.cli.progress import progress_for
@@ -34,12 +37,22 @@ def add_parser(sub, common):
 
 
 def _run_one(name, argv):
-    """Run benchmark ``name`` with ``argv``; returns (exit code, captured stdout)."""
+    """Run benchmark ``name`` with ``argv`` in this process; returns (exit code, captured stdout)."""
     module = importlib.import_module(f"vblock.bench.{name}")
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
         rc = module.main(list(argv))
     return rc or 0, buf.getvalue()
+
+
+def _run_apart(name, argv, env):
+    """Run benchmark ``name`` in a process of its own (``all``: no benchmark inherits another's
+    threads, rings, caches or garbage); its stderr passes through."""
+    p = subprocess.run([sys.executable, "-m", "vblock.bench", name, *argv], stdout=subprocess.PIPE,
+                       stderr=None if env.stderr is sys.stderr else subprocess.PIPE, text=True)
+    if p.stderr:
+        env.stderr.write(p.stderr)
+    return p.returncode, p.stdout
 
 
 def run(args, env):
@@ -61,7 +74,7 @@ def run(args, env):
     failed = []
     with progress_for(env, args.quiet) as progress:
         for name in progress.track(known, "benchmarks"):
-            rc, text = _run_one(name, ["--json"] + rest)
+            rc, text = _run_apart(name, ["--json"] + rest, env)
             if rc:
                 failed.append(name)
                 continue
