@@ -64,3 +64,16 @@ def test_a_closed_pipe_ends_the_command_quietly(scratch):
         os.close(w)
     assert p.returncode == 1
     assert p.stderr == b""
+
+
+def test_the_console_script_is_installed_beside_the_interpreter():
+    """``pip install`` puts ``vblock`` next to the interpreter (the quick start's command)."""
+    import pathlib
+
+    import pytest
+
+    script = pathlib.Path(sys.executable).with_name("vblock")
+    if not script.exists():
+        pytest.skip("vblock is not installed in this interpreter's environment (pip install -e .)")
+    p = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0 and "stress" in p.stdout and p.stderr == ""
