@@ -1231,10 +1231,12 @@ class QedDriver(BlockDriver):
                 self.pool.shutdown(wait=True)
             if not self.read_only:
                 self._trim()
-                self.f.flush()
+                if not self._unsafe:  # cache="unsafe": flushes do nothing, close included
+                    self.f.flush()
                 if self.header.need_check and not self.damaged:
                     self._write_header(features_clear=fmt.F_NEED_CHECK)
-                    self.f.flush()
+                    if not self._unsafe:
+                        self.f.flush()
         finally:
             self._teardown()
 

@@ -23,7 +23,6 @@ import threading
 
 from vblock.block.bounce import BufferPool, RangeLock, address_of, aligned_buffer
 # address_of's parts, for the two hot paths that inline it
-from vblock.block.bounce import _CHAR_ARRAY, _UINTPTR, _cast, _from_buffer
 from vblock.block.interface import UNALLOCATED, ZERO, OpenOptions, Run
 from vblock.errors import ReadOnlyError
 from vblock.future import Future, completed, failed, forward, join, settle
@@ -213,7 +212,7 @@ class Image:
             m = self._mem_align
             for v in views:
                 # address_of(v) % m, inlined (hot path)
-                if len(v) % a or (m > 1 and int(_cast(_UINTPTR, _from_buffer(_CHAR_ARRAY, v, False))) % m):
+                if len(v) % a or (m > 1 and address_of(v) % m):
                     break
             else:
                 return self._drv_read(offset, views)
@@ -236,7 +235,7 @@ class Image:
         if not offset % a:
             m = self._mem_align
             for v in views:
-                if len(v) % a or (m > 1 and int(_cast(_UINTPTR, _from_buffer(_CHAR_ARRAY, v, False))) % m):
+                if len(v) % a or (m > 1 and address_of(v) % m):
                     break
             else:
                 slot = rl.begin_plain(offset, offset + total)

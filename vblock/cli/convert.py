@@ -261,24 +261,12 @@ def convert(src_path, dst_path, out_fmt, *, fmt=None, options=None, backing=None
                             copier.zeroes(off, n)
                         off += n
                 copier.wait()
-                if cache == "unsafe":
-                    _skip_close_flush(dst)
-                else:
+                if cache != "unsafe":
                     dst.flush()
             finally:
                 dst.close()
     return {"size": size, "data": total, "copied": copier.copied, "zero-skipped": copier.skipped,
             "seconds": time.perf_counter() - t0}
-
-
-def _skip_close_flush(img):
-    """cache=unsafe promises that flushes do nothing, but the QED driver's close() calls
-    fdatasync on its host file directly (twice), which costs seconds after a large conversion.
-    Until the driver honours the mode itself, silence the host file's flush on this image only,
-    right before closing it. (Workaround; see the issue 6 note.)"""
-    f = getattr(img.driver, "f", None)
-    if f is not None and img.options.cache == "unsafe":
-        f.flush = lambda: None
 
 
 def run(args, env):

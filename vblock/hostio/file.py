@@ -51,6 +51,18 @@ def address_of(cbuf):
     return int(ffi.cast("uintptr_t", cbuf))
 
 
+_from_buffer = ffi.from_buffer
+_cast = ffi.cast
+_CHAR_ARRAY = ffi.typeof("char[]")  # ctype objects: no type parsing per call
+_UINTPTR = ffi.typeof("uintptr_t")
+
+
+def buffer_address(view):
+    """The address of the first byte of a contiguous buffer (read-only buffers included), for
+    alignment decisions above this layer."""
+    return int(_cast(_UINTPTR, _from_buffer(_CHAR_ARRAY, view, False)))
+
+
 class HostFile:
     """An open host file. See the module docstring for the contract.
 
