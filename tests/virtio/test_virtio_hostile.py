@@ -414,3 +414,23 @@ def test_packed_writable_header_and_missing_status(pguest):
     assert used == [(0, 1)] and bad == [] and g.mem.read(st, 1)[0] == IOERR
     h, d = write_request(g)
     packed_unanswerable(g, g.pchain([(h, 16, 0), (d, 512, 0)], buffer_id=1))
+
+
+def test_refused_head_does_not_keep_wait_idle_waiting():
+    """Found by the virtqueue fuzz target: a head >= queue size puts the device in NEEDS_RESET;
+    that head never comes back, so ``wait_idle`` must not wait for it."""
+    import vblock
+    from vblock.virtio import GuestMemory, VirtioBlk, VirtioMmio
+    from vblock.virtio.driver import Driver
+
+    img = vblock.open_image(None, format="memory", size=1 << 20)
+    mem = GuestMemory.anonymous(1 << 20)
+    dev = VirtioBlk(img, mem, queue_size_max=8)
+    drv = Driver(VirtioMmio(dev), mem)
+    drv.start()
+    dq = drv.queues[0]
+    dq.push_head(dq.size)  # out of range
+    drv.notify(0)
+    assert dev.status & S.DEVICE_NEEDS_RESET
+    assert dev.wait_idle(timeout=5) is True
+    img.close()

@@ -161,10 +161,7 @@ def virtqueue(data: bytes) -> None:
     dq.set_avail_idx(dq.avail_idx + jump)
     before = mem.read(0, _VQ_MEM)
     dev.notify(0)
-    deadline = time.monotonic() + 10
-    while dev.in_flight() and time.monotonic() < deadline:
-        time.sleep(0.001)
-    if dev.in_flight():
+    if not dev.wait_idle(timeout=10):
         raise AssertionError("requests still in flight 10 s after the notification")
     after = mem.read(0, _VQ_MEM)
     if before != after:
@@ -246,16 +243,15 @@ def main(argv=None):
         print(f"{len(args.replay)} inputs replayed without a finding")
         return 0
     engine = args.engine
-    if engine == "auto":
+    atheris = None
+    if engine in ("auto", "atheris"):
         try:
-            import atheris  # noqa: F401
-
-            engine = "atheris"
+            import atheris
         except ImportError:
-            engine = "hypothesis"
+            if engine == "atheris":
+                raise
+        engine = "atheris" if atheris is not None else "hypothesis"
     if engine == "atheris":
-        import atheris
-
         with atheris.instrument_imports(include=["vblock"]):
             import vblock.block  # noqa: F401
             import vblock.drivers.qed  # noqa: F401

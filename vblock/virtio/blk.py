@@ -398,11 +398,15 @@ class VirtioBlk:
                 q.next_avail = i
                 dq.popped += 1
                 try:
-                    chain = walk(mem, table, size, head, indirect, indirect_max)
-                except ChainError as exc:
-                    _log.debug("virtio-blk: queue %d head %d: %s", dq.index, head, exc)
-                    chain = None
-                start(dq, head, chain, 1)
+                    try:
+                        chain = walk(mem, table, size, head, indirect, indirect_max)
+                    except ChainError as exc:
+                        _log.debug("virtio-blk: queue %d head %d: %s", dq.index, head, exc)
+                        chain = None
+                    start(dq, head, chain, 1)
+                except RingError:
+                    dq.popped -= 1  # refused (device needs reset): never coming back
+                    raise
                 if dq.dead:
                     return False  # reset by an interrupt handler meanwhile
             budget -= n
@@ -420,14 +424,18 @@ class VirtioBlk:
                 budget -= 1
                 dq.popped += 1
                 try:
-                    bid, ndesc, chain = q.walk(mem, indirect, indirect_max)
-                except ChainError as exc:
-                    _log.debug("virtio-blk: queue %d at %d: %s", dq.index, q.next_avail, exc)
-                    bid, ndesc, chain = exc.buffer_id, exc.ring_descs, None
-                    if bid >= q.size:
-                        raise RingError(f"buffer id {bid} >= queue size {q.size}") from None
-                q.advance(ndesc)
-                start(dq, bid, chain, ndesc)
+                    try:
+                        bid, ndesc, chain = q.walk(mem, indirect, indirect_max)
+                    except ChainError as exc:
+                        _log.debug("virtio-blk: queue %d at %d: %s", dq.index, q.next_avail, exc)
+                        bid, ndesc, chain = exc.buffer_id, exc.ring_descs, None
+                        if bid >= q.size:
+                            raise RingError(f"buffer id {bid} >= queue size {q.size}") from None
+                    q.advance(ndesc)
+                    start(dq, bid, chain, ndesc)
+                except RingError:
+                    dq.popped -= 1  # refused (device needs reset): never coming back
+                    raise
                 if dq.dead:
                     return False
             if budget == 0:
