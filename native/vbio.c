@@ -276,6 +276,9 @@ struct uring {
     int ext_arg;
     pthread_mutex_t sq_lock;
     struct vbio_op wake_op; /* a NOP whose completion only wakes the reaper */
+    /* Ops the completion thread failed to resubmit or submit (result set): handed back by the
+     * next reap. Touched only by the completion thread. */
+    struct vbio_op *failed_head;
 };
 
 struct threadpool {
@@ -497,10 +500,24 @@ static int op_settle(struct vbio_op *op, int32_t res)
     return 1;
 }
 
+/* Queue an op that could not be (re)submitted for the next reap, with its error. Completion
+ * thread only. */
+static void uring_fail(struct uring *r, struct vbio_op *op, int err)
+{
+    op->result = err;
+    op->next = r->failed_head;
+    r->failed_head = op;
+}
+
 static int uring_reap(struct vbio_engine *eng, struct vbio_op **out, int max, int64_t timeout_ns)
 {
     struct uring *r = &eng->ring;
     int n = 0, woken = 0;
+    while (r->failed_head && n < max) {
+        out[n++] = r->failed_head;
+        r->failed_head = r->failed_head->next;
+        atomic_fetch_sub(&eng->inflight, 1);
+    }
     for (;;) {
         uint32_t head = atomic_load_explicit(r->cq_head, memory_order_relaxed);
         uint32_t tail = atomic_load_explicit(r->cq_tail, memory_order_acquire);
@@ -525,13 +542,8 @@ static int uring_reap(struct vbio_engine *eng, struct vbio_op **out, int max, in
         atomic_store_explicit(r->cq_head, head, memory_order_release);
         if (nagain) {
             int s = uring_submit(r, again, nagain);
-            for (int i = s < 0 ? 0 : s; i < nagain; i++) {
-                again[i]->result = s < 0 ? s : -EIO;
-                if (n < max) {
-                    out[n++] = again[i];
-                    atomic_fetch_sub(&eng->inflight, 1);
-                }
-            }
+            for (int i = s < 0 ? 0 : s; i < nagain; i++)
+                uring_fail(r, again[i], s < 0 ? s : -EIO);
             continue;
         }
         if (n > 0 || woken || timeout_ns == 0)
@@ -736,11 +748,11 @@ static void uring_submit_and_wait(struct vbio_engine *eng, struct vbio_op **ops,
         uring_prep(r, ops[i]);
     pthread_mutex_unlock(&r->sq_lock);
     if (pushed < n) {
-        /* More than the ring holds at once: the ordinary path takes the rest. */
+        /* More than the ring holds at once: the ordinary path takes the rest; what it cannot
+         * submit is handed back failed by the next reap. */
         int s = uring_submit(r, ops + pushed, n - pushed);
-        for (int i = s < 0 ? 0 : s; i < n - pushed; i++) {
-            ops[pushed + i]->result = -EIO;
-        }
+        for (int i = s < 0 ? 0 : s; i < n - pushed; i++)
+            uring_fail(r, ops[pushed + i], s < 0 ? s : -EIO);
     }
     uint32_t cq_ready = atomic_load_explicit(r->cq_tail, memory_order_acquire) -
                         atomic_load_explicit(r->cq_head, memory_order_relaxed);

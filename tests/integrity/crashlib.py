@@ -53,7 +53,6 @@ class Model:
         self.stable = [{initial(s)} for s in range(nsectors)]
         self.volatile = [set() for _ in range(nsectors)]
         self.last = [{initial(s)} for s in range(nsectors)]
-        self.initial = initial
 
     def grow(self, nsectors):
         for s in range(len(self.stable), nsectors):
@@ -103,7 +102,7 @@ def make_image(directory, size, backing=False, cluster_size=4096, table_size=1):
     return path, initial
 
 
-def run_workload(path, steps, model, size):
+def run_workload(path, steps, model):
     """Run ``steps`` on the image at ``path``; stop at the first failure (the crash). Returns the
     open image (not closed: a crashed process never closes) and whether it ran to the end."""
     img = vblock.open_image(path, format="qed", cache="none", need_check_timeout=0)
@@ -155,7 +154,7 @@ def count_write_points(directory, steps, size, backing=False):
     plan = faults.FaultPlan(only=[os.path.basename(path)])
     model = Model(size // SECTOR, initial)
     with faults.install(plan):
-        img, finished = run_workload(path, steps, model, size)
+        img, finished = run_workload(path, steps, model)
         img.close()
     assert finished
     return plan.writes
@@ -169,7 +168,7 @@ def crash_and_recover(directory, steps, size, crash_after, seed, backing=False):
     model = Model(nsectors, initial)
     plan = faults.FaultPlan(crash_after=crash_after, only=[os.path.basename(path)])
     with faults.install(plan):
-        img, finished = run_workload(path, steps, model, size)
+        img, finished = run_workload(path, steps, model)
         rng = random.Random(seed)
         for f in plan.files:
             if f.path == path:

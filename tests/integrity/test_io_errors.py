@@ -3,7 +3,6 @@ a virtio-blk device answers IOERR, and after reopening the image checks clean wi
 acknowledged write intact."""
 
 import errno
-import os
 
 import pytest
 

@@ -11,7 +11,7 @@ import pytest
 
 import vblock
 from crashlib import identify
-from writer import SIZE, data, plan
+from writer import SIZE, plan
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 KILLS = 50

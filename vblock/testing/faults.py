@@ -278,12 +278,13 @@ class FaultyHostFile:
         """
         with self._lock:
             for rec in reversed(self.volatile):  # back to the last durable state
+                # A truncate grows back before its old bytes return; a write puts them back and
+                # then drops whatever it appended.
                 if rec.data is None:
                     self._f.truncate(rec.old_size)
-                    self._f.pwritev([rec.old_bytes], rec.offset) if rec.old_bytes else None
-                else:
-                    if rec.old_bytes:
-                        self._f.pwritev([rec.old_bytes], rec.offset)
+                if rec.old_bytes:
+                    self._f.pwritev([rec.old_bytes], rec.offset)
+                if rec.data is not None:
                     self._f.truncate(rec.old_size)
             kept = []
             for rec in self.volatile:
