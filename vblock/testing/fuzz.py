@@ -152,8 +152,13 @@ def virtqueue(data: bytes) -> None:
         dq.write_desc(i, addr, length, flags, nxt)
         if flags & S.VIRTQ_DESC_F_WRITE:
             allowed.append((addr, length))
-    # Indirect tables inside the buffer area may mark more writable ranges: allow the area.
-    allowed.append((buf, 8192))
+        if flags & S.VIRTQ_DESC_F_INDIRECT and addr + length <= _VQ_MEM:
+            # The writable entries of an indirect table are writable buffers too.
+            for j in range(length // 16):
+                iaddr, ilen, iflags, _ = S.virtq_desc.unpack_from(mem.read(addr + 16 * j, 16))
+                if iflags & S.VIRTQ_DESC_F_WRITE:
+                    allowed.append((iaddr, ilen))
+    allowed.append((buf, 8192))  # the descriptor area itself
     count = heads[0] % (_VQ_SIZE + 2)
     for k in range(count):
         dq.push_head(heads[1 + k] % (_VQ_SIZE + 1) if k + 1 < len(heads) else 0, publish=False)
