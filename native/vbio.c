@@ -274,6 +274,9 @@ struct uring {
     uint32_t *sq_array;
     struct io_uring_cqe *cqes;
     int ext_arg;
+    _Atomic int64_t inflight; /* ops handed to this ring and not yet reaped */
+    int sqpoll; /* a kernel thread consumes the SQ: enter only to wake it or to wait */
+    _Atomic uint32_t *sq_flags;
     pthread_mutex_t sq_lock;
     struct vbio_op wake_op; /* a NOP whose completion only wakes the reaper */
     /* Ops the completion thread failed to resubmit or submit (result set): handed back by the
@@ -282,20 +285,29 @@ struct uring {
 };
 
 struct threadpool {
-    pthread_t *threads;
-    uint32_t nthreads;
     pthread_mutex_t lock;
-    pthread_cond_t work_cv, done_cv;
-    struct vbio_op *work_head, *work_tail;
-    struct vbio_op *done_head, *done_tail;
-    int stopping;
-    int wakeups;
+    pthread_cond_t work_cv; /* idle workers wait here */
+    struct vbio_op *work_head, *work_tail; /* submitted, not started */
+    struct vbio_op *done_head, *done_tail; /* finished, not delivered */
+    int idle;      /* workers waiting on work_cv */
+    int completer; /* a worker holds the completer role */
+    int stopping;  /* vbio_engine_wake: return 0 once nothing is left */
 };
 
 struct vbio_engine {
     int kind;
     _Atomic int64_t inflight;
-    struct uring ring;
+    /* io_uring: the ordinary ring, whose submitting thread enters the kernel itself (the lowest
+     * latency with few requests in flight), and, when poll_depth > 0 and the kernel allows it, a
+     * ring polled by a kernel thread (SQPOLL), used while more than poll_depth requests are in
+     * flight: the submission work then runs on another CPU, in parallel with the completion
+     * thread's Python callbacks. Either ring's fd is -1 when absent. */
+    struct uring ring, pring;
+    int poll_depth;
+    /* The ring the completion thread is blocked on, if any. A submitter that puts ops on the other
+     * ring wakes it (both sides use sequentially consistent accesses: either the reaper sees the
+     * new ops before it sleeps, or the submitter sees it asleep). */
+    struct uring *_Atomic waiting;
     struct threadpool pool;
 };
 
@@ -319,6 +331,22 @@ static int sys_io_uring_enter(int fd, uint32_t to_submit, uint32_t min_complete,
     return r < 0 ? -errno : (int)r;
 }
 
+/* Hand `to_submit` pushed SQEs to the kernel, waiting for `min_complete` completions when flags
+ * has GETEVENTS. With SQPOLL the kernel thread takes them by itself: enter only to wake it (when it
+ * has gone idle) or to wait. Returns the count submitted or -errno, as io_uring_enter. */
+static int uring_enter(struct uring *r, uint32_t to_submit, uint32_t min_complete, uint32_t flags,
+                       void *arg, size_t argsz)
+{
+    if (r->sqpoll) {
+        atomic_thread_fence(memory_order_seq_cst); /* tail store before reading NEED_WAKEUP */
+        if (atomic_load_explicit(r->sq_flags, memory_order_relaxed) & IORING_SQ_NEED_WAKEUP)
+            flags |= IORING_ENTER_SQ_WAKEUP;
+        else if (!(flags & (IORING_ENTER_GETEVENTS | IORING_ENTER_SQ_WAIT)))
+            return (int)to_submit;
+    }
+    return sys_io_uring_enter(r->fd, to_submit, min_complete, flags, arg, argsz);
+}
+
 static void uring_unmap(struct uring *r)
 {
     if (r->sqes && r->sqes != MAP_FAILED)
@@ -329,12 +357,24 @@ static void uring_unmap(struct uring *r)
         munmap(r->sq_map, r->sq_map_len);
 }
 
-static int uring_init(struct uring *r, uint32_t entries)
+/* Set up ring r. sq_wq_fd: 0 for an ordinary ring, -1 for a ring with its own SQPOLL thread, or
+ * the fd of a SQPOLL ring whose kernel thread this ring shares. */
+#define SQPOLL_IDLE_MS 2 /* the polling kernel thread sleeps after this long without work */
+
+static int uring_init(struct uring *r, uint32_t entries, int sq_wq_fd)
 {
     struct io_uring_params p;
     memset(&p, 0, sizeof p);
     memset(r, 0, sizeof *r);
     p.flags = IORING_SETUP_CLAMP;
+    if (sq_wq_fd != 0) {
+        p.flags |= IORING_SETUP_SQPOLL;
+        p.sq_thread_idle = SQPOLL_IDLE_MS;
+        if (sq_wq_fd > 0) {
+            p.flags |= IORING_SETUP_ATTACH_WQ;
+            p.wq_fd = (uint32_t)sq_wq_fd;
+        }
+    }
     int fd = sys_io_uring_setup(entries, &p);
     if (fd < 0)
         return fd;
@@ -370,6 +410,8 @@ static int uring_init(struct uring *r, uint32_t entries)
     r->sq_tail = (_Atomic uint32_t *)(sq + p.sq_off.tail);
     r->sq_mask = *(uint32_t *)(sq + p.sq_off.ring_mask);
     r->sq_array = (uint32_t *)(sq + p.sq_off.array);
+    r->sq_flags = (_Atomic uint32_t *)(sq + p.sq_off.flags);
+    r->sqpoll = (p.flags & IORING_SETUP_SQPOLL) != 0;
     r->cq_head = (_Atomic uint32_t *)(cq + p.cq_off.head);
     r->cq_tail = (_Atomic uint32_t *)(cq + p.cq_off.tail);
     r->cq_mask = *(uint32_t *)(cq + p.cq_off.ring_mask);
@@ -385,15 +427,20 @@ fail : {
 }
 }
 
+static void uring_close(struct uring *r)
+{
+    uring_unmap(r);
+    close(r->fd);
+    pthread_mutex_destroy(&r->sq_lock);
+}
+
 int vbio_uring_probe(void)
 {
     struct uring r;
-    int err = uring_init(&r, 4);
+    int err = uring_init(&r, 4, 0);
     if (err < 0)
         return err;
-    uring_unmap(&r);
-    close(r.fd);
-    pthread_mutex_destroy(&r.sq_lock);
+    uring_close(&r);
     return 0;
 }
 
@@ -446,6 +493,10 @@ static int uring_submit(struct uring *r, struct vbio_op **ops, int n)
         uint32_t head = atomic_load_explicit(r->sq_head, memory_order_acquire);
         uint32_t tail = atomic_load_explicit(r->sq_tail, memory_order_relaxed);
         uint32_t room = r->sq_entries - (tail - head);
+        if (room == 0 && r->sqpoll) {
+            uring_enter(r, 0, 0, IORING_ENTER_SQ_WAIT, NULL, 0); /* the poller has not caught up */
+            continue;
+        }
         uint32_t batch = 0;
         while (batch < room && done + (int)batch < n) {
             uring_prep(r, ops[done + batch]);
@@ -453,12 +504,12 @@ static int uring_submit(struct uring *r, struct vbio_op **ops, int n)
         }
         uint32_t left = batch;
         while (left > 0) {
-            int s = sys_io_uring_enter(r->fd, left, 0, 0, NULL, 0);
+            int s = uring_enter(r, left, 0, 0, NULL, 0);
             if (s == -EINTR)
                 continue;
             if (s == -EAGAIN || s == -EBUSY) {
                 /* Completion backlog: let the kernel flush it, then try again. */
-                sys_io_uring_enter(r->fd, 0, 0, IORING_ENTER_GETEVENTS, NULL, 0);
+                uring_enter(r, 0, 0, IORING_ENTER_GETEVENTS, NULL, 0);
                 continue;
             }
             if (s < 0) {
@@ -509,14 +560,14 @@ static void uring_fail(struct uring *r, struct vbio_op *op, int err)
     r->failed_head = op;
 }
 
-static int uring_reap(struct vbio_engine *eng, struct vbio_op **out, int max, int64_t timeout_ns)
+/* Hand the ring's finished ops to out (at most max); short transfers, EINTR and EAGAIN go back
+ * to the same ring. Sets *woken when a wake-up NOP is among the completions. */
+static int uring_collect(struct vbio_engine *eng, struct uring *r, struct vbio_op **out, int max, int *woken)
 {
-    struct uring *r = &eng->ring;
-    int n = 0, woken = 0;
+    int n = 0;
     while (r->failed_head && n < max) {
         out[n++] = r->failed_head;
         r->failed_head = r->failed_head->next;
-        atomic_fetch_sub(&eng->inflight, 1);
     }
     for (;;) {
         uint32_t head = atomic_load_explicit(r->cq_head, memory_order_relaxed);
@@ -529,115 +580,118 @@ static int uring_reap(struct vbio_engine *eng, struct vbio_op **out, int max, in
             int32_t res = cqe->res;
             head++;
             if (op == &r->wake_op) {
-                woken = 1;
+                *woken = 1;
                 continue;
             }
-            if (op_settle(op, res)) {
+            if (op_settle(op, res))
                 out[n++] = op;
-                atomic_fetch_sub(&eng->inflight, 1);
-            } else {
+            else
                 again[nagain++] = op;
-            }
         }
         atomic_store_explicit(r->cq_head, head, memory_order_release);
-        if (nagain) {
-            int s = uring_submit(r, again, nagain);
-            for (int i = s < 0 ? 0 : s; i < nagain; i++)
-                uring_fail(r, again[i], s < 0 ? s : -EIO);
-            continue;
-        }
+        if (!nagain)
+            break;
+        int s = uring_submit(r, again, nagain);
+        for (int i = s < 0 ? 0 : s; i < nagain; i++)
+            uring_fail(r, again[i], s < 0 ? s : -EIO);
+    }
+    atomic_fetch_sub(&r->inflight, n);
+    atomic_fetch_sub(&eng->inflight, n);
+    return n;
+}
+
+static int64_t now_ns(void)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (int64_t)t.tv_sec * 1000000000 + t.tv_nsec;
+}
+
+/* Wait on ring r for a completion, up to timeout_ns (<0: no limit). 0, -ETIME or -errno. */
+static int uring_wait(struct uring *r, int64_t timeout_ns)
+{
+    int e;
+    if (timeout_ns >= 0 && r->ext_arg) {
+        struct __kernel_timespec ts = {.tv_sec = timeout_ns / 1000000000, .tv_nsec = timeout_ns % 1000000000};
+        struct io_uring_getevents_arg arg;
+        memset(&arg, 0, sizeof arg);
+        arg.ts = (uint64_t)(uintptr_t)&ts;
+        e = uring_enter(r, 0, 1, IORING_ENTER_GETEVENTS | IORING_ENTER_EXT_ARG, &arg, sizeof arg);
+    } else {
+        e = uring_enter(r, 0, 1, IORING_ENTER_GETEVENTS, NULL, 0);
+    }
+    if (e == -EINTR || e == -EAGAIN || e == -EBUSY)
+        return 0;
+    return e < 0 ? e : 0;
+}
+
+/* While both rings have ops in flight, the completion thread waits on the busier one in slices
+ * this long and looks at the other between them. Only the switch between low and high queue
+ * depths passes through that state, for at most one request's latency. */
+#define MIXED_WAIT_NS 20000
+
+static int uring_reap(struct vbio_engine *eng, struct vbio_op **out, int max, int64_t timeout_ns)
+{
+    struct uring *a = &eng->ring, *b = &eng->pring;
+    int64_t deadline = timeout_ns > 0 ? now_ns() + timeout_ns : 0;
+    int n = 0, woken = 0;
+    for (;;) {
+        n += uring_collect(eng, a, out + n, max - n, &woken);
+        if (b->fd >= 0 && n < max)
+            n += uring_collect(eng, b, out + n, max - n, &woken);
         if (n > 0 || woken || timeout_ns == 0)
             return n;
-        /* Nothing ready: wait for at least one completion. */
-        int e;
-        if (timeout_ns > 0 && r->ext_arg) {
-            struct __kernel_timespec ts = {.tv_sec = timeout_ns / 1000000000, .tv_nsec = timeout_ns % 1000000000};
-            struct io_uring_getevents_arg arg;
-            memset(&arg, 0, sizeof arg);
-            arg.ts = (uint64_t)(uintptr_t)&ts;
-            e = sys_io_uring_enter(r->fd, 0, 1, IORING_ENTER_GETEVENTS | IORING_ENTER_EXT_ARG, &arg, sizeof arg);
-            if (e == -ETIME)
+        int64_t left = -1;
+        if (timeout_ns > 0) {
+            left = deadline - now_ns();
+            if (left <= 0)
                 return 0;
-        } else {
-            e = sys_io_uring_enter(r->fd, 0, 1, IORING_ENTER_GETEVENTS, NULL, 0);
         }
-        if (e < 0 && e != -EINTR && e != -EAGAIN && e != -EBUSY)
+        struct uring *w = a;
+        if (b->fd >= 0) {
+            w = atomic_load(&b->inflight) >= atomic_load(&a->inflight) ? b : a;
+            atomic_store(&eng->waiting, w);
+            struct uring *other = w == a ? b : a;
+            if (atomic_load(&other->inflight) > 0 && (left < 0 || left > MIXED_WAIT_NS))
+                left = MIXED_WAIT_NS;
+        }
+        int e = uring_wait(w, left);
+        atomic_store(&eng->waiting, NULL);
+        if (e < 0 && e != -ETIME)
             return e;
-        if (timeout_ns > 0 && !r->ext_arg)
+        if (e == -ETIME && timeout_ns < 0)
+            continue;
+        if (!w->ext_arg && timeout_ns > 0)
             timeout_ns = 0; /* no timed wait on this kernel: one blocking wait, then report */
     }
 }
 
-/* -- thread engine ---------------------------------------------------------------------------- */
+/* -- thread engine ----------------------------------------------------------------------------
+ *
+ * The workers are the caller's own threads (Python threads, each in vbio_engine_work with the GIL
+ * released), and they deliver completions themselves: no hand-off to a completion thread. At most
+ * one worker at a time holds the completer role. A worker that finishes an op takes the role if it
+ * is free and returns the finished ops to its caller, which completes them and passes the ops its
+ * callbacks submitted to its next vbio_engine_work call; that call releases the role and runs the
+ * first of those ops on the same thread. In a closed loop (every completion submits the next
+ * request) a request therefore costs no thread wake-up at all, as with psync threads: the only
+ * sleep is the one inside the system call.
+ */
 
-static void *pool_worker(void *arg)
+static inline void cpu_relax(void)
 {
-    struct vbio_engine *eng = arg;
-    struct threadpool *p = &eng->pool;
-    pthread_mutex_lock(&p->lock);
-    for (;;) {
-        while (!p->work_head && !p->stopping)
-            pthread_cond_wait(&p->work_cv, &p->lock);
-        if (!p->work_head && p->stopping)
-            break;
-        struct vbio_op *op = p->work_head;
-        p->work_head = op->next;
-        if (!p->work_head)
-            p->work_tail = NULL;
-        pthread_mutex_unlock(&p->lock);
-
-        int64_t r = op_run_sync(op);
-        op->result = r;
-
-        pthread_mutex_lock(&p->lock);
-        op->next = NULL;
-        if (p->done_tail)
-            p->done_tail->next = op;
-        else
-            p->done_head = op;
-        p->done_tail = op;
-        pthread_cond_signal(&p->done_cv);
-    }
-    pthread_mutex_unlock(&p->lock);
-    return NULL;
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ __volatile__("yield");
+#endif
 }
 
-static int pool_init(struct vbio_engine *eng, uint32_t nthreads)
-{
-    struct threadpool *p = &eng->pool;
-    memset(p, 0, sizeof *p);
-    if (nthreads == 0)
-        nthreads = 16;
-    pthread_mutex_init(&p->lock, NULL);
-    pthread_condattr_t ca;
-    pthread_condattr_init(&ca);
-    pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
-    pthread_cond_init(&p->done_cv, &ca);
-    pthread_condattr_destroy(&ca);
-    pthread_cond_init(&p->work_cv, NULL);
-    p->threads = calloc(nthreads, sizeof(pthread_t));
-    if (!p->threads)
-        return -ENOMEM;
-    for (uint32_t i = 0; i < nthreads; i++) {
-        int e = pthread_create(&p->threads[i], NULL, pool_worker, eng);
-        if (e) {
-            pthread_mutex_lock(&p->lock);
-            p->stopping = 1;
-            pthread_cond_broadcast(&p->work_cv);
-            pthread_mutex_unlock(&p->lock);
-            for (uint32_t j = 0; j < i; j++)
-                pthread_join(p->threads[j], NULL);
-            free(p->threads);
-            return -e;
-        }
-        p->nthreads = i + 1;
-    }
-    return 0;
-}
+/* A worker with nothing to do looks again for this long before it sleeps (see vbio_engine_work). */
+#define POOL_SPIN_NS 10000
 
-static int pool_submit(struct threadpool *p, struct vbio_op **ops, int n)
+static void pool_push(struct threadpool *p, struct vbio_op **ops, int n)
 {
-    pthread_mutex_lock(&p->lock);
     for (int i = 0; i < n; i++) {
         ops[i]->next = NULL;
         if (p->work_tail)
@@ -646,63 +700,186 @@ static int pool_submit(struct threadpool *p, struct vbio_op **ops, int n)
             p->work_head = ops[i];
         p->work_tail = ops[i];
     }
-    if (n == 1)
+    /* Wake as many idle workers as there are new ops; never the whole pool for one op. */
+    int wake = n < p->idle ? n : p->idle;
+    for (int i = 0; i < wake; i++)
         pthread_cond_signal(&p->work_cv);
-    else
-        pthread_cond_broadcast(&p->work_cv);
-    pthread_mutex_unlock(&p->lock);
-    return n;
 }
 
-static int pool_reap(struct vbio_engine *eng, struct vbio_op **out, int max, int64_t timeout_ns)
+static struct vbio_op *pool_pop(struct threadpool *p)
+{
+    struct vbio_op *op = p->work_head;
+    if (op) {
+        p->work_head = op->next;
+        if (!p->work_head)
+            p->work_tail = NULL;
+    }
+    return op;
+}
+
+/* Move up to max finished ops to tokens/results. Caller holds the lock and the completer role. */
+static int pool_drain(struct vbio_engine *eng, int64_t *tokens, int64_t *results, int max)
 {
     struct threadpool *p = &eng->pool;
-    struct timespec deadline;
-    if (timeout_ns > 0) {
-        clock_gettime(CLOCK_MONOTONIC, &deadline);
-        deadline.tv_sec += timeout_ns / 1000000000;
-        deadline.tv_nsec += timeout_ns % 1000000000;
-        if (deadline.tv_nsec >= 1000000000) {
-            deadline.tv_sec++;
-            deadline.tv_nsec -= 1000000000;
-        }
-    }
     int n = 0;
-    pthread_mutex_lock(&p->lock);
-    while (!p->done_head && !p->wakeups && timeout_ns != 0) {
-        if (timeout_ns < 0) {
-            pthread_cond_wait(&p->done_cv, &p->lock);
-        } else if (pthread_cond_timedwait(&p->done_cv, &p->lock, &deadline) == ETIMEDOUT) {
-            break;
-        }
-    }
     while (p->done_head && n < max) {
         struct vbio_op *op = p->done_head;
         p->done_head = op->next;
         if (!p->done_head)
             p->done_tail = NULL;
-        out[n++] = op;
+        tokens[n] = (int64_t)op->token;
+        results[n] = op->result;
+        n++;
     }
-    if (n == 0 && p->wakeups)
-        p->wakeups--;
-    pthread_mutex_unlock(&p->lock);
     atomic_fetch_sub(&eng->inflight, n);
     return n;
 }
 
+static int pool_init(struct vbio_engine *eng)
+{
+    struct threadpool *p = &eng->pool;
+    memset(p, 0, sizeof *p);
+    pthread_mutex_init(&p->lock, NULL);
+    pthread_cond_init(&p->work_cv, NULL);
+    return 0;
+}
+
+static int pool_submit(struct threadpool *p, struct vbio_op **ops, int n)
+{
+    pthread_mutex_lock(&p->lock);
+    pool_push(p, ops, n);
+    pthread_mutex_unlock(&p->lock);
+    return n;
+}
+
+int vbio_engine_work(struct vbio_engine *eng, struct vbio_op **ops, int nops, int holding, int64_t *tokens,
+                     int64_t *results, int max)
+{
+    struct threadpool *p = &eng->pool;
+    struct vbio_op *mine = NULL;
+    if (eng->kind != VBIO_ENGINE_THREADS)
+        return -EINVAL;
+    if (max > 256)
+        max = 256;
+    for (int i = 0; i < nops; i++)
+        op_start(ops[i]);
+    atomic_fetch_add(&eng->inflight, nops);
+    pthread_mutex_lock(&p->lock);
+    if (nops > 0) {
+        mine = ops[0];
+        pool_push(p, ops + 1, nops - 1);
+    }
+    if (holding) {
+        if (p->done_head) {
+            /* More finished while this thread delivered: keep the role and deliver them first. */
+            if (mine)
+                pool_push(p, &mine, 1);
+            int n = pool_drain(eng, tokens, results, max);
+            pthread_mutex_unlock(&p->lock);
+            return n;
+        }
+        p->completer = 0;
+        if (p->stopping)
+            pthread_cond_broadcast(&p->work_cv);
+    }
+    for (;;) {
+        if (!mine)
+            mine = pool_pop(p);
+        if (mine) {
+            pthread_mutex_unlock(&p->lock);
+            mine->result = op_run_sync(mine);
+            pthread_mutex_lock(&p->lock);
+            mine->next = NULL;
+            if (p->done_tail)
+                p->done_tail->next = mine;
+            else
+                p->done_head = mine;
+            p->done_tail = mine;
+            mine = NULL;
+        }
+        if (p->done_head && !p->completer) {
+            p->completer = 1;
+            int n = pool_drain(eng, tokens, results, max);
+            pthread_mutex_unlock(&p->lock);
+            return n;
+        }
+        if (p->work_head)
+            continue;
+        if (p->stopping && !p->completer && atomic_load(&eng->inflight) == 0)
+            break;
+        {
+            /* The completer is busy or nothing is queued: what it is delivering usually submits new
+             * work within microseconds, so look again a little before sleeping (a futex sleep and
+             * wake cost more than that, on a VM several times more). */
+            pthread_mutex_unlock(&p->lock);
+            int64_t t0 = now_ns();
+            for (;;) {
+                int ready = 0;
+                for (int i = 0; i < 32 && !ready; i++) {
+                    ready = __atomic_load_n(&p->work_head, __ATOMIC_RELAXED) != NULL ||
+                            (__atomic_load_n(&p->done_head, __ATOMIC_RELAXED) != NULL &&
+                             !__atomic_load_n(&p->completer, __ATOMIC_RELAXED));
+                    cpu_relax();
+                }
+                if (ready)
+                    break;
+                if (now_ns() - t0 > POOL_SPIN_NS)
+                    break;
+            }
+            pthread_mutex_lock(&p->lock);
+            if (p->work_head || (p->done_head && !p->completer))
+                continue;
+        }
+        p->idle++;
+        pthread_cond_wait(&p->work_cv, &p->lock);
+        p->idle--;
+    }
+    pthread_cond_broadcast(&p->work_cv); /* the others re-check the stop condition */
+    pthread_mutex_unlock(&p->lock);
+    return 0;
+}
+
 /* -- the engine API --------------------------------------------------------------------------- */
 
-int vbio_engine_open(int kind, uint32_t entries, uint32_t threads, struct vbio_engine **out)
+/* The process's SQPOLL anchor: a minimal ring, never closed, whose kernel thread every engine's
+ * polled ring shares (IORING_SETUP_ATTACH_WQ), so a process has one polling thread, not one per
+ * open file. Its fd, or -errno if SQPOLL is unavailable here. */
+static int sqpoll_anchor(void)
+{
+    static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
+    static int fd = 0; /* 0: not tried yet */
+    pthread_mutex_lock(&lock);
+    if (fd == 0) {
+        struct uring r;
+        int e = uring_init(&r, 1, -1);
+        fd = e < 0 ? e : r.fd; /* the mappings stay: the anchor lives as long as the process */
+    }
+    int ret = fd;
+    pthread_mutex_unlock(&lock);
+    return ret;
+}
+
+int vbio_engine_open(int kind, uint32_t entries, uint32_t poll_depth, struct vbio_engine **out)
 {
     struct vbio_engine *eng = calloc(1, sizeof *eng);
     if (!eng)
         return -ENOMEM;
     eng->kind = kind;
+    eng->ring.fd = eng->pring.fd = -1;
     int e;
-    if (kind == VBIO_ENGINE_URING)
-        e = uring_init(&eng->ring, entries ? entries : 256);
+    if (kind == VBIO_ENGINE_URING) {
+        e = uring_init(&eng->ring, entries ? entries : 256, 0);
+        if (e == 0 && poll_depth > 0 && eng->ring.ext_arg) {
+            /* Optional: where SQPOLL is refused (old kernels, seccomp) the ordinary ring does all. */
+            int anchor = sqpoll_anchor();
+            if (anchor >= 0 && uring_init(&eng->pring, entries ? entries : 256, anchor) == 0)
+                eng->poll_depth = (int)poll_depth;
+            else
+                eng->pring.fd = -1;
+        }
+    }
     else if (kind == VBIO_ENGINE_THREADS)
-        e = pool_init(eng, threads);
+        e = pool_init(eng);
     else
         e = -EINVAL;
     if (e < 0) {
@@ -713,6 +890,33 @@ int vbio_engine_open(int kind, uint32_t entries, uint32_t threads, struct vbio_e
     return 0;
 }
 
+/* Complete a NOP on ring r so that a reaper waiting there returns. */
+static int uring_wake(struct uring *r)
+{
+    struct vbio_op *op = &r->wake_op;
+    pthread_mutex_lock(&r->sq_lock);
+    uint32_t head = atomic_load_explicit(r->sq_head, memory_order_acquire);
+    uint32_t tail = atomic_load_explicit(r->sq_tail, memory_order_relaxed);
+    int s = -EBUSY;
+    if (tail - head < r->sq_entries) {
+        uring_prep(r, op);
+        do {
+            s = uring_enter(r, 1, 0, 0, NULL, 0);
+        } while (s == -EINTR || s == -EAGAIN);
+    }
+    pthread_mutex_unlock(&r->sq_lock);
+    return s < 0 ? s : 0;
+}
+
+/* The ring for new ops: the polled one while more than poll_depth ops are in flight (the new ones
+ * included, already counted). */
+static struct uring *uring_route(struct vbio_engine *eng)
+{
+    if (eng->poll_depth > 0 && atomic_load(&eng->inflight) > eng->poll_depth)
+        return &eng->pring;
+    return &eng->ring;
+}
+
 int vbio_engine_submit(struct vbio_engine *eng, struct vbio_op **ops, int n)
 {
     if (n <= 0)
@@ -720,7 +924,19 @@ int vbio_engine_submit(struct vbio_engine *eng, struct vbio_op **ops, int n)
     for (int i = 0; i < n; i++)
         op_start(ops[i]);
     atomic_fetch_add(&eng->inflight, n);
-    int s = eng->kind == VBIO_ENGINE_URING ? uring_submit(&eng->ring, ops, n) : pool_submit(&eng->pool, ops, n);
+    int s;
+    if (eng->kind == VBIO_ENGINE_URING) {
+        struct uring *r = uring_route(eng);
+        atomic_fetch_add(&r->inflight, n);
+        s = uring_submit(r, ops, n);
+        if (s < n)
+            atomic_fetch_sub(&r->inflight, n - (s < 0 ? 0 : s));
+        struct uring *w = atomic_load(&eng->waiting);
+        if (w && w != r)
+            uring_wake(w); /* the completion thread sleeps on the other ring */
+    } else {
+        s = pool_submit(&eng->pool, ops, n);
+    }
     int accepted = s < 0 ? 0 : s;
     if (accepted < n)
         atomic_fetch_sub(&eng->inflight, n - accepted);
@@ -729,16 +945,18 @@ int vbio_engine_submit(struct vbio_engine *eng, struct vbio_op **ops, int n)
 
 int vbio_engine_reap(struct vbio_engine *eng, struct vbio_op **out, int max, int64_t timeout_ns)
 {
-    if (eng->kind == VBIO_ENGINE_URING)
-        return uring_reap(eng, out, max, timeout_ns);
-    return pool_reap(eng, out, max, timeout_ns);
+    if (eng->kind != VBIO_ENGINE_URING)
+        return -EINVAL; /* the thread engine's workers deliver: vbio_engine_work */
+    return uring_reap(eng, out, max, timeout_ns);
 }
 
 /* Push ops and enter the kernel once to submit them and, when nothing has completed yet, to wait
  * for a completion as well: the completion thread's resubmissions cost no extra syscall. */
 static void uring_submit_and_wait(struct vbio_engine *eng, struct vbio_op **ops, int n, int64_t timeout_ns)
 {
-    struct uring *r = &eng->ring;
+    struct uring *r = uring_route(eng);
+    struct uring *other = r == &eng->ring ? &eng->pring : &eng->ring;
+    atomic_fetch_add(&r->inflight, n); /* what fails below is handed back by the next reap */
     pthread_mutex_lock(&r->sq_lock);
     uint32_t head = atomic_load_explicit(r->sq_head, memory_order_acquire);
     uint32_t tail = atomic_load_explicit(r->sq_tail, memory_order_relaxed);
@@ -756,10 +974,15 @@ static void uring_submit_and_wait(struct vbio_engine *eng, struct vbio_op **ops,
     }
     uint32_t cq_ready = atomic_load_explicit(r->cq_tail, memory_order_acquire) -
                         atomic_load_explicit(r->cq_head, memory_order_relaxed);
+    /* Wait in the same call only if nothing can finish on the other ring meanwhile. */
     int wait = cq_ready == 0 && timeout_ns < 0;
+    if (wait && other->fd >= 0) {
+        atomic_store(&eng->waiting, r);
+        wait = atomic_load(&other->inflight) == 0;
+    }
     uint32_t left = (uint32_t)pushed;
     while (left > 0) {
-        int e = sys_io_uring_enter(r->fd, left, wait ? 1 : 0, wait ? IORING_ENTER_GETEVENTS : 0, NULL, 0);
+        int e = uring_enter(r, left, wait ? 1 : 0, wait ? IORING_ENTER_GETEVENTS : 0, NULL, 0);
         if (e >= 0) {
             left -= (uint32_t)e < left ? (uint32_t)e : left;
             wait = 0;
@@ -771,23 +994,23 @@ static void uring_submit_and_wait(struct vbio_engine *eng, struct vbio_op **ops,
         }
         /* Submission failed: the SQEs stay in the ring and go with the next submitting enter. */
         pthread_mutex_lock(&r->sq_lock);
-        sys_io_uring_enter(r->fd, left, 0, 0, NULL, 0);
+        uring_enter(r, left, 0, 0, NULL, 0);
         pthread_mutex_unlock(&r->sq_lock);
         break;
     }
+    atomic_store(&eng->waiting, NULL);
 }
 
 int vbio_engine_submit_reap(struct vbio_engine *eng, struct vbio_op **ops, int nops, int64_t *tokens,
                             int64_t *results, int max, int64_t timeout_ns)
 {
+    if (eng->kind != VBIO_ENGINE_URING)
+        return -EINVAL;
     if (nops > 0) {
         for (int i = 0; i < nops; i++)
             op_start(ops[i]);
         atomic_fetch_add(&eng->inflight, nops);
-        if (eng->kind == VBIO_ENGINE_URING)
-            uring_submit_and_wait(eng, ops, nops, timeout_ns);
-        else
-            pool_submit(&eng->pool, ops, nops);
+        uring_submit_and_wait(eng, ops, nops, timeout_ns);
     }
     return vbio_engine_reap_tokens(eng, tokens, results, max, timeout_ns);
 }
@@ -823,28 +1046,18 @@ int vbio_op_prep1(struct vbio_op *op, int opcode, int fd, uint64_t offset, void 
     return 0;
 }
 
+
 int vbio_engine_wake(struct vbio_engine *eng)
 {
     if (eng->kind == VBIO_ENGINE_URING) {
-        struct vbio_op *op = &eng->ring.wake_op;
-        struct uring *r = &eng->ring;
-        pthread_mutex_lock(&r->sq_lock);
-        uint32_t head = atomic_load_explicit(r->sq_head, memory_order_acquire);
-        uint32_t tail = atomic_load_explicit(r->sq_tail, memory_order_relaxed);
-        int s = -EBUSY;
-        if (tail - head < r->sq_entries) {
-            uring_prep(r, op);
-            do {
-                s = sys_io_uring_enter(r->fd, 1, 0, 0, NULL, 0);
-            } while (s == -EINTR || s == -EAGAIN);
-        }
-        pthread_mutex_unlock(&r->sq_lock);
-        return s < 0 ? s : 0;
+        if (eng->pring.fd >= 0)
+            uring_wake(&eng->pring);
+        return uring_wake(&eng->ring);
     }
     struct threadpool *p = &eng->pool;
     pthread_mutex_lock(&p->lock);
-    p->wakeups++;
-    pthread_cond_broadcast(&p->done_cv);
+    p->stopping = 1;
+    pthread_cond_broadcast(&p->work_cv);
     pthread_mutex_unlock(&p->lock);
     return 0;
 }
@@ -856,21 +1069,12 @@ void vbio_engine_close(struct vbio_engine *eng)
     if (!eng)
         return;
     if (eng->kind == VBIO_ENGINE_URING) {
-        uring_unmap(&eng->ring);
-        close(eng->ring.fd);
-        pthread_mutex_destroy(&eng->ring.sq_lock);
+        uring_close(&eng->ring);
+        if (eng->pring.fd >= 0)
+            uring_close(&eng->pring);
     } else {
-        struct threadpool *p = &eng->pool;
-        pthread_mutex_lock(&p->lock);
-        p->stopping = 1;
-        pthread_cond_broadcast(&p->work_cv);
-        pthread_mutex_unlock(&p->lock);
-        for (uint32_t i = 0; i < p->nthreads; i++)
-            pthread_join(p->threads[i], NULL);
-        free(p->threads);
-        pthread_mutex_destroy(&p->lock);
-        pthread_cond_destroy(&p->work_cv);
-        pthread_cond_destroy(&p->done_cv);
+        pthread_mutex_destroy(&eng->pool.lock);
+        pthread_cond_destroy(&eng->pool.work_cv);
     }
     free(eng);
 }

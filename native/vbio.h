@@ -10,7 +10,7 @@
  * Offsets and lengths are in bytes.
  */
 
-#define VBIO_VERSION 5
+#define VBIO_VERSION 6
 
 /* Operation codes of struct vbio_op. */
 #define VBIO_OP_READV 1
@@ -60,9 +60,15 @@ struct vbio_op {
 
 struct vbio_engine;
 
-/* Engines: submit a batch of ops with one call, reap a batch of finished ops with one call.
- * Submission is thread-safe; reaping must be done by a single thread at a time. */
-int vbio_engine_open(int kind, uint32_t entries, uint32_t threads, struct vbio_engine **out);
+/* Engines: submit a batch of ops with one call, get a batch of finished ops back with one call.
+ * Submission is thread-safe. The io_uring engine hands finished ops to one reaping thread at a time
+ * (vbio_engine_reap*, vbio_engine_submit_reap); the thread engine's workers are the caller's
+ * threads, each calling vbio_engine_work, and they hand finished ops back themselves.
+ * poll_depth (io_uring only; 0 = never): while more than this many ops are in flight, new ops go
+ * through a second ring polled by a kernel thread (SQPOLL, shared by the whole process), so that
+ * submission runs on another CPU than the reaping thread; at lower depths the submitting thread
+ * enters the kernel itself (lower latency). Quietly absent where the kernel refuses SQPOLL. */
+int vbio_engine_open(int kind, uint32_t entries, uint32_t poll_depth, struct vbio_engine **out);
 int vbio_engine_submit(struct vbio_engine *eng, struct vbio_op **ops, int n);
 /* Wait up to timeout_ns (<0: forever, 0: poll) for finished ops; fills out[0..max) and returns how
  * many, 0 on timeout or after vbio_engine_wake. Short transfers, EINTR and EAGAIN are retried inside
@@ -75,11 +81,20 @@ int vbio_engine_reap_tokens(struct vbio_engine *eng, int64_t *tokens, int64_t *r
  * submits and waits when nothing has completed yet. For the completion thread's resubmissions. */
 int vbio_engine_submit_reap(struct vbio_engine *eng, struct vbio_op **ops, int nops, int64_t *tokens,
                             int64_t *results, int max, int64_t timeout_ns);
+/* Thread engine, worker side (-EINVAL for io_uring). Submits ops (may be 0; the first runs on this
+ * thread), releases the completer role if `holding`, then runs queued ops until this thread takes
+ * the completer role with finished ops to hand back: returns their count (tokens/results filled, at
+ * most max, which is at most 256) and the caller holds the role until its next call, which it must
+ * make with holding=1. Returns 0 after vbio_engine_wake once nothing is queued, running or being
+ * completed: the worker should then exit. */
+int vbio_engine_work(struct vbio_engine *eng, struct vbio_op **ops, int nops, int holding, int64_t *tokens,
+                     int64_t *results, int max);
 /* Fill a one-buffer readv/writev op whose `iov` already points at room for one iovec. Checks the
  * O_DIRECT alignment first: returns 0, or VBIO_MISALIGNED_OFFSET / _LENGTH / _ADDRESS. */
 int vbio_op_prep1(struct vbio_op *op, int opcode, int fd, uint64_t offset, void *base, size_t len,
                   uint32_t align, uint32_t mem_align);
-/* Make one blocked (or the next) vbio_engine_reap return. */
+/* io_uring: make one blocked (or the next) vbio_engine_reap return. Threads: stop the workers
+ * once every op is delivered (vbio_engine_work returns 0). */
 int vbio_engine_wake(struct vbio_engine *eng);
 /* Ops submitted and not yet reaped. */
 int64_t vbio_engine_inflight(struct vbio_engine *eng);

@@ -316,3 +316,73 @@ def test_batch_submits_together(image, engine):
         rd = f.alloc(32 * 4096)
         f.pread(rd, 0)
         assert bytes(rd) == b"".join(bytes([i]) * 4096 for i in range(32))
+
+
+def _chained_writes(f, depth, total, blk=4096):
+    """Keep ``depth`` writes in flight, each completion submitting the next one from the engine's
+    own thread (a closed loop, as the benchmarks run it), then a burst of single requests; returns
+    the reference contents of the first ``total`` blocks."""
+    bufs = [f.alloc(blk) for _ in range(total)]
+    for i, b in enumerate(bufs):
+        b[:] = i.to_bytes(4, "little") * (blk // 4)
+    state = {"next": depth, "done": 0, "error": None}
+    lock = threading.Lock()
+    finished = threading.Event()
+
+    def done(fu):
+        with lock:
+            state["done"] += 1
+            if fu.exception() is not None and state["error"] is None:
+                state["error"] = fu.exception()
+            i = state["next"]
+            state["next"] += 1
+            last = state["done"] == total
+        if i < total:
+            f.submit_write(i * blk, [bufs[i]]).add_done_callback(done)
+        if last:
+            finished.set()
+
+    for i in range(depth):
+        f.submit_write(i * blk, [bufs[i]]).add_done_callback(done)
+    assert finished.wait(timeout=60)
+    assert state["error"] is None
+    for i in range(0, total, 7):  # one at a time: the depth falls back under any threshold
+        assert f.submit_write(i * blk, [bufs[i]]).result(timeout=30) == blk
+    return b"".join(bytes(b) for b in bufs)
+
+
+@pytest.mark.parametrize("poll_depth", ["0", "1", "4"])
+def test_uring_polled_ring_keeps_every_byte(image, poll_depth, monkeypatch):
+    """The io_uring engine moves between its ordinary and its SQPOLL ring as the depth crosses
+    VBLOCK_POLL_DEPTH (0: never, 1: almost always): mixed sync/async work, a deep closed loop and
+    single requests all land, and every completion arrives."""
+    monkeypatch.setenv("VBLOCK_POLL_DEPTH", poll_depth)
+    with HostFile(image, engine="io_uring") as f:
+        ref = _random_workload(f, seed=7, n_ops=150)
+        chained = _chained_writes(f, depth=32, total=512)
+        assert f.inflight() == 0
+    with open(image, "rb") as raw:
+        data = raw.read()
+    assert data[:len(chained)] == chained
+    assert data[len(chained):] == bytes(ref[len(chained):])
+
+
+def test_poll_depth_env_must_be_a_number(image, monkeypatch):
+    monkeypatch.setenv("VBLOCK_POLL_DEPTH", "deep")
+    with pytest.raises(ValueError, match="VBLOCK_POLL_DEPTH"):
+        HostFile(image, engine="io_uring")
+
+
+@pytest.mark.parametrize("workers", [1, 2, 16])
+def test_thread_engine_workers_deliver_closed_loop(image, workers):
+    """The thread engine's workers complete futures themselves, one at a time, and run what the
+    callbacks submit: a closed loop deeper than the pool still finishes with every byte, and
+    closing stops every worker."""
+    f = HostFile(image, engine="threads", threads=workers)
+    chained = _chained_writes(f, depth=24, total=300)
+    engine = f._engine
+    f.close()
+    assert not any(t.is_alive() for t in engine._threads)
+    assert len(engine._threads) == workers
+    with open(image, "rb") as raw:
+        assert raw.read(len(chained)) == chained

@@ -1,11 +1,23 @@
 """Host I/O engines: the io_uring engine and the thread engine, behind one Python class.
 
-An ``Engine`` owns one native engine (``vbio_engine``) and one completion thread. Submitting is
-cheap and thread-safe: an op slot is taken from a preallocated pool, filled in place (no per-request
-C allocation for up to ``INLINE_IOVS`` buffers) and handed to the kernel, or, inside a ``batch()``,
-kept until the batch ends and submitted with the others in one ``io_uring_enter``. The completion
-thread reaps every finished op in one call, returns the slots and completes the futures, so future
-callbacks run on that thread and must not block.
+An ``Engine`` owns one native engine (``vbio_engine``). Submitting is cheap and thread-safe: an op
+slot is taken from a preallocated pool, filled in place (no per-request C allocation for up to
+``INLINE_IOVS`` buffers) and handed to the engine, or, inside a ``batch()``, kept until the batch
+ends and submitted with the others in one call.
+
+Completions: future callbacks run on one of the engine's own threads, one batch at a time (never
+two batches of one engine at once), and must not block; a request the engine refuses outright (a
+closed engine) fails on the submitting thread instead. What a callback submits to the same engine
+is collected and handed over in one call after the batch.
+
+- io_uring: one completion thread reaps finished ops and resubmits in the same ``io_uring_enter``.
+  With more than ``poll_depth`` requests in flight (``VBLOCK_POLL_DEPTH``, default 4; 0 = never)
+  new requests go through a second ring polled by a kernel thread (SQPOLL, one per process), so
+  the kernel's submission work runs beside the completion thread's Python instead of in series
+  with it; at lower depths the completion thread enters the kernel itself, the lowest latency.
+- threads: ``threads`` worker threads run preadv/pwritev/fdatasync/fallocate and deliver their own
+  completions (one worker at a time holds the completer role); the first request a callback
+  submits runs next on the same worker, so a closed loop costs no thread hand-off, as with psync.
 
 Engine choice: ``"io_uring"``, ``"threads"`` or ``"auto"``; ``auto`` honours the environment
 variable ``VBLOCK_ENGINE`` and otherwise probes ``io_uring_setup`` once per process (ENOSYS,
@@ -56,6 +68,20 @@ def _reset_probe():
         _probe_result = None
 
 
+POLL_DEPTH = 4  # in-flight requests above which io_uring submits through the SQPOLL ring
+
+
+def default_poll_depth():
+    """``VBLOCK_POLL_DEPTH`` if set (0 turns the polled ring off), else ``POLL_DEPTH``."""
+    env = os.environ.get("VBLOCK_POLL_DEPTH", "").strip()
+    if not env:
+        return POLL_DEPTH
+    try:
+        return max(0, int(env))
+    except ValueError:
+        raise ValueError(f"VBLOCK_POLL_DEPTH={env!r}: expected a number of requests (0 = off)") from None
+
+
 def resolve_engine(engine):
     """The concrete engine name for ``engine`` ("auto" | "io_uring" | "threads")."""
     if engine not in ENGINES:
@@ -77,20 +103,33 @@ def resolve_engine(engine):
     return engine
 
 
+def _out_arrays():
+    """Token and result arrays a completing thread hands to the shim, and int views of them."""
+    tokens = ffi.new("int64_t[]", _REAP_MAX)
+    results = ffi.new("int64_t[]", _REAP_MAX)
+    return tokens, results, memoryview(ffi.buffer(tokens)).cast("q"), memoryview(ffi.buffer(results)).cast("q")
+
+
 class Engine:
-    """One native engine and its completion thread. ``label`` names the file in error messages.
+    """One native engine and the threads that complete its futures. ``label`` names the file in
+    error messages; ``threads`` is the thread engine's worker count; ``poll_depth`` (io_uring) is
+    the depth above which the SQPOLL ring is used (default: ``default_poll_depth()``).
 
     ``submit_*`` methods take byte offsets and buffers (anything ``ffi.from_buffer`` accepts), return
     a ``vblock.future.Future`` whose result is bytes moved (reads: short only at end of file) or
     ``None``, and keep every buffer alive until completion.
     """
 
-    def __init__(self, kind, label, entries=256, threads=16):
+    def __init__(self, kind, label, entries=256, threads=16, poll_depth=None):
         self.kind = kind
         self.label = label
+        if poll_depth is None:
+            poll_depth = default_poll_depth()
         out = ffi.new("struct vbio_engine **")
-        native_kind = lib.VBIO_ENGINE_URING if kind == "io_uring" else lib.VBIO_ENGINE_THREADS
-        ret = lib.vbio_engine_open(native_kind, entries, threads, out)
+        if kind == "io_uring":
+            ret = lib.vbio_engine_open(lib.VBIO_ENGINE_URING, entries, max(0, poll_depth), out)
+        else:
+            ret = lib.vbio_engine_open(lib.VBIO_ENGINE_THREADS, entries, 0, out)
         if ret < 0:
             raise host_error(-ret, f"start {kind} engine for", label)
         self._eng = out[0]
@@ -105,8 +144,13 @@ class Engine:
         self._keep = []  # token -> buffers' cdata kept alive until completion
         self._free = []
         self._grow()
-        self._thread = threading.Thread(target=self._reap_loop, name=f"vblock-{kind}-reaper", daemon=True)
-        self._thread.start()
+        if kind == "io_uring":
+            self._threads = [threading.Thread(target=self._reap_loop, name="vblock-io_uring-reaper", daemon=True)]
+        else:
+            self._threads = [threading.Thread(target=self._work_loop, name=f"vblock-worker-{i}", daemon=True)
+                             for i in range(max(1, threads))]
+        for t in self._threads:
+            t.start()
 
     # -- slots ------------------------------------------------------------------------------------
     def _grow(self):
@@ -239,21 +283,51 @@ class Engine:
         self._free.append(tok)
 
     # -- completion -------------------------------------------------------------------------------
-    def _reap_loop(self):
-        tokens = ffi.new("int64_t[]", _REAP_MAX)
-        results = ffi.new("int64_t[]", _REAP_MAX)
-        tok_view = memoryview(ffi.buffer(tokens)).cast("q")
-        res_view = memoryview(ffi.buffer(results)).cast("q")
-        eng = self._eng
+    def _deliver(self, n, tok_view, res_view):
+        """Complete the futures of ``n`` finished ops (tokens and results in the views) on this
+        thread. Callbacks that submit more I/O to this engine (chained requests, closed-loop load)
+        are collected, not submitted: the list of their tokens is returned for the caller to hand
+        to the engine in one call. Work the callbacks defer() runs once after the batch."""
         futs = self._fut
         keep = self._keep
         free = self._free
         local = self._local
+        local.batch = []
+        begin_completions()
+        for tok, res in zip(tok_view[:n].tolist(), res_view[:n].tolist()):
+            fut = futs[tok]
+            futs[tok] = None
+            if keep[tok].__class__ is tuple:  # a request with its own iovec array
+                self._ops[tok].iov = self._iov[tok]
+            keep[tok] = None
+            if res < 0:
+                op = self._ops[tok]
+                exc = host_error(-res, _OP_NAMES.get(op.opcode, "I/O"), self.label, op.offset,
+                                 op.length or None)
+                free.append(tok)
+                fut.set_exception(exc)
+            else:
+                free.append(tok)
+                fut.set_result(res)
+        end_completions()
+        toks = local.batch
+        local.batch = None
+        return toks
+
+    def _op_array(self, toks):
+        if len(toks) == 1:
+            return self._opp[toks[0]]
+        ops = self._ops
+        return ffi.new("struct vbio_op *[]", [ops[t] for t in toks])
+
+    def _reap_loop(self):
+        """The io_uring engine's completion thread."""
+        tokens, results, tok_view, res_view = _out_arrays()
+        eng = self._eng
         reap = lib.vbio_engine_reap_tokens
         submit_reap = lib.vbio_engine_submit_reap
-        ops = self._ops
-        toks = None
         inflight = lib.vbio_engine_inflight
+        toks = None
         while True:
             # Take completions a quarter of the queue at a time: what their callbacks submit goes
             # back to the device before the rest are processed. Draining all of them first (tens
@@ -262,44 +336,39 @@ class Engine:
             chunk = min(_REAP_MAX, ((inflight(eng) + (len(toks) if toks else 0)) >> 2) or 1)
             if not toks:
                 n = reap(eng, tokens, results, chunk, -1)
-            elif len(toks) == 1:
-                n = submit_reap(eng, self._opp[toks[0]], 1, tokens, results, chunk, -1)
             else:
-                arr = ffi.new("struct vbio_op *[]", [ops[t] for t in toks])
-                n = submit_reap(eng, arr, len(toks), tokens, results, chunk, -1)
+                n = submit_reap(eng, self._op_array(toks), len(toks), tokens, results, chunk, -1)
             if n < 0:
                 _log.error("%s engine: reap failed: %s", self.kind, os.strerror(-n))
                 continue
-            # Callbacks that submit more I/O to this engine (chained requests, closed-loop load)
-            # are collected and handed to the kernel together once the whole batch is completed;
-            # work they defer() runs once after the batch.
-            local.batch = []
-            begin_completions()
-            for tok, res in zip(tok_view[:n].tolist(), res_view[:n].tolist()):
-                fut = futs[tok]
-                futs[tok] = None
-                if keep[tok].__class__ is tuple:  # a request with its own iovec array
-                    self._ops[tok].iov = self._iov[tok]
-                keep[tok] = None
-                if res < 0:
-                    op = self._ops[tok]
-                    exc = host_error(-res, _OP_NAMES.get(op.opcode, "I/O"), self.label, op.offset,
-                                     op.length or None)
-                    free.append(tok)
-                    fut.set_exception(exc)
-                else:
-                    free.append(tok)
-                    fut.set_result(res)
-            end_completions()
+            toks = self._deliver(n, tok_view, res_view)
             # What the callbacks submitted goes to the kernel with the next wait (one syscall).
-            toks = local.batch
-            local.batch = None
             if toks and len(toks) > _REAP_MAX // 2:
-                local.batch = toks
+                self._local.batch = toks
                 self.end_batch()
                 toks = None
-            if not toks and self._closed and lib.vbio_engine_inflight(eng) == 0:
+            if not toks and self._closed and inflight(eng) == 0:
                 return
+
+    def _work_loop(self):
+        """One worker of the thread engine: runs ops and, holding the engine's completer role,
+        completes futures; the first op the callbacks submit runs next on this same thread."""
+        tokens, results, tok_view, res_view = _out_arrays()
+        eng = self._eng
+        work = lib.vbio_engine_work
+        toks = None
+        holding = 0
+        while True:
+            if toks:
+                n = work(eng, self._op_array(toks), len(toks), holding, tokens, results, _REAP_MAX)
+            else:
+                n = work(eng, ffi.NULL, 0, holding, tokens, results, _REAP_MAX)
+            if n <= 0:
+                if n < 0:  # pragma: no cover - only a shim/engine mismatch
+                    _log.error("%s engine: worker failed: %s", self.kind, os.strerror(-n))
+                return
+            holding = 1
+            toks = self._deliver(n, tok_view, res_view)
 
     def inflight(self):
         return lib.vbio_engine_inflight(self._eng)
@@ -311,8 +380,9 @@ class Engine:
                 return
             self._closed = True
         lib.vbio_engine_wake(self._eng)
-        if threading.current_thread() is self._thread:
+        if threading.current_thread() in self._threads:
             raise RuntimeError("an engine cannot be closed from its own completion callbacks")
-        self._thread.join()
+        for t in self._threads:
+            t.join()
         lib.vbio_engine_close(self._eng)
         self._eng = ffi.NULL

@@ -7,7 +7,7 @@ offset, length and buffer address must be a multiple of the alignment the kernel
 
 Synchronous methods (``pread``, ``pwrite``, ``flush``, ...) run in the calling thread with the GIL
 released. ``submit_*`` methods queue the operation on the file's engine and return a
-``vblock.future.Future`` completed by the engine's completion thread; the caller keeps the buffers
+``vblock.future.Future`` completed on one of the engine's threads; the caller keeps the buffers
 unchanged until then (the file keeps them alive). Host failures raise (or complete the future with)
 ``OSError`` carrying the errno, the operation, the path and the offset. ``close()`` waits for every
 in-flight request; operations on a closed file fail with EBADF.
@@ -73,7 +73,7 @@ class HostFile:
         engine: "auto" | "io_uring" | "threads" (see ``vblock.hostio.engine``).
         read_only: open O_RDONLY; writes fail with EBADF from the kernel.
         create: create the file if it does not exist.
-        threads: worker threads of the thread engine.
+        threads: worker threads of the thread engine (requests it can run at once).
     """
 
     def __init__(self, path, direct=True, engine="auto", read_only=False, create=False, threads=16):
