@@ -35,10 +35,14 @@ class Row:
     peer_iops: float | None = None
     ratio: float | None = None
 
-    def against(self, peer, peer_iops):
+    def against(self, peer, peer_iops, ratio=None):
+        """Name the peer and its IOPS; ``ratio`` defaults to ``iops / peer_iops`` (pass the median
+        of paired per-round ratios when the rows come from several rounds)."""
         self.peer = peer
         self.peer_iops = peer_iops
-        self.ratio = (self.iops / peer_iops) if peer_iops else None
+        if ratio is None:
+            ratio = (self.iops / peer_iops) if peer_iops else None
+        self.ratio = ratio
         return self
 
 

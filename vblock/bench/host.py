@@ -2,14 +2,15 @@
 
 A 1 GiB preallocated file in a scratch directory; 8 KiB random writes and 4 KiB random reads at 1,
 8 and 16 requests in flight, through the io_uring engine (peer: fio io_uring at the same depth) and
-the thread engine (peer: fio psync with as many threads). Each vblock case runs right after its fio
-twin on the same file, so both see the same machine state.
+the thread engine (peer: fio psync with as many threads). Each case alternates fio and vblock runs
+on the same file, pair by pair, and reports the median ratio of the pairs.
 """
 
 from __future__ import annotations
 
 import argparse
 import shutil
+import statistics
 
 from vblock.bench import Row, bench_dir, closed_loop, fio_available, preallocated_file, report, run_fio
 from vblock.hostio import HostFile
@@ -34,24 +35,33 @@ def measure(f, pattern, bs, depth, duration):
     return count / elapsed
 
 
-def run(duration=2.0, depths=DEPTHS, engines=("io_uring", "threads"), peers=True, size=SIZE):
+def run(duration=1.0, depths=DEPTHS, engines=("io_uring", "threads"), peers=True, size=SIZE, rounds=3):
+    """Rows of HostFile-vs-fio IOPS. Each case runs ``rounds`` pairs (fio, then vblock, ``duration``
+    seconds each, on the same file); a row reports the medians of both sides and the median of the
+    per-pair ratios, which keeps the machine's drift (tens of percent within seconds on shared
+    hosts) out of the comparison."""
     rows = []
     tmp = bench_dir()
     try:
         path = preallocated_file(tmp, size)
         use_fio = peers and fio_available()
         for engine in engines:
+            fio_engine = "io_uring" if engine == "io_uring" else "psync"
             with HostFile(path, direct=True, engine=engine) as f:
                 for pattern, bs in CASES:
                     for depth in depths:
-                        peer_iops = None
-                        if use_fio:
-                            fio_engine = "io_uring" if engine == "io_uring" else "psync"
-                            peer_iops = run_fio(path, size, pattern, bs, depth, fio_engine, max(1, int(duration)))
-                        iops = measure(f, pattern, bs, depth, duration)
+                        ours, theirs, ratios = [], [], []
+                        for _ in range(max(1, rounds)):
+                            if use_fio:
+                                theirs.append(run_fio(path, size, pattern, bs, depth, fio_engine,
+                                                      max(1, round(duration))))
+                            ours.append(measure(f, pattern, bs, depth, duration))
+                            if use_fio and theirs[-1]:
+                                ratios.append(ours[-1] / theirs[-1])
+                        iops = statistics.median(ours)
                         row = Row("host", engine, pattern, bs, depth, iops, iops * bs / 1e6)
-                        if peer_iops:
-                            row.against(f"fio {'io_uring' if engine == 'io_uring' else 'psync'}", peer_iops)
+                        if ratios:
+                            row.against(f"fio {fio_engine}", statistics.median(theirs), statistics.median(ratios))
                         rows.append(row)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -61,9 +71,10 @@ def run(duration=2.0, depths=DEPTHS, engines=("io_uring", "threads"), peers=True
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m vblock.bench host", description=__doc__.split("\n\n")[0])
     ap.add_argument("--json", action="store_true", help="one JSON object per row")
-    ap.add_argument("--duration", type=float, default=2.0, help="seconds per case (default 2)")
+    ap.add_argument("--duration", type=float, default=1.0, help="seconds per run (default 1)")
+    ap.add_argument("--rounds", type=int, default=3, help="fio/vblock pairs per case (default 3)")
     ap.add_argument("--no-peer", action="store_true", help="skip fio")
     args = ap.parse_args(argv)
-    rows = run(duration=args.duration, peers=not args.no_peer)
+    rows = run(duration=args.duration, peers=not args.no_peer, rounds=args.rounds)
     report(rows, as_json=args.json)
     return 0
