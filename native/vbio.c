@@ -291,6 +291,7 @@ struct threadpool {
     struct vbio_op *done_head, *done_tail; /* finished, not delivered */
     int idle;      /* workers waiting on work_cv */
     int completer; /* a worker holds the completer role */
+    int spinning;  /* a worker is looking for work before it sleeps */
     int stopping;  /* vbio_engine_wake: return 0 once nothing is left */
 };
 
@@ -807,10 +808,12 @@ int vbio_engine_work(struct vbio_engine *eng, struct vbio_op **ops, int nops, in
             continue;
         if (p->stopping && !p->completer && atomic_load(&eng->inflight) == 0)
             break;
-        {
+        if (!p->spinning) {
             /* The completer is busy or nothing is queued: what it is delivering usually submits new
-             * work within microseconds, so look again a little before sleeping (a futex sleep and
-             * wake cost more than that, on a VM several times more). */
+             * work within microseconds, so one worker looks again a little before sleeping (a
+             * futex sleep and wake cost more than that, on a VM several times more). One only:
+             * more would take CPU time from the completer itself. */
+            p->spinning = 1;
             pthread_mutex_unlock(&p->lock);
             int64_t t0 = now_ns();
             for (;;) {
@@ -827,6 +830,7 @@ int vbio_engine_work(struct vbio_engine *eng, struct vbio_op **ops, int nops, in
                     break;
             }
             pthread_mutex_lock(&p->lock);
+            p->spinning = 0;
             if (p->work_head || (p->done_head && !p->completer))
                 continue;
         }

@@ -48,6 +48,10 @@ _OP_NAMES = {
     lib.VBIO_OP_FALLOCATE: "fallocate",
 }
 
+_prep1 = lib.vbio_op_prep1
+_submit = lib.vbio_engine_submit
+_READV, _WRITEV = lib.VBIO_OP_READV, lib.VBIO_OP_WRITEV
+
 _probe_lock = threading.Lock()
 _probe_result = None  # None until probed; then 0 or -errno
 
@@ -204,14 +208,28 @@ class Engine:
 
     def submit1(self, write, fd, offset, cbuf, align, mem_align):
         """One-buffer read or write: filled and alignment-checked by one native call. Returns the
-        future, or a ``VBIO_MISALIGNED_*`` code (nothing submitted) for the caller to report."""
-        tok = self._take()
-        err = lib.vbio_op_prep1(self._ops[tok], lib.VBIO_OP_WRITEV if write else lib.VBIO_OP_READV,
-                                fd, offset, cbuf, len(cbuf), align, mem_align)
+        future, or a ``VBIO_MISALIGNED_*`` code (nothing submitted) for the caller to report.
+        (The hot path of every layer: ``_take`` and ``_submit`` are written out here.)"""
+        try:
+            tok = self._free.pop()
+        except IndexError:
+            tok = self._take()
+        err = _prep1(self._ops[tok], _WRITEV if write else _READV, fd, offset, cbuf, len(cbuf), align, mem_align)
         if err:
             self._free.append(tok)
             return err
-        return self._submit(tok, cbuf)
+        fut = Future()
+        self._fut[tok] = fut
+        self._keep[tok] = cbuf
+        batch = getattr(self._local, "batch", None)
+        if batch is not None:
+            batch.append(tok)
+            return fut
+        with self._lock:
+            ret = -9 if self._closed else _submit(self._eng, self._opp[tok], 1)
+        if ret != 1:
+            self._fail_unsubmitted([tok], ret)
+        return fut
 
     def submit_simple(self, opcode, fd, offset=0, length=0, mode=0):
         """fdatasync or fallocate(mode, offset, length)."""
