@@ -39,6 +39,14 @@ driver lock (a few dictionary operations, no I/O) and everything after runs in p
    data) or the new one (whose data is already in the file), never a cluster not yet written.
 4. **Finish**: the pending marks go, waiters retry and find the clusters allocated.
 
+Without a backing file no flush separates data from its L2 entries, so their order on disk was
+never guaranteed: either may land first, and an entry whose data did not arrive points past the
+old end of file, into space that reads as zeros (the cluster's old content). The inline executor
+therefore issues the data write and the table update together (``driver._alloc_concurrent``) and
+completes the request when both are over. The updates are *hidden* meanwhile: written with every
+write of the table (``Entry.hidden``) but invisible to lookups until the data write is over too,
+so step 3's rule (never a cluster not yet written) still holds for readers.
+
 Two executors share these steps. The inline one (``driver._alloc_inline``: table cached,
 need-check already set) plans in the calling thread and lets I/O completions carry steps 2-4
 (backing-file reads, data, the flush, the table update), with no thread hop. The pool one

@@ -71,7 +71,7 @@ class IllegalTransition(RuntimeError):
 
 class Entry:
     __slots__ = ("offset", "table", "state", "holders", "loaded", "last_use", "queued",
-                 "waiters", "new", "l1_index")
+                 "waiters", "new", "l1_index", "hidden")
 
     def __init__(self, offset, state):
         self.offset = offset  # bytes: where the table lives in the image file
@@ -83,6 +83,9 @@ class Entry:
         self.queued = {}  # index -> value, waiting for the next write
         self.waiters = []  # futures completed when the queued batch is applied
         self.new = False  # a table being created: not yet written, L1 not yet pointing at it
+        # index -> value: updates queued or written to the table in the file whose data write
+        # has not finished, so lookups must not see them yet (every table write includes them)
+        self.hidden = {}
         self.l1_index = None
 
     def __repr__(self):

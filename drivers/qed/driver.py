@@ -728,6 +728,8 @@ class QedDriver(BlockDriver):
                 out.set_exception(exc)
 
         entries = p.entries(geo)
+        if self._backing is None:
+            return self._alloc_concurrent(p, entry, entries, buffers, finish, out)
 
         def ordered(exc):
             if exc is None:
@@ -765,6 +767,52 @@ class QedDriver(BlockDriver):
             return out
         join(reads, 0).add_done_callback(filled)
         return out
+
+    def _alloc_concurrent(self, p, entry, entries, buffers, finish, out):
+        """Without a backing file the data write and the table update go out together, and the
+        request completes when both have: half the latency of data-then-table. Crash safety is
+        unchanged, since no flush separated the two anyway (only a backing file's COW needs
+        one): either may reach the disk first, and a table entry whose data did not arrive
+        points past the old end of file, into space that reads as zeros, which is the
+        cluster's old content. What changes is visibility: lookups must not find the new
+        clusters before their data is written, so the updates stay hidden (written with every
+        write of the table, invisible to lookups) until both writes are over."""
+        outcome = {"data": None, "table": None}
+        left = [2]
+        lock = threading.Lock()
+
+        def part(name, exc):
+            with lock:
+                outcome[name] = exc
+                left[0] -= 1
+                if left[0]:
+                    return
+            # The table in the file holds the entries unless its write failed: show them (a
+            # failed data write leaves allocated clusters that read zeros or part of the data).
+            self._unveil(entry, entries, outcome["table"] is None)
+            finish(outcome["data"] or outcome["table"])
+
+        try:
+            self._extend(p.host_offset + p.nclusters * self.geo.cluster_size)
+            start, iov, _ = self._layout(p, buffers, lookup.UNALLOCATED)
+            self._event("DATA_WRITE")
+            data = self.f.submit_write(start, iov)
+        except BaseException as exc:
+            finish(exc)
+            return out
+        self._update(entry, entries, "L2_UPDATE", lambda exc: part("table", exc), hidden=True)
+        data.add_done_callback(lambda f: part("data", f.exception()))
+        return out
+
+    def _unveil(self, entry, updates, show):
+        """Hidden updates are over: make them visible (``show``) or forget them."""
+        with self.lock:
+            hidden = entry.hidden
+            table = entry.table
+            for i in updates:
+                value = hidden.pop(i, None)
+                if show and value is not None:
+                    table[i] = value
 
     def _extend(self, end):
         """Grow the file to at least ``end`` bytes; never shrinks it.
@@ -863,17 +911,20 @@ class QedDriver(BlockDriver):
         if fut is not None:
             fut.result()
 
-    def _update(self, entry, updates, event, callback=None):
+    def _update(self, entry, updates, event, callback=None, hidden=False):
         """Queue ``updates`` (index -> value) for ``entry``'s table. Once they are written and
         visible, ``callback(error or None)`` runs (on an I/O completion); without a callback a
         future is returned instead. The first request to find the table idle starts its writer;
         the writer runs on I/O completions, one batch after another, until the queue is empty (no
-        thread waits for it)."""
+        thread waits for it). With ``hidden`` the updates are written but stay invisible to
+        lookups until ``_unveil`` (their data write is still running)."""
         fut = None
         if callback is None:
             fut = Future()
             callback = _completer(fut)
         with self.lock:
+            if hidden:
+                entry.hidden.update(updates)
             entry.queued.update(updates)
             entry.waiters.append(callback)
             start = entry.state is not WRITING
@@ -896,9 +947,11 @@ class QedDriver(BlockDriver):
             self._batch_done(entry, batch, waiters, event, f.exception())
 
         try:
+            # Every write of the table carries the hidden updates that fall inside it.
+            overlay = {**entry.hidden, **batch} if entry.hidden else batch
             if entry.new:
                 table = entry.table[:]
-                for i, v in batch.items():
+                for i, v in overlay.items():
                     table[i] = v
                 data = tables.encode(table)
                 buf = self._meta_buffer(data)
@@ -907,7 +960,7 @@ class QedDriver(BlockDriver):
                 fut = then(fut, self._after_new_table, entry)
             else:
                 off, data = tables.encode_slice(entry.table, min(batch), max(batch) + 1,
-                                                self.meta_align, batch)
+                                                self.meta_align, overlay)
                 buf = self._meta_buffer(data)
                 self._event(event)
                 fut = self.f.submit_write(entry.offset + off, [buf])
@@ -946,8 +999,10 @@ class QedDriver(BlockDriver):
         with self.lock:
             if err is None:
                 table = entry.table
+                hidden = entry.hidden
                 for i, v in batch.items():
-                    table[i] = v
+                    if i not in hidden:
+                        table[i] = v
                 if entry.new:
                     entry.new = False
                     if self.creating.get(entry.l1_index) is entry:

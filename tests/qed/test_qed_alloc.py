@@ -127,11 +127,15 @@ def test_idle_clear_waits_for_allocations_in_flight(held):
     drv, _ = held
     path = drv.path
     fut = drv.submit_write(64 * 4096, [memoryview(bytearray(4096))])  # allocates, inline
-    assert len(drv.f.writes) == 1  # the data write, held
+    # No backing file: the data write and its L2 update go out together, both held.
+    assert len(drv.f.writes) == 2
     drv._idle_clear()
     assert header_need_check(path)  # an allocation is in flight: the bit stays
-    drv.f.writes[0][2].set_result(4096)
-    drv.f.writes[1][2].set_result(drv.meta_align)  # its L2 update
+    drv.f.writes[1][2].set_result(drv.meta_align)  # the L2 update lands first
+    assert not fut.done()
+    drv._idle_clear()
+    assert header_need_check(path)
+    drv.f.writes[0][2].set_result(4096)  # then the data
     assert fut.result() == 4096
     drv._idle_clear()
     assert not header_need_check(path)
@@ -140,3 +144,75 @@ def test_idle_clear_waits_for_allocations_in_flight(held):
 def header_need_check(path):
     with open(path, "rb") as f:
         return fmt.Header.unpack(f.read(64)).need_check
+
+
+# -- allocation without a backing file: data and table update together, hidden until both land ----
+
+
+def _alloc(drv, cluster):
+    """Start an inline allocating write of one 4 KiB cluster; returns (future, data write, table
+    write) with both writes held."""
+    before = len(drv.f.writes)
+    fut = drv.submit_write(cluster * 4096, [memoryview(bytearray(b"\x07" * 4096))])
+    new = drv.f.writes[before:]
+    data = next(w for w in new if len(w[1]) == 4096 and w[0] != drv.cache.get(drv.l1[0]).offset)
+    table = [w for w in new if w is not data]
+    return fut, data, table[0] if table else None
+
+
+def test_new_clusters_stay_hidden_until_data_and_table_land(held):
+    drv, entry = held
+    fut, data, table = _alloc(drv, 64)
+    assert table is not None  # both writes are out at once
+    table[2].set_result(len(table[1]))  # the table lands first
+    assert not fut.done()
+    assert entry.table[64] == 0 and entry.hidden == {64: data[0]}  # lookups do not see it yet
+    buf = bytearray(b"\xff" * 4096)
+    assert drv.submit_read(64 * 4096, [buf]).result(timeout=10) == 4096
+    assert bytes(buf) == bytes(4096)  # the old contents: zeros
+    data[2].set_result(4096)
+    assert fut.result() == 4096
+    assert entry.table[64] == data[0] and entry.hidden == {}
+
+
+def test_every_table_write_carries_the_hidden_updates(held):
+    drv, entry = held
+    fut_a, data_a, table_a = _alloc(drv, 64)
+    fut_b, data_b, table_b = _alloc(drv, 65)
+    assert table_b is None  # queued behind A's table write
+    table_a[2].set_result(len(table_a[1]))  # A's table write lands; B's goes out
+    offset, raw, fut = drv.f.writes[-1]
+    first = (offset - entry.offset) // 8
+    written = fmt_entries(raw)
+    assert written[64 - first] == data_a[0]  # A's entry, still hidden, is not written back as 0
+    assert written[65 - first] == data_b[0]
+    fut.set_result(len(raw))
+    data_b[2].set_result(4096)
+    assert fut_b.result() == 4096 and entry.table[65] == data_b[0]
+    assert entry.table[64] == 0  # A's data is still in flight
+    data_a[2].set_result(4096)
+    assert fut_a.result() == 4096 and entry.table[64] == data_a[0]
+
+
+def test_failed_data_write_fails_the_request_but_keeps_the_written_table(held):
+    drv, entry = held
+    fut, data, table = _alloc(drv, 64)
+    data[2].set_exception(OSError(5, "EIO"))
+    table[2].set_result(len(table[1]))
+    assert isinstance(fut.exception(), OSError)
+    assert entry.table[64] == data[0]  # the file's table points there: so does the cache
+    assert drv.damaged  # need-check stays set until a repair
+
+
+def test_failed_table_write_forgets_the_hidden_update(held):
+    drv, entry = held
+    fut, data, table = _alloc(drv, 64)
+    data[2].set_result(4096)
+    table[2].set_exception(OSError(5, "EIO"))
+    assert isinstance(fut.exception(), OSError)
+    assert entry.table[64] == 0 and entry.hidden == {}
+
+
+def fmt_entries(raw):
+    from vblock.drivers.qed import tables
+    return tables.decode(raw)
