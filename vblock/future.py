@@ -142,7 +142,7 @@ def failed(exc):
 def defer(fn, arg):
     """Run ``fn(arg)`` once the current batch of completions is over, or now outside one.
 
-    An engine completes futures in batches on its completion thread (``begin_completions`` ...
+    An engine completes futures in batches on one of its threads (``begin_completions`` ...
     ``end_completions``). Work that is cheaper done once per batch than once per completion
     (publishing a virtqueue's used index and raising its interrupt) goes through ``defer``: inside
     a batch, equal ``(fn, arg)`` pairs collapse into one call made after the batch's last
