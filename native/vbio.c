@@ -758,6 +758,7 @@ int vbio_engine_work(struct vbio_engine *eng, struct vbio_op **ops, int nops, in
 {
     struct threadpool *p = &eng->pool;
     struct vbio_op *mine = NULL;
+    int spun = 0;
     if (eng->kind != VBIO_ENGINE_THREADS)
         return -EINVAL;
     if (max > 256)
@@ -808,7 +809,7 @@ int vbio_engine_work(struct vbio_engine *eng, struct vbio_op **ops, int nops, in
             continue;
         if (p->stopping && !p->completer && atomic_load(&eng->inflight) == 0)
             break;
-        if (!p->spinning) {
+        if (!spun && !p->spinning) {
             /* The completer is busy or nothing is queued: what it is delivering usually submits new
              * work within microseconds, so one worker looks again a little before sleeping (a
              * futex sleep and wake cost more than that, on a VM several times more). One only:
@@ -831,9 +832,10 @@ int vbio_engine_work(struct vbio_engine *eng, struct vbio_op **ops, int nops, in
             }
             pthread_mutex_lock(&p->lock);
             p->spinning = 0;
-            if (p->work_head || (p->done_head && !p->completer))
-                continue;
+            spun = 1;
+            continue; /* everything again, the stop condition included: a wake-up may have come */
         }
+        spun = 0;
         p->idle++;
         pthread_cond_wait(&p->work_cv, &p->lock);
         p->idle--;

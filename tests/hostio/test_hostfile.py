@@ -386,3 +386,13 @@ def test_thread_engine_workers_deliver_closed_loop(image, workers):
     assert len(engine._threads) == workers
     with open(image, "rb") as raw:
         assert raw.read(len(chained)) == chained
+
+
+def test_thread_engine_open_close_never_hangs(image):
+    """Closing races with workers that are about to sleep or still looking for work: every close
+    returns (a missed stop wake-up would hang here until the test's timeout)."""
+    for i in range(300):
+        with HostFile(image, engine="threads", threads=1 + i % 4) as f:
+            buf = f.alloc(4096)
+            futs = [f.submit_read((i * 7 + k) % 64 * 4096, [buf]) for k in range(i % 3)]
+        assert all(fu.result() == 4096 for fu in futs)
