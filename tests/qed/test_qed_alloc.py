@@ -155,9 +155,11 @@ def _alloc(drv, cluster):
     before = len(drv.f.writes)
     fut = drv.submit_write(cluster * 4096, [memoryview(bytearray(b"\x07" * 4096))])
     new = drv.f.writes[before:]
-    data = next(w for w in new if len(w[1]) == 4096 and w[0] != drv.cache.get(drv.l1[0]).offset)
-    table = [w for w in new if w is not data]
-    return fut, data, table[0] if table else None
+    l2 = drv.cache.get(drv.l1[0]).offset
+    in_table = [w for w in new if l2 <= w[0] < l2 + drv.geo.table_bytes]
+    data = [w for w in new if w not in in_table]
+    assert len(data) == 1 and len(data[0][1]) == 4096
+    return fut, data[0], in_table[0] if in_table else None
 
 
 def test_new_clusters_stay_hidden_until_data_and_table_land(held):

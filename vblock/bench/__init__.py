@@ -94,7 +94,10 @@ def closed_loop(submit, depth, duration, nblocks, block_size, seed=1):
     Returns (completed requests, elapsed seconds). Raises the first request failure.
     """
     rng = random.Random(seed)
-    offsets = [rng.randrange(nblocks) * block_size for _ in range(_OFFSETS)]
+    if nblocks > 1:
+        offsets = [rng.randrange(nblocks) * block_size for _ in range(_OFFSETS)]
+    else:  # callers that choose their own offsets (strided runs)
+        offsets = [0] * _OFFSETS
     counter = itertools.count()  # next() is atomic under the GIL
     errors = []
     active = [depth]

@@ -209,7 +209,7 @@ class Engine:
     def submit1(self, write, fd, offset, cbuf, align, mem_align):
         """One-buffer read or write: filled and alignment-checked by one native call. Returns the
         future, or a ``VBIO_MISALIGNED_*`` code (nothing submitted) for the caller to report.
-        (The hot path of every layer: ``_take`` and ``_submit`` are written out here.)"""
+        (The hot path of every layer: the free list is popped here, ``_take`` only grows it.)"""
         try:
             tok = self._free.pop()
         except IndexError:
@@ -218,18 +218,7 @@ class Engine:
         if err:
             self._free.append(tok)
             return err
-        fut = Future()
-        self._fut[tok] = fut
-        self._keep[tok] = cbuf
-        batch = getattr(self._local, "batch", None)
-        if batch is not None:
-            batch.append(tok)
-            return fut
-        with self._lock:
-            ret = -9 if self._closed else _submit(self._eng, self._opp[tok], 1)
-        if ret != 1:
-            self._fail_unsubmitted([tok], ret)
-        return fut
+        return self._submit(tok, cbuf)
 
     def submit_simple(self, opcode, fd, offset=0, length=0, mode=0):
         """fdatasync or fallocate(mode, offset, length)."""
@@ -252,7 +241,7 @@ class Engine:
             batch.append(tok)
             return fut
         with self._lock:
-            ret = -9 if self._closed else lib.vbio_engine_submit(self._eng, self._opp[tok], 1)
+            ret = -9 if self._closed else _submit(self._eng, self._opp[tok], 1)
         if ret != 1:
             self._fail_unsubmitted([tok], ret)
         return fut
