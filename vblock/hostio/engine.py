@@ -15,6 +15,9 @@ is collected and handed over in one call after the batch.
   new requests go through a second ring polled by a kernel thread (SQPOLL, one per process), so
   the kernel's submission work runs beside the completion thread's Python instead of in series
   with it; at lower depths the completion thread enters the kernel itself, the lowest latency.
+  Files opened through the page cache never use the polled ring (``HostFile`` passes 0): there
+  the kernel copies the data in the submitting context, and a polling thread only takes a core
+  from those copies (converting 1 GiB through the page cache: 0.46 -> 0.34 s on 2 cores).
 - threads: ``threads`` worker threads run preadv/pwritev/fdatasync/fallocate and deliver their own
   completions (one worker at a time holds the completer role); the first request a callback
   submits runs next on the same worker, so a closed loop costs no thread hand-off, as with psync.

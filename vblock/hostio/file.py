@@ -106,7 +106,8 @@ class HostFile:
             self.alignment, self.mem_alignment = 1, 1
         self.is_block_device = lib.vbio_is_blockdev(self._fd) == 1
         try:
-            self._engine = Engine(kind, self.path, threads=threads)
+            # page-cache I/O gains nothing from SQPOLL (see vblock.hostio.engine)
+            self._engine = Engine(kind, self.path, threads=threads, poll_depth=None if self.direct else 0)
         except BaseException:
             lib.vbio_close(self._fd)
             self._fd = -1
