@@ -52,7 +52,10 @@ class _Parser(argparse.ArgumentParser):
         (env.stderr if file is sys.stderr else env.stdout).write(message)
 
 
-def build_parser(env: Environment | None = None) -> argparse.ArgumentParser:
+def build_parser(env: Environment | None = None, verbs=VERBS) -> argparse.ArgumentParser:
+    """The whole command line; with ``verbs``, only those subcommands (``main`` builds just the
+    one it runs: each verb module imports its own dependencies, and the stress run, for one,
+    pulls in the whole virtio stack)."""
     common = argparse.ArgumentParser(add_help=False)
     g = common.add_argument_group("common options")
     # SUPPRESS: a flag given before the verb is not reset by the verb's own defaults
@@ -71,9 +74,19 @@ def build_parser(env: Environment | None = None) -> argparse.ArgumentParser:
         parents=[common],
     )
     sub = parser.add_subparsers(dest="verb", metavar="COMMAND", parser_class=Parser)
-    for name in VERBS:
+    for name in verbs:
         importlib.import_module(f"vblock.cli.{name}").add_parser(sub, common)
     return parser
+
+
+def _verb_of(argv) -> tuple:
+    """The verbs ``main`` must register to parse ``argv``: the one it names, or all of them (for
+    ``--help``, a missing or misspelt verb, whose messages list every choice)."""
+    for arg in argv:
+        if arg in ("-q", "--quiet", "--debug"):
+            continue
+        return (arg,) if arg in VERBS else VERBS
+    return VERBS
 
 
 def _message(exc: BaseException) -> str:
@@ -123,7 +136,7 @@ def main(argv=None, env: Environment | None = None) -> int:
     prog = env.program_name
     try:
         with _diagnostics(env, debug):
-            parser = build_parser(env)
+            parser = build_parser(env, _verb_of(argv))
             try:
                 args = parser.parse_args(argv)
             except SystemExit as exc:  # --help / --version
