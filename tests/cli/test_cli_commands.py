@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+
+import pytest
 
 import vblock
 
@@ -48,6 +51,20 @@ def test_bench_host_runs_through_the_dispatcher():
     assert r.rc == 0, r.err
     rows = [json.loads(line) for line in r.out.splitlines()]
     assert rows and {row["layer"] for row in rows} == {"host"} and all(row["iops"] > 0 for row in rows)
+
+
+@pytest.mark.skipif(shutil.which("qemu-img") is None, reason="qemu-img not installed (apt-get install qemu-utils)")
+def test_bench_convert_pairs_both_tools_and_verifies_the_result():
+    """A small source, one pair per pairing: every pairing gives a row with both tools' times, and
+    each vblock result passed qemu-img check and compare (run() raises otherwise)."""
+    from vblock.bench import convert as bench
+
+    rows = bench.run(rounds=2, size=64 * MiB, data=16 * MiB)
+    assert [r.engine for r in rows] == ["same cache mode (unsafe)", "both writeback", "each tool's default",
+                                        "in-process, unsafe"]
+    for r in rows:
+        assert r.peer == "qemu-img convert" and r.seconds > 0 and r.peer_seconds > 0 and r.ratio > 0
+        assert r.best_seconds <= r.seconds and r.peer_best_seconds <= r.peer_seconds
 
 
 def test_a_closed_pipe_ends_the_command_quietly(scratch):
