@@ -29,9 +29,12 @@ EPERM from ``kernel.io_uring_disabled`` or seccomp → threads). The choice is l
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
+import sys
 import threading
+import weakref
 
 from vblock.future import Future, begin_completions, end_completions
 
@@ -117,6 +120,23 @@ def _out_arrays():
     return tokens, results, memoryview(ffi.buffer(tokens)).cast("q"), memoryview(ffi.buffer(results)).cast("q")
 
 
+_open_engines = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_engines():
+    """Close the engines still open when the interpreter exits (their requests in flight finish
+    first), while their threads still run: once the interpreter is finalizing, a thread returning
+    from the shim stops at its next GIL acquire and ``join`` proves nothing, and an engine freed
+    under a completion thread still inside the shim crashed the process (a ``HostFile`` left open
+    by a script, closed by its ``__del__`` during finalization)."""
+    for engine in list(_open_engines):
+        try:
+            engine.close()
+        except Exception:  # pragma: no cover - exiting anyway
+            _log.exception("closing %s engine of %s at exit", engine.kind, engine.label)
+
+
 class Engine:
     """One native engine and the threads that complete its futures. ``label`` names the file in
     error messages; ``threads`` is the thread engine's worker count; ``poll_depth`` (io_uring) is
@@ -158,6 +178,7 @@ class Engine:
                              for i in range(max(1, threads))]
         for t in self._threads:
             t.start()
+        _open_engines.add(self)
 
     # -- slots ------------------------------------------------------------------------------------
     def _grow(self):
@@ -394,5 +415,8 @@ class Engine:
             raise RuntimeError("an engine cannot be closed from its own completion callbacks")
         for t in self._threads:
             t.join()
+        _open_engines.discard(self)
+        if sys.is_finalizing():
+            return  # see _close_open_engines: the process's exit frees the engine instead
         lib.vbio_engine_close(self._eng)
         self._eng = ffi.NULL
