@@ -309,6 +309,9 @@ struct vbio_engine {
      * ring wakes it (both sides use sequentially consistent accesses: either the reaper sees the
      * new ops before it sleeps, or the submitter sees it asleep). */
     struct uring *_Atomic waiting;
+    /* Adaptive busy-waiting of the reaping thread (see vbio_engine_open); only that thread uses
+     * spin_ns. */
+    int64_t spin_max_ns, spin_ns;
     struct threadpool pool;
 };
 
@@ -626,6 +629,52 @@ static int uring_wait(struct uring *r, int64_t timeout_ns)
     return e < 0 ? e : 0;
 }
 
+static inline void cpu_relax(void)
+{
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ __volatile__("yield");
+#endif
+}
+
+static int cq_pending(struct uring *r)
+{
+    return r->fd >= 0 && atomic_load_explicit(r->cq_tail, memory_order_acquire) !=
+                             atomic_load_explicit(r->cq_head, memory_order_relaxed);
+}
+
+#define SPIN_MIN_NS 4000 /* the first busy-wait after sleeping; smaller ones go to 0 */
+
+/* Busy-wait up to the engine's current spin time (bounded by deadline, 0 = none) for a completion
+ * on either ring. Returns 1 if one came; 0 after the time ran out. */
+static int uring_spin(struct vbio_engine *eng, int64_t start, int64_t deadline)
+{
+    int64_t until = start + eng->spin_ns;
+    if (deadline && deadline < until)
+        until = deadline;
+    do {
+        if (cq_pending(&eng->ring) || cq_pending(&eng->pring))
+            return 1;
+        cpu_relax();
+    } while (now_ns() < until);
+    return 0;
+}
+
+/* Adapt the spin time to a wait that spinning did not cover: it lasted waited_ns in all. */
+static void spin_adapt(struct vbio_engine *eng, int64_t waited_ns)
+{
+    if (waited_ns > eng->spin_max_ns) {
+        eng->spin_ns /= 2; /* completions take longer than we may spin: spin less */
+        if (eng->spin_ns < SPIN_MIN_NS)
+            eng->spin_ns = 0;
+    } else {
+        eng->spin_ns = eng->spin_ns ? eng->spin_ns * 2 : SPIN_MIN_NS; /* a longer spin would catch it */
+        if (eng->spin_ns > eng->spin_max_ns)
+            eng->spin_ns = eng->spin_max_ns;
+    }
+}
+
 /* While both rings have ops in flight, the completion thread waits on the busier one in slices
  * this long and looks at the other between them. Only the switch between low and high queue
  * depths passes through that state, for at most one request's latency. */
@@ -642,6 +691,12 @@ static int uring_reap(struct vbio_engine *eng, struct vbio_op **out, int max, in
             n += uring_collect(eng, b, out + n, max - n, &woken);
         if (n > 0 || woken || timeout_ns == 0)
             return n;
+        int64_t start = 0;
+        if (eng->spin_max_ns > 0 && atomic_load(&eng->inflight) > 0) {
+            start = now_ns();
+            if (eng->spin_ns > 0 && uring_spin(eng, start, deadline))
+                continue;
+        }
         int64_t left = -1;
         if (timeout_ns > 0) {
             left = deadline - now_ns();
@@ -658,6 +713,8 @@ static int uring_reap(struct vbio_engine *eng, struct vbio_op **out, int max, in
         }
         int e = uring_wait(w, left);
         atomic_store(&eng->waiting, NULL);
+        if (start)
+            spin_adapt(eng, now_ns() - start);
         if (e < 0 && e != -ETIME)
             return e;
         if (e == -ETIME && timeout_ns < 0)
@@ -679,14 +736,6 @@ static int uring_reap(struct vbio_engine *eng, struct vbio_op **out, int max, in
  * sleep is the one inside the system call.
  */
 
-static inline void cpu_relax(void)
-{
-#if defined(__x86_64__) || defined(__i386__)
-    __builtin_ia32_pause();
-#elif defined(__aarch64__)
-    __asm__ __volatile__("yield");
-#endif
-}
 
 /* A worker with nothing to do looks again for this long before it sleeps (see vbio_engine_work). */
 #define POOL_SPIN_NS 10000
@@ -865,12 +914,13 @@ static int sqpoll_anchor(void)
     return ret;
 }
 
-int vbio_engine_open(int kind, uint32_t entries, uint32_t poll_depth, struct vbio_engine **out)
+int vbio_engine_open(int kind, uint32_t entries, uint32_t poll_depth, int64_t spin_max_ns, struct vbio_engine **out)
 {
     struct vbio_engine *eng = calloc(1, sizeof *eng);
     if (!eng)
         return -ENOMEM;
     eng->kind = kind;
+    eng->spin_max_ns = kind == VBIO_ENGINE_URING && spin_max_ns > 0 ? spin_max_ns : 0;
     eng->ring.fd = eng->pring.fd = -1;
     int e;
     if (kind == VBIO_ENGINE_URING) {
@@ -980,8 +1030,9 @@ static void uring_submit_and_wait(struct vbio_engine *eng, struct vbio_op **ops,
     }
     uint32_t cq_ready = atomic_load_explicit(r->cq_tail, memory_order_acquire) -
                         atomic_load_explicit(r->cq_head, memory_order_relaxed);
-    /* Wait in the same call only if nothing can finish on the other ring meanwhile. */
-    int wait = cq_ready == 0 && timeout_ns < 0;
+    /* Wait in the same call only if nothing can finish on the other ring meanwhile, and unless the
+     * reaping path is to spin first (it then measures the wait, too). */
+    int wait = cq_ready == 0 && timeout_ns < 0 && eng->spin_max_ns == 0;
     if (wait && other->fd >= 0) {
         atomic_store(&eng->waiting, r);
         wait = atomic_load(&other->inflight) == 0;

@@ -10,7 +10,7 @@
  * Offsets and lengths are in bytes.
  */
 
-#define VBIO_VERSION 6
+#define VBIO_VERSION 7
 
 /* Operation codes of struct vbio_op. */
 #define VBIO_OP_READV 1
@@ -67,8 +67,12 @@ struct vbio_engine;
  * poll_depth (io_uring only; 0 = never): while more than this many ops are in flight, new ops go
  * through a second ring polled by a kernel thread (SQPOLL, shared by the whole process), so that
  * submission runs on another CPU than the reaping thread; at lower depths the submitting thread
- * enters the kernel itself (lower latency). Quietly absent where the kernel refuses SQPOLL. */
-int vbio_engine_open(int kind, uint32_t entries, uint32_t poll_depth, struct vbio_engine **out);
+ * enters the kernel itself (lower latency). Quietly absent where the kernel refuses SQPOLL.
+ * spin_max_ns (io_uring only; 0 = never): with ops in flight and none finished, the reaping thread
+ * busy-waits on the completion rings before it sleeps in the kernel, for an adaptive time of at most
+ * this long (as QEMU's AioContext polling): doubled from 4 us after a sleep shorter than the maximum,
+ * halved (down to 0) after a longer one, kept while spinning catches completions. */
+int vbio_engine_open(int kind, uint32_t entries, uint32_t poll_depth, int64_t spin_max_ns, struct vbio_engine **out);
 int vbio_engine_submit(struct vbio_engine *eng, struct vbio_op **ops, int n);
 /* Wait up to timeout_ns (<0: forever, 0: poll) for finished ops; fills out[0..max) and returns how
  * many, 0 on timeout or after vbio_engine_wake. Short transfers, EINTR and EAGAIN are retried inside

@@ -379,12 +379,16 @@ def _chained_writes(f, depth, total, blk=4096):
     return b"".join(bytes(b) for b in bufs)
 
 
+@pytest.mark.parametrize("spin_us", ["0", "1", "100000"])
 @pytest.mark.parametrize("poll_depth", ["0", "1", "4"])
-def test_uring_polled_ring_keeps_every_byte(image, poll_depth, monkeypatch):
+def test_uring_polled_ring_keeps_every_byte(image, poll_depth, spin_us, monkeypatch):
     """The io_uring engine moves between its ordinary and its SQPOLL ring as the depth crosses
-    VBLOCK_POLL_DEPTH (0: never, 1: almost always): mixed sync/async work, a deep closed loop and
-    single requests all land, and every completion arrives."""
+    VBLOCK_POLL_DEPTH (0: never, 1: almost always), and its completion thread sleeps at once, spins
+    a microsecond at most (almost every spin misses), or spins up to 100 ms (every completion is
+    caught spinning): mixed sync/async work, a deep closed loop and single requests all land, and
+    every completion arrives."""
     monkeypatch.setenv("VBLOCK_POLL_DEPTH", poll_depth)
+    monkeypatch.setenv("VBLOCK_SPIN_US", spin_us)
     with HostFile(image, engine="io_uring") as f:
         ref = _random_workload(f, seed=7, n_ops=150)
         chained = _chained_writes(f, depth=32, total=512)
@@ -395,9 +399,10 @@ def test_uring_polled_ring_keeps_every_byte(image, poll_depth, monkeypatch):
     assert data[len(chained):] == bytes(ref[len(chained):])
 
 
-def test_poll_depth_env_must_be_a_number(image, monkeypatch):
-    monkeypatch.setenv("VBLOCK_POLL_DEPTH", "deep")
-    with pytest.raises(ValueError, match="VBLOCK_POLL_DEPTH"):
+@pytest.mark.parametrize("name", ["VBLOCK_POLL_DEPTH", "VBLOCK_SPIN_US"])
+def test_engine_env_settings_must_be_numbers(image, monkeypatch, name):
+    monkeypatch.setenv(name, "deep")
+    with pytest.raises(ValueError, match=name):
         HostFile(image, engine="io_uring")
 
 

@@ -106,8 +106,9 @@ class HostFile:
             self.alignment, self.mem_alignment = 1, 1
         self.is_block_device = lib.vbio_is_blockdev(self._fd) == 1
         try:
-            # page-cache I/O gains nothing from SQPOLL (see vblock.hostio.engine)
-            self._engine = Engine(kind, self.path, threads=threads, poll_depth=None if self.direct else 0)
+            # page-cache I/O gains nothing from polling or spinning (see vblock.hostio.engine)
+            busy = None if self.direct else 0
+            self._engine = Engine(kind, self.path, threads=threads, poll_depth=busy, spin_us=busy)
         except BaseException:
             lib.vbio_close(self._fd)
             self._fd = -1
