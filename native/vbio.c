@@ -705,7 +705,10 @@ static int uring_reap(struct vbio_engine *eng, struct vbio_op **out, int max, in
         }
         struct uring *w = a;
         if (b->fd >= 0) {
-            w = atomic_load(&b->inflight) >= atomic_load(&a->inflight) ? b : a;
+            /* the busier ring; the ordinary one on a tie (nothing in flight: the next op most
+             * likely goes there, and waking a waiter on the polled ring costs a NOP through it,
+             * which keeps its kernel thread spinning) */
+            w = atomic_load(&b->inflight) > atomic_load(&a->inflight) ? b : a;
             atomic_store(&eng->waiting, w);
             struct uring *other = w == a ? b : a;
             if (atomic_load(&other->inflight) > 0 && (left < 0 || left > MIXED_WAIT_NS))
