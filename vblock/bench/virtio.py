@@ -14,6 +14,7 @@ buffers, kicks once per batch, sleeps on the interrupt, and reaps every completi
 from __future__ import annotations
 
 import argparse
+import itertools
 import random
 import shutil
 import statistics
@@ -21,7 +22,7 @@ import threading
 import time
 
 import vblock
-from vblock.bench import Row, bench_dir, closed_loop, preallocated_file, report
+from vblock.bench import _OFFSETS, _OFFSETS_MASK, Row, bench_dir, closed_loop, preallocated_file, report
 from vblock.virtio import GuestMemory, VirtioBlk, VirtioMmio
 from vblock.virtio.driver import Driver
 from vblock.virtio.spec import VIRTIO_BLK_T_OUT, VIRTIO_MMIO_INTERRUPT_ACK, VIRTIO_MMIO_INTERRUPT_STATUS
@@ -59,7 +60,10 @@ def measure_virtio(img, depth, duration, seed=1):
     free = list(bufs)
     slot_of = {}
     nblocks = img.size // BS
-    randrange = random.Random(seed).randrange
+    # sectors drawn before the clock starts, as closed_loop draws the peer's offsets
+    rng = random.Random(seed)
+    sectors = [rng.randrange(nblocks) * (BS // 512) for _ in range(_OFFSETS)]
+    counter = itertools.count()
     post_one, reap, kick = drv.post, drv.reap, drv.kick
     now = time.perf_counter
     lock = threading.Lock()
@@ -70,7 +74,7 @@ def measure_virtio(img, depth, duration, seed=1):
     def post():
         while free:
             a = free.pop()
-            req = post_one(VIRTIO_BLK_T_OUT, randrange(nblocks) * (BS // 512), a, BS)
+            req = post_one(VIRTIO_BLK_T_OUT, sectors[next(counter) & _OFFSETS_MASK], a, BS)
             slot_of[req] = a
         kick()
 
