@@ -739,7 +739,6 @@ static int uring_reap(struct vbio_engine *eng, struct vbio_op **out, int max, in
  * sleep is the one inside the system call.
  */
 
-
 /* A worker with nothing to do looks again for this long before it sleeps (see vbio_engine_work). */
 #define POOL_SPIN_NS 10000
 
