@@ -312,6 +312,7 @@ struct vbio_engine {
     /* Adaptive busy-waiting of the reaping thread (see vbio_engine_open); only that thread uses
      * spin_ns. */
     int64_t spin_max_ns, spin_ns;
+    _Atomic int64_t cross_wakes; /* submitters that woke the reaper waiting on the other ring */
     struct threadpool pool;
 };
 
@@ -990,8 +991,10 @@ int vbio_engine_submit(struct vbio_engine *eng, struct vbio_op **ops, int n)
         if (s < n)
             atomic_fetch_sub(&r->inflight, n - (s < 0 ? 0 : s));
         struct uring *w = atomic_load(&eng->waiting);
-        if (w && w != r)
+        if (w && w != r) {
+            atomic_fetch_add(&eng->cross_wakes, 1);
             uring_wake(w); /* the completion thread sleeps on the other ring */
+        }
     } else {
         s = pool_submit(&eng->pool, ops, n);
     }
@@ -1122,6 +1125,8 @@ int vbio_engine_wake(struct vbio_engine *eng)
 }
 
 int64_t vbio_engine_inflight(struct vbio_engine *eng) { return atomic_load(&eng->inflight); }
+
+int64_t vbio_engine_cross_wakes(struct vbio_engine *eng) { return atomic_load(&eng->cross_wakes); }
 
 void vbio_engine_close(struct vbio_engine *eng)
 {

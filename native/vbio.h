@@ -10,7 +10,7 @@
  * Offsets and lengths are in bytes.
  */
 
-#define VBIO_VERSION 7
+#define VBIO_VERSION 8
 
 /* Operation codes of struct vbio_op. */
 #define VBIO_OP_READV 1
@@ -102,6 +102,9 @@ int vbio_op_prep1(struct vbio_op *op, int opcode, int fd, uint64_t offset, void 
 int vbio_engine_wake(struct vbio_engine *eng);
 /* Ops submitted and not yet reaped. */
 int64_t vbio_engine_inflight(struct vbio_engine *eng);
+/* io_uring, diagnostics: how often a submission had to wake the completion thread waiting on the
+ * engine's other ring (each costs a NOP through that ring). */
+int64_t vbio_engine_cross_wakes(struct vbio_engine *eng);
 /* Free the engine; the caller must have reaped every op first. */
 void vbio_engine_close(struct vbio_engine *eng);
 

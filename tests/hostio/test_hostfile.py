@@ -399,6 +399,20 @@ def test_uring_polled_ring_keeps_every_byte(image, poll_depth, spin_us, monkeypa
     assert data[len(chained):] == bytes(ref[len(chained):])
 
 
+@pytest.mark.parametrize("spin_us", ["0", "100"])
+def test_uring_low_depth_never_wakes_through_the_polled_ring(image, spin_us, monkeypatch):
+    """One request at a time stays on the ordinary ring, and so does the completion thread's wait:
+    no submission has to wake it through the polled ring (when it waited there on a tie, every
+    request sent a NOP through the SQPOLL ring and kept its kernel thread spinning on a core)."""
+    monkeypatch.setenv("VBLOCK_POLL_DEPTH", "4")
+    monkeypatch.setenv("VBLOCK_SPIN_US", spin_us)
+    with HostFile(image, engine="io_uring") as f:
+        buf = f.alloc(4096)
+        for i in range(300):
+            assert f.submit_write((i % 64) * 4096, [buf]).result(timeout=30) == 4096
+        assert f._engine.cross_wakes() == 0
+
+
 @pytest.mark.parametrize("name", ["VBLOCK_POLL_DEPTH", "VBLOCK_SPIN_US"])
 def test_engine_env_settings_must_be_numbers(image, monkeypatch, name):
     monkeypatch.setenv(name, "deep")

@@ -423,6 +423,11 @@ class Engine:
     def inflight(self):
         return lib.vbio_engine_inflight(self._eng)
 
+    def cross_wakes(self):
+        """io_uring: how often a submission woke the completion thread waiting on the other ring
+        (diagnostics; each costs a NOP through that ring)."""
+        return lib.vbio_engine_cross_wakes(self._eng)
+
     def close(self):
         """Refuse new submissions, wait for every in-flight op, stop the thread, free the engine."""
         with self._lock:
