@@ -686,14 +686,16 @@ static int uring_reap(struct vbio_engine *eng, struct vbio_op **out, int max, in
     struct uring *a = &eng->ring, *b = &eng->pring;
     int64_t deadline = timeout_ns > 0 ? now_ns() + timeout_ns : 0;
     int n = 0, woken = 0;
+    int64_t start = 0; /* when this wait began, for the adaptive spin (0: not measured) */
     for (;;) {
         n += uring_collect(eng, a, out + n, max - n, &woken);
         if (b->fd >= 0 && n < max)
             n += uring_collect(eng, b, out + n, max - n, &woken);
         if (n > 0 || woken || timeout_ns == 0)
             return n;
-        int64_t start = 0;
-        if (eng->spin_max_ns > 0 && atomic_load(&eng->inflight) > 0) {
+        if (a->failed_head || b->failed_head)
+            continue; /* a resubmission failed while collecting: hand it back before any wait */
+        if (!start && eng->spin_max_ns > 0 && atomic_load(&eng->inflight) > 0) {
             start = now_ns();
             if (eng->spin_ns > 0 && uring_spin(eng, start, deadline))
                 continue;
@@ -717,8 +719,12 @@ static int uring_reap(struct vbio_engine *eng, struct vbio_op **out, int max, in
         }
         int e = uring_wait(w, left);
         atomic_store(&eng->waiting, NULL);
-        if (start)
+        if (start && e == 0) {
+            /* something finished (rarely only a wake-up NOP); a timed-out slice of a mixed wait
+             * goes on measuring the same wait */
             spin_adapt(eng, now_ns() - start);
+            start = 0;
+        }
         if (e < 0 && e != -ETIME)
             return e;
         if (e == -ETIME && timeout_ns < 0)
@@ -1036,17 +1042,21 @@ static void uring_submit_and_wait(struct vbio_engine *eng, struct vbio_op **ops,
     uint32_t cq_ready = atomic_load_explicit(r->cq_tail, memory_order_acquire) -
                         atomic_load_explicit(r->cq_head, memory_order_relaxed);
     /* Wait in the same call only if nothing can finish on the other ring meanwhile, and unless the
-     * reaping path is to spin first (it then measures the wait, too). */
-    int wait = cq_ready == 0 && timeout_ns < 0 && eng->spin_max_ns == 0;
+     * reaping path is to spin first (uring_reap). A wait here is timed for the adaptive spin too,
+     * or a spin that fell to 0 would never grow again. */
+    int wait = cq_ready == 0 && timeout_ns < 0 && eng->spin_ns == 0;
     if (wait && other->fd >= 0) {
         atomic_store(&eng->waiting, r);
         wait = atomic_load(&other->inflight) == 0;
     }
+    int64_t t0 = wait && eng->spin_max_ns > 0 ? now_ns() : 0;
     uint32_t left = (uint32_t)pushed;
     while (left > 0) {
         int e = uring_enter(r, left, wait ? 1 : 0, wait ? IORING_ENTER_GETEVENTS : 0, NULL, 0);
         if (e >= 0) {
             left -= (uint32_t)e < left ? (uint32_t)e : left;
+            if (wait && t0)
+                spin_adapt(eng, now_ns() - t0);
             wait = 0;
             continue;
         }

@@ -40,6 +40,7 @@ import logging
 import os
 import sys
 import threading
+import time
 import weakref
 
 from vblock.future import Future, begin_completions, end_completions
@@ -139,16 +140,20 @@ def _out_arrays():
 _open_engines = weakref.WeakSet()
 
 
+EXIT_TIMEOUT = 30.0  # seconds an engine left open may take to finish its requests at exit
+
+
 @atexit.register
 def _close_open_engines():
-    """Close the engines still open when the interpreter exits (their requests in flight finish
-    first), while their threads still run: once the interpreter is finalizing, a thread returning
-    from the shim stops at its next GIL acquire and ``join`` proves nothing, and an engine freed
-    under a completion thread still inside the shim crashed the process (a ``HostFile`` left open
-    by a script, closed by its ``__del__`` during finalization)."""
+    """Close the engines still open when the interpreter exits (their requests in flight finish,
+    for up to ``EXIT_TIMEOUT`` seconds each), while their threads still run: once the interpreter
+    is finalizing, a thread returning from the shim stops at its next GIL acquire and ``join``
+    proves nothing, and an engine freed under a completion thread still inside the shim crashed
+    the process (a ``HostFile`` left open by a script, closed by its ``__del__`` during
+    finalization)."""
     for engine in list(_open_engines):
         try:
-            engine.close()
+            engine.close(timeout=EXIT_TIMEOUT)
         except Exception:  # pragma: no cover - exiting anyway
             _log.exception("closing %s engine of %s at exit", engine.kind, engine.label)
 
@@ -428,8 +433,10 @@ class Engine:
         (diagnostics; each costs a NOP through that ring)."""
         return lib.vbio_engine_cross_wakes(self._eng)
 
-    def close(self):
-        """Refuse new submissions, wait for every in-flight op, stop the thread, free the engine."""
+    def close(self, timeout=None):
+        """Refuse new submissions, wait for every in-flight op, stop the threads, free the engine.
+        With ``timeout`` (seconds), a thread still running after it keeps the engine allocated
+        (logged): only the process's exit may free it then."""
         with self._lock:
             if self._closed:
                 return
@@ -437,9 +444,14 @@ class Engine:
         lib.vbio_engine_wake(self._eng)
         if threading.current_thread() in self._threads:
             raise RuntimeError("an engine cannot be closed from its own completion callbacks")
+        end = None if timeout is None else time.monotonic() + timeout
         for t in self._threads:
-            t.join()
+            t.join(None if end is None else max(0.0, end - time.monotonic()))
         _open_engines.discard(self)
+        if any(t.is_alive() for t in self._threads):
+            _log.warning("%s engine of %s: requests still in flight after %s s; left to the process's exit",
+                         self.kind, self.label, timeout)
+            return
         if sys.is_finalizing():
             return  # see _close_open_engines: the process's exit frees the engine instead
         lib.vbio_engine_close(self._eng)
