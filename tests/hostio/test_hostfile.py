@@ -4,6 +4,8 @@ import errno
 import os
 import random
 import stat
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -319,9 +321,6 @@ def test_a_file_left_open_at_exit_finishes_its_requests(image, engine):
     """A script that exits with a HostFile open and writes in flight: the interpreter exits cleanly
     (an engine freed during finalization under its completion thread used to crash it, about one
     run in three) and every write it submitted is in the file."""
-    import subprocess
-    import sys
-
     for _ in range(8):
         os.truncate(image, 0)
         os.truncate(image, FILE_SIZE)

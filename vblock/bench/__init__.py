@@ -84,6 +84,20 @@ def preallocated_file(directory, size, name="bench.img"):
     return path
 
 
+_OFFSETS = 1 << 17  # random offsets drawn per run (as many as 8 KiB blocks in 1 GiB)
+OFFSETS_MASK = _OFFSETS - 1
+
+
+def drawn_offsets(nblocks, block_size, seed=1):
+    """A repeating table of random offsets (``randrange(nblocks) * block_size``, seeded), drawn
+    before a benchmark's clock starts; index it with ``i & OFFSETS_MASK``. All zeros when there is
+    at most one block (callers that choose their own offsets)."""
+    if nblocks <= 1:
+        return [0] * _OFFSETS
+    rng = random.Random(seed)
+    return [rng.randrange(nblocks) * block_size for _ in range(_OFFSETS)]
+
+
 def closed_loop(submit, depth, duration, nblocks, block_size, seed=1):
     """Keep ``depth`` requests in flight for ``duration`` seconds.
 
@@ -93,11 +107,7 @@ def closed_loop(submit, depth, duration, nblocks, block_size, seed=1):
     clock read, so the harness costs next to nothing beside what it measures.
     Returns (completed requests, elapsed seconds). Raises the first request failure.
     """
-    rng = random.Random(seed)
-    if nblocks > 1:
-        offsets = [rng.randrange(nblocks) * block_size for _ in range(_OFFSETS)]
-    else:  # callers that choose their own offsets (strided runs)
-        offsets = [0] * _OFFSETS
+    offsets = drawn_offsets(nblocks, block_size, seed)
     counter = itertools.count()  # next() is atomic under the GIL
     errors = []
     active = [depth]
@@ -110,7 +120,7 @@ def closed_loop(submit, depth, duration, nblocks, block_size, seed=1):
             i = next(counter)
             exc = fu.exception()
             if exc is None and now() < deadline:
-                submit(offsets[i & _OFFSETS_MASK], slot).add_done_callback(done)
+                submit(offsets[i & OFFSETS_MASK], slot).add_done_callback(done)
                 return
             if exc is not None:
                 errors.append(exc)
@@ -124,7 +134,7 @@ def closed_loop(submit, depth, duration, nblocks, block_size, seed=1):
     start = now()
     deadline = start + duration
     for slot in range(depth):
-        submit(offsets[(_OFFSETS - 1 - slot) & _OFFSETS_MASK], slot).add_done_callback(callbacks[slot])
+        submit(offsets[(_OFFSETS - 1 - slot) & OFFSETS_MASK], slot).add_done_callback(callbacks[slot])
     finished.wait(duration * 10 + 30)
     elapsed = now() - start
     if errors:
@@ -132,8 +142,6 @@ def closed_loop(submit, depth, duration, nblocks, block_size, seed=1):
     return next(counter), elapsed
 
 
-_OFFSETS = 1 << 17  # random offsets drawn per run (as many as 8 KiB blocks in 1 GiB)
-_OFFSETS_MASK = _OFFSETS - 1
 
 
 def fio_available():

@@ -118,8 +118,8 @@ def run(rounds=5, size=SIZE, data=DATA, verify=True):
         )
         for label, qcmd, vcmd in pairs:
             tq, tv, ratios = [], [], []
+            run_v = vcmd if callable(vcmd) else (lambda: _timed(vcmd))
             for r in range(rounds):
-                run_v = (lambda: vcmd()) if callable(vcmd) else (lambda: _timed(vcmd))
                 if r % 2:
                     v = run_v()
                     q = _timed(qcmd)

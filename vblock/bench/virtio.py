@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import random
 import shutil
 import statistics
 import threading
 import time
 
 import vblock
-from vblock.bench import _OFFSETS, _OFFSETS_MASK, Row, bench_dir, closed_loop, preallocated_file, report
+from vblock.bench import OFFSETS_MASK, Row, bench_dir, closed_loop, drawn_offsets, preallocated_file, report
 from vblock.virtio import GuestMemory, VirtioBlk, VirtioMmio
 from vblock.virtio.driver import Driver
 from vblock.virtio.spec import VIRTIO_BLK_T_OUT, VIRTIO_MMIO_INTERRUPT_ACK, VIRTIO_MMIO_INTERRUPT_STATUS
@@ -60,9 +59,7 @@ def measure_virtio(img, depth, duration, seed=1):
     free = list(bufs)
     slot_of = {}
     nblocks = img.size // BS
-    # sectors drawn before the clock starts, as closed_loop draws the peer's offsets
-    rng = random.Random(seed)
-    sectors = [rng.randrange(nblocks) * (BS // 512) for _ in range(_OFFSETS)]
+    sectors = drawn_offsets(nblocks, BS // 512, seed)  # as closed_loop draws the peer's offsets
     counter = itertools.count()
     post_one, reap, kick = drv.post, drv.reap, drv.kick
     now = time.perf_counter
@@ -74,7 +71,7 @@ def measure_virtio(img, depth, duration, seed=1):
     def post():
         while free:
             a = free.pop()
-            req = post_one(VIRTIO_BLK_T_OUT, sectors[next(counter) & _OFFSETS_MASK], a, BS)
+            req = post_one(VIRTIO_BLK_T_OUT, sectors[next(counter) & OFFSETS_MASK], a, BS)
             slot_of[req] = a
         kick()
 
