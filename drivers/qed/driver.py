@@ -964,6 +964,9 @@ class QedDriver(BlockDriver):
                 buf = self._meta_buffer(data)
                 self._event(event)
                 fut = self.f.submit_write(entry.offset + off, [buf])
+            # The batch's requests wait for this write: it goes to the kernel now, not after the
+            # other callbacks of the completion batch that started it.
+            self.f.push()
         except BaseException as exc:
             self._meta_release(buf)
             self._batch_done(entry, batch, waiters, event, exc)
@@ -1014,10 +1017,12 @@ class QedDriver(BlockDriver):
                 self.cache.move(entry, "write_start")
             else:
                 self.cache.move(entry, "written")
-        for w in waiters:
-            w(err)
+        # The next batch goes out first: the callbacks of this one's requests would otherwise
+        # delay it by their whole run (completing them and starting the next requests).
         if nwaiters:
             self._write_batch(entry, nbatch, nwaiters, event)
+        for w in waiters:
+            w(err)
 
     # -- flush, zeroes, discard ------------------------------------------------------------------
     def submit_flush(self):

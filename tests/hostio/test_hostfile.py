@@ -345,6 +345,25 @@ def test_batch_submits_together(image, engine):
         assert bytes(rd) == b"".join(bytes([i]) * 4096 for i in range(32))
 
 
+@pytest.mark.parametrize("engine", ENGINES)
+def test_push_submits_what_a_batch_collected_so_far(image, engine):
+    with HostFile(image, engine=engine) as f:
+        first, second = f.alloc(4096), f.alloc(4096)
+        first[:] = b"\x11" * 4096
+        second[:] = b"\x22" * 4096
+        with f.batch():
+            fut = f.submit_write(0, [first])
+            f.push()  # without it, waiting here would wait for the end of the batch: forever
+            assert fut.result(timeout=10) == 4096
+            later = f.submit_write(4096, [second])
+            assert f.inflight() == 0 and not later.done()  # still collecting after the push
+        assert later.result(timeout=10) == 4096
+        f.push()  # outside a batch: nothing to do
+        rd = f.alloc(8192)
+        f.pread(rd, 0)
+        assert bytes(rd) == b"\x11" * 4096 + b"\x22" * 4096
+
+
 def _chained_writes(f, depth, total, blk=4096):
     """Keep ``depth`` writes in flight, each completion submitting the next one from the engine's
     own thread (a closed loop, as the benchmarks run it), then a burst of single requests; returns

@@ -100,6 +100,19 @@ def test_updates_queued_during_a_write_go_out_as_one_write(held):
     assert [entry.table[i] for i in range(11, 20)] == [4096 * (30 + i) for i in range(11, 20)]
 
 
+def test_next_batch_is_written_before_the_finished_batch_completes_its_requests(held):
+    """Completing a batch's requests runs their callbacks (often the next requests): the table's
+    next write must not wait for them."""
+    drv, entry = held
+    writes_seen = []
+    drv._update(entry, {10: 4096 * 40}, "L2_UPDATE", lambda err: writes_seen.append(len(drv.f.writes)))
+    drv._update(entry, {11: 4096 * 41}, "L2_UPDATE", lambda err: None)  # queued behind it
+    drv.f.writes[0][2].set_result(4096)
+    assert writes_seen == [2]  # the second write was out when the first batch's callback ran
+    drv.f.writes[1][2].set_result(4096)
+    assert entry.state == cache.CLEAN and entry.table[11] == 4096 * 41
+
+
 def test_failed_table_write_fails_its_batch_and_keeps_the_table(held):
     drv, entry = held
     done = []

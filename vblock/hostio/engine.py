@@ -317,6 +317,15 @@ class Engine:
         if ret < len(toks):
             self._fail_unsubmitted(toks[max(ret, 0):], ret if ret < 0 else -5)
 
+    def push(self):
+        """Hand what this thread has collected so far (in a ``batch()`` or in completion
+        callbacks) to the engine now, and go on collecting. For a request that others wait on
+        (a metadata write completing a batch of requests): without it, it would wait for the
+        rest of the callbacks of the current completion batch."""
+        if getattr(self._local, "batch", None):
+            self.end_batch()
+            self._local.batch = []
+
     def _fail_unsubmitted(self, toks, ret):
         """Complete ops the engine did not take (closed engine: EBADF) with an error."""
         for tok in toks:

@@ -298,6 +298,12 @@ class HostFile:
             if outer:
                 self._engine.end_batch()
 
+    def push(self):
+        """Submit this thread's collected requests now (see ``Engine.push``); a no-op outside a
+        batch or a completion callback."""
+        if self._engine is not None:
+            self._engine.push()
+
     def inflight(self):
         """Requests submitted and not yet completed."""
         return self._engine.inflight() if self._engine else 0

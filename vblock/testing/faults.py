@@ -208,6 +208,9 @@ class FaultyHostFile:
     def batch(self):
         yield self
 
+    def push(self):
+        """Nothing is collected here: every request starts when it is submitted."""
+
     def inflight(self):
         return 0
 
