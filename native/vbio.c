@@ -235,6 +235,15 @@ int vbio_ftruncate(int fd, uint64_t size)
     return r < 0 ? -errno : 0;
 }
 
+int vbio_start_writeback(int fd, uint64_t offset, uint64_t nbytes)
+{
+    int r;
+    do {
+        r = sync_file_range(fd, (off_t)offset, (off_t)nbytes, SYNC_FILE_RANGE_WRITE);
+    } while (r < 0 && errno == EINTR);
+    return r < 0 ? -errno : 0;
+}
+
 int64_t vbio_seek(int fd, int64_t offset, int whence)
 {
     off_t r = lseek(fd, (off_t)offset, whence);

@@ -10,7 +10,7 @@
  * Offsets and lengths are in bytes.
  */
 
-#define VBIO_VERSION 8
+#define VBIO_VERSION 9
 
 /* Operation codes of struct vbio_op. */
 #define VBIO_OP_READV 1
@@ -127,6 +127,10 @@ int64_t vbio_pwritev(int fd, struct iovec *iov, int iovcnt, uint64_t offset);
 int vbio_fdatasync(int fd);
 int vbio_fallocate(int fd, int mode, uint64_t offset, uint64_t length);
 int vbio_ftruncate(int fd, uint64_t size);
+/* Start writing the dirty page-cache pages of [offset, offset+nbytes) to the device without waiting
+ * for them (sync_file_range SYNC_FILE_RANGE_WRITE; nbytes 0 = to the end of the file). Durability
+ * still needs vbio_fdatasync; this only leaves it less to do. */
+int vbio_start_writeback(int fd, uint64_t offset, uint64_t nbytes);
 /* lseek with SEEK_DATA (whence 3) or SEEK_HOLE (whence 4): the offset, or -errno (-ENXIO past data). */
 int64_t vbio_seek(int fd, int64_t offset, int whence);
 

@@ -1030,6 +1030,9 @@ class QedDriver(BlockDriver):
             return completed(None)
         return self.f.submit_flush()
 
+    def start_writeback(self):
+        self.f.start_writeback()
+
     def submit_write_zeroes(self, offset, length, may_unmap):
         cs = self.geo.cluster_size
         a = -(-offset // cs) * cs

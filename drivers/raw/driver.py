@@ -117,6 +117,9 @@ class RawDriver(BlockDriver):
             return completed(None)
         return self._file.submit_flush()
 
+    def start_writeback(self):
+        self._file.start_writeback()
+
     def submit_discard(self, offset, length):
         if not self._punch:
             return completed(None)

@@ -314,6 +314,26 @@ def test_convert_failure_leaves_no_destination(scratch):
     assert sorted(os.listdir(scratch)) == ["s.qed"]
 
 
+@pytest.mark.parametrize("cache, starts", [("writeback", 4), ("unsafe", 0), ("none", 0)])
+def test_convert_writes_back_as_it_copies_only_when_it_will_flush(scratch, monkeypatch, cache, starts):
+    """-t writeback starts the destination's writeback every WRITE_BEHIND bytes copied, so the
+    final flush finds little left; unsafe never flushes and none bypasses the page cache."""
+    from vblock.block.image import Image
+    from vblock.cli import convert as conv
+
+    monkeypatch.setattr(conv, "WRITE_BEHIND", 2 * MiB)
+    calls = []
+    real = Image.start_writeback
+    monkeypatch.setattr(Image, "start_writeback", lambda self: (calls.append(self.path), real(self))[1])
+    src = scratch / "w.raw"
+    data = os.urandom(8 * MiB + CS)
+    src.write_bytes(data)
+    conv.convert(str(src), str(scratch / "w.qed"), "qed", fmt="raw", cache=cache)
+    assert len(calls) == starts
+    with vblock.open_image(str(scratch / "w.qed"), read_only=True) as img:
+        assert img.read(0, len(data)) == data
+
+
 def test_convert_bad_inputs(scratch):
     one_error_line(run_cli("convert", "-O", "qed", scratch / "none.raw", scratch / "o.qed"), "none.raw")
     (scratch / "s.raw").write_bytes(bytes(MiB))

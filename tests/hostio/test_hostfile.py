@@ -178,6 +178,26 @@ def test_closed_file_raises_ebadf(image, engine):
         assert exc.value.errno == errno.EBADF and image in str(exc.value)
 
 
+@pytest.mark.parametrize("direct", [False, True])
+def test_start_writeback(image, direct):
+    """Starts the page cache's writeback of the range and returns at once; nothing to do for
+    O_DIRECT; the usual argument and closed-file errors."""
+    with HostFile(image, direct=direct) as f:
+        buf = f.alloc(65536)
+        buf[:] = b"\x3c" * 65536
+        f.pwrite(buf, 0)
+        assert f.start_writeback() is None
+        assert f.start_writeback(4096, 8192) is None
+        with pytest.raises(ValueError, match="negative"):
+            f.start_writeback(-1, 0)
+        rd = f.alloc(65536)
+        f.pread(rd, 0)
+        assert bytes(rd) == b"\x3c" * 65536
+    with pytest.raises(OSError) as exc:
+        f.start_writeback()
+    assert exc.value.errno == errno.EBADF and image in str(exc.value)
+
+
 @pytest.mark.parametrize("engine", ENGINES)
 def test_discard_truncate_seek(image, engine):
     with HostFile(image, engine=engine) as f:

@@ -513,6 +513,14 @@ class Image:
     def flush(self) -> None:
         self.submit_flush().result()
 
+    def start_writeback(self) -> None:
+        """Start writing this image's data cached by the host to the device, without waiting for
+        it: the next flush has less left to do (see ``BlockDriver.start_writeback``)."""
+        if self._closed:
+            raise ValueError("I/O on a closed image")
+        if not self.read_only:
+            self.driver.start_writeback()
+
     # -- metadata -------------------------------------------------------------------------------
     def block_status(self, offset: int, length: int) -> list:
         """Runs covering [offset, offset+length): this image's DATA and ZERO runs, with

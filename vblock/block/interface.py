@@ -146,6 +146,11 @@ class BlockDriver:
         alignment needs of its own returns ``None`` for ranges it cannot serve."""
         return None
 
+    def start_writeback(self) -> None:
+        """Start writing what the host's page cache holds of this image to the device, without
+        waiting (a bulk writer calls it every so often, so that its final flush finds little left
+        to write). Default: nothing is cached, nothing to do."""
+
     # -- metadata ---------------------------------------------------------------------------------
     def block_status(self, offset: int, length: int) -> list:
         """Runs covering [offset, offset+length) for this layer. Default: all DATA."""

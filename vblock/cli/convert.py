@@ -11,7 +11,9 @@ backing file). ``-m`` requests are in flight at once (default 16).
 DST is written under a temporary name and renamed into place at the end; it is never left
 half-written. ``-t`` is the destination's cache mode: ``writeback`` (default: flushed before the
 rename, so the result is durable), ``unsafe`` (no flush, as ``qemu-img convert``'s default), or
-``none`` (O_DIRECT). ``-T`` is the source's (default ``writeback``).
+``none`` (O_DIRECT). With ``writeback`` the destination's writeback starts every 64 MiB as the copy
+goes, so the final flush finds little left to write. ``-T`` is the source's (default
+``writeback``).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from vblock.cli.status import ExitStatus
 from vblock.hostio import alloc_buffer
 
 CHUNK = 2 << 20  # bytes per read request
+WRITE_BEHIND = 64 << 20  # bytes copied between two starts of the destination's writeback
 WINDOW = 1 << 30  # bytes of block status asked at a time
 DEFAULT_DEPTH = 16
 _u64 = struct.Struct("<Q").unpack_from
@@ -251,6 +254,11 @@ def convert(src_path, dst_path, out_fmt, *, fmt=None, options=None, backing=None
                 task = (progress or Progress()).task(f"converting {os.path.basename(src_path)}", total=total,
                                                      unit="bytes")
                 copier = _Copier(src, dst, depth, granule, bool(backing), task)
+                # With -t writeback the copy ends in a flush: writing back as the copy goes keeps
+                # the disk busy meanwhile, instead of leaving all of it to that flush (converting
+                # 1 GiB: 0.9-2.3 s -> 0.6-0.85 s here; qemu-img -t writeback 0.92-0.97 s).
+                behind = WRITE_BEHIND if cache == "writeback" else None
+                since = 0
                 for off, length, kind in plan:
                     end = off + length
                     while off < end:
@@ -260,6 +268,10 @@ def convert(src_path, dst_path, out_fmt, *, fmt=None, options=None, backing=None
                         else:
                             copier.zeroes(off, n)
                         off += n
+                        since += n
+                        if behind is not None and since >= behind:
+                            dst.start_writeback()
+                            since = 0
                 copier.wait()
                 if cache != "unsafe":
                     dst.flush()

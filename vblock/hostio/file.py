@@ -214,6 +214,16 @@ class HostFile:
         """fdatasync: everything written before this call is durable when it returns."""
         check(lib.vbio_fdatasync(self._live_fd("flush")), "flush", self.path)
 
+    def start_writeback(self, offset=0, length=0):
+        """Start writing the page cache's dirty pages of [offset, offset+length) (length 0: to the
+        end of the file) to the device, without waiting for them: a later ``flush`` has that much
+        less to do. Not a durability promise; nothing to do for an O_DIRECT file."""
+        if offset < 0 or length < 0:
+            raise ValueError(f"start writeback {self.path}: negative offset or length ({offset}, {length})")
+        fd = self._live_fd("start writeback", offset)
+        if not self.direct:
+            check(lib.vbio_start_writeback(fd, offset, length), "start writeback", self.path, offset)
+
     def discard(self, offset, length):
         """Punch a hole (keeping the size): the range reads zeros and its space returns to the
         file system. ``OSError(EOPNOTSUPP)`` where the file system cannot."""

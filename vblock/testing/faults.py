@@ -208,6 +208,9 @@ class FaultyHostFile:
     def batch(self):
         yield self
 
+    def start_writeback(self, offset=0, length=0):
+        """Writes here are recorded, not cached: nothing to start."""
+
     def push(self):
         """Nothing is collected here: every request starts when it is submitted."""
 
