@@ -2,8 +2,9 @@
 
 The source is a 4 GiB sparse raw file holding 1 GiB of random data (256 extents of 4 MiB, one every
 16 MiB). Both tools run as commands (process start-up included) in back-to-back pairs, the order
-alternating from round to round, each run after a ``sync`` so neither pays for the other's dirty
-pages or freed blocks; the source stays in the page cache for both. Pairings: the same cache mode
+alternating from round to round, each run after a ``sync`` (so neither pays for the other's dirty
+pages) and the deletion of its own previous output (see ``_fresh``); the source stays in the page
+cache for both. Pairings: the same cache mode
 (``unsafe``: no flush; qemu-img's default for convert, so its command line is the plain
 ``qemu-img convert -O qed``), both ``writeback`` (flushed at the end), each tool's default
 (vblock's is ``writeback``: durable before the rename), and vblock's conversion called in-process
@@ -57,10 +58,19 @@ def _vblock_cmd():
     return [exe] if exe else [sys.executable, "-m", "vblock"]
 
 
-def _timed(cmd):
-    if os.path.exists(cmd[-1]):
-        os.unlink(cmd[-1])
+def _fresh(path):
+    """Before a timed run: write back whatever the previous run left dirty, then delete this
+    run's old output, in that order. Deleting first and then syncing (a second or more of the
+    other tool's writeback) left the freed pages idle long enough for this VM to hand them back
+    to its host (free page reporting), and the run then paid host page faults on every page it
+    wrote: several times slower, and more often for the process that starts slower."""
     os.sync()
+    if os.path.exists(path):
+        os.unlink(path)
+
+
+def _timed(cmd):
+    _fresh(cmd[-1])
     t0 = time.perf_counter()
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     return time.perf_counter() - t0
@@ -81,9 +91,7 @@ def _in_process(src, dst):
     interpreter's start-up and imports (about 0.3 s here), to show where the difference lies."""
     from vblock.cli.convert import convert
 
-    if os.path.exists(dst):
-        os.unlink(dst)
-    os.sync()
+    _fresh(dst)
     t0 = time.perf_counter()
     convert(src, dst, "qed", fmt="raw", cache="unsafe")
     return time.perf_counter() - t0
