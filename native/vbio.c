@@ -1128,6 +1128,28 @@ int vbio_op_prep1(struct vbio_op *op, int opcode, int fd, uint64_t offset, void 
 }
 
 
+int vbio_op_prepv(struct vbio_op *op, int opcode, int fd, uint64_t offset, void *bases[], size_t lens[], int n,
+                  uint32_t align, uint32_t mem_align)
+{
+    if (align > 1 && offset % align)
+        return VBIO_MISALIGNED_OFFSET;
+    for (int i = 0; i < n; i++) {
+        if (align > 1 && lens[i] % align)
+            return VBIO_MISALIGNED_LENGTH;
+        if (mem_align > 1 && (uintptr_t)bases[i] % mem_align)
+            return VBIO_MISALIGNED_ADDRESS;
+    }
+    op->opcode = opcode;
+    op->fd = fd;
+    op->offset = offset;
+    op->iovcnt = n;
+    for (int i = 0; i < n; i++) {
+        op->iov[i].iov_base = bases[i];
+        op->iov[i].iov_len = lens[i];
+    }
+    return 0;
+}
+
 int vbio_engine_wake(struct vbio_engine *eng)
 {
     if (eng->kind == VBIO_ENGINE_URING) {

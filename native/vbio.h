@@ -10,7 +10,7 @@
  * Offsets and lengths are in bytes.
  */
 
-#define VBIO_VERSION 9
+#define VBIO_VERSION 10
 
 /* Operation codes of struct vbio_op. */
 #define VBIO_OP_READV 1
@@ -96,6 +96,9 @@ int vbio_engine_work(struct vbio_engine *eng, struct vbio_op **ops, int nops, in
 /* Fill a one-buffer readv/writev op whose `iov` already points at room for one iovec. Checks the
  * O_DIRECT alignment first: returns 0, or VBIO_MISALIGNED_OFFSET / _LENGTH / _ADDRESS. */
 int vbio_op_prep1(struct vbio_op *op, int opcode, int fd, uint64_t offset, void *base, size_t len,
+                  uint32_t align, uint32_t mem_align);
+/* The same for n buffers (bases[i], lens[i]): `iov` must point at room for n iovecs. */
+int vbio_op_prepv(struct vbio_op *op, int opcode, int fd, uint64_t offset, void *bases[], size_t lens[], int n,
                   uint32_t align, uint32_t mem_align);
 /* io_uring: make one blocked (or the next) vbio_engine_reap return. Threads: stop the workers
  * once every op is delivered (vbio_engine_work returns 0). */

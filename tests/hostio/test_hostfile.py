@@ -12,6 +12,7 @@ import pytest
 
 from vblock.hostio import HostFile, alloc_buffer
 from vblock.hostio import engine as engine_mod
+from vblock.hostio._binding import ffi
 from vblock.hostio._binding import lib
 
 ENGINES = ["io_uring", "threads"]
@@ -110,6 +111,53 @@ def test_misaligned_requests_raise_before_io(image, engine):
         with pytest.raises(ValueError, match="address"):
             f.submit_read(0, [unaligned])
         assert f.inflight() == 0
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("count", [3, 16])  # in a slot's own iovecs, and in an array of its own
+def test_misaligned_buffer_of_a_scattered_request_is_named(image, engine, count):
+    """A request of many buffers (a guest's scattered pages) is checked buffer by buffer in the
+    shim; the error names the first bad one, nothing is submitted, and the slot serves the next
+    request."""
+    with HostFile(image, direct=True, engine=engine) as f:
+        a = f.alignment
+        big = f.alloc((count + 2) * 2 * a)
+        pages = [big[2 * i * a : 2 * i * a + a] for i in range(count)]
+        for i, p in enumerate(pages):
+            p[:] = bytes([i + 1]) * a
+        shifted = pages[:count - 1] + [big[1 : 1 + a]]
+        with pytest.raises(ValueError, match=f"buffer {count - 1} address"):
+            f.submit_write(0, shifted)
+        odd = pages[:1] + [pages[1][: a // 2]] + pages[2:]
+        with pytest.raises(ValueError, match=f"length {a // 2} of buffer 1"):
+            f.submit_write(0, odd)
+        with pytest.raises(ValueError, match="offset 1 is not a multiple"):
+            f.submit_write(1, pages)
+        assert f.inflight() == 0
+        assert f.submit_write(0, pages).result(timeout=10) == count * a
+        back = [f.alloc(a) for _ in range(count)]
+        assert f.submit_read(0, back).result(timeout=10) == count * a
+        assert [bytes(b) for b in back] == [bytes([i + 1]) * a for i in range(count)]
+
+
+def test_unsubmitted_scattered_request_gives_its_slot_back_whole(image):
+    """A request of more buffers than a slot holds carries an iovec array of its own; when the
+    engine refuses it (closed under a batch), the slot gets its own iovecs back, so the next
+    request filled into it does not write through the dropped array."""
+    from vblock.hostio.engine import INLINE_IOVS, Engine
+
+    eng = Engine("io_uring", image)
+    bufs = [ffi.from_buffer(alloc_buffer(4096)) for _ in range(INLINE_IOVS + 2)]
+    eng.begin_batch()
+    fut = eng.submitv(True, 0, 0, bufs, 1, 1)
+    tok = eng._local.batch[0]
+    assert eng._ops[tok].iov != eng._iov[tok]
+    eng.close()
+    eng.end_batch()
+    with pytest.raises(OSError) as exc:
+        fut.result(timeout=10)
+    assert exc.value.errno == errno.EBADF
+    assert eng._ops[tok].iov == eng._iov[tok]
 
 
 @pytest.mark.parametrize("engine", ENGINES)

@@ -62,6 +62,7 @@ _OP_NAMES = {
 }
 
 _prep1 = lib.vbio_op_prep1
+_prepv = lib.vbio_op_prepv
 _submit = lib.vbio_engine_submit
 _READV, _WRITEV = lib.VBIO_OP_READV, lib.VBIO_OP_WRITEV
 
@@ -266,6 +267,28 @@ class Engine:
             return err
         return self._submit(tok, cbuf)
 
+    def submitv(self, write, fd, offset, cbufs, align, mem_align):
+        """``submit1`` for several buffers (``ffi.from_buffer`` cdata): one native call fills the
+        iovecs and checks the alignment. Returns the future or a ``VBIO_MISALIGNED_*`` code."""
+        try:
+            tok = self._free.pop()
+        except IndexError:
+            tok = self._take()
+        n = len(cbufs)
+        op = self._ops[tok]
+        if n <= INLINE_IOVS:
+            keep = cbufs
+        else:
+            op.iov = iov = ffi.new("struct iovec[]", n)
+            keep = (cbufs, iov)
+        err = _prepv(op, _WRITEV if write else _READV, fd, offset, cbufs, [len(c) for c in cbufs], n, align,
+                     mem_align)
+        if err:
+            op.iov = self._iov[tok]
+            self._free.append(tok)
+            return err
+        return self._submit(tok, keep)
+
     def submit_simple(self, opcode, fd, offset=0, length=0, mode=0):
         """fdatasync or fallocate(mode, offset, length)."""
         tok = self._take()
@@ -334,6 +357,8 @@ class Engine:
             exc = host_error(-ret if ret < 0 else 5, _OP_NAMES.get(op.opcode, "I/O"), self.label, op.offset)
             keep = self._keep[tok]
             if keep is not None:  # release buffer views now (see HostFile._cbufs)
+                if isinstance(keep, tuple):  # the request's own iovec array goes with it
+                    op.iov = self._iov[tok]
                 for c in (keep[0] if isinstance(keep, tuple) else keep):
                     ffi.release(c)
             self._release(tok)
