@@ -133,7 +133,12 @@ def test_misaligned_buffer_of_a_scattered_request_is_named(image, engine, count)
             f.submit_write(0, odd)
         with pytest.raises(ValueError, match="offset 1 is not a multiple"):
             f.submit_write(1, pages)
+        with pytest.raises(ValueError, match="offset 1 is not a multiple"):
+            f.submit_write(1, [])
+        with pytest.raises(ValueError, match="negative offset -4096"):
+            f.submit_write(-4096, pages)
         assert f.inflight() == 0
+        assert f.submit_write(0, []).result(timeout=10) == 0  # nothing to move
         assert f.submit_write(0, pages).result(timeout=10) == count * a
         back = [f.alloc(a) for _ in range(count)]
         assert f.submit_read(0, back).result(timeout=10) == count * a

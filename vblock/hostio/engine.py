@@ -231,28 +231,6 @@ class Engine:
                         self._grow()
 
     # -- submission -------------------------------------------------------------------------------
-    def submit_rw(self, write, fd, offset, cbufs):
-        """Read into / write from ``cbufs`` (a list of ``ffi.from_buffer`` cdata) at ``offset``."""
-        tok = self._take()
-        op = self._ops[tok]
-        n = len(cbufs)
-        if n <= INLINE_IOVS:
-            iov = self._iov[tok]
-            keep = cbufs
-        else:
-            iov = ffi.new("struct iovec[]", n)
-            keep = (cbufs, iov)
-        for i in range(n):
-            c = cbufs[i]
-            iov[i].iov_base = c
-            iov[i].iov_len = len(c)
-        op.opcode = lib.VBIO_OP_WRITEV if write else lib.VBIO_OP_READV
-        op.fd = fd
-        op.offset = offset
-        op.iovcnt = n
-        op.iov = iov
-        return self._submit(tok, keep)
-
     def submit1(self, write, fd, offset, cbuf, align, mem_align):
         """One-buffer read or write: filled and alignment-checked by one native call. Returns the
         future, or a ``VBIO_MISALIGNED_*`` code (nothing submitted) for the caller to report.

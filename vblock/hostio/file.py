@@ -272,25 +272,24 @@ class HostFile:
         fd = self._fd
         if fd < 0:
             raise host_error(EBADF, op, self.path, offset)
-        if offset < 0 or not buffers:
-            return self._engine.submit_rw(write, fd, offset, self._cbufs(buffers, not write, offset, op))
+        if offset < 0:
+            raise ValueError(f"{op} {self.path}: negative offset {offset}")
         align, mem_align = (self.alignment, self.mem_alignment) if self.direct else (1, 1)
         # The hot paths: the buffers' iovecs filled and checked by one native call.
         if len(buffers) == 1:
             c = ffi.from_buffer(buffers[0], require_writable=not write)
             fut = self._engine.submit1(write, fd, offset, c, align, mem_align)
             cbufs = None
-        else:  # a guest's scattered pages: 16 x 4 KiB for a Linux guest's 64 KiB request
+        else:  # a guest's scattered pages (16 x 4 KiB for a Linux guest's 64 KiB request), or none
             cbufs = [ffi.from_buffer(b, require_writable=not write) for b in buffers]
             fut = self._engine.submitv(write, fd, offset, cbufs, align, mem_align)
         if fut.__class__ is int:  # misaligned: say which, holding no buffer view (see _cbufs)
             if cbufs is None:
                 cbufs = [c]
-                del c
+            c = None
             problem = self._misalignment(cbufs, offset)
-            for c in cbufs:
-                ffi.release(c)
-            del cbufs, c
+            while cbufs:
+                ffi.release(cbufs.pop())
             raise ValueError(f"{op} {self.path}: {problem}")
         return fut
 
