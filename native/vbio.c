@@ -1128,8 +1128,7 @@ int vbio_op_prep1(struct vbio_op *op, int opcode, int fd, uint64_t offset, void 
 }
 
 
-int vbio_op_prepv(struct vbio_op *op, int opcode, int fd, uint64_t offset, void *bases[], size_t lens[], int n,
-                  uint32_t align, uint32_t mem_align)
+int vbio_misaligned(uint64_t offset, void *bases[], size_t lens[], int n, uint32_t align, uint32_t mem_align)
 {
     if (align > 1 && offset % align)
         return VBIO_MISALIGNED_OFFSET;
@@ -1139,6 +1138,15 @@ int vbio_op_prepv(struct vbio_op *op, int opcode, int fd, uint64_t offset, void 
         if (mem_align > 1 && (uintptr_t)bases[i] % mem_align)
             return VBIO_MISALIGNED_ADDRESS;
     }
+    return 0;
+}
+
+int vbio_op_prepv(struct vbio_op *op, int opcode, int fd, uint64_t offset, void *bases[], size_t lens[], int n,
+                  uint32_t align, uint32_t mem_align)
+{
+    int err = vbio_misaligned(offset, bases, lens, n, align, mem_align);
+    if (err)
+        return err;
     op->opcode = opcode;
     op->fd = fd;
     op->offset = offset;

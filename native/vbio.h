@@ -10,7 +10,7 @@
  * Offsets and lengths are in bytes.
  */
 
-#define VBIO_VERSION 10
+#define VBIO_VERSION 11
 
 /* Operation codes of struct vbio_op. */
 #define VBIO_OP_READV 1
@@ -97,6 +97,9 @@ int vbio_engine_work(struct vbio_engine *eng, struct vbio_op **ops, int nops, in
  * O_DIRECT alignment first: returns 0, or VBIO_MISALIGNED_OFFSET / _LENGTH / _ADDRESS. */
 int vbio_op_prep1(struct vbio_op *op, int opcode, int fd, uint64_t offset, void *base, size_t len,
                   uint32_t align, uint32_t mem_align);
+/* 0 if offset and every lens[i] are multiples of align and every bases[i] of mem_align, else the
+ * VBIO_MISALIGNED_* code of the first fault (offset, then the buffers in order). */
+int vbio_misaligned(uint64_t offset, void *bases[], size_t lens[], int n, uint32_t align, uint32_t mem_align);
 /* The same for n buffers (bases[i], lens[i]): `iov` must point at room for n iovecs. */
 int vbio_op_prepv(struct vbio_op *op, int opcode, int fd, uint64_t offset, void *bases[], size_t lens[], int n,
                   uint32_t align, uint32_t mem_align);

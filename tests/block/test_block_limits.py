@@ -69,6 +69,42 @@ def test_aligned_requests_into_aligned_memory_are_not_copied(strict, monkeypatch
         assert img.read(8192, 4096) == b"\x33" * 4096
 
 
+@pytest.mark.parametrize("count", [2, 8])  # checked in Python, and by one native call
+def test_scattered_requests_pass_through_or_bounce_as_a_whole(strict, monkeypatch, count):
+    """A request of many buffers reaches the driver as the caller's own views when every one is
+    aligned, and is bounced (the driver sees other memory, the bytes arrive the same) when one
+    of them is not."""
+    seen = []
+    for name in ("submit_write", "submit_read"):
+        original = getattr(StrictMemory, name)
+
+        def spy(self, offset, buffers, *rest, _original=original):
+            seen.append(list(buffers))
+            return _original(self, offset, buffers, *rest)
+
+        monkeypatch.setattr(StrictMemory, name, spy)
+    n = 512  # count * n stays within the driver's 4 KiB transfers
+    big = aligned_buffer(2 * count * n + 4096)
+    pieces = [big[2 * i * n : (2 * i + 1) * n] for i in range(count)]
+    for i, p in enumerate(pieces):
+        p[:] = bytes([i + 1]) * n
+    with vblock.open_image(None, format="strict", size=65536) as img:  # opened after the spies
+        img.submit_write(0, pieces).result(timeout=10)
+        assert len(seen) == 1 and len(seen[0]) == count
+        assert all(b is p for b, p in zip(seen[0], pieces))  # the caller's own views, not copies
+        back = [aligned_buffer(n) for _ in range(count)]
+        img.submit_read(0, back).result(timeout=10)
+        assert len(seen) == 2 and all(b is p for b, p in zip(seen[1], back))
+        assert [bytes(b) for b in back] == [bytes([i + 1]) * n for i in range(count)]
+        seen.clear()
+        shifted = pieces[:-1] + [big[-n - 7 : -7]]  # the last one 7 bytes off the 64-byte alignment
+        shifted[-1][:] = b"\x77" * n
+        img.submit_write(count * n, shifted).result(timeout=10)
+        assert seen and not any(b is p for batch in seen for b in batch for p in shifted)
+        assert img.read(count * n, count * n) == b"".join(bytes(p) for p in shifted)
+    assert StrictMemory.violations == []
+
+
 def test_big_request_is_split_at_max_transfer(strict):
     data = os.urandom(40960)
     strict.write(0, data)

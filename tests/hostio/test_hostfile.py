@@ -10,7 +10,7 @@ import threading
 
 import pytest
 
-from vblock.hostio import HostFile, alloc_buffer
+from vblock.hostio import HostFile, alloc_buffer, buffers_aligned
 from vblock.hostio import engine as engine_mod
 from vblock.hostio._binding import ffi
 from vblock.hostio._binding import lib
@@ -143,6 +143,16 @@ def test_misaligned_buffer_of_a_scattered_request_is_named(image, engine, count)
         back = [f.alloc(a) for _ in range(count)]
         assert f.submit_read(0, back).result(timeout=10) == count * a
         assert [bytes(b) for b in back] == [bytes([i + 1]) * a for i in range(count)]
+
+
+def test_buffers_aligned_checks_every_length_and_address():
+    big = alloc_buffer(64 * 4096)
+    pages = [big[i * 8192 : i * 8192 + 4096] for i in range(8)]
+    assert buffers_aligned(pages, 4096, 4096)
+    assert not buffers_aligned(pages[:7] + [big[-4096 - 512 : -512]], 4096, 4096)  # address 512 off a page
+    assert buffers_aligned(pages[:7] + [big[-4096 - 512 : -512]], 512, 512)
+    assert not buffers_aligned(pages[:3] + [pages[3][:2048]] + pages[4:], 4096, 1)  # a short length
+    assert buffers_aligned([], 4096, 4096)
 
 
 def test_unsubmitted_scattered_request_gives_its_slot_back_whole(image):

@@ -22,10 +22,10 @@ import functools
 import threading
 
 from vblock.block.bounce import BufferPool, RangeLock, address_of, aligned_buffer
-# address_of's parts, for the two hot paths that inline it
 from vblock.block.interface import UNALLOCATED, ZERO, OpenOptions, Run
 from vblock.errors import ReadOnlyError
 from vblock.future import Future, completed, failed, forward, join, settle
+from vblock.hostio import buffers_aligned
 
 __all__ = ["Image"]
 
@@ -75,6 +75,17 @@ def _views(buffers, writable: bool):
         views.append(v)
         total += len(v)
     return views, total
+
+
+def _aligned_views(views, a: int, m: int) -> bool:
+    """Every view's length a multiple of ``a`` and its address a multiple of ``m``; requests of
+    many buffers (a guest's scattered pages) are checked by one native call."""
+    if len(views) > 2:
+        return buffers_aligned(views, a, m)
+    for v in views:
+        if len(v) % a or (m > 1 and address_of(v) % m):
+            return False
+    return True
 
 
 def _int(value, name: str) -> int:
@@ -189,11 +200,7 @@ class Image:
         a = self._align
         if offset % a or total > self._max:
             return False
-        m = self._mem_align
-        for v in views:
-            if len(v) % a or (m > 1 and address_of(v) % m):
-                return False
-        return True
+        return _aligned_views(views, a, self._mem_align)
 
     # -- asynchronous core ----------------------------------------------------------------------
     def submit_read(self, offset: int, buffers) -> Future:
@@ -210,11 +217,12 @@ class Image:
         a = self._align
         if not offset % a and total <= self._max:
             m = self._mem_align
-            for v in views:
-                # address_of(v) % m, inlined (hot path)
-                if len(v) % a or (m > 1 and address_of(v) % m):
-                    break
+            if len(views) == 1:  # _aligned_views, inlined (hot path)
+                v = views[0]
+                aligned = not (len(v) % a or (m > 1 and address_of(v) % m))
             else:
+                aligned = _aligned_views(views, a, m)
+            if aligned:
                 return self._drv_read(offset, views)
         return self._bounce_read(offset, views, total)
 
@@ -234,10 +242,12 @@ class Image:
         a = self._align
         if not offset % a:
             m = self._mem_align
-            for v in views:
-                if len(v) % a or (m > 1 and address_of(v) % m):
-                    break
+            if len(views) == 1:  # _aligned_views, inlined (hot path)
+                v = views[0]
+                aligned = not (len(v) % a or (m > 1 and address_of(v) % m))
             else:
+                aligned = _aligned_views(views, a, m)
+            if aligned:
                 slot = rl.begin_plain(offset, offset + total)
                 if slot is not None:
                     try:

@@ -63,6 +63,14 @@ def buffer_address(view):
     return int(_cast(_UINTPTR, _from_buffer(_CHAR_ARRAY, view, False)))
 
 
+def buffers_aligned(views, align, mem_align):
+    """Whether every buffer's length is a multiple of ``align`` and its address a multiple of
+    ``mem_align``, checked by one native call (for requests of many buffers; one buffer is as
+    cheap with ``buffer_address``)."""
+    cbufs = [_from_buffer(_CHAR_ARRAY, v, False) for v in views]
+    return not lib.vbio_misaligned(0, cbufs, [len(c) for c in cbufs], len(cbufs), align, mem_align)
+
+
 class HostFile:
     """An open host file. See the module docstring for the contract.
 
