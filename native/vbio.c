@@ -1112,19 +1112,7 @@ int vbio_engine_reap_tokens(struct vbio_engine *eng, int64_t *tokens, int64_t *r
 int vbio_op_prep1(struct vbio_op *op, int opcode, int fd, uint64_t offset, void *base, size_t len,
                   uint32_t align, uint32_t mem_align)
 {
-    if (align > 1 && offset % align)
-        return VBIO_MISALIGNED_OFFSET;
-    if (align > 1 && len % align)
-        return VBIO_MISALIGNED_LENGTH;
-    if (mem_align > 1 && (uintptr_t)base % mem_align)
-        return VBIO_MISALIGNED_ADDRESS;
-    op->opcode = opcode;
-    op->fd = fd;
-    op->offset = offset;
-    op->iovcnt = 1;
-    op->iov[0].iov_base = base;
-    op->iov[0].iov_len = len;
-    return 0;
+    return vbio_op_prepv(op, opcode, fd, offset, &base, &len, 1, align, mem_align);
 }
 
 

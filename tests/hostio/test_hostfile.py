@@ -256,6 +256,14 @@ def test_start_writeback(image, direct):
         rd = f.alloc(65536)
         f.pread(rd, 0)
         assert bytes(rd) == b"\x3c" * 65536
+    # the shim really asks the kernel (sync_file_range), which checks its arguments
+    from vblock.hostio._binding import lib
+    assert lib.vbio_start_writeback(-1, 0, 0) == -errno.EBADF
+    fd = os.open(image, os.O_RDONLY)
+    try:
+        assert lib.vbio_start_writeback(fd, 0, 1 << 63) == -errno.EINVAL  # a negative length
+    finally:
+        os.close(fd)
     with pytest.raises(OSError) as exc:
         f.start_writeback()
     assert exc.value.errno == errno.EBADF and image in str(exc.value)
