@@ -10,7 +10,7 @@
  * Offsets and lengths are in bytes.
  */
 
-#define VBIO_VERSION 11
+#define VBIO_VERSION 12
 
 /* Operation codes of struct vbio_op. */
 #define VBIO_OP_READV 1
@@ -139,6 +139,13 @@ int vbio_ftruncate(int fd, uint64_t size);
 int vbio_start_writeback(int fd, uint64_t offset, uint64_t nbytes);
 /* lseek with SEEK_DATA (whence 3) or SEEK_HOLE (whence 4): the offset, or -errno (-ENXIO past data). */
 int64_t vbio_seek(int fd, int64_t offset, int whence);
+
+/* Zero detection: out[i] = 1 if granule i of buf[0..len) (granule bytes each, the last one maybe
+ * shorter) holds only zero bytes, else 0. Returns 0, -EINVAL for granule 0, or -EFAULT if reading
+ * buf raised SIGBUS: buf may be a mapping of a file that shrank meanwhile, and the fault ends the
+ * scan instead of the process (a guard on this thread only; other SIGBUS go to the handler that
+ * was installed before). */
+int vbio_zero_granules(const void *buf, size_t len, size_t granule, uint8_t *out);
 
 /* Aligned memory, zero-filled. */
 void *vbio_alloc(size_t size, size_t align);

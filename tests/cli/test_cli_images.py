@@ -288,6 +288,28 @@ def test_convert_skips_zero_clusters_inside_data(scratch):
         assert img.check()["allocated-clusters"] == 1
 
 
+@pytest.mark.parametrize("src_cache, mapped", [("writeback", True), ("none", False)])
+def test_convert_writes_a_raw_source_from_its_mapping_unless_read_direct(scratch, monkeypatch,
+                                                                         src_cache, mapped):
+    """A raw source read through the page cache is mapped, and the writes take views of the
+    mapping (no read copy); with -T none it is read into buffers. Both skip zero clusters."""
+    from vblock.block.image import Image
+    from vblock.cli import convert as conv
+
+    reads = []
+    real = Image.submit_read
+    monkeypatch.setattr(Image, "submit_read", lambda self, *a: (reads.append(a[0]), real(self, *a))[1])
+    src = scratch / "m.raw"
+    data = os.urandom(3 * MiB) + bytes(2 * CS) + os.urandom(CS + 512)
+    src.write_bytes(data)
+    stats = conv.convert(str(src), str(scratch / "m.qed"), "qed", fmt="raw", src_cache=src_cache)
+    assert (reads == []) is mapped
+    assert stats["zero-skipped"] == 2 * CS and stats["copied"] == len(data) - 2 * CS
+    with vblock.open_image(str(scratch / "m.qed"), read_only=True) as img:
+        assert img.read(0, len(data)) == data
+        assert img.check()["allocated-clusters"] == -(-len(data) // CS) - 2
+
+
 def test_convert_flattens_or_keeps_the_backing_file(scratch):
     base = scratch / "base.raw"
     base.write_bytes(b"\xbb" * (2 * MiB))
