@@ -97,7 +97,9 @@ class _Copier:
             self.idle.clear()
         return buf
 
-    def _finish(self, buf, nbytes):
+    def _finish(self, buf, nbytes, offset=None):
+        if offset is not None and self.mapping is not None:
+            self.mapping.release(offset, nbytes)
         with self.lock:
             if buf is not None:
                 self.buffers.append(buf)
@@ -145,10 +147,10 @@ class _Copier:
             futs = self._write_parts(view, offset, length)
         except BaseException as exc:
             self._fail(exc)
-            self._finish(buf, length)
+            self._finish(buf, length, offset)
             return
         if not futs:
-            self._finish(buf, length)
+            self._finish(buf, length, offset)
             return
         state = [len(futs)]
         lock = threading.Lock()
@@ -161,7 +163,7 @@ class _Copier:
                 state[0] -= 1
                 last = state[0] == 0
             if last:
-                self._finish(buf, length)
+                self._finish(buf, length, offset)
 
         for f in futs:
             f.add_done_callback(one)
