@@ -8,11 +8,8 @@ messages: progress, warnings, errors.
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 import sys
-from fractions import Fraction
-from typing import TextIO
 
 __all__ = ["Environment", "UsageError", "parse_size", "human_size", "dump_json", "table"]
 
@@ -72,6 +69,8 @@ def parse_size(text: str, what: str = "size") -> int:
         raise UsageError(
             f"invalid {what} {text!r}: expected a number with an optional suffix k, M, G, T, P or E"
         )
+    from fractions import Fraction  # imported here: most runs parse no size
+
     number, unit = m.groups()
     value = Fraction(number) * 1024 ** _UNITS[unit.upper()]
     if value.denominator != 1:
@@ -100,6 +99,8 @@ def human_size(n: int) -> str:
 
 def dump_json(obj) -> str:
     """Indented JSON, as ``qemu-img --output=json`` prints objects."""
+    import json  # imported here: most runs print no JSON
+
     return json.dumps(obj, indent=4)
 
 
