@@ -261,8 +261,8 @@ class QedDriver(BlockDriver):
         self._flush_waiters = []
         self._flush_running = False
         self._file_length = length
-        self._inflight = 0
-        self._inflight_cond = threading.Condition()
+        self._inflight = 0  # tracked requests (see _track), under self.lock
+        self._inflight_cond = threading.Condition(self.lock)
         self.l1 = self.tio.read(h.l1_table_offset)
         self.l1_entry = Entry(h.l1_table_offset, CLEAN)
         self.l1_entry.table = self.l1
@@ -571,14 +571,12 @@ class QedDriver(BlockDriver):
             if kind is lookup.FOUND and n == length:  # several contiguous clusters
                 fut = self.f.submit_write(host, buffers)
                 return followed_by(fut, self.submit_flush, length) if fua else fut
-        fut = None
-        if known:
-            fut = self._alloc_inline(offset, buffers, length)
+        fut = self._alloc_inline(offset, buffers, length) if known else None  # tracks itself
         if fut is None:
-            fut = self._on_pool(self._write_slow, offset, buffers, length, False)
+            fut = self._track(self._on_pool(self._write_slow, offset, buffers, length, False))
         if fua:
-            fut = followed_by(fut, self.submit_flush, length)
-        return self._track(fut)
+            fut = self._track(followed_by(fut, self.submit_flush, length))
+        return fut
 
     def _write_slow(self, offset, buffers, length, zero):
         """Pool thread: write (or, with ``zero``, zero; then ``buffers`` is None and the range is
@@ -674,22 +672,33 @@ class QedDriver(BlockDriver):
         self.allocs_in_flight += 1
         return None, (p, entry, done)
 
-    def _alloc_end(self, p, entry, done, ok):
+    def _alloc_end(self, p, entry, done, ok, counted=False):
         """An allocation is over (written or failed): drop its pending marks and its hold. A
         failed one may have left clusters allocated but unlinked: the need-check bit then stays
-        set until the image is repaired (at the next read-write open)."""
+        set until the image is repaired (at the next read-write open). ``counted``: the
+        allocation is one of the tracked requests itself (inline allocations are)."""
         with self.lock:
-            for c in p.guest_clusters(self.geo):
-                if self.pending.get(c) is done:
-                    del self.pending[c]
-            self.allocs_in_flight -= 1
-            self.cache.release(entry)
-            if not ok:
-                self.damaged = True
-            idle = self.allocs_in_flight == 0 and self._timer is not None and not self.damaged
+            idle = self._alloc_ended(p, entry, done, ok, counted)
         done.set_result(None)
         if idle:
             self._timer.arm()
+
+    def _alloc_ended(self, p, entry, done, ok, counted):
+        """Under ``self.lock``: the bookkeeping of ``_alloc_end``; returns whether the idle timer
+        must be armed (after ``done`` is completed, outside the lock)."""
+        pending = self.pending
+        for c in p.guest_clusters(self.geo):
+            if pending.get(c) is done:
+                del pending[c]
+        self.allocs_in_flight -= 1
+        self.cache.release(entry)
+        if not ok:
+            self.damaged = True
+        if counted:
+            self._inflight -= 1
+            if not self._inflight:
+                self._inflight_cond.notify_all()
+        return self.allocs_in_flight == 0 and self._timer is not None and not self.damaged
 
     def _alloc_inline(self, offset, buffers, length):
         """The allocating write without a thread hop: when the table is cached (or the L1 entry is
@@ -717,19 +726,21 @@ class QedDriver(BlockDriver):
             busy, claim = self._claim(l1_index, entry, offset, length, False)
             if busy is not None:
                 return None  # another request is allocating there: wait on the pool
+            self._inflight += 1  # tracked as a request until _alloc_end (close waits for it)
         p, entry, done = claim
         out = Future()
 
+        if self._backing is None:
+            return _ConcurrentAlloc(self, p, entry, done, out, length).start(buffers)
+
         def finish(exc):
-            self._alloc_end(p, entry, done, exc is None)
+            self._alloc_end(p, entry, done, exc is None, counted=True)
             if exc is None:
                 out.set_result(length)
             else:
                 out.set_exception(exc)
 
         entries = p.entries(geo)
-        if self._backing is None:
-            return self._alloc_concurrent(p, entry, entries, buffers, finish, out)
 
         def ordered(exc):
             if exc is None:
@@ -767,52 +778,6 @@ class QedDriver(BlockDriver):
             return out
         join(reads, 0).add_done_callback(filled)
         return out
-
-    def _alloc_concurrent(self, p, entry, entries, buffers, finish, out):
-        """Without a backing file the data write and the table update go out together, and the
-        request completes when both have: half the latency of data-then-table. Crash safety is
-        unchanged, since no flush separated the two anyway (only a backing file's COW needs
-        one): either may reach the disk first, and a table entry whose data did not arrive
-        points past the old end of file, into space that reads as zeros, which is the
-        cluster's old content. What changes is visibility: lookups must not find the new
-        clusters before their data is written, so the updates stay hidden (written with every
-        write of the table, invisible to lookups) until both writes are over."""
-        outcome = {"data": None, "table": None}
-        left = [2]
-        lock = threading.Lock()
-
-        def part(name, exc):
-            with lock:
-                outcome[name] = exc
-                left[0] -= 1
-                if left[0]:
-                    return
-            # The table in the file holds the entries unless its write failed: show them (a
-            # failed data write leaves allocated clusters that read zeros or part of the data).
-            self._unveil(entry, entries, outcome["table"] is None)
-            finish(outcome["data"] or outcome["table"])
-
-        try:
-            self._extend(p.host_offset + p.nclusters * self.geo.cluster_size)
-            start, iov, _ = self._layout(p, buffers, lookup.UNALLOCATED)
-            self._event("DATA_WRITE")
-            data = self.f.submit_write(start, iov)
-        except BaseException as exc:
-            finish(exc)
-            return out
-        self._update(entry, entries, "L2_UPDATE", lambda exc: part("table", exc), hidden=True)
-        data.add_done_callback(lambda f: part("data", f.exception()))
-        return out
-
-    def _unveil(self, entry, updates, show):
-        """Hidden updates are over: make them visible (``show``) or forget them."""
-        with self.lock:
-            hidden = entry.hidden
-            table = entry.table
-            for i in updates:
-                value = hidden.pop(i, None)
-                if show and value is not None:
-                    table[i] = value
 
     def _extend(self, end):
         """Grow the file to at least ``end`` bytes; never shrinks it.
@@ -917,7 +882,7 @@ class QedDriver(BlockDriver):
         future is returned instead. The first request to find the table idle starts its writer;
         the writer runs on I/O completions, one batch after another, until the queue is empty (no
         thread waits for it). With ``hidden`` the updates are written but stay invisible to
-        lookups until ``_unveil`` (their data write is still running)."""
+        lookups until their allocation ends (``_ConcurrentAlloc``: the data write is still running)."""
         fut = None
         if callback is None:
             fut = Future()
@@ -1310,6 +1275,86 @@ class QedDriver(BlockDriver):
             self._backing.close()
             self._backing = None
         self.f.close()
+
+
+class _ConcurrentAlloc:
+    """One inline allocating write without a backing file: the data write and the table update
+    go out together, and the request completes when both have: half the latency of
+    data-then-table. Crash safety is unchanged, since no flush separated the two anyway (only a
+    backing file's COW needs one): either may reach the disk first, and a table entry whose data
+    did not arrive points past the old end of file, into space that reads as zeros, which is the
+    cluster's old content. What changes is visibility: lookups must not find the new clusters
+    before their data is written, so the updates stay hidden (written with every write of the
+    table, invisible to lookups) until both writes are over.
+
+    The two completions meet under the driver's lock, where the last one also shows (or
+    forgets) the hidden entries and ends the allocation."""
+
+    __slots__ = ("drv", "p", "entry", "entries", "done", "out", "length", "left", "data_error",
+                 "table_error")
+
+    def __init__(self, drv, p, entry, done, out, length):
+        self.drv = drv
+        self.p = p
+        self.entry = entry
+        self.entries = p.entries(drv.geo)
+        self.done = done  # the allocation's pending mark
+        self.out = out  # the request's future
+        self.length = length
+        self.left = 2
+        self.data_error = self.table_error = None
+
+    def start(self, buffers):
+        drv = self.drv
+        p = self.p
+        try:
+            drv._extend(p.host_offset + p.nclusters * drv.geo.cluster_size)
+            start, iov, _ = drv._layout(p, buffers, lookup.UNALLOCATED)
+            drv._event("DATA_WRITE")
+            data = drv.f.submit_write(start, iov)
+        except BaseException as exc:  # the data write never started, nor the table update
+            self.data_error = exc
+            self.left = 1
+            self._part(None)
+            return self.out
+        drv._update(self.entry, self.entries, "L2_UPDATE", self._table_done, hidden=True)
+        data.add_done_callback(self._data_done)
+        return self.out
+
+    def _data_done(self, fut):
+        self._part(fut.exception(), data=True)
+
+    def _table_done(self, err):
+        self._part(err)
+
+    def _part(self, err, data=False):
+        drv = self.drv
+        with drv.lock:
+            if data:
+                self.data_error = err
+            elif err is not None:
+                self.table_error = err
+            self.left -= 1
+            if self.left:
+                return
+            # The table in the file holds the entries unless its write failed: show them (a
+            # failed data write leaves allocated clusters that read zeros or part of the data).
+            show = self.table_error is None
+            hidden = self.entry.hidden
+            table = self.entry.table
+            for i in self.entries:
+                value = hidden.pop(i, None)
+                if show and value is not None:
+                    table[i] = value
+            exc = self.data_error or self.table_error
+            idle = drv._alloc_ended(self.p, self.entry, self.done, exc is None, True)
+        self.done.set_result(None)
+        if idle:
+            drv._timer.arm()
+        if exc is None:
+            self.out.set_result(self.length)
+        else:
+            self.out.set_exception(exc)
 
 
 def _completer(fut):
