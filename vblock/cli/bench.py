@@ -59,9 +59,13 @@ def run(args, env):
     known = names()
     if args.name != "all" and args.name not in known:
         raise UsageError(f"bench: unknown benchmark {args.name!r}: expected one of {', '.join(known)} or all")
+    # Everything after NAME lands in args.rest: pick out vblock's own flags there too
+    # ("vblock bench all -q"); the rest is the benchmark's.
     if "--json" in args.rest:
         args.json = True
-    rest = [a for a in args.rest if a != "--json"]
+    if "-q" in args.rest or "--quiet" in args.rest:
+        args.quiet = True
+    rest = [a for a in args.rest if a not in ("--json", "-q", "--quiet")]
     if args.name != "all":
         with progress_for(env, args.quiet) as progress:
             progress.task(f"bench {args.name}")
