@@ -330,7 +330,7 @@ def main(argv=None):
 
     p = argparse.ArgumentParser(prog="vblock bench guest", description=__doc__.split("\n\n")[0])
     p.add_argument("--json", action="store_true")
-    p.add_argument("--rounds", type=int, default=3, help="boots per server and format (default 3)")
+    p.add_argument("--rounds", type=int, default=5, help="boots per server and format (default 5)")
     p.add_argument("--formats", default="raw,qed")
     p.add_argument("--serve-args", default="", help="extra options for vblock serve (e.g. '--aio threads')")
     args = p.parse_args(argv)
