@@ -36,3 +36,29 @@ def test_block_bench_main_parses_its_options(capsys, monkeypatch):
     assert block.main(["--depth", "4", "--engine", "io_uring", "--pattern", "randread", "--duration", "1"]) == 0
     assert seen["depths"] == (4,) and seen["engines"] == ("io_uring",)
     assert seen["cases"] == (("randread", 4096),) and seen["duration"] == 1.0
+
+
+def test_settle_file_leaves_the_file_on_disk_and_out_of_the_page_cache(scratch):
+    """A benchmark's image starts clean and uncached: a read that may not wait for the disk
+    (RWF_NOWAIT) finds the page before settle_file and not after."""
+    import errno
+    import os
+
+    from vblock.bench import settle_file
+
+    path = scratch / "s.img"
+    path.write_bytes(b"\x5a" * (1 << 20))
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        assert os.preadv(fd, [bytearray(4096)], 0, os.RWF_NOWAIT) == 4096  # cached (and dirty)
+        settle_file(str(path))
+        try:
+            os.preadv(fd, [bytearray(4096)], 0, os.RWF_NOWAIT)
+            cached = True
+        except BlockingIOError as exc:
+            assert exc.errno == errno.EAGAIN
+            cached = False
+        assert not cached
+    finally:
+        os.close(fd)
+    assert path.read_bytes() == b"\x5a" * (1 << 20)

@@ -79,12 +79,21 @@ def preallocated_file(directory, size, name="bench.img"):
         left = size
         while left > 0:
             left -= f.write(chunk[: min(left, len(chunk))])
-        f.flush()
-        os.fdatasync(f.fileno())
-        # Drop the pages this left in the page cache: every O_DIRECT write over a cached page
-        # must invalidate it first, which would burden whichever side of a pair runs first.
-        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+    settle_file(path)
     return path
+
+
+def settle_file(path):
+    """Write ``path``'s dirty pages to the disk and drop its pages from the page cache, so the
+    file starts a timed run as if it had been on the disk all along: an O_DIRECT write over a
+    dirty cached page must first write it back and invalidate it, which would burden whichever
+    side of a pair happens to meet those pages."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fdatasync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
 
 
 _OFFSETS = 1 << 17  # random offsets drawn per run (as many as 8 KiB blocks in 1 GiB)

@@ -326,7 +326,7 @@ def _run_once(server, directory):
 def main(argv=None):
     import argparse
 
-    from vblock.bench import Row, bench_dir, report
+    from vblock.bench import Row, bench_dir, report, settle_file
 
     p = argparse.ArgumentParser(prog="vblock bench guest", description=__doc__.split("\n\n")[0])
     p.add_argument("--json", action="store_true")
@@ -357,7 +357,8 @@ def main(argv=None):
                 # sees the same host load (this 2-core host is shared)
                 for who in ("vblock", "qsd") if r % 2 == 0 else ("qsd", "vblock"):
                     img = os.path.join(d, f"{who}.{fmt}")
-                    shutil.copyfile(src, img)
+                    shutil.copyfile(src, img)  # sendfile: every block written, and dirty
+                    settle_file(img)
                     sock = os.path.join(d, f"{who}.sock")
                     srv = (Serve(sock, img, "-f", fmt, *args.serve_args.split()) if who == "vblock"
                            else QsdServe(sock, img, fmt, size))
