@@ -15,7 +15,8 @@ cached kernel and base serve every scenario. Results travel as marker lines on t
 ``.ci/guest-deps.sh`` does (the .debs are fetched with ``apt-get download`` on first use if absent).
 
 The benchmark (:func:`main`): the same in-guest workload - 64 MiB of ``dd`` O_DIRECT writes, then
-reads, in 64 KiB blocks, timed by the guest's own clock - on copies of one image served by
+reads, in 64 KiB blocks, timed by the guest's own clock - on copies of one image (each written
+back and dropped from the page cache before its server starts) served by
 ``vblock serve`` and by ``qemu-storage-daemon`` (O_DIRECT on both), in the same run, alternating,
 best of ``--rounds`` for the figures; the ratio is the median over rounds of vblock / qsd measured
 back to back (the host is shared, so pairing cancels most of the drift in its load). A third server, qsd's ``null-co`` driver (no
