@@ -310,6 +310,31 @@ def test_convert_writes_a_raw_source_from_its_mapping_unless_read_direct(scratch
         assert img.check()["allocated-clusters"] == -(-len(data) // CS) - 2
 
 
+def test_convert_fails_cleanly_when_the_mapped_source_shrinks(scratch, monkeypatch):
+    """A source that shrinks under its mapping surfaces as EFAULT from the zero scan (see
+    hostio.mapping): the conversion fails with it and leaves neither DST nor a temporary file."""
+    import errno
+
+    from vblock.cli import convert as conv
+
+    calls = []
+    real = conv.zero_granules
+
+    def shrunk(view, granule):
+        calls.append(len(view))
+        if len(calls) == 2:
+            raise OSError(errno.EFAULT, "Bad address (scanning for zeros: did the file shrink?)")
+        return real(view, granule)
+
+    monkeypatch.setattr(conv, "zero_granules", shrunk)
+    src = scratch / "f.raw"
+    src.write_bytes(os.urandom(8 * MiB))
+    with pytest.raises(OSError) as e:
+        conv.convert(str(src), str(scratch / "f.qed"), "qed", fmt="raw", depth=2)
+    assert e.value.errno == errno.EFAULT and len(calls) >= 2
+    assert sorted(os.listdir(scratch)) == ["f.raw"]
+
+
 def test_convert_flattens_or_keeps_the_backing_file(scratch):
     base = scratch / "base.raw"
     base.write_bytes(b"\xbb" * (2 * MiB))

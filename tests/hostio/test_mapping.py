@@ -56,6 +56,9 @@ def test_views_are_the_files_bytes_in_place(scratch):
         v = m.view(PAGE, 3 * PAGE)
         m.release(PAGE - 1, 3 * PAGE + 2)  # unmaps the whole pages inside only: 1, 2 and 3
         assert bytes(v) == b"\x00" * 2 * PAGE + b"\x11" * PAGE  # read in again
+    m.release(0, len(data))  # closed: nothing left to release
+    with pytest.raises(ValueError, match="closed"):
+        m.view(0, PAGE)
 
 
 def test_a_file_that_shrinks_under_its_mapping_is_efault_not_sigbus(scratch):

@@ -64,6 +64,8 @@ class FileMapping:
         self._view = memoryview(self._map) if length else memoryview(b"")
 
     def view(self, offset: int, length: int) -> memoryview:
+        if self._map is None and self.length:
+            raise ValueError(f"{self.path}: the mapping is closed")
         if offset < 0 or length < 0 or offset + length > self.length:
             raise ValueError(f"{self.path}: [{offset}, {offset + length}) is outside the "
                              f"{self.length} mapped bytes")
@@ -76,7 +78,7 @@ class FileMapping:
         (about 30 ms per GiB mapped)."""
         start = -(-offset // mmap.PAGESIZE) * mmap.PAGESIZE
         end = min(offset + length, self.length) // mmap.PAGESIZE * mmap.PAGESIZE
-        if end > start:
+        if end > start and self._map is not None:
             self._map.madvise(mmap.MADV_DONTNEED, start, end - start)
 
     def close(self):
