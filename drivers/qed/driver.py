@@ -1309,9 +1309,9 @@ class _ConcurrentAlloc:
         p = self.p
         try:
             drv._extend(p.host_offset + p.nclusters * drv.geo.cluster_size)
-            start, iov, _ = drv._layout(p, buffers, lookup.UNALLOCATED)
+            # _layout without a backing file: the guest's buffers where the request starts
             drv._event("DATA_WRITE")
-            data = drv.f.submit_write(start, iov)
+            data = drv.f.submit_write(p.host_offset + (p.pos - p.cluster_start), buffers)
         except BaseException as exc:  # the data write never started, nor the table update
             self.data_error = exc
             self.left = 1
