@@ -1117,7 +1117,6 @@ int vbio_op_prep1(struct vbio_op *op, int opcode, int fd, uint64_t offset, void 
     return vbio_op_prepv(op, opcode, fd, offset, &base, &len, 1, align, mem_align);
 }
 
-
 int vbio_misaligned(uint64_t offset, void *bases[], size_t lens[], int n, uint32_t align, uint32_t mem_align)
 {
     if (align > 1 && offset % align)

@@ -24,7 +24,7 @@
 #define VBIO_FALLOC_PUNCH_HOLE 2
 #define VBIO_FALLOC_ZERO_RANGE 16
 
-/* Misalignment codes of vbio_op_prep1 (positive, never an errno). */
+/* Misalignment codes of vbio_op_prep1, vbio_op_prepv and vbio_misaligned (positive, never an errno). */
 #define VBIO_MISALIGNED_OFFSET 1
 #define VBIO_MISALIGNED_LENGTH 2
 #define VBIO_MISALIGNED_ADDRESS 3

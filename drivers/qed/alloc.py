@@ -42,7 +42,7 @@ driver lock (a few dictionary operations, no I/O) and everything after runs in p
 Without a backing file no flush separates data from its L2 entries, so their order on disk was
 never guaranteed: either may land first, and an entry whose data did not arrive points past the
 old end of file, into space that reads as zeros (the cluster's old content). The inline executor
-therefore issues the data write and the table update together (``driver._alloc_concurrent``) and
+therefore issues the data write and the table update together (``driver._ConcurrentAlloc``) and
 completes the request when both are over. The updates are *hidden* meanwhile: written with every
 write of the table (``Entry.hidden``) but invisible to lookups until the data write is over too,
 so step 3's rule (never a cluster not yet written) still holds for readers.

@@ -100,6 +100,21 @@ def test_updates_queued_during_a_write_go_out_as_one_write(held):
     assert [entry.table[i] for i in range(11, 20)] == [4096 * (30 + i) for i in range(11, 20)]
 
 
+def test_inline_allocation_counts_as_in_flight_until_both_writes_are_over(held):
+    """close and check wait for the tracked requests (``_inflight``): an inline allocation is one
+    from its claim until its data write and its table update have both completed, whichever
+    completes last, and its entry becomes visible only then."""
+    drv, entry = held
+    assert drv._inflight == 0
+    fut = drv.submit_write(4096 * 7, [drv.f.alloc(4096)])
+    data, table = sorted(drv.f.writes, key=lambda w: w[0] == entry.offset)  # data first
+    assert table[0] == entry.offset and drv._inflight == 1 and not fut.done()
+    table[2].set_result(4096)
+    assert drv._inflight == 1 and not fut.done() and entry.table[7] == 0  # data still in flight
+    data[2].set_result(4096)
+    assert fut.result() == 4096 and drv._inflight == 0 and entry.table[7] == data[0]
+
+
 def test_next_batch_is_written_before_the_finished_batch_completes_its_requests(held):
     """Completing a batch's requests runs their callbacks (often the next requests): the table's
     next write must not wait for them."""
