@@ -11,5 +11,5 @@ packages += ["vblock.drivers"] + ["vblock.drivers." + p for p in find_packages("
 setup(
     packages=packages,
     package_dir={"vblock": "vblock", "vblock.drivers": "drivers"},
-    cffi_modules=["native/build_vbio.py:ffibuilder"],
+    cffi_modules=["native/build_vbio.py:ffibuilder", "native/build_vring.py:ffibuilder"],
 )

@@ -9,6 +9,7 @@ import venv
 import pytest
 
 from vblock.hostio import _binding
+from vblock.virtio import blk_request
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -25,12 +26,13 @@ def test_wheel_installs_and_imports_in_fresh_venv(tmp_path):
     py = env_dir / "bin" / "python"
     subprocess.run([str(py), "-m", "pip", "install", "-q", str(wheels[0])], check=True, cwd=tmp_path)
     probe = (
-        "import vblock._vbio as m, vblock.drivers as d, vblock.hostio as h;"
-        "print(m.ffi.string(m.lib.vbio_version()).decode(), d.__name__, h.HostFile.__name__)"
+        "import vblock._vbio as m, vblock.drivers as d, vblock.hostio as h, vblock.virtio._vring as v;"
+        "print(m.ffi.string(m.lib.vbio_version()).decode(), d.__name__, h.HostFile.__name__,"
+        " v.ffi.string(v.lib.vring_version()).decode())"
     )
     out = subprocess.run([str(py), "-c", probe], check=True, capture_output=True, text=True,
                          cwd=tmp_path, env={**os.environ, "PYTHONPATH": ""}).stdout.split()
-    assert out == [_binding.EXPECTED_VERSION, "vblock.drivers", "HostFile"]
+    assert out == [_binding.EXPECTED_VERSION, "vblock.drivers", "HostFile", blk_request._EXPECTED_VRING]
     # The installed copy is the wheel's, not this source tree.
     where = subprocess.run([str(py), "-c", "import vblock; print(vblock.__file__)"], check=True,
                            capture_output=True, text=True, cwd=tmp_path).stdout

@@ -19,7 +19,8 @@ negotiated: ``PackedQueue``, swapped in at FEATURES_OK): each queue gets a turn 
 ``queue size`` chains (bounded work, so a busy
 queue cannot starve another: a queue with more work goes to the back of the list), with
 notifications disabled during the turn and re-enabled, then re-checked, at its end. Every chain is
-walked and validated (``chain.walk``), parsed (``blk_request.parse``) and submitted to the image
+walked and validated (``chain.walk``), parsed (``blk_request.parse``; on split rings both through
+``blk_request.frame_reader``, which serves standard reads and writes natively) and submitted to the image
 without waiting: requests complete in any order on whatever thread the backend completes them.
 Completions are queued per virtqueue and published in batches: the used index is written once
 per batch and the interrupt raised once per batch, subject to EVENT_IDX (2.7.7.2). Completions
@@ -45,8 +46,8 @@ import time
 
 from vblock.errors import GuestError
 from vblock.future import defer
-from vblock.virtio.blk_request import BlkRequest, RequestRules, finish, parse
-from vblock.virtio.chain import ChainError, RingError, walk
+from vblock.virtio.blk_request import BlkRequest, RequestRules, finish, frame_reader, parse
+from vblock.virtio.chain import ChainError, RingError
 from vblock.virtio.packed import PackedQueue
 from vblock.virtio.queue import SplitQueue
 from vblock.virtio.spec import (
@@ -123,7 +124,7 @@ class _Request(BlkRequest):
 class _DeviceQueue:
     """Per-virtqueue device state: the ring, one request slot per head, and the completion batch."""
 
-    __slots__ = ("index", "ring", "slots", "done", "lock", "draining", "queued", "dead", "popped",
+    __slots__ = ("index", "ring", "read", "slots", "done", "lock", "draining", "queued", "dead", "popped",
                  "published", "idle")
 
     def __init__(self, index, size_max):
@@ -132,6 +133,7 @@ class _DeviceQueue:
         self.published = 0  # used entries published (under ``lock``)
         self.idle = None  # an Event while someone waits for this queue to go idle
         self.ring = SplitQueue(size_max)
+        self.read = None  # split rings: blk_request.frame_reader over the ring's table, made when it is enabled
         self.slots = ()
         self.done = collections.deque()  # (head, used_len, ring descriptors) waiting to be published
         self.lock = threading.Lock()  # the used side: add_used / publish / notification decision
@@ -324,7 +326,13 @@ class VirtioBlk:
         if index and not self._mq:
             raise RingError(f"queue {index} enabled but VIRTIO_BLK_F_MQ not negotiated")  # 5.2.2
         q.activate(self.mem, self._event_idx)
+        self._bind_reader(dq)
         dq.slots = tuple(_Request(head, dq, self) for head in range(q.size))
+
+    def _bind_reader(self, dq):
+        q = dq.ring
+        if not q.packed:
+            dq.read = frame_reader(self.mem, q.desc_table, q.size, self._indirect, self.queue_size_max, self._rules)
 
     def notify(self, index):
         """An available-buffer notification for queue ``index`` (any thread)."""
@@ -384,8 +392,8 @@ class VirtioBlk:
     def _drain_split(self, dq, q):
         budget = size = q.size
         mask = size - 1
-        mem, table, avail = self.mem, q.desc_table, q.avail
-        indirect, indirect_max = self._indirect, self.queue_size_max
+        avail = q.avail
+        read = dq.read
         start = self._start
         while True:
             n = q.available()
@@ -398,12 +406,9 @@ class VirtioBlk:
                 q.next_avail = i
                 dq.popped += 1
                 try:
-                    try:
-                        chain = walk(mem, table, size, head, indirect, indirect_max)
-                    except ChainError as exc:
-                        _log.debug("virtio-blk: queue %d head %d: %s", dq.index, head, exc)
-                        chain = None
-                    start(dq, head, chain, 1)
+                    if head >= size:
+                        raise RingError(f"head index {head} >= queue size {size}")  # 2.7.6 ring[] names a head
+                    start(dq, head, read, 1)
                 except RingError:
                     dq.popped -= 1  # refused (device needs reset): never coming back
                     raise
@@ -419,6 +424,7 @@ class VirtioBlk:
         budget = q.size
         mem, indirect, indirect_max = self.mem, self._indirect, self.queue_size_max
         start = self._start
+        rules = self._rules
         while True:
             while budget and q.available():
                 budget -= 1
@@ -432,7 +438,7 @@ class VirtioBlk:
                         if bid >= q.size:
                             raise RingError(f"buffer id {bid} >= queue size {q.size}") from None
                     q.advance(ndesc)
-                    start(dq, bid, chain, ndesc)
+                    start(dq, bid, None if chain is None else lambda req, c=chain: parse(req, c, rules), ndesc)
                 except RingError:
                     dq.popped -= 1  # refused (device needs reset): never coming back
                     raise
@@ -443,18 +449,20 @@ class VirtioBlk:
             if not q.enable_notification():
                 return False
 
-    def _start(self, dq, head, chain, ndesc):
-        """Start the request of ``head`` (split: descriptor index; packed: buffer ID, whose chain
-        took ``ndesc`` ring descriptors) whose walked ``chain`` is None when the walk failed."""
+    def _start(self, dq, head, read, ndesc):
+        """Start the request of ``head`` (split: descriptor index below the queue size; packed:
+        buffer ID, whose chain took ``ndesc`` ring descriptors). ``read(req)`` fills the request
+        from its chain (``ChainError``: no status byte to answer in; ``GuestError``: answer with
+        its status); ``read`` None means the chain could not even be walked."""
         req = dq.slots[head]
         if req.busy:
             raise RingError(f"head {head} made available again while in flight")
         req.ndesc = ndesc
-        if chain is None:
+        if read is None:
             dq.done.append((head, 0, ndesc))  # an unparseable frame still returns its head (used len 0)
             return
         try:
-            parse(req, chain, self._rules)
+            read(req)
         except ChainError as exc:
             _log.debug("virtio-blk: queue %d head %d: %s", dq.index, head, exc)
             dq.done.append((head, 0, ndesc))
@@ -625,6 +633,7 @@ class VirtioBlk:
         for dq in self._queues:
             if dq.ring.ready:
                 dq.ring.rebind(mem)
+                self._bind_reader(dq)
 
     def wait_idle(self, index=None, timeout=None):
         """Wait until queue ``index`` (default: every queue) has every head it took from the
