@@ -40,6 +40,8 @@ _pack_hdr = virtio_blk_req_hdr.pack_into
 _pack16 = le16.pack_into
 _unpack16 = le16.unpack_from
 _unpack_elem = virtq_used_elem.unpack_from
+_T_IN = S.VIRTIO_BLK_T_IN
+_new_request = object.__new__
 
 WAIT_TIMEOUT = 60.0  # seconds: a safety net that turns a lost interrupt into a failure, not a hang
 
@@ -98,6 +100,7 @@ class Request:
         "data",
         "read_len",
         "status_addr",
+        "status_view",
         "copy_out",
     )
 
@@ -139,6 +142,7 @@ class DriverQueue:
         self.avail = mem.view(self.avail_addr, S.avail_ring_bytes(size))
         self.used = mem.view(self.used_addr, S.used_ring_bytes(size))
         self.slots = mem.view(self.slot_addr, 32 * size)
+        self.status_views = [self.slots[32 * h + 16 : 32 * h + 17] for h in range(size)]  # post()'s status bytes
         self.free = list(range(size - 1, -1, -1))  # a stack of free descriptor indices
         self.avail_idx = 0  # shadow of avail.idx
         self.kicked_idx = 0  # avail idx at the last notification decision
@@ -651,7 +655,8 @@ class Driver:
         if descs[-1] is None:
             descs[-1] = (slot + 16, 1, VIRTQ_DESC_F_WRITE)
             req.status_addr = slot + 16
-        mem.view(req.status_addr, 1)[0] = 0xFF  # so a status never written shows
+        req.status_view = mem.view(req.status_addr, 1)
+        req.status_view[0] = 0xFF  # so a status never written shows
         if use_indirect:
             tlen = 16 * len(descs)
             table = alloc(tlen)
@@ -668,7 +673,12 @@ class Driver:
     def post(self, type_, sector, addr, length, queue=None):
         """The lean path for benchmarks: one pre-placed data buffer ``(addr, length)`` (writable
         for IN), a direct chain of header, data and status, published without a kick."""
-        dq = self._pick_queue(queue)
+        queues = self.queues
+        if queue is None:
+            dq = queues[self._rr % len(queues)]
+            self._rr += 1
+        else:
+            dq = queues[queue]
         if dq.packed:
             return self.submit(type_, sector, buffers=[(addr, length)], queue=dq.index, kick=False, indirect=False)
         free = dq.free
@@ -679,26 +689,34 @@ class Driver:
         d2 = free.pop()
         slot = dq.slot_addr + 32 * head
         desc = dq.desc
-        reads = type_ == S.VIRTIO_BLK_T_IN
+        reads = type_ == _T_IN
         _pack_desc(desc, 16 * head, slot, 16, VIRTQ_DESC_F_NEXT, d1)
         _pack_desc(desc, 16 * d1, addr, length, (VIRTQ_DESC_F_WRITE if reads else 0) | VIRTQ_DESC_F_NEXT, d2)
         _pack_desc(desc, 16 * d2, slot + 16, 1, VIRTQ_DESC_F_WRITE, 0)
-        slots = dq.slots
-        _pack_hdr(slots, 32 * head, type_, 0, sector)
-        slots[32 * head + 16] = 0xFF
-        req = Request(type_, sector)
+        _pack_hdr(dq.slots, 32 * head, type_, 0, sector)
+        status = dq.status_views[head]
+        status[0] = 0xFF
+        req = _new_request(Request)  # every field set here: no __init__ defaults to overwrite
+        req.type = type_
+        req.sector = sector
         req.queue = dq
         req.head = head
         req.descs = (head, d1, d2)
+        req.table = None
         req.bufs = ((addr, length),)
-        req.status_addr = slot + 16
+        req.owned = ()
+        req.done = False
+        req.status = req.used_len = req.data = None
         req.read_len = length if reads else 0
+        req.status_addr = slot + 16
+        req.status_view = status
         req.copy_out = False
         dq.inflight[head] = req
         i = dq.avail_idx
-        _pack16(dq.avail, 4 + 2 * (i & (dq.size - 1)), head)
+        avail = dq.avail
+        _pack16(avail, 4 + 2 * (i & (dq.size - 1)), head)
         dq.avail_idx = i = (i + 1) & 0xFFFF
-        _pack16(dq.avail, 2, i)  # 2.7.13: ring entry before the index
+        _pack16(avail, 2, i)  # 2.7.13: ring entry before the index
         return req
 
     def kick(self, dq=None):
@@ -720,7 +738,7 @@ class Driver:
 
         def finish(req, length):
             req.used_len = length
-            req.status = mem.view(req.status_addr, 1)[0]
+            req.status = req.status_view[0]
             if req.read_len and req.copy_out:
                 req.data = b"".join(mem.view(a, n) for a, n in req.bufs)
             if req.owned:
