@@ -187,3 +187,71 @@ def test_entry_point_cannot_shadow_a_builtin(tmp_path, monkeypatch, fresh_regist
     from vblock.drivers.raw import RawDriver
 
     assert fresh_registry.get_driver("raw") is RawDriver
+
+
+# -- reading entry points without importlib.metadata --------------------------------------------------
+def _dist(where, dirname, entry_points):
+    d = where / dirname
+    d.mkdir(parents=True)
+    name = dirname.split("-")[0].split(".")[0]
+    (d / ("METADATA" if dirname.endswith(".dist-info") else "PKG-INFO")).write_text(
+        f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\n")
+    if entry_points is not None:
+        (d / "entry_points.txt").write_text(entry_points)
+
+
+def test_the_path_scan_finds_what_importlib_metadata_finds(tmp_path, monkeypatch):
+    """Sections, comments, extras, an .egg-info, a distribution without entry points, and a second
+    copy of a distribution later on the path (hidden by the first, as importlib.metadata hides it)."""
+    from importlib import metadata
+
+    first, second = tmp_path / "first", tmp_path / "second"
+    _dist(first, "vblock_one-1.0.dist-info",
+          "# a comment\n[console_scripts]\none = x:y\n\n[vblock.drivers]\none = pkg_one.mod:Driver\n"
+          "# another comment\ntwo = pkg_two:Outer.Inner [extra]\n")
+    _dist(first, "Vblock.Three-2.0.dist-info", "[vblock.drivers]\nthree=pkg_three:D\n")
+    _dist(first, "vblock_egg.egg-info", "[vblock.drivers]\negg = pkg_egg:D\n")
+    _dist(first, "vblock_none-1.0.dist-info", None)
+    _dist(second, "vblock_three-3.0.dist-info", "[vblock.drivers]\nshadowed = pkg_shadow:D\n")
+    monkeypatch.syspath_prepend(str(second))
+    monkeypatch.syspath_prepend(str(first))
+    ours = sorted((ep.name, ep.value) for ep in registry._path_entry_points())
+    theirs = sorted((ep.name, ep.value) for ep in metadata.entry_points(group=registry.ENTRY_POINT_GROUP))
+    assert ours == theirs
+    assert ("one", "pkg_one.mod:Driver") in ours and ("egg", "pkg_egg:D") in ours
+    assert "shadowed" not in dict(ours)
+
+
+def test_an_entry_point_from_the_path_scan_loads_dotted_attributes(tmp_path, monkeypatch):
+    (tmp_path / "pkg_dotted.py").write_text("class Outer:\n    class Inner:\n        pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import pkg_dotted
+
+    assert registry._EntryPoint("x", "pkg_dotted:Outer.Inner [extra]").load() is pkg_dotted.Outer.Inner
+    assert registry._EntryPoint("x", "pkg_dotted").load() is pkg_dotted
+
+
+def test_a_zip_on_the_path_leaves_the_scan_to_importlib_metadata(tmp_path, monkeypatch, fresh_registry):
+    import zipfile
+
+    archive = tmp_path / "plugins.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        z.writestr("vblock_zipped-1.0.dist-info/METADATA", "Metadata-Version: 2.1\nName: vblock-zipped\nVersion: 1.0\n")
+        z.writestr("vblock_zipped-1.0.dist-info/entry_points.txt", "[vblock.drivers]\nzipped = nowhere:D\n")
+    monkeypatch.syspath_prepend(str(archive))
+    assert registry._path_entry_points() is None
+    fresh_registry.refresh()
+    assert "zipped" in vblock.drivers.available()
+
+
+def test_probing_a_raw_file_does_not_import_importlib_metadata(tmp_path):
+    """What the scan is for: a command that probes a raw file starts about 25 ms sooner."""
+    import subprocess
+    import sys
+
+    raw = tmp_path / "disk.raw"
+    raw.write_bytes(b"\x5a" * 4096)
+    code = (f"import sys, vblock.block.registry as r; assert r.probe_format({str(raw)!r}) == 'raw';"
+            "print('importlib.metadata' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
