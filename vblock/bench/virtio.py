@@ -21,7 +21,8 @@ import threading
 import time
 
 import vblock
-from vblock.bench import OFFSETS_MASK, Row, bench_dir, closed_loop, drawn_offsets, preallocated_file, report
+from vblock.bench import (OFFSETS_MASK, Row, bench_dir, closed_loop, drawn_offsets, pin_threads, preallocated_file,
+                          report)
 from vblock.virtio import GuestMemory, VirtioBlk, VirtioMmio
 from vblock.virtio.driver import Driver
 from vblock.virtio.spec import VIRTIO_BLK_T_OUT, VIRTIO_MMIO_INTERRUPT_ACK, VIRTIO_MMIO_INTERRUPT_STATUS
@@ -125,11 +126,12 @@ def fill(img, chunk=1 << 20):
     img.flush()
 
 
-def run(duration=3.0, depths=DEPTHS, size=SIZE, qed=True, rounds=3):
+def run(duration=5.0, depths=DEPTHS, size=SIZE, qed=True, rounds=5, cpu=None):
     """Rows for every depth and image. Each case is measured in ``rounds`` interleaved rounds
     (peer, then each virtio case, ``duration / rounds`` seconds each); a row reports the median
     IOPS, and its ratio is the median of the per-round ratios, so a burst of load from other
-    processes skews one round, not the result."""
+    processes skews one round, not the result. ``cpu``: run every Python thread on that CPU
+    (``pin_threads``; the rows say so), else wherever the scheduler puts them."""
     rows = []
     tmp = bench_dir()
     slice_ = duration / rounds
@@ -145,6 +147,9 @@ def run(duration=3.0, depths=DEPTHS, size=SIZE, qed=True, rounds=3):
             images.append(("qed", q))
         try:
             engine = raw.info().get("engine", "?")
+            if cpu is not None:
+                pin_threads({cpu})
+                engine += f", python on cpu {cpu}"
             for depth in depths:
                 peers = []
                 got = {name: [] for name, _ in images}
@@ -170,10 +175,11 @@ def run(duration=3.0, depths=DEPTHS, size=SIZE, qed=True, rounds=3):
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m vblock.bench virtio", description=__doc__.split("\n\n")[0])
     ap.add_argument("--json", action="store_true", help="one JSON object per row")
-    ap.add_argument("--duration", type=float, default=3.0, help="seconds per case (default 3)")
-    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds per case (default 3)")
+    ap.add_argument("--duration", type=float, default=5.0, help="seconds per case (default 5)")
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds per case (default 5)")
     ap.add_argument("--no-qed", action="store_true", help="skip the QED rows")
+    ap.add_argument("--cpu", type=int, help="run every Python thread on this CPU (default: the scheduler decides)")
     args = ap.parse_args(argv)
-    rows = run(duration=args.duration, qed=not args.no_qed, rounds=max(1, args.rounds))
+    rows = run(duration=args.duration, qed=not args.no_qed, rounds=max(1, args.rounds), cpu=args.cpu)
     report(rows, as_json=args.json)
     return 0

@@ -1,0 +1,61 @@
+"""``python -m vblock.bench virtio`` runs and emits the shared row format (speed is not asserted),
+and ``pin_threads`` places Python threads but leaves the kernel's io_uring threads alone. Both run
+in a subprocess: pinning is process-wide."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+
+def _python(code, timeout=120):
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
+                          timeout=timeout, check=True).stdout
+
+
+@pytest.mark.timeout(300)
+def test_bench_virtio_rows_name_the_placement_and_pair_each_round():
+    cpu = min(os.sched_getaffinity(0))
+    out = subprocess.run([sys.executable, "-m", "vblock.bench", "virtio", "--duration", "0.4", "--rounds", "2",
+                          "--cpu", str(cpu), "--json"], capture_output=True, text=True, timeout=240, check=True).stdout
+    rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert [(r["layer"], r["depth"]) for r in rows] == [("virtio/raw", 1), ("virtio/qed", 1), ("virtio/raw", 16),
+                                                        ("virtio/qed", 16)]
+    for r in rows:
+        assert r["engine"].endswith(f", python on cpu {cpu}") and r["peer"] == "block raw"
+        assert r["iops"] > 0 and r["peer_iops"] > 0 and r["ratio"] > 0
+
+
+def test_pin_threads_places_python_threads_and_not_the_io_uring_poller(tmp_path):
+    cpus = sorted(os.sched_getaffinity(0))
+    got = json.loads(_python(f"""
+        import json, os, threading
+        from vblock.bench import pin_threads
+        from vblock.hostio import HostFile
+        import vblock
+        img = vblock.create_image({str(tmp_path / "img")!r}, "raw", 1 << 20)
+        img = vblock.open_image({str(tmp_path / "img")!r}, format="raw", cache="none")
+        img.write(0, b"x" * 4096)  # the engine and its rings exist now
+        pinned = pin_threads({{{cpus[0]}}})
+        late = []
+        t = threading.Thread(target=lambda: late.append(sorted(os.sched_getaffinity(0))))
+        t.start(); t.join()
+        tasks = {{}}
+        for tid in os.listdir("/proc/self/task"):
+            comm = open(f"/proc/self/task/{{tid}}/comm").read().strip()
+            tasks[tid] = (comm, sorted(os.sched_getaffinity(int(tid))))
+        img.close()
+        print(json.dumps({{"pinned": pinned, "late": late[0], "tasks": list(tasks.values()),
+                          "engine": img.info().get("engine")}}))
+    """))
+    python = [aff for comm, aff in got["tasks"] if not comm.startswith("iou-")]
+    assert got["pinned"] >= 2 and python and all(aff == [cpus[0]] for aff in python)
+    assert got["late"] == [cpus[0]]  # a thread started afterwards inherits the mask
+    kernel = [aff for comm, aff in got["tasks"] if comm.startswith("iou-")]
+    assert all(aff == cpus for aff in kernel)
+    assert kernel or got["engine"] != "io_uring"  # with io_uring its poller exists: the case above is real
