@@ -229,6 +229,7 @@ def test_an_entry_point_from_the_path_scan_loads_dotted_attributes(tmp_path, mon
 
     assert registry._EntryPoint("x", "pkg_dotted:Outer.Inner [extra]").load() is pkg_dotted.Outer.Inner
     assert registry._EntryPoint("x", "pkg_dotted").load() is pkg_dotted
+    assert registry._EntryPoint("x", "pkg_dotted [extra]").load() is pkg_dotted
 
 
 def test_a_zip_on_the_path_leaves_the_scan_to_importlib_metadata(tmp_path, monkeypatch, fresh_registry):
@@ -242,6 +243,34 @@ def test_a_zip_on_the_path_leaves_the_scan_to_importlib_metadata(tmp_path, monke
     assert registry._path_entry_points() is None
     fresh_registry.refresh()
     assert "zipped" in vblock.drivers.available()
+
+
+@pytest.mark.parametrize("case", ["undecodable", "malformed", "egg"])
+def test_what_the_scan_cannot_read_as_importlib_metadata_does_goes_to_it(tmp_path, monkeypatch, fresh_registry,
+                                                                          caplog, case):
+    """A file that is not UTF-8 or holds a line that is not ``name = value`` (importlib.metadata
+    refuses both: a warning, no plug-ins, as before the scan), and an ``.egg`` directory on the
+    path (whose EGG-INFO only it reads: its plug-in is found)."""
+    if case == "egg":
+        egg = tmp_path / "vblock_egged-1.0-py3.11.egg"
+        (egg / "EGG-INFO").mkdir(parents=True)
+        (egg / "EGG-INFO" / "PKG-INFO").write_text("Metadata-Version: 2.1\nName: vblock-egged\nVersion: 1.0\n")
+        (egg / "EGG-INFO" / "entry_points.txt").write_text("[vblock.drivers]\negged = nowhere:D\n")
+        monkeypatch.syspath_prepend(str(egg))
+    else:
+        text = b"[vblock.drivers]\nbad = \xff\xfe:D\n" if case == "undecodable" else b"[other]\nno equals sign\n"
+        _dist(tmp_path, "vblock_bad-1.0.dist-info", None)
+        (tmp_path / "vblock_bad-1.0.dist-info" / "entry_points.txt").write_bytes(text)
+        monkeypatch.syspath_prepend(str(tmp_path))
+    assert registry._path_entry_points() is None
+    fresh_registry.refresh()
+    with caplog.at_level(logging.WARNING, logger="vblock.block.registry"):
+        names = vblock.drivers.available()
+    if case == "egg":
+        assert "egged" in names
+    else:
+        assert "could not read vblock.drivers entry points" in caplog.text
+        assert "raw" in names and "qed" in names  # the built-ins stay
 
 
 def test_probing_a_raw_file_does_not_import_importlib_metadata(tmp_path):

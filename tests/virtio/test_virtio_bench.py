@@ -31,6 +31,7 @@ def test_bench_virtio_rows_name_the_placement_and_pair_each_round():
         assert r["iops"] > 0 and r["peer_iops"] > 0 and r["ratio"] > 0
 
 
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs to tell a pinned thread from a free one")
 def test_pin_threads_places_python_threads_and_not_the_io_uring_poller(tmp_path):
     cpus = sorted(os.sched_getaffinity(0))
     got = json.loads(_python(f"""
@@ -56,6 +57,7 @@ def test_pin_threads_places_python_threads_and_not_the_io_uring_poller(tmp_path)
     python = [aff for comm, aff in got["tasks"] if not comm.startswith("iou-")]
     assert got["pinned"] >= 2 and python and all(aff == [cpus[0]] for aff in python)
     assert got["late"] == [cpus[0]]  # a thread started afterwards inherits the mask
+    if got["engine"] != "io_uring":
+        pytest.skip("no io_uring here: no kernel poller to leave alone (the Python side was checked)")
     kernel = [aff for comm, aff in got["tasks"] if comm.startswith("iou-")]
-    assert all(aff == cpus for aff in kernel)
-    assert kernel or got["engine"] != "io_uring"  # with io_uring its poller exists: the case above is real
+    assert kernel and all(aff == cpus for aff in kernel)

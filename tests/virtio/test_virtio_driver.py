@@ -65,6 +65,9 @@ def test_post_fast_path_matches_submit():
     drv.wait([r])
     assert r.status == 0 and st.img.data[4096:8192] == b"p" * 4096
     r = drv.post(S.VIRTIO_BLK_T_IN, 0, buf, 4096)
+    from vblock.virtio.driver import Request
+
+    assert all(hasattr(r, name) for name in Request.__slots__)  # post() skips __init__: it sets every field
     drv.kick()
     drv.wait([r])
     assert (r.status, r.used_len) == (0, 4097) and st.mem.read(buf, 4096) == bytes(4096)

@@ -146,18 +146,54 @@ def _write_request(mem, data_at, kind=S.VIRTIO_BLK_T_OUT, sector=8):
                                (R0 + 0x200, 1, WRITE, 0), (0, 0, 0, 0)])
 
 
-@pytest.mark.parametrize("kind", [S.VIRTIO_BLK_T_IN, S.VIRTIO_BLK_T_OUT])
-def test_a_standard_request_in_the_first_region_never_reaches_the_reference(monkeypatch, kind):
-    mem = _memory()
-    table = _write_request(mem, R0 + 0x4000, kind)
+def _no_reference(monkeypatch):
     monkeypatch.setattr(blk_request, "walk", lambda *a: pytest.fail("walked by the reference"))
     monkeypatch.setattr(blk_request, "parse", lambda *a: pytest.fail("parsed by the reference"))
+
+
+@pytest.mark.parametrize("kind", [S.VIRTIO_BLK_T_IN, S.VIRTIO_BLK_T_OUT])
+@pytest.mark.parametrize("pieces", [1, 3])
+@pytest.mark.parametrize("indirect", [False, True])
+def test_a_standard_request_in_the_first_region_never_reaches_the_reference(monkeypatch, kind, pieces, indirect):
+    """Direct or in an indirect table, the data in one piece or three: served natively."""
+    mem = _memory()
+    S.virtio_blk_req_hdr.pack_into(mem.view(R0 + 0x100, 16), 0, kind, 0, 8)
+    flags = WRITE if kind == S.VIRTIO_BLK_T_IN else 0
+    data = [(R0 + 0x4000 + 0x1000 * i, 8192 // pieces if pieces == 1 else (4096, 2048, 2048)[i]) for i in range(pieces)]
+    chain = [(R0 + 0x100, 16, 0)] + [(a, n, flags) for a, n in data] + [(R0 + 0x200, 1, WRITE)]
+    entries = [(a, n, f | (NEXT if i < len(chain) - 1 else 0), i + 1 if i < len(chain) - 1 else 0)
+               for i, (a, n, f) in enumerate(chain)]
+    if indirect:
+        _place(mem, INDIRECT_AT[0], entries)
+        entries = [(INDIRECT_AT[0], 16 * len(entries), INDIRECT, 0)]
+    table = _place(mem, TABLE, entries + [(0, 0, 0, 0)] * (8 - len(entries)))
+    _no_reference(monkeypatch)
     req = BlkRequest(0)
-    frame_reader(mem, table, 4, False, 4, RequestRules(CAPACITY))(req)
+    frame_reader(mem, table, 8, indirect, 8, RequestRules(CAPACITY))(req)
     assert (req.type, req.offset, req.length) == (kind, 8 * 512, 8192)
-    assert [buffer_address(v) for v in req.data] == [buffer_address(mem.view(R0 + 0x4000, 1))]
+    assert [(buffer_address(v), len(v)) for v in req.data] == [(buffer_address(mem.view(a, 1)), n) for a, n in data]
     assert buffer_address(req.status) == buffer_address(mem.view(R0 + 0x200, 1))
     assert req.used_len == (8193 if kind == S.VIRTIO_BLK_T_IN else 1)
+
+
+@pytest.mark.parametrize("buffers", [1022, 1024, 1025, 1100])
+def test_long_chains_natively_up_to_the_output_bound_then_by_the_reference(monkeypatch, buffers):
+    """A queue of 2048: the native output holds 1024 buffers (header and status included); a
+    longer chain is walked by the reference, with the same result."""
+    mem = GuestMemory.anonymous(2 << 20)
+    data_at = 0x20000
+    S.virtio_blk_req_hdr.pack_into(mem.view(0x10000, 16), 0, S.VIRTIO_BLK_T_OUT, 0, 0)
+    chain = [(0x10000, 16, 0)] + [(data_at + 512 * i, 512, 0) for i in range(buffers - 2)] + [(0x10100, 1, WRITE)]
+    table = _place(mem, 0, [(a, n, f | (NEXT if i < buffers - 1 else 0), i + 1 if i < buffers - 1 else 0)
+                            for i, (a, n, f) in enumerate(chain)] + [(0, 0, 0, 0)] * (2048 - buffers))
+    calls = []
+    real = blk_request.walk
+    monkeypatch.setattr(blk_request, "walk", lambda *a: calls.append(1) or real(*a))
+    rules = RequestRules(1 << 20)
+    got = _outcome(frame_reader(mem, table, 2048, False, 8, rules), 0)
+    assert got == _outcome(lambda req: parse(req, walk(mem, table, 2048, 0, False, 8), rules), 0)
+    assert got[2] == 512 * (buffers - 2) and len(got[4]) == buffers - 2
+    assert calls == ([] if buffers <= 1024 else [1])
 
 
 def test_other_regions_types_and_broken_chains_go_to_the_reference(monkeypatch):
@@ -181,7 +217,7 @@ def test_other_regions_types_and_broken_chains_go_to_the_reference(monkeypatch):
 
 def test_a_range_past_capacity_and_a_read_only_write_are_answered_natively(monkeypatch):
     mem = _memory()
-    monkeypatch.setattr(blk_request, "walk", lambda *a: pytest.fail("walked by the reference"))
+    _no_reference(monkeypatch)
     table = _write_request(mem, R0 + 0x4000, sector=CAPACITY - 8)  # 16 sectors from 56: past 64
     with pytest.raises(GuestError, match="beyond capacity") as err:
         frame_reader(mem, table, 4, False, 4, RequestRules(CAPACITY))(BlkRequest(0))
@@ -190,6 +226,39 @@ def test_a_range_past_capacity_and_a_read_only_write_are_answered_natively(monke
     with pytest.raises(GuestError, match="read-only") as err:
         frame_reader(mem, table, 4, False, 4, RequestRules(CAPACITY, read_only=True))(BlkRequest(0))
     assert err.value.status == S.VIRTIO_BLK_S_IOERR
+
+
+def test_a_table_shorter_than_the_queue_is_refused():
+    mem = _memory()
+    with pytest.raises(ValueError, match="shorter than 1024 descriptors"):
+        frame_reader(mem, mem.view(TABLE, 16), 1024, False, 8, RequestRules(CAPACITY))
+
+
+def test_new_memory_and_late_features_give_the_device_a_new_reader():
+    """vhost-user's SET_MEM_TABLE (set_memory) and features accepted after a queue was enabled:
+    the reader in use must read the new memory and honour the new features."""
+    from vblock.virtio import VirtioBlk, VirtioMmio
+    from vblock.virtio.driver import Driver
+
+    img = vblock_null()
+    mem = GuestMemory.anonymous(1 << 20)
+    dev = VirtioBlk(img, mem, queue_size_max=8)
+    Driver(VirtioMmio(dev), mem, queue_size=8).start()
+    dq = dev._queues[0]
+    first = dq.read
+    moved = GuestMemory([(0, bytearray(mem.view(0, 1 << 20)))])
+    dev.set_memory(moved)
+    assert dq.read is not first
+    assert buffer_address(dq.read.keep[0]) == buffer_address(moved.view(0, 1))
+    before = dq.read
+    dev._accept_features()
+    assert dq.read is not before
+
+
+def vblock_null():
+    import vblock
+
+    return vblock.open_image(None, format="null", size=1 << 20)
 
 
 def test_the_2_32_total_is_checked_natively():

@@ -92,15 +92,15 @@ def _builtins() -> dict:
 
 def _scan_entry_points(table) -> None:
     """Add the entry points of the group to ``table``, never over a name it already has."""
-    eps = _path_entry_points()
-    if eps is None:  # something on the path only importlib.metadata can read
-        from importlib import metadata
+    try:
+        eps = _path_entry_points()
+        if eps is None:  # something on the path that only importlib.metadata reads, or reads its own way
+            from importlib import metadata
 
-        try:
             eps = metadata.entry_points(group=ENTRY_POINT_GROUP)
-        except Exception as exc:  # a broken distribution on sys.path
-            _log.warning("could not read %s entry points: %s", ENTRY_POINT_GROUP, exc)
-            eps = ()
+    except Exception as exc:  # a broken distribution on sys.path
+        _log.warning("could not read %s entry points: %s", ENTRY_POINT_GROUP, exc)
+        eps = ()
     for ep in eps:
         if ep.name in table:
             if not _is_entry_point(table[ep.name]):
@@ -120,9 +120,9 @@ class _EntryPoint:
         self.value = value
 
     def load(self):
-        module, _, attrs = self.value.partition(":")
+        module, _, attrs = self.value.split("[", 1)[0].partition(":")  # extras play no part in loading
         obj = importlib.import_module(module.strip())
-        for attr in attrs.split("[", 1)[0].strip().split(".") if attrs else ():
+        for attr in attrs.strip().split(".") if attrs.strip() else ():
             obj = getattr(obj, attr)
         return obj
 
@@ -130,9 +130,11 @@ class _EntryPoint:
 def _path_entry_points():
     """The group's entry points from the ``*.dist-info`` / ``*.egg-info`` directories on
     ``sys.path``, found the way ``importlib.metadata`` finds them (path order; of several
-    distributions with one normalised name the first wins), but without importing it (about 25 ms
-    of a command's start-up). None when the path holds something only it reads: a zip archive,
-    or a meta path finder with distributions of its own."""
+    distributions with one normalised name the first wins; sections and comments as it parses
+    them), but without importing it (about 25 ms of a command's start-up). None when the path
+    holds something that only it reads (a zip archive, an ``.egg`` directory, a meta path finder
+    with distributions of its own) or that it would refuse (an undecodable file, a line that is
+    not ``name = value``): then it reads the path itself, with its own errors."""
     import re
     import sys
     from importlib.machinery import PathFinder
@@ -143,14 +145,14 @@ def _path_entry_points():
     found = []
     for entry in sys.path:
         base = entry or "."
-        if os.path.isfile(base):
-            return None  # a zip archive
+        if os.path.isfile(base) or base.lower().endswith(".egg"):
+            return None  # a zip archive, or an egg with its EGG-INFO inside
         try:
             names = os.listdir(base)
         except OSError:
             continue
         for name in names:
-            stem, dot, kind = name.rpartition(".")
+            stem, dot, kind = name.lower().rpartition(".")
             if not dot or kind not in ("dist-info", "egg-info"):
                 continue
             dist = re.sub(r"[-_.]+", "_", stem.split("-", 1)[0]).lower()
@@ -162,22 +164,34 @@ def _path_entry_points():
                     text = f.read()
             except OSError:  # none, or an .egg-info file rather than a directory
                 continue
-            found.extend(_EntryPoint(n, v) for n, v in _group_entries(text, ENTRY_POINT_GROUP))
+            except ValueError:  # not UTF-8
+                return None
+            entries = _group_entries(text, ENTRY_POINT_GROUP)
+            if entries is None:
+                return None
+            found.extend(_EntryPoint(n, v) for n, v in entries)
     return found
 
 
 def _group_entries(text, group):
-    """``(name, value)`` pairs of section ``[group]`` in an ``entry_points.txt``."""
+    """``[(name, value)]`` of section ``[group]`` in an ``entry_points.txt``, read as
+    ``importlib.metadata`` reads it; None if some section holds a line that is not ``name =
+    value`` (which it refuses)."""
     section = None
+    out = []
     for line in text.splitlines():
         line = line.strip()
         if not line or line[0] == "#":
             continue
         if line.startswith("[") and line.endswith("]"):
-            section = line[1:-1].strip()
-        elif section == group and "=" in line:
-            name, _, value = line.partition("=")
-            yield name.strip(), value.strip()
+            section = line.strip("[]")
+        elif section is not None:
+            if "=" not in line:
+                return None
+            if section == group:
+                name, _, value = line.partition("=")
+                out.append((name.strip(), value.strip()))
+    return out
 
 
 def _is_entry_point(entry) -> bool:

@@ -40,6 +40,7 @@ asked to move still lands in guest memory, as DMA in flight would.
 from __future__ import annotations
 
 import collections
+import functools
 import logging
 import threading
 import time
@@ -265,6 +266,9 @@ class VirtioBlk:
         self._rules.flush = flush
         self._rules.discard = has(VIRTIO_BLK_F_DISCARD)
         self._rules.write_zeroes = has(VIRTIO_BLK_F_WRITE_ZEROES)
+        for dq in self._queues:  # a queue enabled too early (3.1.1 says after FEATURES_OK) reads with these
+            if dq.ring.ready:
+                self._bind_reader(dq)
         return True
 
     def reset(self):
@@ -438,7 +442,7 @@ class VirtioBlk:
                         if bid >= q.size:
                             raise RingError(f"buffer id {bid} >= queue size {q.size}") from None
                     q.advance(ndesc)
-                    start(dq, bid, None if chain is None else lambda req, c=chain: parse(req, c, rules), ndesc)
+                    start(dq, bid, None if chain is None else functools.partial(_parse_into, chain, rules), ndesc)
                 except RingError:
                     dq.popped -= 1  # refused (device needs reset): never coming back
                     raise
@@ -463,6 +467,8 @@ class VirtioBlk:
             return
         try:
             read(req)
+        except RingError:
+            raise  # the ring itself is broken: the caller sets DEVICE_NEEDS_RESET
         except ChainError as exc:
             _log.debug("virtio-blk: queue %d head %d: %s", dq.index, head, exc)
             dq.done.append((head, 0, ndesc))
@@ -661,6 +667,11 @@ class VirtioBlk:
 
 def _ignore(*_args):
     pass
+
+
+def _parse_into(chain, rules, req):
+    """``read(req)`` for a chain the packed ring walked already."""
+    parse(req, chain, rules)
 
 
 def _scatter(views, data):

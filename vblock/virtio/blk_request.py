@@ -1,7 +1,8 @@
 """virtio-blk requests (virtio 1.2, 5.2.6): parse a walked chain, finish with a status byte.
 
 Transport-free and backend-free: :func:`parse` turns a :class:`~vblock.virtio.chain.DescriptorChain`
-into a :class:`BlkRequest` (every request-level check happens here, once), the device executes it,
+into a :class:`BlkRequest` (every request-level check is made here, and for the frames it serves,
+in :func:`frame_reader`'s fast path, which repeats the IN/OUT ones), the device executes it,
 and :func:`finish` writes the status byte and returns the used length. ``finish`` is the one place
 where an outcome (``None``, a ``GuestError`` carrying its status, a backend exception) becomes a
 virtio status.
@@ -235,9 +236,13 @@ def frame_reader(mem, table, queue_size, indirect_ok, indirect_max, rules):
     queue_size, req.head, indirect_ok, indirect_max), rules)`` does, raising what they raise.
 
     Standard IN / OUT frames in ``mem``'s first region are read by the native accelerator;
-    everything else by the reference. ``mem``, ``table`` and ``rules`` must outlive the reader
-    (the device makes a new one when memory or features change); ``rules`` may change in place.
+    everything else by the reference. The reader keeps ``mem``'s first region, ``table`` and its
+    own output buffer alive (the native walker holds their addresses); the device makes a new
+    reader when memory or features change, and ``rules`` may change in place meanwhile.
+    Raises ``ValueError`` if ``table`` is shorter than ``queue_size`` descriptors.
     """
+    if len(table) < 16 * queue_size:
+        raise ValueError(f"descriptor table of {len(table)} bytes is shorter than {queue_size} descriptors")
     ffi = _vring.ffi
     native = _vring.lib.vring_blk_frame
     view0 = mem._view0
@@ -279,7 +284,9 @@ def frame_reader(mem, table, queue_size, indirect_ok, indirect_max, rules):
         if type_ == IN:
             req.used_len = nbytes + 1
 
-    read.keep = (view0, table, out, walker)  # what ``walker`` points into lives as long as the reader
+    # What ``walker`` points into lives as long as the reader; the view also keeps ``out`` from
+    # being resized (a bytearray with an export cannot be).
+    read.keep = (view0, table, memoryview(out), walker)
     return read
 
 

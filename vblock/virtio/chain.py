@@ -1,4 +1,8 @@
-"""Descriptor chains: the one place where a split-virtqueue chain is walked and validated.
+"""Descriptor chains: where a split-virtqueue chain is walked and validated - the reference.
+
+(``native/vring.c`` walks standard read and write requests by the same rules for the device's
+fast path, ``blk_request.frame_reader``; a property test holds the two together, and every chain
+the native walker declines comes here.)
 
 A chain starts at a head index taken from the available ring and follows ``next`` through the
 descriptor table, possibly switching once into an indirect table. :func:`walk` reads each

@@ -184,7 +184,8 @@ class SplitQueue:
         return n
 
     def pop_head(self):
-        """The next available head index (not yet range-checked: ``chain.walk`` does that)."""
+        """The next available head index (not yet range-checked: the caller checks it against
+        the queue size, as ``chain.walk`` does)."""
         i = self.next_avail
         self.next_avail = (i + 1) & 0xFFFF
         return _unpack16(self.avail, 4 + 2 * (i & (self.size - 1)))[0]
