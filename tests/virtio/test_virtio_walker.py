@@ -4,7 +4,7 @@
 Property: for any descriptor table, head, request header and device rules, the reader fills a
 request exactly as the reference does (same type, range, used length, status byte and data buffers,
 by address) or raises what the reference raises, with the same message and status. The native part
-must really be used, too: a standard read or write in the first region never reaches the
+must really be used, too: a standard read or write in the largest region never reaches the
 reference.
 """
 
@@ -226,6 +226,25 @@ def test_a_range_past_capacity_and_a_read_only_write_are_answered_natively(monke
     with pytest.raises(GuestError, match="read-only") as err:
         frame_reader(mem, table, 4, False, 4, RequestRules(CAPACITY, read_only=True))(BlkRequest(0))
     assert err.value.status == S.VIRTIO_BLK_S_IOERR
+
+
+def test_the_native_region_is_the_largest_one(monkeypatch):
+    """A VM's RAM reaches a vhost-user device as a small region below 640 KiB and the rest: the
+    native walker serves the big one (where the buffers are), the reference the small one."""
+    low, high = 0xA0000, 0x100000
+    mem = GuestMemory([(0, bytearray(low)), (high, bytearray(4 << 20))])
+    calls = []
+    real = blk_request.walk
+    monkeypatch.setattr(blk_request, "walk", lambda *a: calls.append(1) or real(*a))
+    for base, expected in ((high, []), (0x1000, [1])):
+        S.virtio_blk_req_hdr.pack_into(mem.view(base + 0x100, 16), 0, S.VIRTIO_BLK_T_OUT, 0, 8)
+        table = _place(mem, base, [(base + 0x100, 16, NEXT, 1), (base + 0x4000, 8192, NEXT, 2),
+                                   (base + 0x200, 1, WRITE, 0), (0, 0, 0, 0)])
+        calls.clear()
+        req = BlkRequest(0)
+        frame_reader(mem, table, 4, False, 4, RequestRules(CAPACITY))(req)
+        assert buffer_address(req.data[0]) == buffer_address(mem.view(base + 0x4000, 1))
+        assert calls == expected
 
 
 def test_a_table_shorter_than_the_queue_is_refused():

@@ -22,7 +22,7 @@ and the data is whatever lies between, in any number of pieces.
 
 :func:`frame_reader` is the device's fast path over both steps: the native accelerator
 (``native/vring.c``) walks a split-ring chain and, when it is an IN or OUT request in the standard
-layout (16-byte header, data, 1-byte status, all in guest memory's first region), says where the
+layout (16-byte header, data, 1-byte status, all in guest memory's largest region), says where the
 parts are; every other chain is walked and parsed by :func:`~vblock.virtio.chain.walk` and
 :func:`parse`, the reference, with the same result.
 
@@ -235,8 +235,9 @@ def frame_reader(mem, table, queue_size, indirect_ok, indirect_max, rules):
     ring descriptor ``table`` (``queue_size`` entries) exactly as ``parse(req, walk(mem, table,
     queue_size, req.head, indirect_ok, indirect_max), rules)`` does, raising what they raise.
 
-    Standard IN / OUT frames in ``mem``'s first region are read by the native accelerator;
-    everything else by the reference. The reader keeps ``mem``'s first region, ``table`` and its
+    Standard IN / OUT frames in ``mem``'s largest region are read by the native accelerator
+    (the largest: a VM's RAM comes as a small region below 640 KiB and the rest, which holds its
+    buffers); everything else by the reference. The reader keeps that region, ``table`` and its
     own output buffer alive (the native walker holds their addresses); the device makes a new
     reader when memory or features change, and ``rules`` may change in place meanwhile.
     Raises ``ValueError`` if ``table`` is shorter than ``queue_size`` descriptors.
@@ -245,14 +246,14 @@ def frame_reader(mem, table, queue_size, indirect_ok, indirect_max, rules):
         raise ValueError(f"descriptor table of {len(table)} bytes is shorter than {queue_size} descriptors")
     ffi = _vring.ffi
     native = _vring.lib.vring_blk_frame
-    view0 = mem._view0
+    gpa, view0 = max(mem.regions, key=lambda r: len(r[1]))
     out_max = min(queue_size + indirect_max, _NATIVE_MAX_BUFFERS)
     out = bytearray(8 * (2 + 2 * out_max))  # read back with struct: cheaper than cdata indexing
     # Raw addresses, not ffi.from_buffer cdata: a cdata holding a buffer export inside a reference
     # cycle can crash the garbage collector. The reader keeps view0, table and out themselves, and
     # while a memoryview of it lives, no mmap can be closed and no bytearray resized.
     walker = ffi.new("struct vring_split *", {
-        "region": ffi.cast("uint8_t *", buffer_address(view0)), "region_gpa": mem._base0,
+        "region": ffi.cast("uint8_t *", buffer_address(view0)), "region_gpa": gpa,
         "region_len": len(view0), "table": ffi.cast("uint8_t *", buffer_address(table)),
         "qsize": queue_size, "indirect_ok": 1 if indirect_ok else 0, "indirect_max": indirect_max,
         "out_max": out_max, "out": ffi.cast("uint64_t *", buffer_address(out)),
