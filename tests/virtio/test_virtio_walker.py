@@ -269,9 +269,11 @@ def test_new_memory_and_late_features_give_the_device_a_new_reader():
     dev.set_memory(moved)
     assert dq.read is not first
     assert buffer_address(dq.read.keep[0]) == buffer_address(moved.view(0, 1))
-    before = dq.read
-    dev._accept_features()
-    assert dq.read is not before
+    for indirect in (False, True):  # features accepted again with the queue enabled
+        bits = dev.driver_features & ~(1 << S.VIRTIO_F_INDIRECT_DESC)
+        dev.driver_features = bits | (indirect << S.VIRTIO_F_INDIRECT_DESC)
+        assert dev._accept_features()
+        assert dq.read.keep[3].indirect_ok == indirect  # the reader's native walker follows them
 
 
 def vblock_null():

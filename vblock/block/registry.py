@@ -122,7 +122,8 @@ class _EntryPoint:
     def load(self):
         module, _, attrs = self.value.split("[", 1)[0].partition(":")  # extras play no part in loading
         obj = importlib.import_module(module.strip())
-        for attr in attrs.strip().split(".") if attrs.strip() else ():
+        attrs = attrs.strip()
+        for attr in attrs.split(".") if attrs else ():
             obj = getattr(obj, attr)
         return obj
 
@@ -155,7 +156,7 @@ def _path_entry_points():
             stem, dot, kind = name.lower().rpartition(".")
             if not dot or kind not in ("dist-info", "egg-info"):
                 continue
-            dist = re.sub(r"[-_.]+", "_", stem.split("-", 1)[0]).lower()
+            dist = re.sub(r"[-_.]+", "_", stem.split("-", 1)[0])  # normalised, as importlib.metadata does
             if dist in seen:
                 continue
             seen.add(dist)

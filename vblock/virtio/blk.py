@@ -19,10 +19,10 @@ negotiated: ``PackedQueue``, swapped in at FEATURES_OK): each queue gets a turn 
 ``queue size`` chains (bounded work, so a busy
 queue cannot starve another: a queue with more work goes to the back of the list), with
 notifications disabled during the turn and re-enabled, then re-checked, at its end. Every chain is
-walked and validated (``chain.walk``), parsed (``blk_request.parse``; on split rings both through
-``blk_request.frame_reader``, which serves standard reads and writes natively) and submitted to the image
-without waiting: requests complete in any order on whatever thread the backend completes them.
-Completions are queued per virtqueue and published in batches: the used index is written once
+walked and validated (``chain.walk``), parsed (``blk_request.parse``; on split rings both
+through ``blk_request.frame_reader``, which serves standard reads and writes natively) and
+submitted to the image without waiting: requests complete in any order on whatever thread the
+backend completes them. Completions are queued per virtqueue and published in batches: the used index is written once
 per batch and the interrupt raised once per batch, subject to EVENT_IDX (2.7.7.2). Completions
 that arrive while the queue is being drained (including those the backend finishes inline) are
 published at the end of the turn.

@@ -673,12 +673,7 @@ class Driver:
     def post(self, type_, sector, addr, length, queue=None):
         """The lean path for benchmarks: one pre-placed data buffer ``(addr, length)`` (writable
         for IN), a direct chain of header, data and status, published without a kick."""
-        queues = self.queues
-        if queue is None:
-            dq = queues[self._rr % len(queues)]
-            self._rr += 1
-        else:
-            dq = queues[queue]
+        dq = self._pick_queue(queue)
         if dq.packed:
             return self.submit(type_, sector, buffers=[(addr, length)], queue=dq.index, kick=False, indirect=False)
         free = dq.free
