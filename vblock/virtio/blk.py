@@ -13,19 +13,18 @@ DEVICE_NEEDS_RESET is device-owned; writing 0 resets. FEATURES_OK is refused (le
 step 6) unless the driver's features are a subset of the device's and include VERSION_1.
 No buffer is consumed and no used-buffer interrupt is sent before DRIVER_OK (2.1.2).
 
-A notification puts its queue on the device's work list and, if no other thread is draining,
-drains the list (split rings: ``SplitQueue``; packed rings, when VIRTIO_F_RING_PACKED is
-negotiated: ``PackedQueue``, swapped in at FEATURES_OK): each queue gets a turn of at most
-``queue size`` chains (bounded work, so a busy
-queue cannot starve another: a queue with more work goes to the back of the list), with
-notifications disabled during the turn and re-enabled, then re-checked, at its end. Every chain is
-walked and validated (``chain.walk``), parsed (``blk_request.parse``; on split rings both
-through ``blk_request.frame_reader``, which serves standard reads and writes natively) and
-submitted to the image without waiting: requests complete in any order on whatever thread the
-backend completes them. Completions are queued per virtqueue and published in batches: the used index is written once
-per batch and the interrupt raised once per batch, subject to EVENT_IDX (2.7.7.2). Completions
-that arrive while the queue is being drained (including those the backend finishes inline) are
-published at the end of the turn.
+A notification puts its queue on the device's work list and, if no other thread is draining, drains
+the list (split rings: ``SplitQueue``; packed rings, when VIRTIO_F_RING_PACKED is negotiated:
+``PackedQueue``, swapped in at FEATURES_OK): each queue gets a turn of at most ``queue size``
+chains (bounded work, so a busy queue cannot starve another: a queue with more work goes to the
+back of the list), with notifications disabled during the turn and re-enabled, then re-checked, at
+its end. Every chain is walked and validated (``chain.walk``), parsed (``blk_request.parse``; on
+split rings both through ``blk_request.frame_reader``, which serves standard reads and writes
+natively) and submitted to the image without waiting: requests complete in any order on whatever
+thread the backend completes them. Completions are queued per virtqueue and published in batches:
+the used index is written once per batch and the interrupt raised once per batch, subject to
+EVENT_IDX (2.7.7.2). Completions that arrive while the queue is being drained (including those the
+backend finishes inline) are published at the end of the turn.
 
 Guest mistakes never raise out of the device: a broken chain or frame without a status byte
 returns its head with used length 0; a bad request is answered in its status byte; a broken ring
