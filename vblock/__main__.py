@@ -1,7 +1,5 @@
 """``python -m vblock``: the same as the ``vblock`` command."""
 
-import sys
+from vblock.cli.main import command
 
-from vblock.cli.main import main
-
-sys.exit(main())
+command()

@@ -782,16 +782,17 @@ class QedDriver(BlockDriver):
     def _extend(self, end):
         """Grow the file to at least ``end`` bytes; never shrinks it.
 
-        The file grows ahead of the allocation pointer, in steps of an eighth of its size (1 MiB
-        to 1 GiB): file systems serialise writes that extend a file, and writes into a hole inside
-        it run in parallel. The extra tail is unreferenced: a clean close and the idle need-check
+        The file grows ahead of the allocation pointer, in steps of half its size (16 MiB to
+        1 GiB): file systems serialise writes that extend a file, and writes into a hole inside
+        it run in parallel; and each step costs a truncate, which also takes the file's lock
+        (steps of an eighth from 1 MiB took 44 truncates and 17 ms of a 1 GiB conversion). The extra tail is unreferenced: a clean close and the idle need-check
         clear cut it off, and after a crash the need-check repair at the next open reclaims it as
         trailing leaks."""
         if end <= self._file_length:
             return
         with self._extend_lock:
             if end > self._file_length:
-                step = min(max(self._file_length // 8, 1 << 20), 1 << 30)
+                step = min(max(self._file_length // 2, 16 << 20), 1 << 30)
                 end = max(end, -(-(self._file_length + step) // self.geo.cluster_size)
                           * self.geo.cluster_size)
                 self.f.truncate(end)

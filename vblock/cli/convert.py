@@ -11,11 +11,12 @@ page cache is mapped rather than read: its bytes go from its page cache to the d
 one copy instead of two.
 
 DST is written under a temporary name and renamed into place at the end; it is never left
-half-written. ``-t`` is the destination's cache mode: ``writeback`` (default: flushed before the
-rename, so the result is durable), ``unsafe`` (no flush, as ``qemu-img convert``'s default), or
-``none`` (O_DIRECT). With ``writeback`` the destination's writeback starts every 64 MiB as the copy
-goes, so the final flush finds little left to write. ``-T`` is the source's (default
-``writeback``).
+half-written by a failed or interrupted run. ``-t`` is the destination's cache mode, with
+``qemu-img convert``'s meanings and default: ``unsafe`` (default: nothing is flushed, so until the
+kernel writes the page cache back, a crash of the host may lose part of DST), ``writeback``
+(flushed before the rename: DST is durable when the command ends), or ``none`` (O_DIRECT, then
+flushed). With ``writeback`` the destination's writeback starts every 64 MiB as the copy goes, so
+the final flush finds little left to write. ``-T`` is the source's (default ``writeback``).
 """
 
 from __future__ import annotations
@@ -47,8 +48,9 @@ def add_parser(sub, common):
     p.add_argument("-o", dest="options", metavar="OPTIONS", help="destination format options (cluster_size=64k,...)")
     p.add_argument("-B", dest="backing", metavar="BACKING", help="give the destination this backing file")
     p.add_argument("-F", dest="backing_fmt", metavar="FMT", help="format of the -B backing file")
-    p.add_argument("-t", dest="cache", choices=("none", "writeback", "unsafe"), default="writeback",
-                   help="destination cache mode (default writeback)")
+    p.add_argument("-t", dest="cache", choices=("none", "writeback", "unsafe"), default="unsafe",
+                   help="destination cache mode (default unsafe, as qemu-img convert: no flush; "
+                        "writeback or none make DST durable before the command ends)")
     p.add_argument("-T", dest="src_cache", choices=("none", "writeback", "unsafe"), default="writeback",
                    help="source cache mode (default writeback)")
     p.add_argument("-m", dest="depth", type=int, default=DEFAULT_DEPTH, metavar="N",
@@ -250,7 +252,7 @@ def _mapping_of(src):
 
 
 def convert(src_path, dst_path, out_fmt, *, fmt=None, options=None, backing=None, backing_fmt=None,
-            cache="writeback", src_cache="writeback", depth=DEFAULT_DEPTH, progress=None) -> dict:
+            cache="unsafe", src_cache="writeback", depth=DEFAULT_DEPTH, progress=None) -> dict:
     """Convert ``src_path`` to a new ``dst_path``; returns statistics. See the module docstring."""
     _images.check_format(out_fmt)
     _images.check_format(backing_fmt)

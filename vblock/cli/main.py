@@ -27,7 +27,7 @@ from vblock.cli.output import Environment, UsageError
 from vblock.cli.status import ExitStatus
 from vblock.errors import VblockError
 
-__all__ = ["main", "build_parser", "VERBS"]
+__all__ = ["main", "command", "build_parser", "VERBS"]
 
 VERBS = ("create", "info", "check", "map", "convert", "compare", "resize", "rebase", "bench", "stress", "serve")
 
@@ -175,5 +175,28 @@ def main(argv=None, env: Environment | None = None) -> int:
         return ExitStatus.ERROR
 
 
+def command():
+    """The ``vblock`` console script (and ``python -m vblock``): ``main()``, then a quick exit.
+
+    Once the verb has run and its output is flushed, nothing is left for the interpreter's own
+    shutdown to do but tear down every module and object one by one: 8-10 ms here, on every
+    command (a tenth of a short ``vblock convert``). When no other thread is alive the process
+    ends at once instead (``os._exit``), after flushing the standard streams and the logging
+    handlers; otherwise, or if a flush fails, it exits the ordinary way."""
+    import threading
+
+    status = main()
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        if "logging" in sys.modules:
+            logging.shutdown()
+    except (OSError, ValueError):
+        sys.exit(status)
+    if threading.active_count() == 1:
+        os._exit(status)
+    sys.exit(status)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    command()
