@@ -27,8 +27,10 @@ An entry's life (``TRANSITIONS`` below is the whole truth; an illegal move raise
   loaded once. A failed load removes the entry and fails every waiter.
 * ``CLEAN``: ``table`` equals the disk. ``DIRTY``: updates are queued (``queued``: index -> value)
   and not yet being written. ``WRITING``: one writer thread is writing a batch; updates queued
-  meanwhile wait for its next batch. A batch becomes visible in ``table`` only after its write
-  has completed, so whatever a reader sees in ``table`` is already in the file (see alloc.py).
+  meanwhile wait for its next batch. A batch becomes visible in ``table`` after its write has
+  completed, or, for an allocation without a backing file, once its data is written (the table
+  write may still be in flight: see alloc.py); either way a reader never finds a cluster whose
+  data is not in the file.
 * ``holders`` counts requests using the entry. Eviction removes only ``CLEAN`` entries with no
   holders, least recently used first; when every entry is in use the cache grows past its bound
   for a moment instead of waiting, and shrinks back as entries are released.

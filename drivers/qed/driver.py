@@ -253,6 +253,10 @@ class QedDriver(BlockDriver):
         self.pending = {}  # guest cluster index -> Future of the allocation that owns it
         self.creating = {}  # l1 index -> Entry of an L2 table being created
         self.allocs_in_flight = 0
+        # Write-back (``_ConcurrentAlloc``): acknowledged allocations whose table write is still
+        # in flight, each with the future of that write; a flush waits for them first.
+        self._unwritten = {}
+        self._meta_error = None  # the first failed table write of an acknowledged allocation
         self._nc_fut = None  # Future while the need-check bit is being set or cleared
         self._extend_lock = threading.Lock()
         self._header_lock = threading.Lock()  # serialises header writes (held across that I/O)
@@ -683,13 +687,20 @@ class QedDriver(BlockDriver):
         if idle:
             self._timer.arm()
 
-    def _alloc_ended(self, p, entry, done, ok, counted):
-        """Under ``self.lock``: the bookkeeping of ``_alloc_end``; returns whether the idle timer
-        must be armed (after ``done`` is completed, outside the lock)."""
+    def _unpend(self, p, done):
+        """Under ``self.lock``: drop the pending marks that ``done`` holds on the clusters of
+        ``p`` (the caller completes ``done`` outside the lock, so that waiters look again)."""
         pending = self.pending
         for c in p.guest_clusters(self.geo):
             if pending.get(c) is done:
                 del pending[c]
+
+    def _alloc_ended(self, p, entry, done, ok, counted):
+        """Under ``self.lock``: the bookkeeping of ``_alloc_end`` (pending marks of ``done``, none
+        when it is None); returns whether the idle timer must be armed (after ``done`` is
+        completed, outside the lock)."""
+        if done is not None:
+            self._unpend(p, done)
         self.allocs_in_flight -= 1
         self.cache.release(entry)
         if not ok:
@@ -992,8 +1003,22 @@ class QedDriver(BlockDriver):
 
     # -- flush, zeroes, discard ------------------------------------------------------------------
     def submit_flush(self):
+        """Flush the host file, after the table writes of every allocation acknowledged so far
+        (write-back: see ``_ConcurrentAlloc``). Once a table write of an acknowledged allocation
+        has failed, every flush fails with its error: that allocation's mapping is not in the
+        file, so nothing since can be promised durable; the image stays marked for repair."""
         if self._unsafe:
             return completed(None)
+        with self.lock:
+            written = list(self._unwritten.values())
+        if not written:
+            return self._flush_checked()
+        return then(join(written, None), self._flush_checked)
+
+    def _flush_checked(self):
+        err = self._meta_error
+        if err is not None:
+            return failed(err)
         return self.f.submit_flush()
 
     def start_writeback(self):
@@ -1280,19 +1305,32 @@ class QedDriver(BlockDriver):
 
 class _ConcurrentAlloc:
     """One inline allocating write without a backing file: the data write and the table update
-    go out together, and the request completes when both have: half the latency of
-    data-then-table. Crash safety is unchanged, since no flush separated the two anyway (only a
-    backing file's COW needs one): either may reach the disk first, and a table entry whose data
-    did not arrive points past the old end of file, into space that reads as zeros, which is the
-    cluster's old content. What changes is visibility: lookups must not find the new clusters
-    before their data is written, so the updates stay hidden (written with every write of the
-    table, invisible to lookups) until both writes are over.
+    go out together, and the request is acknowledged as soon as its data is written (write-back
+    metadata, as a disk with a volatile cache, or qcow2's L2 cache, acknowledges before its
+    metadata is durable; a flush waits for the table write, see ``submit_flush``).
 
-    The two completions meet under the driver's lock, where the last one also shows (or
-    forgets) the hidden entries and ends the allocation."""
+    Crash safety is unchanged, since no flush separated the two anyway (only a backing file's COW
+    needs one): either may reach the disk first, and a table entry whose data did not arrive
+    points past the old end of file, into space that reads as zeros, which is the cluster's old
+    content. What changes is visibility: lookups must not find the new clusters before their data
+    is written, so the updates stay hidden (written with every write of the table, invisible to
+    lookups) until the data write is over. Then they are shown, the clusters are no longer
+    pending, and the request completes, while the table write may still be in flight (except in
+    a new table, which lookups find only once its L1 entry is written: there the request waits
+    for the table write, L1 included, as before). Until the table write ends, the allocation
+    stays counted (``allocs_in_flight``, ``_inflight``: close, check and the
+    need-check clear wait for it) and listed in ``drv._unwritten`` (flushes wait for it).
+
+    Failures: a failed data write fails the request, and the entries are shown only if the table
+    write succeeded (the file's table then points there). A table write that fails before the
+    data is written fails the request and forgets the entries. One that fails after the request
+    was acknowledged leaves the entries shown in the cache but not in the file: the image stays
+    marked for repair and every later flush fails with that error (``drv._meta_error``).
+
+    The completions meet under the driver's lock."""
 
     __slots__ = ("drv", "p", "entry", "entries", "done", "out", "length", "left", "data_error",
-                 "table_error")
+                 "table_error", "written")
 
     def __init__(self, drv, p, entry, done, out, length):
         self.drv = drv
@@ -1304,6 +1342,7 @@ class _ConcurrentAlloc:
         self.length = length
         self.left = 2
         self.data_error = self.table_error = None
+        self.written = None  # Future of the table write once the request was acknowledged
 
     def start(self, buffers):
         drv = self.drv
@@ -1328,8 +1367,18 @@ class _ConcurrentAlloc:
     def _table_done(self, err):
         self._part(err)
 
+    def _show(self, show):
+        """Under the lock: make the entries visible to lookups (or only forget them)."""
+        hidden = self.entry.hidden
+        table = self.entry.table
+        for i in self.entries:
+            value = hidden.pop(i, None)
+            if show and value is not None:
+                table[i] = value
+
     def _part(self, err, data=False):
         drv = self.drv
+        written = None
         with drv.lock:
             if data:
                 self.data_error = err
@@ -1337,25 +1386,40 @@ class _ConcurrentAlloc:
                 self.table_error = err
             self.left -= 1
             if self.left:
-                return
-            # The table in the file holds the entries unless its write failed: show them (a
-            # failed data write leaves allocated clusters that read zeros or part of the data).
-            show = self.table_error is None
-            hidden = self.entry.hidden
-            table = self.entry.table
-            for i in self.entries:
-                value = hidden.pop(i, None)
-                if show and value is not None:
-                    table[i] = value
-            exc = self.data_error or self.table_error
-            idle = drv._alloc_ended(self.p, self.entry, self.done, exc is None, True)
-        self.done.set_result(None)
+                if not data or err is not None or self.table_error is not None or self.entry.new:
+                    return  # (a new table: lookups find it only once its L1 entry is written)
+                # The data is in the file and the table write is still going: acknowledge now.
+                self._show(True)
+                drv._unpend(self.p, self.done)
+                self.written = drv._unwritten[self] = Future()
+                exc = None
+                idle = False
+            elif self.written is not None:
+                # The table write of an acknowledged request is over.
+                del drv._unwritten[self]
+                written = self.written
+                if err is not None and drv._meta_error is None:
+                    drv._meta_error = err
+                idle = drv._alloc_ended(self.p, self.entry, None, err is None, True)
+            else:
+                # The table in the file holds the entries unless its write failed: show them (a
+                # failed data write leaves allocated clusters that read zeros or part of the data).
+                self._show(self.table_error is None)
+                exc = self.data_error or self.table_error
+                idle = drv._alloc_ended(self.p, self.entry, self.done, exc is None, True)
+        if written is not None:
+            if err is None:
+                written.set_result(None)
+            else:
+                written.set_exception(err)
+        else:
+            self.done.set_result(None)
+            if exc is None:
+                self.out.set_result(self.length)
+            else:
+                self.out.set_exception(exc)
         if idle:
             drv._timer.arm()
-        if exc is None:
-            self.out.set_result(self.length)
-        else:
-            self.out.set_exception(exc)
 
 
 def _completer(fut):

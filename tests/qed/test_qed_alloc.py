@@ -234,13 +234,50 @@ def test_failed_data_write_fails_the_request_but_keeps_the_written_table(held):
     assert drv.damaged  # need-check stays set until a repair
 
 
-def test_failed_table_write_forgets_the_hidden_update(held):
+def test_failed_table_write_before_the_data_forgets_the_hidden_update(held):
+    drv, entry = held
+    fut, data, table = _alloc(drv, 64)
+    table[2].set_exception(OSError(5, "EIO"))
+    data[2].set_result(4096)
+    assert isinstance(fut.exception(), OSError)
+    assert entry.table[64] == 0 and entry.hidden == {}
+    assert drv.damaged and drv._unwritten == {}
+
+
+def test_written_data_is_acknowledged_before_its_table_write(held):
+    """Write-back: the data lands, the table write is still out. The request completes, the
+    cluster is visible and no longer pending, but the allocation stays counted, and a flush waits
+    for the table write before it flushes the file."""
     drv, entry = held
     fut, data, table = _alloc(drv, 64)
     data[2].set_result(4096)
+    assert fut.result() == 4096
+    assert entry.table[64] == data[0] and entry.hidden == {} and 64 not in drv.pending
+    assert drv.allocs_in_flight == 1 and len(drv._unwritten) == 1
+    drv.submit_write(64 * 4096, [memoryview(bytearray(b"\x08" * 4096))])  # now in place
+    assert drv.f.writes[-1][0] == data[0]
+    flush = drv.submit_flush()
+    assert drv.f.flushes == [] and not flush.done()  # the table write comes first
+    table[2].set_result(len(table[1]))
+    assert len(drv.f.flushes) == 1 and not flush.done()
+    drv.f.flushes[0].set_result(None)
+    assert flush.result() is None
+    assert drv.allocs_in_flight == 0 and drv._unwritten == {} and not drv.damaged
+
+
+def test_failed_table_write_after_the_acknowledgement_fails_every_later_flush(held):
+    drv, entry = held
+    fut, data, table = _alloc(drv, 64)
+    data[2].set_result(4096)
+    assert fut.result() == 4096
+    flush = drv.submit_flush()
     table[2].set_exception(OSError(5, "EIO"))
-    assert isinstance(fut.exception(), OSError)
-    assert entry.table[64] == 0 and entry.hidden == {}
+    assert isinstance(flush.exception(), OSError) and flush.exception().errno == 5
+    assert drv.f.flushes == []  # nothing was flushed
+    assert entry.table[64] == data[0]  # the cache keeps what the guest was told
+    assert drv.damaged and drv.allocs_in_flight == 0 and drv._unwritten == {}
+    again = drv.submit_flush()
+    assert isinstance(again.exception(), OSError) and again.exception().errno == 5
 
 
 def fmt_entries(raw):
