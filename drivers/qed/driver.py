@@ -1005,20 +1005,23 @@ class QedDriver(BlockDriver):
     def submit_flush(self):
         """Flush the host file, after the table writes of every allocation acknowledged so far
         (write-back: see ``_ConcurrentAlloc``). Once a table write of an acknowledged allocation
-        has failed, every flush fails with its error: that allocation's mapping is not in the
-        file, so nothing since can be promised durable; the image stays marked for repair."""
-        if self._unsafe:
-            return completed(None)
+        has failed, every flush fails with its error until the image is reopened (``close``
+        raises it too): that allocation's mapping is not in the file, so nothing since can be
+        promised durable; the image stays marked for repair. With cache="unsafe" the host file is
+        not flushed, but the table writes are still waited for and their failure reported."""
         with self.lock:
             written = list(self._unwritten.values())
         if not written:
             return self._flush_checked()
-        return then(join(written, None), self._flush_checked)
+        # Tracked, so that close() waits for the host flush this starts later.
+        return self._track(then(join(written, None), self._flush_checked))
 
     def _flush_checked(self):
         err = self._meta_error
         if err is not None:
             return failed(err)
+        if self._unsafe:
+            return completed(None)
         return self.f.submit_flush()
 
     def start_writeback(self):
@@ -1293,6 +1296,10 @@ class QedDriver(BlockDriver):
                         self.f.flush()
         finally:
             self._teardown()
+        if self._meta_error is not None:
+            # An acknowledged write's table update failed (see submit_flush): say so here too,
+            # for callers that close without flushing (cache="unsafe" conversions do).
+            raise self._meta_error
 
     def _teardown(self):
         if self.pool is not None:

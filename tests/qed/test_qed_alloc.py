@@ -4,6 +4,7 @@ the plans out (driver._update, driver._ordered_flush) driven by hand."""
 import pytest
 from hypothesis import given, strategies as st
 
+import vblock
 from vblock.drivers.qed import alloc, cache, format as fmt
 from vblock.future import Future
 
@@ -278,8 +279,32 @@ def test_failed_table_write_after_the_acknowledgement_fails_every_later_flush(he
     assert drv.damaged and drv.allocs_in_flight == 0 and drv._unwritten == {}
     again = drv.submit_flush()
     assert isinstance(again.exception(), OSError) and again.exception().errno == 5
+    drv._meta_error = None  # (close would raise it: tested on its own below)
 
 
 def fmt_entries(raw):
     from vblock.drivers.qed import tables
     return tables.decode(raw)
+
+
+def test_a_lost_table_write_is_reported_by_close_and_by_unsafe_flushes(scratch):
+    """cache="unsafe" flushes nothing, but a table write that failed after its request was
+    acknowledged still fails the flush, and close() raises it: a conversion (which closes without
+    flushing) must not report success for an image that lacks a mapping."""
+    create(scratch / "u.qed", 8 * MiB, cluster_size=4096, table_size=2).close()
+    img = vblock.open_image(str(scratch / "u.qed"), format="qed", cache="unsafe")
+    drv = img.driver
+    img.write(0, b"\x01" * 4096)  # table 0 exists and is cached, need-check is set
+    real = drv.f
+    drv.f = _HeldFile(real, drv.meta_align)
+    fut, data, table = _alloc(drv, 64)
+    data[2].set_result(4096)
+    assert fut.result() == 4096
+    flush = drv.submit_flush()
+    assert not flush.done()  # waits for the table write even though nothing will be flushed
+    table[2].set_exception(OSError(5, "EIO"))
+    assert flush.exception().errno == 5 and drv.f.flushes == []
+    drv.f = real
+    with pytest.raises(OSError) as exc:
+        img.close()
+    assert exc.value.errno == 5
