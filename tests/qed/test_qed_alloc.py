@@ -308,3 +308,25 @@ def test_a_lost_table_write_is_reported_by_close_and_by_unsafe_flushes(scratch):
     with pytest.raises(OSError) as exc:
         img.close()
     assert exc.value.errno == 5
+
+
+def test_an_allocation_in_a_new_table_waits_for_its_l1_entry(held):
+    """A new table is found by lookups only through its L1 entry: a request allocating in it is
+    not acknowledged when its data lands (write-back applies to existing tables only), but once the
+    table, its flush and the L1 entry are written."""
+    drv, _ = held
+    cluster = drv.geo.table_entries  # the first cluster of the second table, not yet created
+    before = len(drv.f.writes)
+    fut = drv.submit_write(cluster * 4096, [memoryview(bytearray(b"\x09" * 4096))])
+    data, table = drv.f.writes[before:]
+    assert len(data[1]) == 4096 and len(table[1]) == drv.geo.table_bytes  # the whole new table
+    data[2].set_result(4096)
+    assert not fut.done() and drv.l1[1] == 0 and drv._unwritten == {}
+    table[2].set_result(len(table[1]))
+    assert not fut.done() and len(drv.f.flushes) == 1  # the table is flushed before L1 points at it
+    drv.f.flushes[0].set_result(None)
+    l1_write = drv.f.writes[-1]
+    assert l1_write[0] == drv.header.l1_table_offset and not fut.done()
+    l1_write[2].set_result(len(l1_write[1]))
+    assert fut.result() == 4096 and drv.l1[1] == table[0]
+    assert drv._fast_host(cluster * 4096, 4096) == data[0]
