@@ -796,9 +796,9 @@ class QedDriver(BlockDriver):
         The file grows ahead of the allocation pointer, in steps of half its size (16 MiB to
         1 GiB): file systems serialise writes that extend a file, and writes into a hole inside
         it run in parallel; and each step costs a truncate, which also takes the file's lock
-        (steps of an eighth from 1 MiB took 44 truncates and 17 ms of a 1 GiB conversion). The extra tail is unreferenced: a clean close and the idle need-check
-        clear cut it off, and after a crash the need-check repair at the next open reclaims it as
-        trailing leaks."""
+        (steps of an eighth from 1 MiB took 44 truncates and 17 ms of a 1 GiB conversion). The
+        extra tail is unreferenced: a clean close and the idle need-check clear cut it off, and
+        after a crash the need-check repair at the next open reclaims it as trailing leaks."""
         if end <= self._file_length:
             return
         with self._extend_lock:
@@ -1325,8 +1325,8 @@ class _ConcurrentAlloc:
     pending, and the request completes, while the table write may still be in flight (except in
     a new table, which lookups find only once its L1 entry is written: there the request waits
     for the table write, L1 included, as before). Until the table write ends, the allocation
-    stays counted (``allocs_in_flight``, ``_inflight``: close, check and the
-    need-check clear wait for it) and listed in ``drv._unwritten`` (flushes wait for it).
+    stays counted (``allocs_in_flight``, ``_inflight``: close, check and the need-check clear
+    wait for it) and listed in ``drv._unwritten`` (flushes wait for it).
 
     Failures: a failed data write fails the request, and the entries are shown only if the table
     write succeeded (the file's table then points there). A table write that fails before the

@@ -381,6 +381,27 @@ def test_convert_writes_back_as_it_copies_only_when_it_will_flush(scratch, monke
         assert img.read(0, len(data)) == data
 
 
+def test_convert_flushes_only_when_asked_as_qemu_img_does(scratch, monkeypatch):
+    """The default destination cache mode is qemu-img convert's, unsafe: no flush at all; -t
+    writeback flushes the new image before the rename."""
+    from vblock.block.image import Image
+    from vblock.cli.main import build_parser
+
+    calls = []
+    real = Image.flush
+    monkeypatch.setattr(Image, "flush", lambda self: (calls.append(self.path), real(self))[1])
+    src = scratch / "f.raw"
+    src.write_bytes(os.urandom(CS))
+    assert build_parser().parse_args(["convert", "-O", "qed", "a", "b"]).cache == "unsafe"
+    assert run_cli("convert", "-O", "qed", src, scratch / "u.qed").rc == 0
+    from vblock.cli import convert as conv
+
+    conv.convert(str(src), str(scratch / "d.qed"), "qed", fmt="raw")
+    assert calls == []
+    conv.convert(str(src), str(scratch / "w.qed"), "qed", fmt="raw", cache="writeback")
+    assert len(calls) == 1 and ".w.qed" in calls[0]  # the temporary name, before the rename
+
+
 def test_convert_bad_inputs(scratch):
     one_error_line(run_cli("convert", "-O", "qed", scratch / "none.raw", scratch / "o.qed"), "none.raw")
     (scratch / "s.raw").write_bytes(bytes(MiB))

@@ -6,8 +6,9 @@ alternating from round to round, each run after a ``sync`` (so neither pays for 
 pages) and the deletion of its own previous output (see ``_fresh``); the source stays in the page
 cache for both. Pairings: both tools' default command lines (``-t unsafe``: no flush, the default
 of ``qemu-img convert`` and of ``vblock convert``), both ``-t writeback`` (flushed at the end),
-and vblock's conversion called in-process (no interpreter start-up). The package's modules are byte-compiled first, as an installed package's
-are (an environment with ``PYTHONDONTWRITEBYTECODE`` would otherwise compile them on every run).
+and vblock's conversion called in-process (no interpreter start-up). The package's modules are
+byte-compiled first, as an installed package's are (an environment with
+``PYTHONDONTWRITEBYTECODE`` would otherwise compile them on every run).
 Every vblock result must pass ``qemu-img check`` and ``qemu-img compare`` against the source.
 The row's IOPS are 2 MiB chunks per second at the median time; ratio = the median over pairs of
 qemu-img time / vblock time (> 1: vblock is faster), since single runs on a shared VM disk vary

@@ -189,8 +189,7 @@ def command():
     try:
         sys.stdout.flush()
         sys.stderr.flush()
-        if "logging" in sys.modules:
-            logging.shutdown()
+        logging.shutdown()
     except (OSError, ValueError):
         sys.exit(status)
     if threading.active_count() == 1:
