@@ -265,6 +265,7 @@ class QedDriver(BlockDriver):
         self._flush_waiters = []
         self._flush_running = False
         self._file_length = length
+        self._preallocate = True  # the growth reserve gets disk blocks (see _extend)
         self._inflight = 0  # tracked requests (see _track), under self.lock
         self._inflight_cond = threading.Condition(self.lock)
         self.l1 = self.tio.read(h.l1_table_offset)
@@ -794,11 +795,18 @@ class QedDriver(BlockDriver):
         """Grow the file to at least ``end`` bytes; never shrinks it.
 
         The file grows ahead of the allocation pointer, in steps of half its size (16 MiB to
-        1 GiB): file systems serialise writes that extend a file, and writes into a hole inside
-        it run in parallel; and each step costs a truncate, which also takes the file's lock
-        (steps of an eighth from 1 MiB took 44 truncates and 17 ms of a 1 GiB conversion). The
-        extra tail is unreferenced: a clean close and the idle need-check clear cut it off, and
-        after a crash the need-check repair at the next open reclaims it as trailing leaks."""
+        1 GiB): file systems serialise writes that extend a file, and writes inside it run in
+        parallel; and each step takes the file's lock (steps of an eighth from 1 MiB took 44
+        truncates and 17 ms of a 1 GiB conversion). Each step is allocated (``HostFile.allocate``),
+        not left a hole: a write into a hole makes the file system allocate on the write's path,
+        which an O_DIRECT write cannot do without blocking, so io_uring passes it to a worker
+        thread (allocating 8 KiB writes at 16 in flight: 25k -> 39-47k IOPS; a 1 GiB conversion
+        through the page cache: 0.23-0.26 -> 0.19-0.21 s). Where the file system cannot allocate,
+        or the space is not there, the step is a truncate (a hole) instead.
+
+        The extra tail is unreferenced: a clean close and the idle need-check clear cut it off
+        (and return its space), and after a crash the need-check repair at the next open reclaims
+        it as trailing leaks."""
         if end <= self._file_length:
             return
         with self._extend_lock:
@@ -806,7 +814,15 @@ class QedDriver(BlockDriver):
                 step = min(max(self._file_length // 2, 16 << 20), 1 << 30)
                 end = max(end, -(-(self._file_length + step) // self.geo.cluster_size)
                           * self.geo.cluster_size)
-                self.f.truncate(end)
+                if self._preallocate:
+                    try:
+                        self.f.allocate(self._file_length, end - self._file_length)
+                    except OSError as exc:
+                        if exc.errno in (errno.EOPNOTSUPP, errno.ENOSYS):
+                            self._preallocate = False  # not on this file system: stop asking
+                        self.f.truncate(end)  # ENOSPC and the rest: the writes will tell
+                else:
+                    self.f.truncate(end)
                 self._file_length = end
 
     def _trim(self):

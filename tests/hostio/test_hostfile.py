@@ -289,6 +289,25 @@ def test_discard_truncate_seek(image, engine):
         assert f.seek_hole(0) == 8192  # the end of the file counts as a hole
 
 
+def test_allocate_gives_blocks_that_read_zeros_and_grows_the_file(image):
+    with HostFile(image) as f:
+        size = f.size
+        blocks = os.stat(image).st_blocks
+        f.allocate(size, 4 << 20)
+        assert f.size == size + (4 << 20)
+        assert (os.stat(image).st_blocks - blocks) * 512 >= 4 << 20  # blocks, not a hole
+        rd = f.alloc(65536)
+        rd[:] = b"\xff" * 65536
+        assert f.pread(rd, size + (1 << 20)) == 65536 and bytes(rd) == bytes(65536)
+        f.allocate(0, 4096)  # inside the file: the size stays
+        assert f.size == size + (4 << 20)
+        with pytest.raises(ValueError):
+            f.allocate(-1, 4096)
+    with pytest.raises(OSError) as exc:
+        f.allocate(0, 4096)
+    assert exc.value.errno == errno.EBADF
+
+
 def test_env_selects_thread_engine(image, monkeypatch):
     monkeypatch.setenv("VBLOCK_ENGINE", "threads")
     with HostFile(image, engine="auto") as f:

@@ -393,3 +393,41 @@ def test_cache_stays_bounded_and_loads_each_table_once_per_miss(scratch):
     img.read(0, 4096)  # evicted long ago
     assert img.driver.cache.loads == 33 and len(img.driver.cache) == 4
     img.close()
+
+
+def test_the_growth_reserve_is_allocated_and_trimmed_at_close(scratch):
+    """New clusters go into blocks allocated ahead (a step of 16 MiB here), not into a hole; a
+    clean close cuts the reserve off again."""
+    path = str(scratch / "g.qed")
+    img = create(path, 64 * MiB)
+    img.write(0, pattern(1, 64 * KiB))
+    drv = img.driver
+    assert drv._file_length - drv.file_size >= 15 * MiB
+    assert os.stat(path).st_blocks * 512 >= 15 * MiB  # allocated, not sparse (a hole: < 1 MiB)
+    img.close()
+    assert os.path.getsize(path) == drv.file_size
+    img = reopen(path)
+    assert img.read(0, 64 * KiB) == pattern(1, 64 * KiB)
+    img.close()
+
+
+def test_growth_falls_back_to_a_hole_where_allocation_is_refused(scratch, monkeypatch):
+    import errno as _errno
+
+    path = str(scratch / "h.qed")
+    img = create(path, 64 * MiB)
+    drv = img.driver
+    calls = []
+
+    def refuse(offset, length):
+        calls.append((offset, length))
+        raise OSError(_errno.EOPNOTSUPP, "not supported")
+
+    monkeypatch.setattr(drv.f, "allocate", refuse)
+    img.write(0, pattern(2, 64 * KiB))
+    img.write(32 * MiB, pattern(3, 64 * KiB))  # beyond the first step
+    assert len(calls) == 1 and not drv._preallocate  # asked once, then truncates only
+    assert drv._file_length > drv.file_size
+    assert img.read(0, 64 * KiB) == pattern(2, 64 * KiB)
+    assert img.read(32 * MiB, 64 * KiB) == pattern(3, 64 * KiB)
+    img.close()

@@ -242,6 +242,14 @@ class HostFile:
         mode = (lib.VBIO_FALLOC_PUNCH_HOLE | lib.VBIO_FALLOC_KEEP_SIZE) if unmap else lib.VBIO_FALLOC_ZERO_RANGE
         self._fallocate(mode, offset, length, "zero range")
 
+    def allocate(self, offset, length):
+        """Give [offset, offset+length) disk blocks that read as zeros (fallocate mode 0), growing
+        the file if the range ends past it. Writes into allocated blocks need no allocation by
+        the file system on their way: an O_DIRECT write into a hole cannot be issued without
+        blocking, and io_uring hands it to a worker thread. ``OSError(EOPNOTSUPP)`` where the
+        file system cannot, ``ENOSPC`` when the space is not there."""
+        self._fallocate(0, offset, length, "allocate")
+
     def _fallocate(self, mode, offset, length, op):
         if offset < 0 or length < 0:
             raise ValueError(f"{op} {self.path}: negative offset or length ({offset}, {length})")

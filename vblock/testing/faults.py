@@ -181,6 +181,12 @@ class FaultyHostFile:
             self._f.truncate(size)
             self._record(_Record(size, None, size, old, old_size, point))
 
+    def allocate(self, offset, length):
+        """As the real file's, for this simulation: the size grows (to zeros), like a truncate
+        (which is how a crash replays it), and a range inside the file changes nothing."""
+        if offset + length > self._f.size:
+            self.truncate(offset + length)
+
     def seek_data(self, offset):
         return self._f.seek_data(offset)
 
