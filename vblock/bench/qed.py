@@ -12,8 +12,10 @@ cluster of a default 64K/4 image), O_DIRECT, through ``vblock.open_image`` (the 
 * ``read-1TiB``: 4 KiB random reads across 1 TiB whose every 2 GiB region has an L2 table, with
   the default 64-table cache (resident memory before and after on stderr: the bound holds).
 
-Each case runs in three rounds interleaved with its peers (medians reported, ratios are medians of
-per-round ratios), because figures on shared machines drift.
+Each case runs in five rounds interleaved with its peers (medians reported, ratios are medians of
+per-round ratios), because figures on shared machines drift; vblock's QED and raw runs take turns
+going first, so that neither always inherits the state the other left (the file system's, the
+CPU caches').
 """
 
 from __future__ import annotations
@@ -115,11 +117,39 @@ def _rows(pattern, depth, rounds, *peer_names, bs=BS):
     return out
 
 
-def alloc_write(tmp, depths, duration, use_qemu, rounds=3):
+def _in_turn(round_no, first, second):
+    """``(first(), second())``, run in that order in even rounds and the other way in odd ones."""
+    if round_no % 2:
+        b = second()
+        return first(), b
+    a = first()
+    return a, second()
+
+
+def alloc_write(tmp, depths, duration, use_qemu, rounds=5):
+    def qed():
+        p = os.path.join(tmp, "v-alloc.qed")
+        _quiet_create(p, VIRTUAL).close()
+        img = _engine(vblock.open_image(p, format="qed"))
+        iops = _strided(img, depth, duration, True)
+        img.close()
+        os.unlink(p)
+        return iops
+
+    def raw():
+        r = os.path.join(tmp, "v-alloc.raw")
+        with open(r, "wb") as fh:
+            fh.truncate(VIRTUAL)
+        img = vblock.open_image(r, format="raw")
+        iops = _strided(img, depth, duration, True)
+        img.close()
+        os.unlink(r)
+        return iops
+
     rows = []
     for depth in depths:
         results = []
-        for _ in range(rounds):
+        for n in range(rounds):
             qemu = None
             if use_qemu:
                 q = os.path.join(tmp, "q-alloc.qed")
@@ -127,20 +157,8 @@ def alloc_write(tmp, depths, duration, use_qemu, rounds=3):
                                check=True)
                 qemu = _qemu_bench(q, depth, 4096, True)
                 os.unlink(q)
-            p = os.path.join(tmp, "v-alloc.qed")
-            _quiet_create(p, VIRTUAL).close()
-            img = _engine(vblock.open_image(p, format="qed"))
-            iops = _strided(img, depth, duration, True)
-            img.close()
-            os.unlink(p)
-            r = os.path.join(tmp, "v-alloc.raw")
-            with open(r, "wb") as fh:
-                fh.truncate(VIRTUAL)
-            img = vblock.open_image(r, format="raw")
-            raw = _strided(img, depth, duration, True)
-            img.close()
-            os.unlink(r)
-            results.append((iops, qemu, raw))
+            ours, theirs = _in_turn(n, qed, raw)
+            results.append((ours, qemu, theirs))
         rows += _rows("alloc-write", depth, results, "qemu-img bench qed", "vblock raw")
     return rows
 
@@ -156,7 +174,7 @@ def _fill(img, size):
     img.close()
 
 
-def steady(tmp, depths, duration, use_qemu, rounds=3):
+def steady(tmp, depths, duration, use_qemu, rounds=5):
     rows = []
     qp = os.path.join(tmp, "v-full.qed")
     _fill(_quiet_create(qp, VIRTUAL), REGION)
@@ -169,19 +187,20 @@ def steady(tmp, depths, duration, use_qemu, rounds=3):
                        check=True)
         subprocess.run(["qemu-io", "-f", "qed", "-t", "none", "-c", f"write -P 0xa5 0 {REGION}",
                         qemu_img_path], check=True, capture_output=True)
+    def measure(path, fmt):
+        img = _engine(vblock.open_image(path, format=fmt))
+        iops = _strided(img, depth, duration, write, REGION)
+        img.close()
+        return iops
+
     for pattern, write in (("rewrite", True), ("read", False)):
         for depth in depths:
             results = []
-            for _ in range(rounds):
-                img = _engine(vblock.open_image(qp, format="qed"))
-                iops = _strided(img, depth, duration, write, REGION)
-                img.close()
-                img = vblock.open_image(rp, format="raw")
-                raw = _strided(img, depth, duration, write, REGION)
-                img.close()
+            for n in range(rounds):
+                ours, raw = _in_turn(n, lambda: measure(qp, "qed"), lambda: measure(rp, "raw"))
                 qemu = (_qemu_bench(qemu_img_path, depth, REGION // STEP, write)
                         if use_qemu else None)
-                results.append((iops, raw, qemu))
+                results.append((ours, raw, qemu))
             rows += _rows(pattern, depth, results, "vblock raw", "qemu-img bench qed")
     return rows
 
@@ -264,7 +283,7 @@ def main(argv=None):
                                  description=__doc__.split("\n\n")[0])
     ap.add_argument("--json", action="store_true", help="one JSON object per row")
     ap.add_argument("--duration", type=float, default=1.0,
-                    help="seconds per measurement; each case runs 3 interleaved rounds (default 1)")
+                    help="seconds per measurement; each case runs 5 interleaved rounds (default 1)")
     ap.add_argument("--depths", default="1,8,16", help="requests in flight (default 1,8,16)")
     ap.add_argument("--no-peer", action="store_true", help="skip qemu-img bench")
     ap.add_argument("--cases", default="alloc,steady,open,wide",
