@@ -1,5 +1,6 @@
 """The QED driver through vblock.open_image: layout, I/O, backing files, flags, resize."""
 
+import errno
 import os
 import threading
 
@@ -412,8 +413,6 @@ def test_the_growth_reserve_is_allocated_and_trimmed_at_close(scratch):
 
 
 def test_growth_falls_back_to_a_hole_where_allocation_is_refused(scratch, monkeypatch):
-    import errno as _errno
-
     path = str(scratch / "h.qed")
     img = create(path, 64 * MiB)
     drv = img.driver
@@ -421,7 +420,7 @@ def test_growth_falls_back_to_a_hole_where_allocation_is_refused(scratch, monkey
 
     def refuse(offset, length):
         calls.append((offset, length))
-        raise OSError(_errno.EOPNOTSUPP, "not supported")
+        raise OSError(errno.EOPNOTSUPP, "not supported")
 
     monkeypatch.setattr(drv.f, "allocate", refuse)
     img.write(0, pattern(2, 64 * KiB))

@@ -187,7 +187,8 @@ def steady(tmp, depths, duration, use_qemu, rounds=5):
                        check=True)
         subprocess.run(["qemu-io", "-f", "qed", "-t", "none", "-c", f"write -P 0xa5 0 {REGION}",
                         qemu_img_path], check=True, capture_output=True)
-    def measure(path, fmt):
+
+    def measure(path, fmt):  # at the loops' current depth and pattern
         img = _engine(vblock.open_image(path, format=fmt))
         iops = _strided(img, depth, duration, write, REGION)
         img.close()
