@@ -5,6 +5,7 @@
 #include <fcntl.h>
 #include <limits.h>
 #include <linux/falloc.h>
+#include <linux/futex.h>
 #include <linux/fs.h>
 #include <linux/io_uring.h>
 #include <linux/stat.h>
@@ -296,14 +297,18 @@ struct uring {
 };
 
 struct threadpool {
-    pthread_mutex_t lock;
-    pthread_cond_t work_cv; /* idle workers wait here */
+    pthread_mutex_t lock;   /* guards the work queue (held only to link or unlink an op) */
     struct vbio_op *work_head, *work_tail; /* submitted, not started */
-    struct vbio_op *done_head, *done_tail; /* finished, not delivered */
-    int idle;      /* workers waiting on work_cv */
-    int completer; /* a worker holds the completer role */
-    int spinning;  /* a worker is looking for work before it sleeps */
-    int stopping;  /* vbio_engine_wake: return 0 once nothing is left */
+    _Atomic int queued;     /* ops on the work queue, for looks without the lock */
+    /* finished ops not yet taken by the completer: a stack, pushed without the lock by the worker
+     * that ran the op, emptied in one exchange by the completer (so no ABA) */
+    _Atomic(struct vbio_op *) done;
+    struct vbio_op *backlog; /* finished ops taken off `done`, oldest first: the completer's own */
+    _Atomic int completer;   /* a worker holds the completer role */
+    _Atomic int spinning;    /* a worker is looking for work before it sleeps */
+    _Atomic int idle;        /* workers asleep (or about to sleep) on `wake_seq` */
+    _Atomic uint32_t wake_seq; /* futex word: bumped by every wake-up */
+    _Atomic int stopping;    /* vbio_engine_wake: return 0 once nothing is left */
 };
 
 struct vbio_engine {
@@ -755,13 +760,45 @@ static int uring_reap(struct vbio_engine *eng, struct vbio_op **out, int max, in
  * first of those ops on the same thread. In a closed loop (every completion submits the next
  * request) a request therefore costs no thread wake-up at all, as with psync threads: the only
  * sleep is the one inside the system call.
+ *
+ * With sixteen workers on two CPUs, a lock that every op takes becomes a convoy: a holder is
+ * preempted and the rest queue up in futex sleeps. So the per-op path takes none. A finished op
+ * goes onto a lock-free stack, the role is an atomic flag, and idle workers sleep on a futex word
+ * of their own rather than a condition variable (whose internal lock the wakers contend for). Only
+ * the work queue keeps a mutex, held to link or unlink an op and looked at through an atomic count
+ * first. Waking a worker is a system call, and the completer is the one thread every request
+ * passes through, so it wakes at most one per batch; a woken worker wakes the next while work is
+ * left. (8 KiB random writes at 16 in flight: futex calls a request 1.07 -> 0.3-0.6, context
+ * switches 1.52 -> 1.1-1.2, 0.62 -> 0.88 of fio psync.)
+ *
+ * Sleeping without a lost wake-up: a worker counts itself idle, reads `wake_seq`, then checks for
+ * work and for the stop condition, and sleeps only if `wake_seq` still has the value it read.
+ * Whoever makes work or the stop condition visible then reads `idle` and, if anyone sleeps, bumps
+ * `wake_seq` before the futex wake. (Sequentially consistent atomics on both sides: one of the two
+ * always sees the other's write.)
  */
 
 /* A worker with nothing to do looks again for this long before it sleeps (see vbio_engine_work). */
 #define POOL_SPIN_NS 10000
 
+static void pool_wake(struct threadpool *p, int n)
+{
+    atomic_fetch_add(&p->wake_seq, 1);
+    syscall(SYS_futex, &p->wake_seq, FUTEX_WAKE_PRIVATE, n, NULL, NULL, 0);
+}
+
+/* Wake one sleeping worker for new work, unless one is spinning (it will find the work). */
+static void pool_wake_one(struct threadpool *p)
+{
+    if (atomic_load(&p->idle) > 0 && !atomic_load(&p->spinning))
+        pool_wake(p, 1);
+}
+
+/* Append ops to the work queue and wake one worker (each worker that takes an op wakes the next
+ * while more are queued). */
 static void pool_push(struct threadpool *p, struct vbio_op **ops, int n)
 {
+    pthread_mutex_lock(&p->lock);
     for (int i = 0; i < n; i++) {
         ops[i]->next = NULL;
         if (p->work_tail)
@@ -770,33 +807,74 @@ static void pool_push(struct threadpool *p, struct vbio_op **ops, int n)
             p->work_head = ops[i];
         p->work_tail = ops[i];
     }
-    /* Wake as many idle workers as there are new ops; never the whole pool for one op. */
-    int wake = n < p->idle ? n : p->idle;
-    for (int i = 0; i < wake; i++)
-        pthread_cond_signal(&p->work_cv);
+    atomic_fetch_add(&p->queued, n);
+    pthread_mutex_unlock(&p->lock);
+    pool_wake_one(p);
 }
 
+/* Take the oldest queued op, or NULL; wakes one more worker if ops are left. */
 static struct vbio_op *pool_pop(struct threadpool *p)
 {
+    if (atomic_load(&p->queued) == 0)
+        return NULL;
+    pthread_mutex_lock(&p->lock);
     struct vbio_op *op = p->work_head;
+    int left = 0;
     if (op) {
         p->work_head = op->next;
         if (!p->work_head)
             p->work_tail = NULL;
+        left = atomic_fetch_sub(&p->queued, 1) > 1;
     }
+    pthread_mutex_unlock(&p->lock);
+    if (left)
+        pool_wake_one(p);
     return op;
 }
 
-/* Move up to max finished ops to tokens/results. Caller holds the lock and the completer role. */
+static void done_push(struct threadpool *p, struct vbio_op *op)
+{
+    struct vbio_op *head = atomic_load(&p->done);
+    do
+        op->next = head;
+    while (!atomic_compare_exchange_weak(&p->done, &head, op));
+}
+
+/* Finished ops wait for a completer. Any thread may ask: `backlog` is empty whenever the role is
+ * free (it is released only with nothing left), so a thread without the role need not look at it. */
+static int has_done(struct threadpool *p) { return atomic_load(&p->done) != NULL; }
+
+static int role_take(struct threadpool *p)
+{
+    int free_ = 0;
+    return atomic_load(&p->completer) == 0 && atomic_compare_exchange_strong(&p->completer, &free_, 1);
+}
+
+static void role_release(struct threadpool *p)
+{
+    atomic_store(&p->completer, 0);
+    if (atomic_load(&p->stopping) && atomic_load(&p->idle) > 0)
+        pool_wake(p, INT_MAX); /* the others re-check the stop condition */
+}
+
+/* Move up to max finished ops, oldest first, to tokens/results. Caller holds the completer role. */
 static int pool_drain(struct vbio_engine *eng, int64_t *tokens, int64_t *results, int max)
 {
     struct threadpool *p = &eng->pool;
+    if (!p->backlog) {
+        struct vbio_op *op = atomic_exchange(&p->done, NULL), *rev = NULL;
+        while (op) { /* the stack is newest first */
+            struct vbio_op *next = op->next;
+            op->next = rev;
+            rev = op;
+            op = next;
+        }
+        p->backlog = rev;
+    }
     int n = 0;
-    while (p->done_head && n < max) {
-        struct vbio_op *op = p->done_head;
-        p->done_head = op->next;
-        if (!p->done_head)
-            p->done_tail = NULL;
+    while (p->backlog && n < max) {
+        struct vbio_op *op = p->backlog;
+        p->backlog = op->next;
         tokens[n] = (int64_t)op->token;
         results[n] = op->result;
         n++;
@@ -810,16 +888,34 @@ static int pool_init(struct vbio_engine *eng)
     struct threadpool *p = &eng->pool;
     memset(p, 0, sizeof *p);
     pthread_mutex_init(&p->lock, NULL);
-    pthread_cond_init(&p->work_cv, NULL);
     return 0;
 }
 
 static int pool_submit(struct threadpool *p, struct vbio_op **ops, int n)
 {
-    pthread_mutex_lock(&p->lock);
     pool_push(p, ops, n);
-    pthread_mutex_unlock(&p->lock);
     return n;
+}
+
+/* Something for a worker to do: queued work, or finished ops that no completer is delivering. */
+static int pool_ready(struct threadpool *p)
+{
+    return atomic_load(&p->queued) > 0 || (has_done(p) && !atomic_load(&p->completer));
+}
+
+/* Spin up to POOL_SPIN_NS until pool_ready. */
+static void pool_spin(struct threadpool *p)
+{
+    int64_t t0 = now_ns();
+    for (;;) {
+        for (int i = 0; i < 32; i++) {
+            if (pool_ready(p))
+                return;
+            cpu_relax();
+        }
+        if (now_ns() - t0 > POOL_SPIN_NS)
+            return;
+    }
 }
 
 int vbio_engine_work(struct vbio_engine *eng, struct vbio_op **ops, int nops, int holding, int64_t *tokens,
@@ -835,82 +931,70 @@ int vbio_engine_work(struct vbio_engine *eng, struct vbio_op **ops, int nops, in
     for (int i = 0; i < nops; i++)
         op_start(ops[i]);
     atomic_fetch_add(&eng->inflight, nops);
-    pthread_mutex_lock(&p->lock);
-    if (nops > 0) {
-        mine = ops[0];
+    if (nops > 1)
         pool_push(p, ops + 1, nops - 1);
-    }
+    if (nops > 0)
+        mine = ops[0];
     if (holding) {
-        if (p->done_head) {
-            /* More finished while this thread delivered: keep the role and deliver them first. */
-            if (mine)
-                pool_push(p, &mine, 1);
-            int n = pool_drain(eng, tokens, results, max);
-            pthread_mutex_unlock(&p->lock);
-            return n;
+        if (!p->backlog && !has_done(p)) {
+            role_release(p);
+            /* a worker that finished an op while this thread held the role left it for us */
+            if (!has_done(p) || !role_take(p))
+                holding = 0;
         }
-        p->completer = 0;
-        if (p->stopping)
-            pthread_cond_broadcast(&p->work_cv);
+        if (holding) {
+            /* More finished while this thread delivered: keep the role and deliver them first. */
+            int n = pool_drain(eng, tokens, results, max);
+            if (n > 0) {
+                if (mine)
+                    pool_push(p, &mine, 1);
+                return n;
+            }
+            role_release(p);
+        }
     }
     for (;;) {
         if (!mine)
             mine = pool_pop(p);
         if (mine) {
-            pthread_mutex_unlock(&p->lock);
             mine->result = op_run_sync(mine);
-            pthread_mutex_lock(&p->lock);
-            mine->next = NULL;
-            if (p->done_tail)
-                p->done_tail->next = mine;
-            else
-                p->done_head = mine;
-            p->done_tail = mine;
+            done_push(p, mine);
             mine = NULL;
+            spun = 0;
         }
-        if (p->done_head && !p->completer) {
-            p->completer = 1;
+        if (has_done(p) && role_take(p)) {
             int n = pool_drain(eng, tokens, results, max);
-            pthread_mutex_unlock(&p->lock);
-            return n;
-        }
-        if (p->work_head)
+            if (n > 0)
+                return n;
+            role_release(p); /* the previous holder took them first */
             continue;
-        if (p->stopping && !p->completer && atomic_load(&eng->inflight) == 0)
-            break;
-        if (!spun && !p->spinning) {
+        }
+        if (atomic_load(&p->queued) > 0)
+            continue;
+        int none = 0;
+        if (!spun && atomic_compare_exchange_strong(&p->spinning, &none, 1)) {
             /* The completer is busy or nothing is queued: what it is delivering usually submits new
              * work within microseconds, so one worker looks again a little before sleeping (a
              * futex sleep and wake cost more than that, on a VM several times more). One only:
              * more would take CPU time from the completer itself. */
-            p->spinning = 1;
-            pthread_mutex_unlock(&p->lock);
-            int64_t t0 = now_ns();
-            for (;;) {
-                int ready = 0;
-                for (int i = 0; i < 32 && !ready; i++) {
-                    ready = __atomic_load_n(&p->work_head, __ATOMIC_RELAXED) != NULL ||
-                            (__atomic_load_n(&p->done_head, __ATOMIC_RELAXED) != NULL &&
-                             !__atomic_load_n(&p->completer, __ATOMIC_RELAXED));
-                    cpu_relax();
-                }
-                if (ready)
-                    break;
-                if (now_ns() - t0 > POOL_SPIN_NS)
-                    break;
-            }
-            pthread_mutex_lock(&p->lock);
-            p->spinning = 0;
+            pool_spin(p);
+            atomic_store(&p->spinning, 0);
             spun = 1;
-            continue; /* everything again, the stop condition included: a wake-up may have come */
+            continue; /* everything again: work may have come while the others saw a spinner */
         }
         spun = 0;
-        p->idle++;
-        pthread_cond_wait(&p->work_cv, &p->lock);
-        p->idle--;
+        atomic_fetch_add(&p->idle, 1);
+        uint32_t seq = atomic_load(&p->wake_seq);
+        if (atomic_load(&p->stopping) && !atomic_load(&p->completer) && atomic_load(&eng->inflight) == 0 &&
+            atomic_load(&p->queued) == 0) {
+            atomic_fetch_sub(&p->idle, 1);
+            break;
+        }
+        if (!pool_ready(p))
+            syscall(SYS_futex, &p->wake_seq, FUTEX_WAIT_PRIVATE, seq, NULL, NULL, 0);
+        atomic_fetch_sub(&p->idle, 1);
     }
-    pthread_cond_broadcast(&p->work_cv); /* the others re-check the stop condition */
-    pthread_mutex_unlock(&p->lock);
+    pool_wake(p, INT_MAX); /* the others re-check the stop condition */
     return 0;
 }
 
@@ -1219,11 +1303,8 @@ int vbio_engine_wake(struct vbio_engine *eng)
             uring_wake(&eng->pring);
         return uring_wake(&eng->ring);
     }
-    struct threadpool *p = &eng->pool;
-    pthread_mutex_lock(&p->lock);
-    p->stopping = 1;
-    pthread_cond_broadcast(&p->work_cv);
-    pthread_mutex_unlock(&p->lock);
+    atomic_store(&eng->pool.stopping, 1);
+    pool_wake(&eng->pool, INT_MAX);
     return 0;
 }
 
@@ -1241,7 +1322,6 @@ void vbio_engine_close(struct vbio_engine *eng)
             uring_close(&eng->pring);
     } else {
         pthread_mutex_destroy(&eng->pool.lock);
-        pthread_cond_destroy(&eng->pool.work_cv);
     }
     free(eng);
 }
