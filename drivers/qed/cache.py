@@ -40,6 +40,11 @@ GIL, a table array is never replaced once an entry leaves ``LOADING``, and an en
 stays valid even if evicted a moment later (eviction only forgets it). ``peek`` returns only
 entries whose ``table`` is final (not ``LOADING``). Use stamps are approximate under races, which
 costs at most an imperfect eviction choice.
+
+Above the cache, the driver remembers the host offsets of allocated clusters it found through
+``peek`` (``QedDriver._hosts``, bounded on its own): a hit never reaches the cache, so a table
+whose clusters are all remembered ages here as if unused. Evicting it costs a reload only if a
+request needs the table itself (an allocation in it, a cluster not yet remembered).
 """
 
 from __future__ import annotations

@@ -39,6 +39,7 @@ _log = logging.getLogger("vblock.drivers.qed")
 DEFAULT_L2_CACHE_SIZE = 64  # tables
 DEFAULT_NEED_CHECK_TIMEOUT = 5.0  # seconds without allocation before the dirty bit is cleared
 DEFAULT_POOL_SIZE = 32  # threads
+HOSTS_MAX = 32768  # clusters whose host offset ``_fast_host`` remembers (2 GiB of 64 KiB ones)
 
 _ZEROS = memoryview(bytes(1 << 20))  # sliced without copying
 _opening = threading.local()  # realpaths of the backing chain being opened in this thread
@@ -248,6 +249,14 @@ class QedDriver(BlockDriver):
         )
         self.lock = threading.Lock()
         self.cache = L2Cache(dopts.get("l2_cache_size", DEFAULT_L2_CACHE_SIZE), self.lock)
+        # Guest cluster index -> host offset of an allocated cluster, as ``_fast_host`` found it in
+        # a cached table: the rewrite and read hot path looks here first. An allocated entry never
+        # changes while the image is open except by repair and compaction (``check``), which
+        # clear this map with the cache; eviction, discard and write_zeroes keep the mapping.
+        # Bounded by clearing it when full.
+        self._hosts = {}
+        self._hosts_max = HOSTS_MAX
+        self._cbits, self._cmask, self._csize = geo.cluster_bits, geo.cluster_mask, geo.cluster_size
         self.events = None  # callable(name) for named fault points (tests)
         self.tio = tables.TableIO(f, geo.table_bytes, self.meta_align, self._event)
         self.pending = {}  # guest cluster index -> Future of the allocation that owns it
@@ -484,28 +493,43 @@ class QedDriver(BlockDriver):
 
     # -- read --------------------------------------------------------------------------------------
     def _fast_host(self, offset, length):
-        """Host offset for a request inside one allocated cluster whose table is cached, else
-        None. The hot path of reads and rewrites: no lock, no allocation."""
+        """Host offset for a request inside one allocated cluster that ``_hosts`` knows or whose
+        table is cached, else None. The hot path of reads and rewrites (``submit_read`` and
+        ``submit_write`` look in ``_hosts`` themselves first): no lock, no allocation."""
+        inside = offset & self._cmask
+        if inside + length > self._csize:
+            return None
+        host = self._hosts.get(offset >> self._cbits)
+        if host is None:
+            host = self._learn_host(offset >> self._cbits)
+        return None if host is None else host + inside
+
+    def _learn_host(self, index):
+        """The host offset of guest cluster ``index`` if it is allocated and its table is cached
+        (then ``_hosts`` remembers it), else None."""
         geo = self.geo
-        l2off = self.l1[offset >> geo.l1_shift]
+        l2off = self.l1[index >> geo.l2_bits]
         if not l2off:
             return None
         table = self.cache.peek(l2off)
         if table is None:
             return None
-        inside = offset & geo.cluster_mask
-        if inside + length > geo.cluster_size:
-            return None
-        entry = table[(offset >> geo.cluster_bits) & geo.l2_mask]
-        if entry & geo.cluster_mask or not geo.header_bytes <= entry < self.file_size:
+        host = table[index & geo.l2_mask]
+        if host & geo.cluster_mask or not geo.header_bytes <= host < self.file_size:
             return None  # 0, 1 or invalid: the general path decides
-        return entry + inside
+        hosts = self._hosts
+        if len(hosts) >= self._hosts_max:
+            hosts.clear()
+        hosts[index] = host
+        return host
 
     def submit_read(self, offset, buffers):
         length = len(buffers[0]) if len(buffers) == 1 else sum(len(b) for b in buffers)
-        host = self._fast_host(offset, length)
-        if host is not None:
-            return self.f.submit_read(host, buffers)
+        inside = offset & self._cmask
+        if inside + length <= self._csize:  # _fast_host, inlined: the hottest path of all
+            host = self._hosts.get(offset >> self._cbits) or self._learn_host(offset >> self._cbits)
+            if host is not None:
+                return self.f.submit_read(host + inside, buffers)
         geo = self.geo
         runs = []
         pos, end = offset, offset + length
@@ -565,10 +589,12 @@ class QedDriver(BlockDriver):
     # -- write -------------------------------------------------------------------------------------
     def submit_write(self, offset, buffers, fua=False):
         length = len(buffers[0]) if len(buffers) == 1 else sum(len(b) for b in buffers)
-        host = self._fast_host(offset, length)
-        if host is not None:
-            fut = self.f.submit_write(host, buffers)
-            return followed_by(fut, self.submit_flush, length) if fua else fut
+        inside = offset & self._cmask
+        if inside + length <= self._csize:  # _fast_host, inlined
+            host = self._hosts.get(offset >> self._cbits) or self._learn_host(offset >> self._cbits)
+            if host is not None:
+                fut = self.f.submit_write(host + inside, buffers)
+                return followed_by(fut, self.submit_flush, length) if fua else fut
         geo = self.geo
         known, table = self._peek(offset >> geo.l1_shift)
         if known and table is not None:
@@ -1192,6 +1218,7 @@ class QedDriver(BlockDriver):
                 corruptions_fixed += len(s.l1_fixes)
             with self.lock:
                 self.cache.clear()
+                self._hosts.clear()
             found = s
             leaks_found = s.leaks
             if s.leaked and s.corruptions == s.fixable:
@@ -1281,6 +1308,7 @@ class QedDriver(BlockDriver):
             f.flush()
         with self.lock:
             self.cache.clear()
+            self._hosts.clear()
 
     def _set_need_check_sync(self):
         if not self.header.need_check:

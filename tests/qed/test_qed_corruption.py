@@ -205,3 +205,28 @@ def test_random_metadata_damage(scratch, seed, hits):
     # nothing was written past what two 4 KiB writes may allocate (two clusters, two tables)
     h = header(p)
     assert os.path.getsize(p) <= length + 2 * h.cluster_size * (1 + h.table_size)
+
+
+def test_repair_that_moves_a_cluster_forgets_its_old_host_offset(scratch):
+    """Compaction moves the last data cluster into an interior leak: reads and writes that knew
+    the old host offset (the fast path's memory of mappings) must follow it to the new one."""
+    p = scratch / "m.qed"
+    img = create(p, 8 * MiB, cluster_size=4096, table_size=2)
+    img.write(0, pattern(1, 3 * 4096))  # data clusters, then the L2 table after them
+    img.write(3 * 4096, pattern(4, 4096))  # a data cluster after the table: last in the file
+    img.close()
+    poke_u64(p, l2_entry_offset(p, 0, 0), 0)  # guest cluster 0's data becomes an interior leak
+    img = reopen(p)
+    for _ in range(2):  # the first read loads the table, the second remembers the mapping
+        assert img.read(3 * 4096, 4096) == pattern(4, 4096)
+    size = os.path.getsize(p)
+    r = img.check(repair=True)
+    assert r["leaks-fixed"] == 1 and r["corruptions"] == 0
+    assert os.path.getsize(p) == size - 4096  # moved into the leak, the tail cut off
+    assert img.read(3 * 4096, 4096) == pattern(4, 4096)
+    img.write(3 * 4096, pattern(5, 4096))
+    img.close()
+    img = reopen(p)
+    assert img.read(0, 4 * 4096) == bytes(4096) + pattern(1, 2 * 4096) + pattern(5, 4096)
+    assert img.check()["leaks"] == 0
+    img.close()
