@@ -6,8 +6,9 @@ cluster of a default 64K/4 image), O_DIRECT, through ``vblock.open_image`` (the 
 * ``alloc-write``: a fresh image without a backing file, so every request allocates. Peers:
   ``qemu-img bench -w -t none -i io_uring`` on a fresh QED image, and vblock raw on a fresh sparse
   file (the same writes into holes).
-* ``rewrite`` / ``read``: a fully written 1 GiB region. Peers: vblock raw on a file written the
-  same way, and qemu-img bench on a QED image filled by qemu-io.
+* ``rewrite`` / ``read``: a fully written 1 GiB region. Peers: vblock raw on the same blocks of
+  the disk (the QED file opened as raw, each request sent to the host offset QED maps it to), vblock
+  raw on a file written the same way, and qemu-img bench on a QED image filled by qemu-io.
 * ``open-64TiB``: opening a sparse 64 TiB image (iops = opens per second; memory on stderr).
 * ``read-1TiB``: 4 KiB random reads across 1 TiB whose every 2 GiB region has an L2 table, with
   the default 64-table cache (resident memory before and after on stderr: the bound holds).
@@ -15,7 +16,9 @@ cluster of a default 64K/4 image), O_DIRECT, through ``vblock.open_image`` (the 
 Each case runs in five rounds interleaved with its peers (medians reported, ratios are medians of
 per-round ratios), because figures on shared machines drift; vblock's QED and raw runs take turns
 going first, so that neither always inherits the state the other left (the file system's, the
-CPU caches').
+CPU caches'). ``rewrite`` / ``read`` keep the vblock images open and alternate them four times a
+round, in slices of a quarter of the duration, and their raw ratios are the medians of those 20
+slices (see ``steady``).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import os
 import random
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -53,22 +57,23 @@ def _quiet_create(path, size, **opts):
         return vblock.create_image(path, "qed", size, **opts)
 
 
-def _strided(img, depth, duration, write, limit=None):
-    """IOPS of ``depth`` requests in flight at BS bytes, STEP apart (wrapping at ``limit``)."""
+def _strided(img, depth, duration, write, limit=None, where=None):
+    """IOPS of ``depth`` requests in flight at BS bytes, STEP apart (wrapping at ``limit``). With
+    ``where`` (a list), request i goes to ``where[i % len(where)]`` instead."""
     bufs = [alloc_buffer(BS) for _ in range(depth)]
     for b in bufs:
         b[:] = b"\x5a" * BS
     counter = itertools.count()
     wrap = (limit // STEP) if limit else None
-
-    if write:
-        def submit(_offset, slot):
-            i = next(counter)
-            return img.submit_write((i % wrap if wrap else i) * STEP, bufs[slot])
+    if where is not None:
+        wrap = len(where)
     else:
-        def submit(_offset, slot):
-            i = next(counter)
-            return img.submit_read((i % wrap if wrap else i) * STEP, bufs[slot])
+        where = range(0, (wrap or 1 << 40) * STEP, STEP)
+    op = img.submit_write if write else img.submit_read
+
+    def submit(_offset, slot):
+        i = next(counter)
+        return op(where[i % wrap if wrap else i], bufs[slot])
 
     count, elapsed = closed_loop(submit, depth, duration, 1, BS)
     return count / elapsed
@@ -97,14 +102,15 @@ def _engine(img):
 
 
 def _median(values):
-    values = sorted(v for v in values if v is not None)
-    return values[len(values) // 2] if values else None
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
 
 
-def _rows(pattern, depth, rounds, *peer_names, bs=BS):
+def _rows(pattern, depth, rounds, *peer_names, bs=BS, ratios=None):
     """Rows from interleaved rounds: each round is (ours, peer1, peer2...) measured back to back.
     IOPS are medians over rounds; ratios are medians of the per-round ratios, so a burst of load
-    from elsewhere moves both sides of a ratio together."""
+    from elsewhere moves both sides of a ratio together. ``ratios`` ({peer number: [ratio...]})
+    gives finer-grained ratios for a peer instead."""
     ours = _median(r[0] for r in rounds)
     out = []
     for k, name in enumerate(peer_names, start=1):
@@ -112,7 +118,7 @@ def _rows(pattern, depth, rounds, *peer_names, bs=BS):
         row = Row("qed", ENGINE, pattern, bs, depth, ours, ours * bs / 1e6)
         if peer:
             row.against(name, peer)
-            row.ratio = _median(r[0] / r[k] for r in rounds if r[k])
+            row.ratio = _median((ratios or {}).get(k) or [r[0] / r[k] for r in rounds if r[k]])
         out.append(row)
     return out
 
@@ -174,7 +180,30 @@ def _fill(img, size):
     img.close()
 
 
-def steady(tmp, depths, duration, use_qemu, rounds=5):
+def _host_offsets(img, count):
+    """Host (file) offsets of guest offsets 0, STEP, ... (``count`` of them), all allocated."""
+    out = []
+    for run in img.block_status(0, count * STEP):
+        if run.host_offset is None:
+            raise RuntimeError(f"guest bytes at {run.offset} are not allocated")
+        first = -(-run.offset // STEP) * STEP
+        out += [run.host_offset + g - run.offset for g in range(first, run.offset + run.length, STEP)]
+    return out[:count]
+
+
+def steady(tmp, depths, duration, use_qemu, rounds=5, slices=4):
+    """Rewrites and reads of a written region, against two vblock raw peers: the QED file itself
+    opened as raw, sent to the very host offsets QED maps each request to (same blocks of the
+    disk: the driver's own cost, nothing else), and a raw file written the same way (a different
+    place on the disk: on this machine's virtual disk, 8 KiB writes that start 8 KiB into a
+    16 KiB unit run 5-7% slower, and ext4 puts part of a grown QED file's data there).
+
+    The vblock images stay open for a (pattern, depth) case, are warmed up (QED's table and
+    mappings cached, as in steady use), and then take turns in ``rounds`` x ``slices`` runs of
+    ``duration / slices`` seconds each; qemu-img bench runs once a round. The raw ratios are the
+    medians of the slices' ratios: the target (0.95) is finer than the drift of this machine
+    between one second and the next (two raw files side by side in one-second pairs: 0.68-1.21).
+    """
     rows = []
     qp = os.path.join(tmp, "v-full.qed")
     _fill(_quiet_create(qp, VIRTUAL), REGION)
@@ -188,21 +217,40 @@ def steady(tmp, depths, duration, use_qemu, rounds=5):
         subprocess.run(["qemu-io", "-f", "qed", "-t", "none", "-c", f"write -P 0xa5 0 {REGION}",
                         qemu_img_path], check=True, capture_output=True)
 
-    def measure(path, fmt):  # at the loops' current depth and pattern
-        img = _engine(vblock.open_image(path, format=fmt))
-        iops = _strided(img, depth, duration, write, REGION)
-        img.close()
-        return iops
-
     for pattern, write in (("rewrite", True), ("read", False)):
         for depth in depths:
-            results = []
-            for n in range(rounds):
-                ours, raw = _in_turn(n, lambda: measure(qp, "qed"), lambda: measure(rp, "raw"))
-                qemu = (_qemu_bench(qemu_img_path, depth, REGION // STEP, write)
-                        if use_qemu else None)
-                results.append((ours, raw, qemu))
-            rows += _rows(pattern, depth, results, "vblock raw", "qemu-img bench qed")
+            qed = _engine(vblock.open_image(qp, format="qed"))
+            same = vblock.open_image(qp, format="raw")  # closed before qed (which may truncate)
+            raw = vblock.open_image(rp, format="raw")
+            try:
+                hosts = _host_offsets(qed, REGION // STEP)
+                sides = (lambda t: _strided(qed, depth, t, write, REGION),
+                         lambda t: _strided(same, depth, t, write, where=hosts),
+                         lambda t: _strided(raw, depth, t, write, REGION))
+                for side in sides:
+                    side(min(duration, 0.5))
+                results, slice_runs = [], []
+                for n in range(rounds):
+                    here = []
+                    for k in range(slices):
+                        turn = (n * slices + k) % len(sides)
+                        order = list(range(turn, len(sides))) + list(range(turn))
+                        iops = [0.0] * len(sides)
+                        for i in order:
+                            iops[i] = sides[i](duration / slices)
+                        here.append(iops)
+                    slice_runs += here
+                    qemu = (_qemu_bench(qemu_img_path, depth, REGION // STEP, write)
+                            if use_qemu else None)
+                    results.append(tuple(_median(r[i] for r in here) for i in range(len(sides)))
+                                   + (qemu,))
+            finally:
+                same.close()
+                qed.close()
+                raw.close()
+            rows += _rows(pattern, depth, results, "vblock raw, same blocks", "vblock raw file",
+                          "qemu-img bench qed",
+                          ratios={k: [r[0] / r[k] for r in slice_runs if r[k]] for k in (1, 2)})
     return rows
 
 
