@@ -767,8 +767,8 @@ static int uring_reap(struct vbio_engine *eng, struct vbio_op **out, int max, in
  * of their own rather than a condition variable (whose internal lock the wakers contend for). Only
  * the work queue keeps a mutex, held to link or unlink an op and looked at through an atomic count
  * first. Waking a worker is a system call, and the completer is the one thread every request
- * passes through, so it wakes at most one per batch; a woken worker wakes the next while work is
- * left. (8 KiB random writes at 16 in flight: futex calls a request 1.07 -> 0.3-0.6, context
+ * passes through, so it wakes at most one per call (two when it keeps the role and hands its
+ * own op on); a woken worker wakes the next while work is left. (8 KiB random writes at 16 in flight: futex calls a request 1.07 -> 0.3-0.6, context
  * switches 1.52 -> 1.1-1.2, 0.62 -> 0.88 of fio psync.)
  *
  * Sleeping without a lost wake-up: a worker counts itself idle, reads `wake_seq`, then checks for
@@ -924,8 +924,8 @@ int vbio_engine_work(struct vbio_engine *eng, struct vbio_op **ops, int nops, in
     struct threadpool *p = &eng->pool;
     struct vbio_op *mine = NULL;
     int spun = 0;
-    if (eng->kind != VBIO_ENGINE_THREADS)
-        return -EINVAL;
+    if (eng->kind != VBIO_ENGINE_THREADS || max < 1)
+        return -EINVAL; /* max < 1 would release the role with finished ops left in `backlog` */
     if (max > 256)
         max = 256;
     for (int i = 0; i < nops; i++)
@@ -950,10 +950,21 @@ int vbio_engine_work(struct vbio_engine *eng, struct vbio_op **ops, int nops, in
                     pool_push(p, &mine, 1);
                 return n;
             }
-            role_release(p);
+            role_release(p); /* the loop looks at `done` again before running `mine` */
         }
     }
     for (;;) {
+        /* Finished ops first: one left while this thread held the role, or whose pusher saw it
+         * held, would otherwise wait for the whole of the next op this thread runs. */
+        if (has_done(p) && role_take(p)) {
+            int n = pool_drain(eng, tokens, results, max);
+            if (n > 0) {
+                if (mine)
+                    pool_push(p, &mine, 1);
+                return n;
+            }
+            role_release(p); /* the previous holder took them first */
+        }
         if (!mine)
             mine = pool_pop(p);
         if (mine) {
@@ -961,15 +972,9 @@ int vbio_engine_work(struct vbio_engine *eng, struct vbio_op **ops, int nops, in
             done_push(p, mine);
             mine = NULL;
             spun = 0;
+            continue; /* look for finished ops (this one among them) first */
         }
-        if (has_done(p) && role_take(p)) {
-            int n = pool_drain(eng, tokens, results, max);
-            if (n > 0)
-                return n;
-            role_release(p); /* the previous holder took them first */
-            continue;
-        }
-        if (atomic_load(&p->queued) > 0)
+        if (pool_ready(p))
             continue;
         int none = 0;
         if (!spun && atomic_compare_exchange_strong(&p->spinning, &none, 1)) {
@@ -985,7 +990,10 @@ int vbio_engine_work(struct vbio_engine *eng, struct vbio_op **ops, int nops, in
         spun = 0;
         atomic_fetch_add(&p->idle, 1);
         uint32_t seq = atomic_load(&p->wake_seq);
-        if (atomic_load(&p->stopping) && !atomic_load(&p->completer) && atomic_load(&eng->inflight) == 0 &&
+        /* inflight before completer: an op is counted until the holder that drained it gives the
+         * role back, so reading them the other way round could see a drain's inflight == 0 while
+         * missing that its callbacks are still running (and may submit more). */
+        if (atomic_load(&p->stopping) && atomic_load(&eng->inflight) == 0 && !atomic_load(&p->completer) &&
             atomic_load(&p->queued) == 0) {
             atomic_fetch_sub(&p->idle, 1);
             break;
