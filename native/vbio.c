@@ -767,9 +767,10 @@ static int uring_reap(struct vbio_engine *eng, struct vbio_op **out, int max, in
  * of their own rather than a condition variable (whose internal lock the wakers contend for). Only
  * the work queue keeps a mutex, held to link or unlink an op and looked at through an atomic count
  * first. Waking a worker is a system call, and the completer is the one thread every request
- * passes through, so it wakes at most one per call (two when it keeps the role and hands its
- * own op on); a woken worker wakes the next while work is left. (8 KiB random writes at 16 in flight: futex calls a request 1.07 -> 0.3-0.6, context
- * switches 1.52 -> 1.1-1.2, 0.62 -> 0.88 of fio psync.)
+ * passes through, so it wakes at most one per call (two when it keeps the role and hands its own
+ * op on); a woken worker wakes the next while work is left. (8 KiB random writes at 16 in flight:
+ * futex calls a request 1.07 -> 0.3-0.6, context switches 1.52 -> 1.1-1.2, 0.62 -> 0.88 of fio
+ * psync.)
  *
  * Sleeping without a lost wake-up: a worker counts itself idle, reads `wake_seq`, then checks for
  * work and for the stop condition, and sleeps only if `wake_seq` still has the value it read.
@@ -883,6 +884,18 @@ static int pool_drain(struct vbio_engine *eng, int64_t *tokens, int64_t *results
     return n;
 }
 
+/* Holding the role: drain finished ops for the caller to deliver, and hand this thread's own op
+ * (if any) to the work queue, since delivering comes first. Returns the count (0: nothing was
+ * left, and `mine` stays with the caller). */
+static int pool_deliver(struct vbio_engine *eng, struct vbio_op *mine, int64_t *tokens, int64_t *results,
+                        int max)
+{
+    int n = pool_drain(eng, tokens, results, max);
+    if (n > 0 && mine)
+        pool_push(&eng->pool, &mine, 1);
+    return n;
+}
+
 static int pool_init(struct vbio_engine *eng)
 {
     struct threadpool *p = &eng->pool;
@@ -936,33 +949,19 @@ int vbio_engine_work(struct vbio_engine *eng, struct vbio_op **ops, int nops, in
     if (nops > 0)
         mine = ops[0];
     if (holding) {
-        if (!p->backlog && !has_done(p)) {
-            role_release(p);
-            /* a worker that finished an op while this thread held the role left it for us */
-            if (!has_done(p) || !role_take(p))
-                holding = 0;
-        }
-        if (holding) {
-            /* More finished while this thread delivered: keep the role and deliver them first. */
-            int n = pool_drain(eng, tokens, results, max);
-            if (n > 0) {
-                if (mine)
-                    pool_push(p, &mine, 1);
-                return n;
-            }
-            role_release(p); /* the loop looks at `done` again before running `mine` */
-        }
+        /* More finished while this thread delivered: keep the role and deliver them first (no one
+         * else drains while it is held, so there is at least one). */
+        if (p->backlog || has_done(p))
+            return pool_deliver(eng, mine, tokens, results, max);
+        role_release(p);
     }
     for (;;) {
-        /* Finished ops first: one left while this thread held the role, or whose pusher saw it
-         * held, would otherwise wait for the whole of the next op this thread runs. */
+        /* Finished ops first, the role just released included: one a worker left because it saw
+         * the role held would otherwise wait for the whole of the next op this thread runs. */
         if (has_done(p) && role_take(p)) {
-            int n = pool_drain(eng, tokens, results, max);
-            if (n > 0) {
-                if (mine)
-                    pool_push(p, &mine, 1);
+            int n = pool_deliver(eng, mine, tokens, results, max);
+            if (n > 0)
                 return n;
-            }
             role_release(p); /* the previous holder took them first */
         }
         if (!mine)

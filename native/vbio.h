@@ -89,8 +89,8 @@ int vbio_engine_submit_reap(struct vbio_engine *eng, struct vbio_op **ops, int n
  * thread), releases the completer role if `holding`, then runs queued ops until this thread takes
  * the completer role with finished ops to hand back: returns their count (tokens/results filled, at
  * most max, which must be 1 to 256, else -EINVAL) and the caller holds the role until its next
- * call, which it must make with holding=1. Returns 0 after vbio_engine_wake once nothing is queued, running or being
- * completed: the worker should then exit. */
+ * call, which it must make with holding=1. Returns 0 after vbio_engine_wake once nothing is
+ * queued, running or being completed: the worker should then exit. */
 int vbio_engine_work(struct vbio_engine *eng, struct vbio_op **ops, int nops, int holding, int64_t *tokens,
                      int64_t *results, int max);
 /* Fill a one-buffer readv/writev op whose `iov` already points at room for one iovec. Checks the

@@ -39,7 +39,7 @@ _log = logging.getLogger("vblock.drivers.qed")
 DEFAULT_L2_CACHE_SIZE = 64  # tables
 DEFAULT_NEED_CHECK_TIMEOUT = 5.0  # seconds without allocation before the dirty bit is cleared
 DEFAULT_POOL_SIZE = 32  # threads
-HOSTS_MAX = 32768  # clusters whose host offset ``_fast_host`` remembers (2 GiB of 64 KiB ones)
+HOSTS_MAX = 32768  # clusters whose host offset ``_learn_host`` remembers (2 GiB of 64 KiB ones)
 
 _ZEROS = memoryview(bytes(1 << 20))  # sliced without copying
 _opening = threading.local()  # realpaths of the backing chain being opened in this thread
@@ -249,8 +249,9 @@ class QedDriver(BlockDriver):
         )
         self.lock = threading.Lock()
         self.cache = L2Cache(dopts.get("l2_cache_size", DEFAULT_L2_CACHE_SIZE), self.lock)
-        # Guest cluster index -> host offset of an allocated cluster, as ``_fast_host`` found it in
-        # a cached table: the rewrite and read hot path looks here first. An allocated entry never
+        # Guest cluster index -> host offset of an allocated cluster, as ``_learn_host`` found it
+        # in a cached table: the read and rewrite hot path (a request inside one cluster, in
+        # ``submit_read`` and ``submit_write``) looks here first, without a lock. An allocated entry never
         # changes while the image is open except by repair and compaction (``check``), which
         # clear this map with the cache; eviction, discard and write_zeroes keep the mapping.
         # Bounded by clearing it when full.
@@ -492,21 +493,9 @@ class QedDriver(BlockDriver):
                           f"invalid cluster offset {host:#x} for guest offset {pos}")
 
     # -- read --------------------------------------------------------------------------------------
-    def _fast_host(self, offset, length):
-        """Host offset for a request inside one allocated cluster that ``_hosts`` knows or whose
-        table is cached, else None. The hot path of reads and rewrites (``submit_read`` and
-        ``submit_write`` look in ``_hosts`` themselves first): no lock, no allocation."""
-        inside = offset & self._cmask
-        if inside + length > self._csize:
-            return None
-        host = self._hosts.get(offset >> self._cbits)
-        if host is None:
-            host = self._learn_host(offset >> self._cbits)
-        return None if host is None else host + inside
-
     def _learn_host(self, index):
         """The host offset of guest cluster ``index`` if it is allocated and its table is cached
-        (then ``_hosts`` remembers it), else None."""
+        (then ``_hosts`` remembers it), else None: the general path decides. No lock, no I/O."""
         geo = self.geo
         l2off = self.l1[index >> geo.l2_bits]
         if not l2off:
@@ -526,7 +515,7 @@ class QedDriver(BlockDriver):
     def submit_read(self, offset, buffers):
         length = len(buffers[0]) if len(buffers) == 1 else sum(len(b) for b in buffers)
         inside = offset & self._cmask
-        if inside + length <= self._csize:  # _fast_host, inlined: the hottest path of all
+        if inside + length <= self._csize:  # inside one cluster: the hot path
             host = self._hosts.get(offset >> self._cbits) or self._learn_host(offset >> self._cbits)
             if host is not None:
                 return self.f.submit_read(host + inside, buffers)
@@ -590,7 +579,7 @@ class QedDriver(BlockDriver):
     def submit_write(self, offset, buffers, fua=False):
         length = len(buffers[0]) if len(buffers) == 1 else sum(len(b) for b in buffers)
         inside = offset & self._cmask
-        if inside + length <= self._csize:  # _fast_host, inlined
+        if inside + length <= self._csize:  # inside one cluster: the hot path
             host = self._hosts.get(offset >> self._cbits) or self._learn_host(offset >> self._cbits)
             if host is not None:
                 fut = self.f.submit_write(host + inside, buffers)
