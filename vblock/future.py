@@ -39,13 +39,7 @@ class Future:
         self._event = None
 
     # -- producer side ---------------------------------------------------------------------------
-    def set_result(self, result):
-        self._finish(result, None)
-
-    def set_exception(self, exc):
-        self._finish(None, exc)
-
-    def _finish(self, result, exc):
+    def _finish(self, result, exc=None):
         with _lock:
             if self._state is _DONE:
                 raise RuntimeError("future completed twice")
@@ -62,6 +56,11 @@ class Future:
                     fn(self)
                 except Exception:  # pragma: no cover - mirrors concurrent.futures
                     _log.exception("exception calling callback for %r", self)
+
+    set_result = _finish  # one call frame less on every request's completion
+
+    def set_exception(self, exc):
+        self._finish(None, exc)
 
     # -- consumer side ---------------------------------------------------------------------------
     def done(self):
@@ -103,13 +102,15 @@ class Future:
             raise _FutureTimeout()
 
     def result(self, timeout=None):
-        self._wait(timeout)
+        if self._state is not _DONE:
+            self._wait(timeout)
         if self._exc is not None:
             raise self._exc
         return self._result
 
     def exception(self, timeout=None):
-        self._wait(timeout)
+        if self._state is not _DONE:
+            self._wait(timeout)
         return self._exc
 
     def __repr__(self):

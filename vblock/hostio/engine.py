@@ -359,7 +359,9 @@ class Engine:
         local = self._local
         local.batch = []
         begin_completions()
-        for tok, res in zip(tok_view[:n].tolist(), res_view[:n].tolist()):
+        # One finished op per call is the common case of the thread engine: no slices or lists.
+        done = ((tok_view[0], res_view[0]),) if n == 1 else zip(tok_view[:n].tolist(), res_view[:n].tolist())
+        for tok, res in done:
             fut = futs[tok]
             futs[tok] = None
             if keep[tok].__class__ is tuple:  # a request with its own iovec array
@@ -421,11 +423,13 @@ class Engine:
         tokens, results, tok_view, res_view = _out_arrays()
         eng = self._eng
         work = lib.vbio_engine_work
+        opp = self._opp
         toks = None
         holding = 0
         while True:
             if toks:
-                n = work(eng, self._op_array(toks), len(toks), holding, tokens, results, _REAP_MAX)
+                n = work(eng, opp[toks[0]] if len(toks) == 1 else self._op_array(toks), len(toks), holding, tokens,
+                         results, _REAP_MAX)
             else:
                 n = work(eng, ffi.NULL, 0, holding, tokens, results, _REAP_MAX)
             if n <= 0:
