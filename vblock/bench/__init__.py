@@ -47,7 +47,8 @@ class Row:
         return self
 
 
-def report(rows, as_json=False, out=sys.stdout):
+def report(rows, as_json=False, out=None):
+    out = sys.stdout if out is None else out  # looked up now: callers may have redirected it
     if as_json:
         for r in rows:
             out.write(json.dumps(dataclasses.asdict(r)) + "\n")
@@ -175,6 +176,45 @@ def pin_threads(cpus):
         except (FileNotFoundError, ProcessLookupError):
             continue  # the thread ended meanwhile
     return pinned
+
+
+def wake_round_trip(trips=1000):
+    """Mean microseconds for a thread to wake a thread on another CPU and be woken back by it (a
+    one-byte pipe ping-pong between two threads pinned to two CPUs), or None with one CPU.
+
+    A gauge of the machine, printed beside benchmarks whose engines hand work between threads: on
+    a VM it moves with the host's load (on the 2-vCPU machine of the README, 31-45 us in some
+    minutes and 46-60 us in others), and in the slow minutes every cross-CPU wake-up and VM exit
+    costs more. fio's psync threads need little CPU a request and barely notice; vblock's thread
+    engine runs Python for each request and loses a share of its ratio then."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        return None
+    a_r, a_w = os.pipe()
+    b_r, b_w = os.pipe()
+
+    def peer():
+        os.sched_setaffinity(0, {cpus[1]})
+        for _ in range(trips):
+            os.read(a_r, 1)
+            os.write(b_w, b"x")
+
+    mask = os.sched_getaffinity(0)
+    t = threading.Thread(target=peer, name="vblock-wake-gauge", daemon=True)
+    t.start()
+    try:
+        os.sched_setaffinity(0, {cpus[0]})
+        start = time.perf_counter()
+        for _ in range(trips):
+            os.write(a_w, b"x")
+            os.read(b_r, 1)
+        elapsed = time.perf_counter() - start
+    finally:
+        os.sched_setaffinity(0, mask)
+        t.join()
+        for fd in (a_r, a_w, b_r, b_w):
+            os.close(fd)
+    return elapsed / trips * 1e6
 
 
 def fio_available():

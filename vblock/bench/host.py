@@ -11,8 +11,10 @@ from __future__ import annotations
 import argparse
 import shutil
 import statistics
+import sys
 
-from vblock.bench import Row, bench_dir, closed_loop, fio_available, preallocated_file, report, run_fio
+from vblock.bench import (Row, bench_dir, closed_loop, fio_available, preallocated_file, report, run_fio,
+                          wake_round_trip)
 from vblock.hostio import HostFile
 
 SIZE = 1 << 30
@@ -35,17 +37,21 @@ def measure(f, pattern, bs, depth, duration):
     return count / elapsed
 
 
-def run(duration=1.0, depths=DEPTHS, engines=("io_uring", "threads"), peers=True, size=SIZE, rounds=3):
+def run(duration=1.0, depths=DEPTHS, engines=("io_uring", "threads"), peers=True, size=SIZE, rounds=3,
+        gauge=None):
     """Rows of HostFile-vs-fio IOPS. Each case runs ``rounds`` pairs (fio, then vblock, ``duration``
     seconds each, on the same file); a row reports the medians of both sides and the median of the
     per-pair ratios, which keeps the machine's drift (tens of percent within seconds on shared
-    hosts) out of the comparison."""
+    hosts) out of the comparison. ``gauge``, a list, receives ``wake_round_trip()`` readings taken
+    before each engine's cases and at the end."""
     rows = []
     tmp = bench_dir()
     try:
         path = preallocated_file(tmp, size)
         use_fio = peers and fio_available()
         for engine in engines:
+            if gauge is not None:
+                gauge.append(wake_round_trip())
             fio_engine = "io_uring" if engine == "io_uring" else "psync"
             with HostFile(path, direct=True, engine=engine) as f:
                 for pattern, bs in CASES:
@@ -63,6 +69,8 @@ def run(duration=1.0, depths=DEPTHS, engines=("io_uring", "threads"), peers=True
                         if ratios:
                             row.against(f"fio {fio_engine}", statistics.median(theirs), statistics.median(ratios))
                         rows.append(row)
+        if gauge is not None:
+            gauge.append(wake_round_trip())
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return rows
@@ -75,6 +83,12 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=3, help="fio/vblock pairs per case (default 3)")
     ap.add_argument("--no-peer", action="store_true", help="skip fio")
     args = ap.parse_args(argv)
-    rows = run(duration=args.duration, peers=not args.no_peer, rounds=args.rounds)
+    gauge = []
+    rows = run(duration=args.duration, peers=not args.no_peer, rounds=args.rounds, gauge=gauge)
     report(rows, as_json=args.json)
+    readings = [g for g in gauge if g is not None]
+    if readings:  # beside the table, or on stderr so the JSON lines stay the rows alone
+        print(f"\ncross-CPU wake-up round trip (wake_round_trip): {', '.join(f'{g:.0f}' for g in readings)} us "
+              "(before each engine's cases and at the end; slow readings mark minutes in which "
+              "the thread engine's ratio falls: README)", file=sys.stderr if args.json else sys.stdout)
     return 0
