@@ -94,6 +94,7 @@ class _IdleTimer:
         self.deadline = None
         self.stopped = False
         self.thread = None
+        self.cpus = os.sched_getaffinity(0)  # see Driver.pool: armed from a callback, it may start there
 
     def arm(self):
         with self.cond:
@@ -114,6 +115,7 @@ class _IdleTimer:
             self.thread.join()
 
     def _run(self):
+        os.sched_setaffinity(0, self.cpus)
         while True:
             with self.cond:
                 while not self.stopped and (
@@ -295,8 +297,11 @@ class QedDriver(BlockDriver):
                 self._file_length = self.file_size
         timeout = dopts.get("need_check_timeout", DEFAULT_NEED_CHECK_TIMEOUT)
         self._timer = _IdleTimer(timeout, self._idle_clear) if timeout > 0 else None
+        # Pool threads start on demand, often from a completion callback, and a thread inherits the
+        # CPUs of the one that starts it: a thread-engine worker may be kept to one CPU just then.
         self.pool = ThreadPoolExecutor(
-            max_workers=dopts.get("pool_size", DEFAULT_POOL_SIZE), thread_name_prefix="qed"
+            max_workers=dopts.get("pool_size", DEFAULT_POOL_SIZE), thread_name_prefix="qed",
+            initializer=os.sched_setaffinity, initargs=(0, os.sched_getaffinity(0)),
         )
         if not self.read_only and self.header.need_check:
             self.check(repair=True)

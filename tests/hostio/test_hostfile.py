@@ -563,6 +563,55 @@ def test_thread_engine_workers_deliver_closed_loop(image, workers):
         assert raw.read(len(chained)) == chained
 
 
+def _callback_cpus(f, depth):
+    """Submit ``depth`` writes at once; for each completion, in order: (worker index, the CPUs its
+    thread may run on while it runs the callback)."""
+    seen = []
+    index = {t.native_id: i for i, t in enumerate(f._engine._threads)}
+    buf = f.alloc(4096)
+
+    def note(_):
+        seen.append((index[threading.get_native_id()], os.sched_getaffinity(0)))
+
+    with f.batch():
+        futs = [f.submit_write(4096 * i, [buf]) for i in range(depth)]
+    for fut in futs:
+        fut.add_done_callback(note)
+    for fut in futs:
+        fut.result()
+    return seen
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs")
+def test_thread_engine_workers_keep_to_their_cpu_only_while_many_requests_are_in_flight(image):
+    cpus = sorted(os.sched_getaffinity(0))
+    with HostFile(image, engine="threads", threads=16) as f:
+        for _ in range(3):
+            first = _callback_cpus(f, 16)[0]  # delivered with 15 more in flight
+            worker, allowed = first
+            assert allowed == {cpus[worker % len(cpus)]}
+            alone = _callback_cpus(f, 1)[0]  # one in flight: the worker floats again
+            assert alone[1] == set(cpus)
+    assert os.sched_getaffinity(0) == set(cpus)  # the opening thread keeps its own set
+
+
+def test_spreading_workers_can_be_turned_off(image, monkeypatch):
+    monkeypatch.setenv("VBLOCK_SPREAD_WORKERS", "0")
+    assert engine_mod.worker_cpus() == []
+    allowed = os.sched_getaffinity(0)
+    with HostFile(image, engine="threads", threads=4) as f:
+        assert all(cpus == allowed for _, cpus in _callback_cpus(f, 16))
+
+
+def test_one_cpu_leaves_workers_floating(monkeypatch):
+    before = os.sched_getaffinity(0)
+    try:
+        os.sched_setaffinity(0, {min(before)})
+        assert engine_mod.worker_cpus() == []
+    finally:
+        os.sched_setaffinity(0, before)
+
+
 def test_thread_engine_open_close_never_hangs(image):
     """Closing races with workers that are about to sleep or still looking for work: every close
     returns (a missed stop wake-up would hang here until the test's timeout)."""

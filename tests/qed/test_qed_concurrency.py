@@ -1,5 +1,6 @@
 """Many threads on one image: allocations racing in shared clusters, in-place writes, reads."""
 
+import os
 import random
 import struct
 import threading
@@ -157,4 +158,27 @@ def test_concurrent_misses_load_a_table_once(scratch):
         t.join()
     assert out == [b"\x01" * 4096] * 16
     assert loads == ["L2_LOAD"]
+    img.close()
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs")
+def test_pool_threads_started_from_a_pinned_thread_run_on_every_cpu(scratch):
+    """The driver's pool starts threads on demand, often from a completion callback on a
+    thread-engine worker that keeps to one CPU just then: they must not inherit that CPU."""
+    p = scratch / "pin.qed"
+    create(p, 4 * MiB).close()
+    img = reopen(p, pool_size=4)
+    full = os.sched_getaffinity(0)
+    barrier = threading.Barrier(4)
+
+    def where():
+        barrier.wait(timeout=30)  # four tasks at once: four threads, all started below
+        return os.sched_getaffinity(0)
+
+    try:
+        os.sched_setaffinity(0, {min(full)})
+        futs = [img.driver.pool.submit(where) for _ in range(4)]
+    finally:
+        os.sched_setaffinity(0, full)
+    assert [f.result(timeout=30) for f in futs] == [full] * 4
     img.close()
