@@ -18,6 +18,18 @@ def test_round_trip_is_measured_and_the_callers_cpus_are_given_back():
     assert os.sched_getaffinity(0) == before
 
 
+@two_cpus
+def test_a_cpu_the_peer_cannot_use_gives_no_reading_and_no_hang(monkeypatch):
+    real = os.sched_getaffinity(0)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {min(real), 4095})
+    try:
+        assert wake_round_trip(10) is None
+    finally:
+        monkeypatch.undo()
+        os.sched_setaffinity(0, real)
+    assert os.sched_getaffinity(0) == real
+
+
 def test_one_cpu_gives_no_reading():
     before = os.sched_getaffinity(0)
     try:

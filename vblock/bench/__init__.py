@@ -180,7 +180,8 @@ def pin_threads(cpus):
 
 def wake_round_trip(trips=1000):
     """Mean microseconds for a thread to wake a thread on another CPU and be woken back by it (a
-    one-byte pipe ping-pong between two threads pinned to two CPUs), or None with one CPU.
+    one-byte pipe ping-pong between two threads pinned to two CPUs), or None with one CPU (or if a
+    thread cannot be pinned).
 
     A gauge of the machine, printed beside benchmarks whose engines hand work between threads: on
     a VM it moves with the host's load (on the 2-vCPU machine of the README, 31-45 us in some
@@ -194,27 +195,40 @@ def wake_round_trip(trips=1000):
     b_r, b_w = os.pipe()
 
     def peer():
-        os.sched_setaffinity(0, {cpus[1]})
-        for _ in range(trips):
-            os.read(a_r, 1)
-            os.write(b_w, b"x")
+        try:
+            os.sched_setaffinity(0, {cpus[1]})
+            while os.read(a_r, 1):  # until the measuring side closes its end
+                os.write(b_w, b"x")
+        except OSError:
+            pass  # a CPU it cannot run on: the measuring side sees the pipe close
+        finally:
+            os.close(b_w)  # a failed peer ends the measuring side's reads too
 
     mask = os.sched_getaffinity(0)
     t = threading.Thread(target=peer, name="vblock-wake-gauge", daemon=True)
-    t.start()
+    elapsed = None
     try:
         os.sched_setaffinity(0, {cpus[0]})
+        t.start()
         start = time.perf_counter()
         for _ in range(trips):
             os.write(a_w, b"x")
-            os.read(b_r, 1)
-        elapsed = time.perf_counter() - start
+            if not os.read(b_r, 1):
+                break  # the peer failed: no reading
+        else:
+            elapsed = time.perf_counter() - start
+    except OSError:
+        elapsed = None  # this thread cannot be pinned: no reading
     finally:
         os.sched_setaffinity(0, mask)
-        t.join()
-        for fd in (a_r, a_w, b_r, b_w):
-            os.close(fd)
-    return elapsed / trips * 1e6
+        os.close(a_w)
+        if t.ident is not None:
+            t.join()
+        else:
+            os.close(b_w)
+        os.close(a_r)
+        os.close(b_r)
+    return None if elapsed is None else elapsed / trips * 1e6
 
 
 def fio_available():
