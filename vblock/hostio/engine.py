@@ -27,9 +27,9 @@ is collected and handed over in one call after the batch.
 - threads: ``threads`` worker threads run preadv/pwritev/fdatasync/fallocate and deliver their own
   completions (one worker at a time holds the completer role); the first request a callback
   submits runs next on the same worker, so a closed loop costs no thread hand-off, as with psync.
-  While ``PIN_DEPTH`` or more requests are in flight, each worker keeps to one CPU, round-robin
-  over the CPUs the opening thread may use (``worker_cpus``; ``VBLOCK_SPREAD_WORKERS=0`` lets them
-  float).
+  From ``PIN_DEPTH`` requests in flight up (until 2 or fewer), each worker keeps to one CPU,
+  round-robin over the CPUs the opening thread may use (``worker_cpus``;
+  ``VBLOCK_SPREAD_WORKERS=0`` lets them float).
 
 Engine choice: ``"io_uring"``, ``"threads"`` or ``"auto"``; ``auto`` honours the environment
 variable ``VBLOCK_ENGINE`` and otherwise probes ``io_uring_setup`` once per process (ENOSYS,
@@ -125,7 +125,7 @@ def worker_cpus():
     worker kept to its own CPU is woken where it runs. 8 KiB random writes at 16 in flight on two
     vCPUs, against fio psync in interleaved pairs: 0.56 -> 0.72 in the minutes when cross-CPU
     wake-ups are slow (``vblock.bench.wake_round_trip``), 0.88 -> 0.96 in the others; at 8 in
-    flight 0.65 -> 0.72. Only while ``PIN_DEPTH`` or more requests are in flight (see
+    flight 0.65 -> 0.72. Only from ``PIN_DEPTH`` requests in flight up (see
     ``Engine._work_loop``). A thread started from a completion callback inherits the one CPU of
     the worker it starts on; the QED driver's pool threads reset theirs."""
     if os.environ.get("VBLOCK_SPREAD_WORKERS", "").strip() == "0":
@@ -448,10 +448,10 @@ class Engine:
         """One worker of the thread engine: runs ops and, holding the engine's completer role,
         completes futures; the first op the callbacks submit runs next on this same thread.
 
-        ``cpu`` (see ``worker_cpus``): while ``PIN_DEPTH`` or more requests are in flight when it
-        delivers, the worker keeps to that CPU; below, it may run on any of ``allowed`` again (with
-        one request in flight the scheduler best wakes it where the disk interrupt came in: pinned
-        workers ran at 0.63-0.65 of fio psync there, floating ones at 0.79-0.87)."""
+        ``cpu`` (see ``worker_cpus``): once ``PIN_DEPTH`` or more requests are in flight when it
+        delivers, the worker keeps to that CPU; at 2 or fewer it may run on any of ``allowed``
+        again (with one request in flight the scheduler best wakes it where the disk interrupt came
+        in: pinned workers ran at 0.63-0.65 of fio psync there, floating ones at 0.79-0.87)."""
         tokens, results, tok_view, res_view = _out_arrays()
         eng = self._eng
         work = lib.vbio_engine_work
@@ -471,7 +471,9 @@ class Engine:
                     _log.error("%s engine: worker failed: %s", self.kind, os.strerror(-n))
                 return
             holding = 1
-            if cpu is not None and (inflight(eng) + n >= PIN_DEPTH) is not pinned:
+            # From PIN_DEPTH up it keeps to its CPU, at 2 or fewer it floats: a load around the
+            # threshold does not flip the affinity (a system call) on every delivery.
+            if cpu is not None and ((inflight(eng) + n <= 2) if pinned else (inflight(eng) + n >= PIN_DEPTH)):
                 pinned = not pinned
                 try:
                     os.sched_setaffinity(0, {cpu} if pinned else allowed)
