@@ -30,6 +30,7 @@ from vblock.block.interface import DATA, UNALLOCATED, ZERO, BlockDriver, Limits,
 from vblock.errors import ImageError, UnsupportedError
 from vblock.future import Future, completed, failed, followed_by, join, resolve, then
 from vblock.hostio import announce, open_host_file
+from vblock.hostio.engine import float_thread
 
 from . import alloc, check as checkmod, compact, format as fmt, lookup, tables
 from .cache import CLEAN, LOADING, WRITING, Entry, L2Cache, wait_loaded
@@ -94,7 +95,6 @@ class _IdleTimer:
         self.deadline = None
         self.stopped = False
         self.thread = None
-        self.cpus = os.sched_getaffinity(0)  # see Driver.pool: armed from a callback, it may start there
 
     def arm(self):
         with self.cond:
@@ -115,7 +115,7 @@ class _IdleTimer:
             self.thread.join()
 
     def _run(self):
-        os.sched_setaffinity(0, self.cpus)
+        float_thread()  # see Driver.pool: armed from a callback, it may start on a pinned worker
         while True:
             with self.cond:
                 while not self.stopped and (
@@ -301,7 +301,7 @@ class QedDriver(BlockDriver):
         # CPUs of the one that starts it: a thread-engine worker may be kept to one CPU just then.
         self.pool = ThreadPoolExecutor(
             max_workers=dopts.get("pool_size", DEFAULT_POOL_SIZE), thread_name_prefix="qed",
-            initializer=os.sched_setaffinity, initargs=(0, os.sched_getaffinity(0)),
+            initializer=float_thread,
         )
         if not self.read_only and self.header.need_check:
             self.check(repair=True)

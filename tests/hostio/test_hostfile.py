@@ -573,12 +573,13 @@ def _callback_cpus(f, depth):
     def note(_):
         seen.append((index[threading.get_native_id()], os.sched_getaffinity(0)))
 
-    with f.batch():
+    with f.batch():  # callbacks attached before the batch goes out: none runs on this thread
         futs = [f.submit_write(4096 * i, [buf]) for i in range(depth)]
-    for fut in futs:
-        fut.add_done_callback(note)
+        for fut in futs:
+            fut.add_done_callback(note)
     for fut in futs:
         fut.result()
+    assert len(seen) == depth
     return seen
 
 
@@ -593,6 +594,21 @@ def test_thread_engine_workers_keep_to_their_cpu_only_while_many_requests_are_in
             alone = _callback_cpus(f, 1)[0]  # one in flight: the worker floats again
             assert alone[1] == set(cpus)
     assert os.sched_getaffinity(0) == set(cpus)  # the opening thread keeps its own set
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs")
+def test_a_later_pin_of_the_whole_process_wins_over_spreading(image):
+    from vblock.bench import pin_threads
+
+    full = os.sched_getaffinity(0)
+    last = max(full)
+    with HostFile(image, engine="threads", threads=4) as f:
+        try:
+            pin_threads({last})  # as `vblock bench virtio --cpu`, or taskset -a, after the open
+            for depth in (16, 1, 16):
+                assert all(cpus == {last} for _, cpus in _callback_cpus(f, depth))
+        finally:
+            pin_threads(full)
 
 
 def test_spreading_workers_can_be_turned_off(image, monkeypatch):

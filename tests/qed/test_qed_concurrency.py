@@ -175,10 +175,14 @@ def test_pool_threads_started_from_a_pinned_thread_run_on_every_cpu(scratch):
         barrier.wait(timeout=30)  # four tasks at once: four threads, all started below
         return os.sched_getaffinity(0)
 
-    try:
+    futs = []
+
+    def pinned_submitter():  # as a thread-engine worker kept to one CPU
         os.sched_setaffinity(0, {min(full)})
-        futs = [img.driver.pool.submit(where) for _ in range(4)]
-    finally:
-        os.sched_setaffinity(0, full)
+        futs.extend(img.driver.pool.submit(where) for _ in range(4))
+
+    t = threading.Thread(target=pinned_submitter)
+    t.start()
+    t.join()
     assert [f.result(timeout=30) for f in futs] == [full] * 4
     img.close()

@@ -114,6 +114,17 @@ def default_spin_us():
     return _env_int("VBLOCK_SPIN_US", SPIN_US, "microseconds")
 
 
+def float_thread():
+    """Let the calling thread run on every CPU the process's main thread may use now (whatever
+    pinned it, e.g. starting from a thread-engine worker's callback). Best effort: False if the
+    kernel refused. For threads that a completion callback may start (the QED driver's pool)."""
+    try:
+        os.sched_setaffinity(0, os.sched_getaffinity(os.getpid()))
+        return True
+    except OSError:
+        return False
+
+
 def worker_cpus():
     """The CPUs the thread engine's workers keep to, one each, round-robin: those the calling thread
     may run on, in order, unless ``VBLOCK_SPREAD_WORKERS=0`` or there is only one (then ``[]``: the
@@ -222,9 +233,8 @@ class Engine:
             self._threads = [threading.Thread(target=self._reap_loop, name="vblock-io_uring-reaper", daemon=True)]
         else:
             cpus = worker_cpus()
-            allowed = set(cpus)
             self._threads = [threading.Thread(target=self._work_loop, name=f"vblock-worker-{i}", daemon=True,
-                                              args=(cpus[i % len(cpus)], allowed) if cpus else ())
+                                              args=(cpus[i % len(cpus)],) if cpus else ())
                              for i in range(max(1, threads))]
         for t in self._threads:
             t.start()
@@ -444,13 +454,13 @@ class Engine:
             if not toks and self._closed and inflight(eng) == 0:
                 return
 
-    def _work_loop(self, cpu=None, allowed=None):
+    def _work_loop(self, cpu=None):
         """One worker of the thread engine: runs ops and, holding the engine's completer role,
         completes futures; the first op the callbacks submit runs next on this same thread.
 
         ``cpu`` (see ``worker_cpus``): once ``PIN_DEPTH`` or more requests are in flight when it
-        delivers, the worker keeps to that CPU; at 2 or fewer it may run on any of ``allowed``
-        again (with one request in flight the scheduler best wakes it where the disk interrupt came
+        delivers, the worker keeps to that CPU (if the main thread may use it: a later
+        ``taskset`` or ``pin_threads`` wins); at 2 or fewer it floats again (``float_thread``) (with one request in flight the scheduler best wakes it where the disk interrupt came
         in: pinned workers ran at 0.63-0.65 of fio psync there, floating ones at 0.79-0.87)."""
         tokens, results, tok_view, res_view = _out_arrays()
         eng = self._eng
@@ -475,11 +485,14 @@ class Engine:
             # threshold does not flip the affinity (a system call) on every delivery.
             if cpu is not None and ((inflight(eng) + n <= 2) if pinned else (inflight(eng) + n >= PIN_DEPTH)):
                 pinned = not pinned
-                try:
-                    os.sched_setaffinity(0, {cpu} if pinned else allowed)
-                except OSError as e:  # a CPU went offline: float from now on
-                    _log.debug("%s engine worker stays unpinned: %s", self.kind, e)
-                    cpu = None
+                if not pinned:
+                    float_thread()
+                elif cpu in os.sched_getaffinity(os.getpid()):
+                    try:
+                        os.sched_setaffinity(0, {cpu})
+                    except OSError as e:  # the CPU went offline: float from now on
+                        _log.debug("%s engine worker stays unpinned: %s", self.kind, e)
+                        cpu = None
             toks = self._deliver(n, tok_view, res_view)
 
     def inflight(self):
