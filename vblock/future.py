@@ -39,7 +39,7 @@ class Future:
         self._event = None
 
     # -- producer side ---------------------------------------------------------------------------
-    def _finish(self, result, exc=None):
+    def _finish(self, result, *, exc=None):
         with _lock:
             if self._state is _DONE:
                 raise RuntimeError("future completed twice")
@@ -60,7 +60,7 @@ class Future:
     set_result = _finish  # one call frame less on every request's completion
 
     def set_exception(self, exc):
-        self._finish(None, exc)
+        self._finish(None, exc=exc)
 
     # -- consumer side ---------------------------------------------------------------------------
     def done(self):

@@ -27,8 +27,8 @@ is collected and handed over in one call after the batch.
 - threads: ``threads`` worker threads run preadv/pwritev/fdatasync/fallocate and deliver their own
   completions (one worker at a time holds the completer role); the first request a callback
   submits runs next on the same worker, so a closed loop costs no thread hand-off, as with psync.
-  From ``PIN_DEPTH`` requests in flight up (until 2 or fewer), each worker keeps to one CPU,
-  round-robin over the CPUs the opening thread may use (``worker_cpus``;
+  From ``PIN_DEPTH`` requests in flight up (until ``FLOAT_DEPTH`` or fewer), each worker keeps to
+  one CPU, round-robin over the CPUs the opening thread may use (``worker_cpus``;
   ``VBLOCK_SPREAD_WORKERS=0`` lets them float).
 
 Engine choice: ``"io_uring"``, ``"threads"`` or ``"auto"``; ``auto`` honours the environment
@@ -90,6 +90,7 @@ def _reset_probe():
 
 
 PIN_DEPTH = 4  # requests in flight from which a delivering thread-engine worker keeps to its CPU
+FLOAT_DEPTH = 2  # ... and at or below which it floats again (the gap: no flip-flop near the line)
 POLL_DEPTH = 4  # in-flight requests above which io_uring submits through the SQPOLL ring
 SPIN_US = 100  # longest busy-wait of the io_uring completion thread before it sleeps
 
@@ -138,7 +139,7 @@ def worker_cpus():
     wake-ups are slow (``vblock.bench.wake_round_trip``), 0.88 -> 0.96 in the others; at 8 in
     flight 0.65 -> 0.72. Only from ``PIN_DEPTH`` requests in flight up (see
     ``Engine._work_loop``). A thread started from a completion callback inherits the one CPU of
-    the worker it starts on; the QED driver's pool threads reset theirs."""
+    the worker it starts on; the QED driver's threads call ``float_thread``."""
     if os.environ.get("VBLOCK_SPREAD_WORKERS", "").strip() == "0":
         return []
     cpus = sorted(os.sched_getaffinity(0))
@@ -459,9 +460,10 @@ class Engine:
         completes futures; the first op the callbacks submit runs next on this same thread.
 
         ``cpu`` (see ``worker_cpus``): once ``PIN_DEPTH`` or more requests are in flight when it
-        delivers, the worker keeps to that CPU (if the main thread may use it: a later
-        ``taskset`` or ``pin_threads`` wins); at 2 or fewer it floats again (``float_thread``) (with one request in flight the scheduler best wakes it where the disk interrupt came
-        in: pinned workers ran at 0.63-0.65 of fio psync there, floating ones at 0.79-0.87)."""
+        delivers, the worker keeps to that CPU if the main thread may use it (a later ``taskset``
+        or ``pin_threads`` wins); at ``FLOAT_DEPTH`` or fewer it floats again (``float_thread``).
+        With one request in flight the scheduler best wakes it where the disk interrupt came in:
+        pinned workers ran at 0.63-0.65 of fio psync there, floating ones at 0.79-0.87."""
         tokens, results, tok_view, res_view = _out_arrays()
         eng = self._eng
         work = lib.vbio_engine_work
@@ -481,18 +483,18 @@ class Engine:
                     _log.error("%s engine: worker failed: %s", self.kind, os.strerror(-n))
                 return
             holding = 1
-            # From PIN_DEPTH up it keeps to its CPU, at 2 or fewer it floats: a load around the
-            # threshold does not flip the affinity (a system call) on every delivery.
-            if cpu is not None and ((inflight(eng) + n <= 2) if pinned else (inflight(eng) + n >= PIN_DEPTH)):
-                pinned = not pinned
-                if not pinned:
-                    float_thread()
-                elif cpu in os.sched_getaffinity(os.getpid()):
-                    try:
-                        os.sched_setaffinity(0, {cpu})
-                    except OSError as e:  # the CPU went offline: float from now on
-                        _log.debug("%s engine worker stays unpinned: %s", self.kind, e)
-                        cpu = None
+            if cpu is not None:
+                busy = inflight(eng) + n  # pool_drain has taken the n off already
+                if (busy <= FLOAT_DEPTH) if pinned else (busy >= PIN_DEPTH):
+                    pinned = not pinned
+                    if not pinned:
+                        float_thread()
+                    elif cpu in os.sched_getaffinity(os.getpid()):
+                        try:
+                            os.sched_setaffinity(0, {cpu})
+                        except OSError as e:  # the CPU went offline: float from now on
+                            _log.debug("%s engine worker stays unpinned: %s", self.kind, e)
+                            cpu = None
             toks = self._deliver(n, tok_view, res_view)
 
     def inflight(self):
