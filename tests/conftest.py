@@ -1,6 +1,8 @@
 """Shared fixtures: a scratch directory on a file system that supports O_DIRECT."""
 
 import os
+import pathlib
+import shutil
 import tempfile
 
 import pytest
@@ -19,9 +21,8 @@ def scratch(tmp_path_factory):
     """A fresh directory where O_DIRECT works (falls back to pytest's tmp_path)."""
     base = _direct_capable_dir()
     if base is None:
-        return tmp_path_factory.mktemp("scratch")
+        yield tmp_path_factory.mktemp("scratch")
+        return
     d = tempfile.mkdtemp(prefix="vblock-test-", dir=base)
-    yield __import__("pathlib").Path(d)
-    import shutil
-
+    yield pathlib.Path(d)
     shutil.rmtree(d, ignore_errors=True)
