@@ -11,10 +11,13 @@ import os
 import struct
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 import vblock
 from vblock.block.image import Image
 from vblock.block.registry import register, unregister
+from vblock.cli.output import MAX_BYTES, UsageError, parse_size
 from vblock.drivers.raw.driver import RawDriver
 from vblock.future import failed
 
@@ -220,3 +223,22 @@ def test_stress_names_the_host_errno_of_a_failed_request(scratch, nospace_format
     assert write_errors and all(e.endswith("failed with status IOERR (ENOSPC: No space left on device)")
                                 for e in write_errors), rep["errors"]
     assert any("(ENOSPC: No space left on device)" in l for l in r.err_lines)
+
+
+@given(st.integers(min_value=0, max_value=1 << 70))
+def test_parse_size_takes_every_size_a_host_file_can_hold_and_no_more(n):
+    if n <= MAX_BYTES:
+        assert parse_size(str(n)) == n
+    else:
+        with pytest.raises(UsageError, match="the most a host file can hold"):
+            parse_size(str(n))
+
+
+@given(st.integers(min_value=0, max_value=1 << 14), st.sampled_from("kMGTPE"))
+def test_parse_size_with_a_suffix_is_refused_exactly_past_the_limit(n, unit):
+    value = n * 1024 ** ("kMGTPE".index(unit) + 1)
+    if value <= MAX_BYTES:
+        assert parse_size(f"{n}{unit}") == value
+    else:
+        with pytest.raises(UsageError, match="the most a host file can hold"):
+            parse_size(f"{n}{unit}")

@@ -69,7 +69,7 @@ def new_image(given, durable: bool = True):
         raise ValueError(f"{given}: not a regular file or a device: vblock will not replace it")
     parent = os.path.dirname(target)
     if not os.path.isdir(parent):
-        raise FileNotFoundError(errno.ENOENT, "no such directory", os.path.dirname(os.path.abspath(given)) or ".")
+        raise FileNotFoundError(errno.ENOENT, "no such directory", given)
     tmp = temporary_path(target)
     try:
         with _naming(tmp, given):
