@@ -29,6 +29,10 @@ reported with its byte offset. After the timed phase the run drains, flushes, cl
 reopens it, re-reads every block it touched (checking the model again: flushed data must survive a
 reopen) and runs the image's own check. ``StressReport.ok`` is false on any mismatch, failed
 request or unclean check.
+
+A failed request is reported with its virtio status and the cause the block layer gave the device
+(the host's errno name for an ``OSError``: ENOSPC, EIO...), which the status alone cannot carry.
+A given ``image`` must exist: the run never creates one there.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ import random
 import shutil
 import struct
 import tempfile
+import threading
 import time
 import zlib
 
@@ -427,6 +432,62 @@ class _Runner:
         return _Op(t, value, first, n, queue)
 
 
+class _Causes:
+    """Stands between the device and the image and keeps why requests failed, by operation and
+    byte offset: the device answers IOERR whatever the cause, and the report names the cause.
+    Completion callbacks run in the order they were added, so a cause is kept before the device
+    completes the request it belongs to."""
+
+    def __init__(self, img):
+        self._img = img
+        self._lock = threading.Lock()
+        self._kept = collections.defaultdict(collections.deque)  # (name, offset) -> exceptions
+
+    def __getattr__(self, name):  # everything else is the image's
+        return getattr(self._img, name)
+
+    def submit_read(self, offset, buffers):
+        return self._watch(("read", offset), self._img.submit_read, offset, buffers)
+
+    def submit_write(self, offset, buffers, fua=False):
+        return self._watch(("write", offset), self._img.submit_write, offset, buffers, fua)
+
+    def submit_flush(self):
+        return self._watch(("flush", None), self._img.submit_flush)
+
+    def submit_discard(self, offset, length):
+        return self._watch(("discard", offset), self._img.submit_discard, offset, length)
+
+    def submit_write_zeroes(self, offset, length, may_unmap=False):
+        return self._watch(("write-zeroes", offset), self._img.submit_write_zeroes, offset, length, may_unmap)
+
+    def _watch(self, key, call, *args):
+        try:
+            fut = call(*args)
+        except Exception as exc:
+            self._keep(key, exc)
+            raise
+        fut.add_done_callback(lambda f: f.exception() is None or self._keep(key, f.exception()))
+        return fut
+
+    def _keep(self, key, exc):
+        with self._lock:
+            self._kept[key].append(exc)
+
+    def pop(self, name, offset):
+        """The kept cause of a failed ``name`` request at ``offset`` (bytes; None for flush)."""
+        with self._lock:
+            kept = self._kept.get((name, offset))
+            return kept.popleft() if kept else None
+
+
+def describe_cause(exc) -> str:
+    """``ENOSPC: No space left on device`` for a host error, ``ImageError: ...`` otherwise."""
+    if isinstance(exc, OSError) and exc.errno:
+        return f"{errno.errorcode.get(exc.errno, exc.errno)}: {exc.strerror or os.strerror(exc.errno)}"
+    return f"{type(exc).__name__}: {' '.join(str(exc).split())}"
+
+
 def _scratch_dir(cfg):
     base = cfg.workdir or os.environ.get("VBLOCK_STRESS_DIR")
     if base is None:
@@ -471,9 +532,9 @@ def run(cfg: StressConfig, progress=None) -> StressReport:
     else:
         path = cfg.image
         fmt = cfg.format
-        created = not os.path.exists(path)
-        if created:
-            fmt = fmt or "qed"
+        created = False
+        if not os.path.exists(path):
+            raise FileNotFoundError(errno.ENOENT, "no such image (stress --image uses an existing one)", path)
     try:
         if created:
             if cfg.size < BLOCK or cfg.size % BLOCK:
@@ -508,7 +569,8 @@ def _drive(cfg, img, runner, progress):
     per_req = _pow2_at_least(max_req + 17)
     mem_size = cfg.queues * cfg.depth * per_req + cfg.queues * qsize * 64 + (16 << 20)
     mem = GuestMemory.anonymous(mem_size)
-    dev = VirtioBlk(img, mem, num_queues=cfg.queues, queue_size_max=qsize)
+    causes = _Causes(img)
+    dev = VirtioBlk(causes, mem, num_queues=cfg.queues, queue_size_max=qsize)
     mmio = VirtioMmio(dev)
     drv = Driver(mmio, mem, num_queues=cfg.queues, queue_size=qsize, event_idx=True, indirect=False)
     drv.start()
@@ -561,7 +623,9 @@ def _drive(cfg, img, runner, progress):
                 if req.status != S.VIRTIO_BLK_S_OK:
                     status = {S.VIRTIO_BLK_S_IOERR: "IOERR", S.VIRTIO_BLK_S_UNSUPP: "UNSUPP"}.get(req.status, req.status)
                     where = f" at offset {op.first * BLOCK} (+{op.count * BLOCK} bytes)" if op.count else ""
-                    runner.error(f"{name}{where} failed with status {status}")
+                    cause = causes.pop(name, op.first * BLOCK if op.count else None)
+                    why = f" ({describe_cause(cause)})" if cause is not None else ""
+                    runner.error(f"{name}{where} failed with status {status}{why}")
                     model.forget(op)
                     continue
                 if op.type == IN:
@@ -581,7 +645,9 @@ def _drive(cfg, img, runner, progress):
         report.elapsed = last_done - start
         status = drv.flush()
         if status != S.VIRTIO_BLK_S_OK:
-            runner.error(f"final flush failed with status {status}")
+            cause = causes.pop("flush", None)
+            why = f" ({describe_cause(cause)})" if cause is not None else ""
+            runner.error(f"final flush failed with status {status}{why}")
     finally:
         drv.reset()
 
@@ -605,7 +671,7 @@ def _after_reopen(path, fmt, runner):
                 try:
                     fut.result()
                 except OSError as exc:
-                    runner.error(f"read at offset {lo * BLOCK} after reopen failed: {exc}")
+                    runner.error(f"read at offset {lo * BLOCK} after reopen failed ({describe_cause(exc)})")
                     continue
                 runner.verify(buf, lo, hi - lo, model.possible, "after reopen")
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import stat
 import threading
 import time
 import warnings
@@ -140,6 +141,12 @@ class QedDriver(BlockDriver):
         "backing_file": str,
         "backing_fmt": str,
     }
+    create_option_help = {
+        "cluster_size": "cluster size in bytes: a power of two from 4 KiB to 64 MiB (default 64 KiB)",
+        "table_size": "L1 and L2 table size in clusters: a power of two from 1 to 16 (default 4)",
+        "backing_file": "file name of a base image",
+        "backing_fmt": "image format of the base image",
+    }
     open_options = {
         "l2_cache_size": int,  # tables
         "need_check_timeout": float,  # seconds; <= 0 disables the idle clear
@@ -153,6 +160,18 @@ class QedDriver(BlockDriver):
 
     @classmethod
     def create(cls, path, size, options):
+        """Write the header and an empty L1 table, and make the file exactly that long.
+
+        A block or character device is refused (``UnsupportedError``) before anything is written:
+        QED allocates clusters at the end of its file, which it takes to be the file's length, so
+        on a device every allocation would land past the device's end. Use raw on devices."""
+        try:
+            mode = os.stat(path).st_mode
+        except FileNotFoundError:
+            mode = 0
+        if stat.S_ISBLK(mode) or stat.S_ISCHR(mode):
+            raise UnsupportedError(f"{path}: a QED image cannot be made on a device: QED allocates clusters "
+                                   "at the end of its file, which a device cannot grow (use raw)")
         cs = options.get("cluster_size", fmt.DEFAULT_CLUSTER_SIZE)
         ts = options.get("table_size", fmt.DEFAULT_TABLE_SIZE)
         backing = options.get("backing_file") or None

@@ -1,4 +1,4 @@
-"""The raw driver: guest byte ``n`` is host byte ``n`` of a regular file or block device.
+"""The raw driver: guest byte ``n`` is host byte ``n`` of a regular file or a device.
 
 Cache modes (``OpenOptions.cache``): ``"none"`` opens the file O_DIRECT (the block layer bounces
 what is not aligned to ``limits``); ``"writeback"`` uses the page cache and flush is fdatasync;
@@ -14,6 +14,10 @@ a no-op and ``info()["discard"]`` says ``"unsupported"``. write_zeroes uses FALL
 (or a punched hole when ``may_unmap``); where the host cannot, the driver asks the block layer to
 write zero buffers instead. ``block_status`` reports holes (SEEK_HOLE) as ZERO and the rest as
 DATA with ``host_offset == offset``.
+
+A character device is served as it is: all DATA, no holes, no zero ranges (zero buffers are
+written), and flush does nothing (such devices cannot sync; fdatasync refuses with EINVAL).
+``create`` on a device writes in place (see ``RawDriver.create``).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import stat
 
 from vblock.block.interface import DATA, ZERO, BlockDriver, Limits, Run
 from vblock.errors import UnsupportedError
@@ -42,6 +47,7 @@ def _preallocation(value) -> str:
 class RawDriver(BlockDriver):
     format_name = "raw"
     create_options = {"preallocation": _preallocation}
+    create_option_help = {"preallocation": "preallocation mode: off (sparse), falloc (reserve blocks) or full (write zeros)"}
     open_options = {}
 
     def __init__(self, path, hostfile, options):
@@ -50,8 +56,11 @@ class RawDriver(BlockDriver):
         self._file = f = hostfile
         self._cache = options.cache
         self._unsafe = options.cache == "unsafe"
-        self._punch = True  # False once the host said it cannot punch holes
-        self._zero_range = True  # False once the host said it cannot zero ranges
+        # a character device takes neither holes nor zero ranges, nor knows where its data is
+        self._char_device = stat.S_ISCHR(os.fstat(f.fd).st_mode)
+        self._unsafe = self._unsafe or self._char_device  # nothing to flush
+        self._punch = not self._char_device  # False once the host said it cannot punch holes
+        self._zero_range = not self._char_device  # False once the host said it cannot zero ranges
         self._closed = False
         # block devices take discard / zero-range only in whole logical blocks (EINVAL otherwise)
         self._dev_align = max(f.alignment, 512) if f.is_block_device else 1
@@ -73,19 +82,51 @@ class RawDriver(BlockDriver):
 
     @classmethod
     def create(cls, path, size, options):
+        """A regular file becomes ``size`` bytes long (truncated or extended; ``preallocation``
+        ``falloc`` reserves its blocks, ``full`` writes zeros). A block or character device is
+        written in place and never truncated: it must hold ``size`` bytes (the size the host
+        reports for it; a ``ValueError`` naming both sizes otherwise). Raw has no metadata, so
+        nothing is written to a device unless ``preallocation=full`` asks for zeros; the bytes it
+        held stay until the guest writes them."""
         mode = options.get("preallocation", "off")
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            st = None
+        if st is not None and (stat.S_ISBLK(st.st_mode) or stat.S_ISCHR(st.st_mode)):
+            cls._create_on_device(path, size, mode)
+            return
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
         try:
             if mode == "full":
-                chunk = bytes(1 << 20)
-                pos = 0
-                while pos < size:
-                    pos += os.write(fd, chunk[: min(len(chunk), size - pos)])
+                _write_zeros(fd, size)
             else:
                 os.ftruncate(fd, size)
                 if mode == "falloc" and size:
                     os.posix_fallocate(fd, 0, size)
             os.fsync(fd)
+        except OSError as exc:  # calls on the descriptor: name the file (EFBIG, ENOSPC...)
+            if exc.filename is not None:
+                raise
+            raise OSError(exc.errno, exc.strerror, path) from None
+        finally:
+            os.close(fd)
+
+    @staticmethod
+    def _create_on_device(path, size, mode):
+        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            held = os.lseek(fd, 0, os.SEEK_END)
+            if held < size:
+                raise ValueError(f"{path}: the device holds {held} bytes, fewer than the image's {size}")
+            if mode == "full" and size:
+                os.lseek(fd, 0, os.SEEK_SET)
+                _write_zeros(fd, size)
+                try:
+                    os.fsync(fd)
+                except OSError as exc:
+                    if exc.errno != errno.EINVAL:  # a character device that cannot sync
+                        raise
         finally:
             os.close(fd)
 
@@ -147,7 +188,7 @@ class RawDriver(BlockDriver):
     def block_status(self, offset, length):
         f = self._file
         end = offset + length
-        if f.is_block_device:
+        if f.is_block_device or self._char_device:
             return [Run(offset, length, DATA, offset)]
         runs = []
         pos = offset
@@ -204,6 +245,13 @@ class RawDriver(BlockDriver):
                 self._file.flush()
         finally:
             self._file.close()
+
+
+def _write_zeros(fd, size):
+    chunk = bytes(1 << 20)
+    pos = 0
+    while pos < size:
+        pos += os.write(fd, chunk[: min(len(chunk), size - pos)])
 
 
 def _unless_unsupported(fut: Future, driver, flag: str, result) -> Future:

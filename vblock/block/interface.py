@@ -96,6 +96,10 @@ class BlockDriver:
     format_name: ClassVar[str] = ""
     #: option name -> converter (callable taking the given value) for ``create_image`` options
     create_options: ClassVar[dict] = {}
+    #: option name -> one line on what it means and takes (the tools' ``-o help`` prints it)
+    create_option_help: ClassVar[dict] = {}
+    #: False for formats whose images live in no file (null, memory): the tools do not create them
+    file_backed: ClassVar[bool] = True
     #: option name -> converter for format-specific ``open_image`` options
     open_options: ClassVar[dict] = {}
 

@@ -1,21 +1,23 @@
-"""Opening and creating images for the verbs: friendly errors, option strings, safe replacement.
+"""Opening and creating images for the verbs: friendly errors, formats, option strings.
 
 ``-o`` option strings are qemu-img's: ``cluster_size=64k,table_size=4``. Values of options whose
-name ends in ``_size`` accept size suffixes; the driver's own converters check the rest.
+name ends in ``_size`` accept size suffixes; the driver's own converters check the rest. ``-o help``
+(or ``-o ?``) asks for the format's create options instead (``options_help``). Where a new image
+goes is ``_destination``'s business.
 """
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import logging
 import os
 
 import vblock
-from vblock.block.registry import get_driver, probe_format
+from vblock.block.interface import BlockDriver
+from vblock.block.registry import available, get_driver, probe_format
 from vblock.cli.output import UsageError, parse_size
 
-__all__ = ["open_image", "parse_options", "temporary_path", "replace_atomically", "check_format"]
+__all__ = ["open_image", "parse_options", "wants_help", "options_help", "check_format", "check_creatable"]
 
 _SIZE_OPTIONS = ("cluster_size",)
 
@@ -24,6 +26,25 @@ def check_format(fmt: str | None) -> str | None:
     """``fmt`` if a driver serves it (raises ``UnknownFormatError`` naming it otherwise)."""
     if fmt is not None:
         get_driver(fmt)
+    return fmt
+
+
+def _creatable(cls) -> bool:
+    return cls.file_backed and getattr(cls.create, "__func__", None) is not BlockDriver.create.__func__
+
+
+def check_creatable(fmt: str) -> str:
+    """``fmt`` if the tools can create an image file of it; ``UsageError`` naming the formats
+    that can otherwise (``null`` and ``memory`` make no file; some drivers only read)."""
+    if not _creatable(get_driver(fmt)):
+        names = []
+        for name in available():
+            try:
+                if _creatable(get_driver(name)):
+                    names.append(name)
+            except Exception:  # a plug-in that fails to load is no choice
+                continue
+        raise UsageError(f"format '{fmt}' makes no image file; formats that can be created: {', '.join(names)}")
     return fmt
 
 
@@ -53,6 +74,25 @@ def _quiet_probe(path) -> str:
         log.setLevel(old)
 
 
+def wants_help(text: str | None) -> bool:
+    """Whether an ``-o`` string asks for help (``help`` or ``?`` among its items, as qemu-img)."""
+    return bool(text) and any(item.strip() in ("help", "?") for item in text.split(","))
+
+
+def options_help(fmt: str) -> str:
+    """The create options of ``fmt``, one per line, as ``qemu-img create -f FMT -o help`` lists them."""
+    cls = get_driver(fmt)
+    lines = ["Supported options:"]
+    for name in sorted(cls.create_options):
+        conv = cls.create_options[name]
+        kind = "size" if name in _SIZE_OPTIONS else "num" if conv is int else "str"
+        text = cls.create_option_help.get(name, "")
+        lines.append(f"  {f'{name}=<{kind}>':<24}" + (f" - {text}" if text else "").rstrip())
+    if len(lines) == 1:
+        lines.append("  (none)")
+    return "\n".join(lines)
+
+
 def parse_options(text: str | None) -> dict:
     """``"a=1,b=2"`` -> ``{"a": "1", "b": "2"}`` (``*_size`` values as byte counts)."""
     out = {}
@@ -67,38 +107,3 @@ def parse_options(text: str | None) -> dict:
             raise UsageError(f"invalid option {item!r}: expected name=value")
         out[name] = parse_size(value, name) if name in _SIZE_OPTIONS else value
     return out
-
-
-def temporary_path(final: str) -> str:
-    """A name in the same directory as ``final`` (so rename is atomic) that nothing else uses."""
-    d, base = os.path.split(os.path.abspath(final))
-    return os.path.join(d, f".{base}.vblock-{os.getpid()}.tmp")
-
-
-@contextlib.contextmanager
-def replace_atomically(final: str, durable: bool = True):
-    """Yield a temporary path next to ``final``; on success rename it over ``final``, on any
-    failure (Ctrl-C included) remove it, so ``final`` is never left half-written. ``durable``
-    also syncs the directory so the rename survives a crash (on ext4 that commits the journal,
-    which writes out the new file's data too: skipped for cache=unsafe conversions)."""
-    if os.path.isdir(final):
-        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), final)
-    parent = os.path.dirname(os.path.abspath(final))
-    if not os.path.isdir(parent):
-        raise FileNotFoundError(errno.ENOENT, "no such directory", parent)
-    tmp = temporary_path(final)
-    try:
-        yield tmp
-        os.replace(tmp, final)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    if not durable:
-        return
-    with contextlib.suppress(OSError):  # make the rename itself durable
-        fd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)

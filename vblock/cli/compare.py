@@ -1,17 +1,22 @@
 """``vblock compare [-f FMT] [-F FMT] [-s] A B``
 
 Whether two images show the guest the same bytes, whatever their formats. Runs that both images
-report as zero are not read. Exit 0 when they match, 2 (``DIFFERENT``) with the first differing
-offset when they do not, 1 on errors. Images of different sizes match when the larger one reads as
+report as zero are not read. Exit codes are qemu-img compare's: 0 when they match, 1 with the
+first differing offset when they do not, 2 when an image cannot be opened (or the arguments are
+wrong), 3 when block status cannot be read, 4 when data cannot be read. Images of different sizes match when the larger one reads as
 zeros past the end of the smaller, unless ``-s`` (strict) is given.
 """
 
 from __future__ import annotations
 
+import contextlib
+
 from vblock.block.interface import ZERO
 from vblock.cli import _images
 from vblock.cli.progress import progress_for
-from vblock.cli.status import DIFFERENT, ExitStatus
+from vblock.cli.status import DIFFERENT, CompareStatus
+
+ERROR_STATUS = CompareStatus.OPEN_ERROR  # what the boundary answers for errors not tagged below
 
 CHUNK = 4 << 20  # bytes compared per step
 DEPTH = 4  # steps in flight per image
@@ -27,9 +32,28 @@ def add_parser(sub, common):
     p.add_argument("b", metavar="B")
 
 
+@contextlib.contextmanager
+def _failing_with(status):
+    """An error raised inside ends the command with ``status`` (the boundary reads ``exit_status``)."""
+    try:
+        yield
+    except Exception as exc:
+        if getattr(exc, "exit_status", None) is None:
+            with contextlib.suppress(AttributeError):
+                exc.exit_status = status
+        raise
+
+
+def _read(img, offset, length):
+    with _failing_with(CompareStatus.READ_ERROR):
+        return img.read(offset, length)
+
+
 def _zero_runs(img, start, end):
     """[(start, end)] of [start, end) that ``img`` reports as zero."""
-    return [(r.offset, r.offset + r.length) for r in img.block_status(start, end - start) if r.kind == ZERO]
+    with _failing_with(CompareStatus.STATUS_ERROR):
+        runs = img.block_status(start, end - start)
+    return [(r.offset, r.offset + r.length) for r in runs if r.kind == ZERO]
 
 
 def _both_zero(a, b, start, end):
@@ -81,7 +105,7 @@ def compare_images(a, b, progress=None):
             off = lo
             while off < hi:
                 n = min(CHUNK, hi - off)
-                x, y = a.read(off, n), b.read(off, n)
+                x, y = _read(a, off, n), _read(b, off, n)
                 if x != y:
                     return off + _first_difference(x, y)
                 off += n
@@ -97,7 +121,7 @@ def _tail_nonzero(img, start):
         off = lo
         while off < hi:
             n = min(CHUNK, hi - off)
-            data = img.read(off, n)
+            data = _read(img, off, n)
             if data.count(0) != n:
                 return off + next(k for k, c in enumerate(data) if c)
             off += n
@@ -121,4 +145,4 @@ def run(args, env):
         env.out(f"Content mismatch at offset {at}!")
         return DIFFERENT
     env.out("Images are identical.")
-    return ExitStatus.SUCCESS
+    return CompareStatus.IDENTICAL

@@ -10,8 +10,14 @@ backing file). ``-m`` requests are in flight at once (default 16). A raw source 
 page cache is mapped rather than read: its bytes go from its page cache to the destination's in
 one copy instead of two.
 
-DST is written under a temporary name and renamed into place at the end; it is never left
-half-written by a failed or interrupted run. ``-t`` is the destination's cache mode, with
+DST is treated as qemu-img does (``_destination`` has the rules): a regular file is written under
+a temporary name and renamed into place at the end, so it is never left half-written by a failed
+or interrupted run, and keeps the mode and owner of the file it replaces; a symlink is followed; a
+device is written in place (raw only) and must hold the image. A device does not read as zeros, so
+the copy writes the source's zeros there too. ``-n`` writes into an existing DST of format ``-O``
+without creating it, as ``qemu-img convert -n``: DST must exist and be at least as large as SRC,
+no ``-o``/``-B`` apply, and the zeros are written as well. ``-o help`` lists ``-O``'s options.
+``-t`` is the destination's cache mode, with
 ``qemu-img convert``'s meanings and default: ``unsafe`` (default: nothing is flushed, so until the
 kernel writes the page cache back, a crash of the host may lose part of DST), ``writeback``
 (flushed before the rename: DST is durable when the command ends), or ``none`` (O_DIRECT, then
@@ -21,13 +27,15 @@ the final flush finds little left to write. ``-T`` is the source's (default ``wr
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import threading
 import time
 
 import vblock
 from vblock.block.interface import DATA, UNALLOCATED, ZERO
-from vblock.cli import _images
+from vblock.cli import _destination, _images
 from vblock.cli.output import UsageError, human_size
 from vblock.cli.progress import Progress, progress_for
 from vblock.cli.status import ExitStatus
@@ -46,6 +54,8 @@ def add_parser(sub, common):
     p.add_argument("-f", dest="fmt", metavar="FMT", help="source format (default: probe)")
     p.add_argument("-O", dest="out_fmt", required=True, metavar="FMT", help="destination format (raw, qed)")
     p.add_argument("-o", dest="options", metavar="OPTIONS", help="destination format options (cluster_size=64k,...)")
+    p.add_argument("-n", dest="skip_create", action="store_true",
+                   help="write into the existing DST instead of creating it (it must be at least as large as SRC)")
     p.add_argument("-B", dest="backing", metavar="BACKING", help="give the destination this backing file")
     p.add_argument("-F", dest="backing_fmt", metavar="FMT", help="format of the -B backing file")
     p.add_argument("-t", dest="cache", choices=("none", "writeback", "unsafe"), default="unsafe",
@@ -55,8 +65,8 @@ def add_parser(sub, common):
                    help="source cache mode (default writeback)")
     p.add_argument("-m", dest="depth", type=int, default=DEFAULT_DEPTH, metavar="N",
                    help=f"requests in flight (default {DEFAULT_DEPTH})")
-    p.add_argument("src", metavar="SRC")
-    p.add_argument("dst", metavar="DST")
+    p.add_argument("src", metavar="SRC", nargs="?")  # SRC and DST are optional for -o help only
+    p.add_argument("dst", metavar="DST", nargs="?")
 
 
 class _Copier:
@@ -219,9 +229,11 @@ class _Copier:
             raise self.error
 
 
-def _plan(src, keep_backing):
-    """Yield (offset, length, kind) runs to copy: kind DATA (read and copy) or ZERO (write zeros;
-    only with ``keep_backing``). Without it the whole chain is flattened and zeros are skipped."""
+def _plan(src, keep_backing, zero_init=True):
+    """Yield (offset, length, kind) runs to copy: kind DATA (read and copy) or ZERO (write zeros).
+    With ``keep_backing`` only the top layer is read and its ZERO runs are written (they hide the
+    backing file). Otherwise the whole chain is flattened, and its zeros are written only where the
+    destination does not read as zeros already (``zero_init`` False: a device, ``-n``)."""
     size = src.size
     pos = 0
     while pos < size:
@@ -230,7 +242,9 @@ def _plan(src, keep_backing):
         for r in runs:
             if r.kind == DATA:
                 yield r.offset, r.length, DATA
-            elif r.kind == ZERO and keep_backing:
+            elif r.kind == ZERO and (keep_backing or not zero_init):
+                yield r.offset, r.length, ZERO
+            elif r.kind == UNALLOCATED and not keep_backing and not zero_init:
                 yield r.offset, r.length, ZERO
             else:
                 assert r.kind in (ZERO, UNALLOCATED)
@@ -252,13 +266,17 @@ def _mapping_of(src):
 
 
 def convert(src_path, dst_path, out_fmt, *, fmt=None, options=None, backing=None, backing_fmt=None,
-            cache="unsafe", src_cache="writeback", depth=DEFAULT_DEPTH, progress=None) -> dict:
-    """Convert ``src_path`` to a new ``dst_path``; returns statistics. See the module docstring."""
-    _images.check_format(out_fmt)
+            cache="unsafe", src_cache="writeback", depth=DEFAULT_DEPTH, progress=None,
+            skip_create=False) -> dict:
+    """Convert ``src_path`` to a new ``dst_path`` (or into the existing one with ``skip_create``);
+    returns statistics. See the module docstring."""
+    _images.check_creatable(out_fmt)
     _images.check_format(backing_fmt)
     if depth < 1:
         raise UsageError("convert: -m must be at least 1")
     options = dict(options or {})
+    if skip_create and (options or backing or backing_fmt):
+        raise UsageError("convert: -n writes into the existing image as it is: -o, -B and -F create one")
     if backing:
         where = backing if os.path.isabs(backing) else os.path.join(os.path.dirname(os.path.abspath(dst_path)), backing)
         with _images.open_image(where, backing_fmt) as b:
@@ -267,23 +285,35 @@ def convert(src_path, dst_path, out_fmt, *, fmt=None, options=None, backing=None
         options["backing_fmt"] = backing_fmt
     elif backing_fmt:
         raise UsageError("convert: -F needs -B")
+    if skip_create and not os.path.exists(dst_path):
+        raise FileNotFoundError(errno.ENOENT, "no such file (-n writes into an existing image)", dst_path)
     if os.path.exists(dst_path) and os.path.samefile(src_path, dst_path):
         raise UsageError(f"convert: {dst_path} is the source image")
     t0 = time.perf_counter()
     with _images.open_image(src_path, fmt, cache=src_cache) as src:
         size = src.size
-        if out_fmt == "qed":
+        if out_fmt == "qed" and not skip_create:
             size = -(-size // 512) * 512  # QED sizes are whole sectors (qemu-img rounds up too)
-        with _images.replace_atomically(dst_path, durable=cache != "unsafe") as tmp:
-            vblock.create_image(tmp, out_fmt, size, **options).close()
-            dst = vblock.open_image(tmp, format=out_fmt, cache=cache)
+        if skip_create:
+            where = contextlib.nullcontext(_destination.Destination(dst_path, dst_path, device=False,
+                                                                     zero_init=False))
+        else:
+            where = _destination.new_image(dst_path, durable=cache != "unsafe")
+        with where as dest:
+            if not skip_create:
+                vblock.create_image(dest.path, out_fmt, size, **options).close()
+            dst = vblock.open_image(dest.path, format=out_fmt, cache=cache)
             try:
+                if dst.size < src.size:  # -n (a device too small was refused at create)
+                    raise ValueError(f"convert: {dst_path} is smaller ({dst.size} bytes) than the source "
+                                     f"({src.size} bytes)")
                 granule = dst.info().get("cluster-size") or 4096
-                plan = list(_plan(src, bool(backing)))
+                plan = list(_plan(src, bool(backing), dest.zero_init))
                 total = sum(n for _, n, _ in plan)
                 task = (progress or Progress()).task(f"converting {os.path.basename(src_path)}", total=total,
                                                      unit="bytes")
-                copier = _Copier(src, dst, depth, granule, bool(backing), task, _mapping_of(src))
+                mask = bool(backing) or not dest.zero_init  # zeros inside data are written too
+                copier = _Copier(src, dst, depth, granule, mask, task, _mapping_of(src))
                 # With -t writeback the copy ends in a flush: writing back as the copy goes keeps
                 # the disk busy meanwhile, instead of leaving all of it to that flush (converting
                 # 1 GiB: 0.9-2.3 s -> 0.6-0.85 s here; qemu-img -t writeback 0.92-0.97 s).
@@ -312,11 +342,17 @@ def convert(src_path, dst_path, out_fmt, *, fmt=None, options=None, backing=None
 
 
 def run(args, env):
+    if _images.wants_help(args.options):
+        env.out(_images.options_help(_images.check_creatable(args.out_fmt)))
+        return ExitStatus.SUCCESS
+    if args.src is None or args.dst is None:
+        raise UsageError("vblock convert: the following arguments are required: " +
+                         ("SRC, DST" if args.src is None else "DST"))
     options = _images.parse_options(args.options)
     with progress_for(env, args.quiet) as progress:
         stats = convert(args.src, args.dst, args.out_fmt, fmt=args.fmt, options=options, backing=args.backing,
                         backing_fmt=args.backing_fmt, cache=args.cache, src_cache=args.src_cache,
-                        depth=args.depth, progress=progress)
+                        depth=args.depth, progress=progress, skip_create=args.skip_create)
     if not args.quiet:
         env.err(f"{args.dst}: {human_size(stats['copied'])} of data copied "
                 f"({human_size(stats['zero-skipped'])} of zeros skipped) in {stats['seconds']:.2f} s")

@@ -1,9 +1,12 @@
 """``vblock create -f qed|raw [-o cluster_size=…,table_size=…] [-b BACKING -F FMT] FILE [SIZE]``
 
-Makes an empty image under a temporary name next to FILE and renames it into place once it is
-complete, so FILE is never half-written. SIZE takes suffixes (``10G``, ``512M``); with a backing
-file it defaults to the backing file's size. A relative BACKING is relative to FILE's directory
-(and stored as given), as qemu-img does.
+Makes an empty image at FILE as qemu-img does (``_destination`` has the rules): a regular file is
+made under a temporary name and renamed into place once complete, so it is never half-written, and
+keeps the mode and owner of the file it replaces; a symlink is followed; a device is written in
+place and must hold SIZE (raw only: QED cannot live on a device). SIZE takes suffixes (``10G``,
+``512M``); with a backing file it defaults to the backing file's size. A relative BACKING is
+relative to FILE's directory (and stored as given), as qemu-img does. ``-o help`` lists the
+format's options.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from __future__ import annotations
 import os
 
 import vblock
-from vblock.cli import _images
+from vblock.cli import _destination, _images
 from vblock.cli.output import UsageError, human_size, parse_size
 from vblock.cli.status import ExitStatus
 
@@ -24,12 +27,17 @@ def add_parser(sub, common):
                    help="format options, e.g. cluster_size=64k,table_size=4")
     p.add_argument("-b", dest="backing", metavar="BACKING", help="backing file (qed)")
     p.add_argument("-F", dest="backing_fmt", metavar="FMT", help="backing file format")
-    p.add_argument("file", metavar="FILE")
+    p.add_argument("file", metavar="FILE", nargs="?")  # optional for -o help only
     p.add_argument("size", metavar="SIZE", nargs="?", help="virtual size (10G, 512M ...)")
 
 
 def run(args, env):
-    fmt = _images.check_format(args.fmt)
+    fmt = _images.check_creatable(args.fmt)
+    if _images.wants_help(args.options):
+        env.out(_images.options_help(fmt))
+        return ExitStatus.SUCCESS
+    if args.file is None:
+        raise UsageError("vblock create: the following arguments are required: FILE")
     options = _images.parse_options(args.options)
     backing = args.backing or options.pop("backing_file", None)
     backing_fmt = args.backing_fmt or options.pop("backing_fmt", None)
@@ -47,9 +55,8 @@ def run(args, env):
         options["backing_fmt"] = backing_fmt
     if size is None:
         raise UsageError("create: the image size is required (e.g. vblock create -f qed disk.qed 10G)")
-    with _images.replace_atomically(args.file) as tmp:
-        img = vblock.create_image(tmp, fmt, size, **options)
-        img.close()
+    with _destination.new_image(args.file) as dest:
+        vblock.create_image(dest.path, fmt, size, **options).close()
     if not args.quiet:
         extra = "".join(f" {k}={v}" for k, v in options.items())
         env.out(f"Formatting '{args.file}', fmt={fmt} size={size} ({human_size(size)}){extra}")

@@ -3,7 +3,9 @@
 ``main(argv, env)`` parses the arguments, runs one verb and turns every failure into an exit code:
 
 * ``UsageError`` (bad arguments), ``VblockError`` (``ImageError``, unknown format or option...),
-  ``OSError`` and ``ValueError`` -> one ``vblock: error: ...`` line on stderr, exit 1;
+  ``OSError`` and ``ValueError`` -> one ``vblock: error: ...`` line on stderr, exit 1 (or the
+  verb's own error code: the exception's ``exit_status``, else the verb module's ``ERROR_STATUS``;
+  ``compare`` has qemu-img's);
 * Ctrl-C -> ``vblock: interrupted``, exit 130;
 * anything else is a bug: one line naming it and asking for ``--debug``, exit 1.
 
@@ -23,6 +25,7 @@ import os
 import sys
 import warnings
 
+import vblock
 from vblock.cli.output import Environment, UsageError
 from vblock.cli.status import ExitStatus
 from vblock.errors import VblockError
@@ -73,6 +76,7 @@ def build_parser(env: Environment | None = None, verbs=VERBS) -> argparse.Argume
         description="Make, inspect, convert, measure and stress block images (raw, QED).",
         parents=[common],
     )
+    parser.add_argument("--version", action="version", version=f"vblock {vblock.__version__}")
     sub = parser.add_subparsers(dest="verb", metavar="COMMAND", parser_class=Parser)
     for name in verbs:
         importlib.import_module(f"vblock.cli.{name}").add_parser(sub, common)
@@ -85,8 +89,20 @@ def _verb_of(argv) -> tuple:
     for arg in argv:
         if arg in ("-q", "--quiet", "--debug"):
             continue
+        if arg == "--version":
+            return ()
         return (arg,) if arg in VERBS else VERBS
     return VERBS
+
+
+def _error_status(exc: BaseException, verbs) -> int:
+    """The exit code for a reported error: the exception's ``exit_status``, else the verb's
+    ``ERROR_STATUS``, else ``ExitStatus.ERROR``."""
+    status = getattr(exc, "exit_status", None)
+    if status is None and len(verbs) == 1:
+        module = sys.modules.get(f"vblock.cli.{verbs[0]}")
+        status = getattr(module, "ERROR_STATUS", None)
+    return int(ExitStatus.ERROR if status is None else status)
 
 
 def _message(exc: BaseException) -> str:
@@ -166,13 +182,13 @@ def main(argv=None, env: Environment | None = None) -> int:
         if debug:
             raise
         env.err(f"{prog}: error: {_message(exc)}")
-        return ExitStatus.ERROR
+        return _error_status(exc, _verb_of(argv))
     except Exception as exc:
         if debug:
             raise
         env.err(f"{prog}: error: internal error: {type(exc).__name__}: {_message(exc)} "
                 f"(run with --debug for the traceback)")
-        return ExitStatus.ERROR
+        return _error_status(exc, _verb_of(argv))
 
 
 def command():

@@ -57,13 +57,15 @@ def _isatty(stream) -> bool:
         return False
 
 
+MAX_BYTES = (1 << 63) - 1  # the largest file offset (off_t) a Linux host can hold
 _UNITS = {"": 0, "K": 1, "M": 2, "G": 3, "T": 4, "P": 5, "E": 6}
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([kKmMgGtTpPeE]?)(?:i?[bB])?\s*$")
 
 
 def parse_size(text: str, what: str = "size") -> int:
     """Bytes for ``10G``, ``512M``, ``1.5G``, ``4096``, ``64k``, ``2GiB`` (powers of 1024, as
-    qemu-img). Raises ``UsageError`` naming the text for anything else (``10Q``, ``-1``, ``1.3``)."""
+    qemu-img). Raises ``UsageError`` naming the text for anything else (``10Q``, ``-1``, ``1.3``) and
+    for sizes past ``MAX_BYTES`` (``16E``)."""
     m = _SIZE_RE.match(str(text))
     if not m:
         raise UsageError(
@@ -76,6 +78,8 @@ def parse_size(text: str, what: str = "size") -> int:
     if value.denominator != 1:
         raise UsageError(f"invalid {what} {text!r}: not a whole number of bytes")
     value = int(value)
+    if value > MAX_BYTES:
+        raise UsageError(f"invalid {what} {text!r}: larger than {MAX_BYTES} bytes, the most a host file can hold")
     return value
 
 

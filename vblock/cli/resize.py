@@ -1,14 +1,17 @@
 """``vblock resize [--shrink] [-f FMT] FILE [+|-]SIZE``
 
-Sets an image's virtual size (``+1G`` / ``-512M`` are relative to the current size). Shrinking
+Sets an image's virtual size (``+1G`` / ``-512M`` are relative to the current size; ``-512M``
+needs no ``--`` before it). Shrinking
 needs ``--shrink``, as with qemu-img, because it drops the guest's data past the new end; QED
 images cannot shrink.
 """
 
 from __future__ import annotations
 
+import re
+
 from vblock.cli import _images
-from vblock.cli.output import UsageError, human_size, parse_size
+from vblock.cli.output import MAX_BYTES, UsageError, human_size, parse_size
 from vblock.cli.status import ExitStatus
 
 
@@ -19,6 +22,9 @@ def add_parser(sub, common):
     p.add_argument("--shrink", action="store_true", help="allow making the image smaller")
     p.add_argument("file", metavar="FILE")
     p.add_argument("size", metavar="SIZE")
+    # ``-512M`` is a size, as qemu-img reads it, not an unknown option: no option of this verb
+    # starts with a digit, so anything that does is a (negative) size
+    p._negative_number_matcher = re.compile(r"^-\d")
 
 
 def run(args, env):
@@ -30,6 +36,9 @@ def run(args, env):
         new = old + delta if sign == "+" else old - delta if sign == "-" else delta
         if new < 0:
             raise UsageError(f"resize: {text} would make the size negative")
+        if new > MAX_BYTES:
+            raise UsageError(f"resize: {text} would make the size larger than {MAX_BYTES} bytes, "
+                             "the most a host file can hold")
         if new < old and not args.shrink:
             raise UsageError(f"resize: {human_size(new)} is smaller than the current {human_size(old)}; "
                              "give --shrink to drop the data past the new end")

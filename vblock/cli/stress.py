@@ -3,11 +3,11 @@
 
 The main job: N queues x D requests in flight of random reads, writes, flushes, discards and
 write-zeroes through virtio-blk queues over a QED image made in a temporary directory (removed
-afterwards unless ``--keep``), or over ``--image``. Every written sector is stamped and every read
+afterwards unless ``--keep``), or over the existing ``--image`` (never created). Every written sector is stamped and every read
 checked against a model of what may be there (``vblock.stress`` explains it); the image is then
 reopened, re-read and checked. Exit 0 only when every read matched, every request succeeded and
-the check is clean: 2 on a data mismatch or a failed request, the check's code (2 corruptions,
-3 leaks) otherwise.
+the check is clean: 2 on a data mismatch or a failed request (named with the host's errno, e.g.
+ENOSPC), the check's code (2 corruptions, 3 leaks) otherwise.
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ def add_parser(sub, common):
     p.add_argument("--depth", type=_positive_int, default=engine.StressConfig.depth, metavar="D",
                    help="requests in flight per queue (default %(default)s)")
     p.add_argument("--size", default="256M", metavar="SIZE", help="size of a created image (default 256M)")
-    p.add_argument("--image", metavar="FILE", help="stress this image instead of a temporary one (its data is overwritten)")
+    p.add_argument("--image", metavar="FILE", help="stress this existing image instead of a temporary one (its data is overwritten)")
     p.add_argument("--format", metavar="FMT", help="image format (default: qed for new images, probe otherwise)")
     p.add_argument("--seed", type=int, metavar="N", help="random seed (default: from the clock; printed)")
     p.add_argument("--keep", action="store_true", help="keep the temporary directory and image")
