@@ -36,7 +36,8 @@ def add_parser(sub, common):
 def check_image(path, fmt=None, repair=False, progress=None) -> dict:
     """The check result dict for ``path`` (qemu-img's keys plus ``corruptions-found`` /
     ``leaks-found`` after a repair). Raises ``UnsupportedError`` for formats without a check."""
-    with _images.open_image(path, fmt, read_only=not repair) as img:
+    # A check reads this image's metadata only: its backing chain stays closed (and may be missing).
+    with _images.open_image(path, fmt, read_only=not repair, no_backing=True) as img:
         if type(img.driver).check is BlockDriver.check:
             raise UnsupportedError(f"{path}: format {img.format!r} does not support checks")
         task = progress.task(f"checking {path}") if progress is not None else None

@@ -84,7 +84,9 @@ def _human(d, table_size=None) -> str:
 
 
 def run(args, env):
-    with _images.open_image(args.file, args.fmt) as img:
+    # The backing chain is opened only to describe it: without --backing-chain an image whose
+    # backing file is missing is still shown, with the backing file's name.
+    with _images.open_image(args.file, args.fmt, no_backing=not args.backing_chain) as img:
         chain = _chain(img, args.file)
         tables = []
         layer = img

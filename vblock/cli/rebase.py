@@ -33,10 +33,12 @@ def run(args, env):
     if new is not None:
         where = new if os.path.isabs(new) else os.path.join(os.path.dirname(os.path.abspath(args.file)), new)
         if fmt is None:  # probe now, so a raw backing file is recorded as raw (never probed again)
-            with _images.open_image(where) as b:
+            with _images.open_image(where, no_backing=True) as b:
                 fmt = b.format
         elif not os.path.exists(where):
             raise FileNotFoundError(2, "No such file or directory", where)
-    with _images.open_image(args.file, args.fmt, read_only=False) as img:
+    # Only the header changes: the old backing file is never opened (it may be missing, which is
+    # often why the image is rebased), nor the new one's chain.
+    with _images.open_image(args.file, args.fmt, read_only=False, no_backing=True) as img:
         img.change_backing(new, fmt)
     return ExitStatus.SUCCESS
