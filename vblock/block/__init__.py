@@ -9,7 +9,9 @@ ram = vblock.open_image(None, format="memory", size=64 << 20)   # a RAM disk (no
 ```
 
 ``Image`` (``image.py``) checks requests and bounces unaligned ones; the driver operation table and
-its guarantees are in ``interface.py``; drivers are found through ``registry.py``.
+its guarantees are in ``interface.py``; drivers are found through ``registry.py``, file formats
+recognised by their magic through ``probe.py`` (which knows formats no driver serves), and backing
+chains opened for the drivers by ``backing.py``.
 """
 
 from __future__ import annotations
