@@ -302,10 +302,13 @@ def _read_ends(path):
         head = f.read(PROBE_BYTES)
         tail = b""
         if len(head) >= probe.TAIL_BYTES:
-            end = f.seek(0, os.SEEK_END)
-            if end >= probe.TAIL_BYTES:
-                f.seek(end - probe.TAIL_BYTES)
-                tail = f.read(probe.TAIL_BYTES)
+            try:
+                end = f.seek(0, os.SEEK_END)
+                if end >= probe.TAIL_BYTES:
+                    f.seek(end - probe.TAIL_BYTES)
+                    tail = f.read(probe.TAIL_BYTES)
+            except OSError:  # not seekable (a character device, a pipe): no end to look at
+                tail = b""
     return head, tail
 
 
