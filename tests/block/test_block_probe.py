@@ -97,6 +97,23 @@ def test_a_vhd_footer_inside_the_first_sector_of_a_short_file_is_found(scratch):
     assert info.value.format == "vpc"
 
 
+def test_a_vmdk_descriptor_without_its_comment_line_is_vmdk():
+    text = b'version=1\nCID=fffffffe\nparentCID=ffffffff\ncreateType="vmfs"\n\nRW 2048 VMFS "d-flat.vmdk"\n'
+    assert probe.identify(text) == "vmdk"
+    assert probe.identify(b"version=1\nthis is a text file, not a descriptor\n") is None
+
+
+def test_a_character_device_is_probed_without_its_tail():
+    # /dev/zero reads zeros and cannot seek to an end: nothing to find there, raw
+    assert registry.probe_format("/dev/zero") == "raw"
+
+
+def test_an_unknown_format_name_is_an_error_with_that_format():
+    with pytest.raises(UnknownFormatError) as info:
+        registry.get_driver("vmdk9")
+    assert info.value.format == "vmdk9"
+
+
 def test_qcow_versions_outside_1_to_3_are_not_claimed():
     head = bytearray(foreign.sample("qcow2")[:512])
     head[4:8] = (9).to_bytes(4, "big")

@@ -50,7 +50,20 @@ def _vmdk(head, tail):
     if head.startswith((b"KDMV", b"COWD")):
         return True
     text = head.lstrip(b"\xef\xbb\xbf")  # a descriptor saved with a UTF-8 byte order mark
-    return text.startswith(b"# Disk DescriptorFile")
+    if text.startswith(b"# Disk DescriptorFile"):
+        return True
+    return _descriptor_keys(text)
+
+
+def _descriptor_keys(text):
+    """A descriptor without its opening comment: text (no NUL before the end of the head) with a
+    ``version=`` line and a ``createType=`` line, as VMware's tools and QEMU write them."""
+    text = text.split(b"\0", 1)[0]
+    if len(text) < 20 or any(b < 0x09 for b in text[:256]):
+        return False
+    lines = [line.strip() for line in text.splitlines()]
+    return (any(line.startswith(b"version=") for line in lines)
+            and any(line.startswith(b"createType=") for line in lines))
 
 
 _VDI_SIGNATURE = 0xBEDA107F  # little-endian u32 after the 64-byte text banner

@@ -249,7 +249,7 @@ def available() -> list:
 def get_driver(name: str):
     """The driver class for format ``name``; ``UnknownFormatError`` names it when there is none."""
     if not isinstance(name, str):
-        raise UnknownFormatError(f"unknown format {name!r}")
+        raise UnknownFormatError(f"unknown format {name!r}", format=name)
     table = _get_table()
     entry = table.get(name)
     if entry is None:
@@ -257,12 +257,13 @@ def get_driver(name: str):
         entry = table.get(name)
     if entry is None:
         known = ", ".join(sorted(table)) or "none"
-        raise UnknownFormatError(f"unknown format {name!r} (available: {known})")
+        raise UnknownFormatError(f"unknown format {name!r} (available: {known})", format=name)
     if _is_entry_point(entry):
         try:
             cls = entry.load()
         except Exception as exc:
-            raise UnknownFormatError(f"format {name!r}: entry point {entry.value} failed to load: {exc}") from exc
+            raise UnknownFormatError(f"format {name!r}: entry point {entry.value} failed to load: {exc}",
+                                     format=name) from exc
         with _lock:
             if _table is table:
                 table[name] = cls
