@@ -46,7 +46,7 @@ def test_hand_made_file_is_an_unknown_format_error_naming_it(scratch, name):
         registry.probe_format(str(path))
     fmt = foreign.FORMAT_OF[name]
     assert info.value.format == fmt
-    assert str(info.value) == (f"{path}: image format {fmt!r} is not supported (vblock reads qed, raw); "
+    assert str(info.value) == (f"{path}: image format {fmt!r} is not supported (vblock reads raw, qed); "
                                "convert it with qemu-img convert -O qed")
     with pytest.raises(UnknownFormatError):
         vblock.open_image(path)
@@ -163,24 +163,12 @@ def test_whatever_follows_a_header_the_format_is_the_same(name, junk):
 
 
 # -- images made by qemu-img ------------------------------------------------------------------------
-_QEMU_SAMPLES = {
-    "qcow": ("qcow", []),
-    "qcow2": ("qcow2", []),
-    "vmdk": ("vmdk", []),
-    "vmdk-descriptor": ("vmdk", ["-o", "subformat=monolithicFlat"]),
-    "vdi": ("vdi", []),
-    "vpc": ("vpc", []),
-    "vpc-fixed": ("vpc", ["-o", "subformat=fixed"]),
-    "vhdx": ("vhdx", []),
-    "luks": ("luks", ["--object", "secret,id=s0,data=vblock", "-o", "key-secret=s0"]),
-    "parallels": ("parallels", []),
-}
 
 
 @needs_qemu_img
-@pytest.mark.parametrize("name", sorted(_QEMU_SAMPLES))
+@pytest.mark.parametrize("name", sorted(foreign.QEMU_IMG_CREATE))
 def test_qemu_img_image_is_an_unknown_format_error_naming_it(scratch, name):
-    fmt, extra = _QEMU_SAMPLES[name]
+    fmt, extra = foreign.QEMU_IMG_CREATE[name]
     path = scratch / f"disk.{name}"
     p = subprocess.run(["qemu-img", "create", "-q", "-f", fmt, *extra, str(path), "1M"],
                        capture_output=True, text=True)

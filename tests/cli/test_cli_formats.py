@@ -23,7 +23,7 @@ from conftest import run_cli
 
 MiB = 1 << 20
 CS = 64 << 10
-UNSUPPORTED = "image format 'qcow2' is not supported (vblock reads qed, raw); convert it with qemu-img convert -O qed"
+UNSUPPORTED = "image format 'qcow2' is not supported (vblock reads raw, qed); convert it with qemu-img convert -O qed"
 
 needs_qemu_img = pytest.mark.skipif(shutil.which("qemu-img") is None,
                                     reason="qemu-img not installed (apt-get install qemu-utils)")
@@ -144,24 +144,10 @@ def test_info_names_each_hand_made_foreign_format(scratch, name):
     assert _sha(path) == before
 
 
-_QEMU_SAMPLES = {
-    "qcow": ("qcow", []),
-    "qcow2": ("qcow2", []),
-    "vmdk": ("vmdk", []),
-    "vmdk-descriptor": ("vmdk", ["-o", "subformat=monolithicFlat"]),
-    "vdi": ("vdi", []),
-    "vpc": ("vpc", []),
-    "vpc-fixed": ("vpc", ["-o", "subformat=fixed"]),
-    "vhdx": ("vhdx", []),
-    "luks": ("luks", ["--object", "secret,id=s0,data=vblock", "-o", "key-secret=s0"]),
-    "parallels": ("parallels", []),
-}
-
-
 @needs_qemu_img
-@pytest.mark.parametrize("name", sorted(_QEMU_SAMPLES))
+@pytest.mark.parametrize("name", sorted(foreign.QEMU_IMG_CREATE))
 def test_info_and_stress_refuse_each_qemu_img_format(scratch, name):
-    fmt, extra = _QEMU_SAMPLES[name]
+    fmt, extra = foreign.QEMU_IMG_CREATE[name]
     path = scratch / f"disk.{name}"
     p = subprocess.run(["qemu-img", "create", "-q", "-f", fmt, *extra, str(path), "1M"],
                        capture_output=True, text=True)

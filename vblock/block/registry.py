@@ -272,17 +272,17 @@ def get_driver(name: str):
 
 
 def _file_formats() -> list:
-    """Formats whose driver reads image files: raw, and those that recognise a header."""
+    """Formats whose driver reads image files: raw first, then those that recognise a header."""
     from vblock.block.interface import BlockDriver
 
-    names = []
+    names = ["raw"] if "raw" in _get_table(everything=True) else []
     for name in available():
         try:
             cls = get_driver(name)
         except UnknownFormatError:
             continue
         probe_fn = getattr(getattr(cls, "probe", None), "__func__", None)
-        if name == "raw" or probe_fn is not BlockDriver.probe.__func__:
+        if name != "raw" and probe_fn is not BlockDriver.probe.__func__:
             names.append(name)
     return names
 

@@ -5,13 +5,14 @@ whose last 512 bytes) carries the marks ``vblock.block.probe`` looks for, filled
 format's specification lays it out. They are not complete images: only probing is meant to see
 them, and no tool should get further than the header. ``FORMATS`` lists the names ``sample``
 knows; ``vpc-fixed`` and ``vmdk-descriptor`` are second layouts of ``vpc`` and ``vmdk``.
+``QEMU_IMG_CREATE`` says how ``qemu-img create`` makes the real thing, for the tests that have it.
 """
 
 from __future__ import annotations
 
 import struct
 
-__all__ = ["FORMATS", "FORMAT_OF", "sample", "vhd_footer"]
+__all__ = ["FORMATS", "FORMAT_OF", "QEMU_IMG_CREATE", "sample", "vhd_footer"]
 
 SIZE = 64 << 10  # bytes in every sample
 
@@ -110,3 +111,18 @@ FORMAT_OF = {name: name.split("-")[0] for name in FORMATS}
 def sample(fmt: str) -> bytes:
     """The bytes of a hand-made ``fmt`` file (a name in ``FORMATS``)."""
     return _MAKERS[fmt]()
+
+
+#: sample name -> (qemu-img format, extra ``qemu-img create`` arguments) for a real image of it
+QEMU_IMG_CREATE = {
+    "qcow": ("qcow", []),
+    "qcow2": ("qcow2", []),
+    "vmdk": ("vmdk", []),
+    "vmdk-descriptor": ("vmdk", ["-o", "subformat=monolithicFlat"]),
+    "vdi": ("vdi", []),
+    "vpc": ("vpc", []),
+    "vpc-fixed": ("vpc", ["-o", "subformat=fixed"]),
+    "vhdx": ("vhdx", []),
+    "luks": ("luks", ["--object", "secret,id=s0,data=vblock", "-o", "key-secret=s0,iter-time=10"]),
+    "parallels": ("parallels", []),
+}
