@@ -163,8 +163,6 @@ def test_whatever_follows_a_header_the_format_is_the_same(name, junk):
 
 
 # -- images made by qemu-img ------------------------------------------------------------------------
-
-
 @needs_qemu_img
 @pytest.mark.parametrize("name", sorted(foreign.QEMU_IMG_CREATE))
 def test_qemu_img_image_is_an_unknown_format_error_naming_it(scratch, name):

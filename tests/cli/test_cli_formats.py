@@ -135,7 +135,7 @@ def test_convert_with_explicit_raw_copies_a_foreign_file_byte_for_byte(qcow2, sc
     assert _sha(scratch / "copy.raw") == before == _sha(path)
 
 
-@pytest.mark.parametrize("name", [n for n in foreign.FORMATS])
+@pytest.mark.parametrize("name", foreign.FORMATS)
 def test_info_names_each_hand_made_foreign_format(scratch, name):
     path = scratch / f"disk.{name}"
     path.write_bytes(foreign.sample(name))

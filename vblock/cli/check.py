@@ -4,7 +4,8 @@ Checks an image's metadata as ``qemu-img check`` does, with its exit codes (``st
 2 corruptions, 3 leaked clusters only, 1 the check could not be completed, 63 the format has no
 metadata to check (raw). ``-r`` repairs (for QED: zeroes invalid table entries and reclaims leaked
 clusters), then checks again and reports what remains. Without ``-r`` the image is opened
-read-only and nothing is written to it.
+read-only and nothing is written to it. The backing chain is never opened (a check needs only
+this image's metadata), so an image whose backing file is missing can be checked and repaired.
 """
 
 from __future__ import annotations

@@ -3,6 +3,7 @@
 Points FILE at a new backing file (``-b ""`` removes it). Only the unsafe mode (``-u``) exists: it
 rewrites the header and copies nothing, so the guest's view changes wherever the old and new
 backing files differ; use it when they hold the same data (a moved or converted backing file).
+The old backing file is never opened, so this mends an image whose backing file is missing.
 """
 
 from __future__ import annotations
