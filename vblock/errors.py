@@ -28,8 +28,37 @@ class ImageError(VblockError):
         super().__init__(f"{where}: {message}" if self.path else message)
 
 
+class BackingFileError(ImageError, OSError):
+    """An image's backing file cannot be opened: missing, unreadable, a directory...
+
+    An ``ImageError`` (``field`` is ``"backing_file"``) that is also the host's ``OSError``, with
+    its ``errno``. ``path`` is the image that names the backing file, ``backing`` the name as the
+    image stores it, ``reason`` the host's words (``"No such file or directory"``). As an OSError
+    its ``filename`` is ``path`` and its ``strerror`` ``"cannot open backing file NAME: REASON"``,
+    so the CLI's one line names both files.
+    """
+
+    def __init__(self, path, backing, errno, reason):
+        text = f"cannot open backing file {backing}: {reason}"
+        OSError.__init__(self, errno, text, str(path))
+        self.path = str(path)
+        self.field = "backing_file"
+        self.message = text
+        self.backing = backing
+        self.reason = reason
+
+    def __str__(self):
+        return f"{self.path}: {self.message}"
+
+
 class UnknownFormatError(VblockError, ValueError):
-    """A format name that no registered driver serves."""
+    """A format that no registered driver serves: a name given by the caller, or the format a
+    file's header shows (``vblock.block.probe`` knows formats vblock has no driver for).
+    ``format`` is that format's name, when there is one."""
+
+    def __init__(self, message, format=None):
+        super().__init__(message)
+        self.format = format
 
 
 class UnknownOptionError(VblockError, ValueError):

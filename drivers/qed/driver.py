@@ -27,6 +27,7 @@ import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 
+from vblock.block.backing import backing_path
 from vblock.block.interface import DATA, UNALLOCATED, ZERO, BlockDriver, Limits, Run
 from vblock.errors import ImageError, UnsupportedError
 from vblock.future import Future, completed, failed, followed_by, join, resolve, then
@@ -44,7 +45,6 @@ DEFAULT_POOL_SIZE = 32  # threads
 HOSTS_MAX = 32768  # clusters whose host offset ``_learn_host`` remembers (2 GiB of 64 KiB ones)
 
 _ZEROS = memoryview(bytes(1 << 20))  # sliced without copying
-_opening = threading.local()  # realpaths of the backing chain being opened in this thread
 
 
 def _zero_fill(views):
@@ -200,20 +200,7 @@ class QedDriver(BlockDriver):
 
     @classmethod
     def open(cls, path, options):
-        real = os.path.realpath(path)
-        chain = getattr(_opening, "chain", None)
-        top = chain is None
-        if top:
-            chain = _opening.chain = set()
-        if real in chain:
-            raise ImageError(path, "backing_file", "backing file chain has a loop")
-        chain.add(real)
-        try:
-            return cls(path, options)
-        finally:
-            chain.discard(real)
-            if top:
-                del _opening.chain
+        return cls(path, options)
 
     # -- open --------------------------------------------------------------------------------------
     def __init__(self, path, options):
@@ -326,21 +313,10 @@ class QedDriver(BlockDriver):
             self.check(repair=True)
 
     def _open_backing(self):
-        import vblock
-
-        name = self.backing_filename
-        bpath = name if os.path.isabs(name) else os.path.join(os.path.dirname(self.path), name)
+        """Open the backing file through the block layer (which resolves the name, detects loops
+        and names both files when the host cannot open it); nothing when opened with no_backing."""
         bfmt = "raw" if self.header.features & fmt.F_BACKING_FORMAT_NO_PROBE else None
-        try:
-            self._backing = vblock.open_image(
-                bpath, format=bfmt, read_only=True, cache=self.options.cache,
-                aio=self.options.aio,
-            )
-        except ImageError:
-            raise
-        except OSError as exc:
-            raise ImageError(self.path, "backing_file",
-                             f"cannot open backing file {bpath!r}: {exc}") from exc
+        self._backing = self.options.open_backing(self.path, self.backing_filename, bfmt)
 
     def _event(self, name):
         announce(name)  # labels this thread's next host writes for vblock.testing.faults
@@ -1162,8 +1138,8 @@ class QedDriver(BlockDriver):
             d["backing-filename"] = self.backing_filename
             if h.features & fmt.F_BACKING_FORMAT_NO_PROBE:
                 d["backing-filename-format"] = "raw"
-            if self._backing is not None:
-                d["full-backing-filename"] = self._backing.path
+            d["full-backing-filename"] = (self._backing.path if self._backing is not None
+                                          else backing_path(self.path, self.backing_filename))
         return d
 
     def change_backing(self, name, fmt_name=None):

@@ -211,8 +211,9 @@ def _bad(path, field, message):
 
 
 def probe(head: bytes) -> int:
-    """Score 100 when ``head`` holds at least a header and starts with the QED magic."""
-    if len(head) >= HEADER_SIZE and struct.unpack_from("<I", head, 0)[0] == MAGIC:
+    """Score 100 when ``head`` starts with the QED magic, however short it is: a QED file cut
+    short is a corrupt QED image (``validate`` names the field), never a raw disk."""
+    if len(head) >= 4 and struct.unpack_from("<I", head, 0)[0] == MAGIC:
         return 100
     return 0
 

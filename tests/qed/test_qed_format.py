@@ -194,8 +194,14 @@ def test_validate_short_file():
 
 def test_probe():
     assert fmt.probe(GOOD.pack()) == 100
-    assert fmt.probe(GOOD.pack()[:63]) == 0
     assert fmt.probe(b"\0" * 64) == 0
+    assert fmt.probe(b"QED") == 0  # not even the whole magic
+
+
+@given(st.integers(4, 63))
+def test_probe_claims_a_short_header_on_the_magic_alone(n):
+    # a QED file cut short is a corrupt QED image, never raw
+    assert fmt.probe(GOOD.pack()[:n]) == 100
 
 
 def test_backing_name_read_from_header_area():

@@ -9,7 +9,9 @@ ram = vblock.open_image(None, format="memory", size=64 << 20)   # a RAM disk (no
 ```
 
 ``Image`` (``image.py``) checks requests and bounces unaligned ones; the driver operation table and
-its guarantees are in ``interface.py``; drivers are found through ``registry.py``.
+its guarantees are in ``interface.py``; drivers are found through ``registry.py``, file formats
+recognised by their magic through ``probe.py`` (which knows formats no driver serves), and backing
+chains opened for the drivers by ``backing.py``.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import errno
 import os
 
+from vblock.block.backing import opening
 from vblock.block.image import Image
 from vblock.block.interface import (
     AIO_MODES,
@@ -84,6 +87,7 @@ def open_image(
     cache: str = "none",
     aio: str = "auto",
     discard: str = "unmap",
+    no_backing: bool = False,
     **driver_options,
 ) -> Image:
     """Open an image and return its ``Image``.
@@ -94,8 +98,12 @@ def open_image(
     cache; flush does nothing: data can be lost on a host crash). ``aio``: host engine. ``discard``:
     "unmap" passes discards down, "ignore" drops them. Other keywords are format options, checked
     against the driver's ``open_options``. Memory and null images need no file: ``path`` may be
-    None and ``size`` is an option. Raises ``UnknownFormatError``, ``UnknownOptionError`` (naming the
-    option), ``OSError`` and ``ImageError``.
+    None and ``size`` is an option. ``no_backing`` opens the image without its backing chain (see
+    ``OpenOptions``): for looking at or mending an image whose backing file is missing. A file whose
+    header shows a format with no driver (qcow2, vmdk...) raises ``UnknownFormatError`` naming it;
+    ``format="raw"`` opens any file as raw. Raises ``UnknownFormatError``, ``UnknownOptionError``
+    (naming the option), ``OSError``, ``ImageError`` and ``BackingFileError`` (both of those: a
+    backing file the host cannot open, named with the image).
     """
     _choice("cache", cache, CACHE_MODES)
     _choice("aio", aio, AIO_MODES)
@@ -112,8 +120,10 @@ def open_image(
         aio=aio,
         discard=discard,
         driver_options=_convert(cls.open_options, driver_options, format, "open"),
+        no_backing=bool(no_backing),
     )
-    driver = cls.open(path, options)
+    with opening(path):  # the backing chain's loop check sees this image
+        driver = cls.open(path, options)
     return Image(driver, format, options)
 
 

@@ -141,6 +141,8 @@ class Image:
         self.options = options
         self.path = driver.path
         self.read_only = bool(options.read_only or driver.read_only)
+        # An image opened without its backing chain takes no data writes (metadata changes only).
+        self._no_data = self.read_only or options.no_backing
         self.limits = lim = driver.limits
         self._align = lim.request_alignment
         self._mem_align = lim.mem_alignment
@@ -195,6 +197,11 @@ class Image:
         if self.read_only:
             raise ReadOnlyError(f"{self.path}: {what} on an image opened read-only")
 
+    def _data_writable(self, what: str):
+        self._writable(what)
+        if self._no_data:
+            raise ReadOnlyError(f"{self.path}: {what} on an image opened without its backing chain")
+
     def _aligned(self, offset: int, views, total: int) -> bool:
         """Whether the request may go to the driver as is (only asked when the driver has limits)."""
         a = self._align
@@ -228,8 +235,8 @@ class Image:
 
     def submit_write(self, offset: int, buffers, fua: bool = False) -> Future:
         """Write the buffers' bytes at ``offset``; result: bytes written. ``fua``: durable on completion."""
-        if self.read_only:
-            self._writable("write")
+        if self._no_data:
+            self._data_writable("write")
         views, total = _views(buffers, False)
         if type(offset) is not int or offset < 0 or offset + total > self._size or self._closed:
             offset, _ = self._range(offset, total)  # raises, or converts an int-like offset
@@ -287,7 +294,7 @@ class Image:
 
     def submit_discard(self, offset: int, length: int) -> Future:
         """Tell the driver the range is unused (advisory; dropped when opened with discard="ignore")."""
-        self._writable("discard")
+        self._data_writable("discard")
         offset, length = self._range(offset, length)
         if not length or not self._discard:
             return completed(None)
@@ -298,7 +305,7 @@ class Image:
 
     def submit_write_zeroes(self, offset: int, length: int, may_unmap: bool = False) -> Future:
         """Make the range read as zeros; ``may_unmap`` lets the driver deallocate it."""
-        self._writable("write_zeroes")
+        self._data_writable("write_zeroes")
         offset, length = self._range(offset, length)
         if not length:
             return completed(None)

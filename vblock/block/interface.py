@@ -34,7 +34,7 @@ What a driver returns:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, NamedTuple, Sequence
+from typing import Any, Callable, ClassVar, NamedTuple, Sequence
 
 from vblock.future import Future
 
@@ -76,17 +76,38 @@ class Limits:
 @dataclass(frozen=True)
 class OpenOptions:
     """How an image is opened. ``driver_options`` holds format-specific options, already checked
-    against the driver's ``open_options`` (unknown names raise ``UnknownOptionError``)."""
+    against the driver's ``open_options`` (unknown names raise ``UnknownOptionError``).
+
+    Backing files: a driver never opens one itself; it calls ``open_backing``. ``no_backing``
+    (QEMU's BDRV_O_NO_BACKING) opens the image alone, for work on its own metadata (info, check,
+    map of this layer, changing the backing name): ``open_backing`` then returns None, the image
+    keeps its backing file's name, and ``Image`` refuses data writes (they would copy zeros where
+    the backing file has data). ``backing_opener`` replaces the block layer's opener
+    (``vblock.block.backing.open_backing``, same signature), for embedders and tests."""
 
     read_only: bool = False
     cache: str = "none"  # "none" = O_DIRECT, "writeback" = page cache, "unsafe" = flush is a no-op
     aio: str = "auto"  # host engine: "auto" | "io_uring" | "threads"
     discard: str = "unmap"  # "unmap" passes discards down, "ignore" drops them
     driver_options: dict = field(default_factory=dict)
+    no_backing: bool = False
+    backing_opener: Callable | None = None  # (parent path, name, fmt or None, options) -> Image
 
     @property
     def direct(self):
         return self.cache == "none"
+
+    def open_backing(self, parent: str, name: str, fmt: str | None = None):
+        """The backing ``Image`` named ``name`` by the image at ``parent`` (``fmt`` as recorded
+        there, None to probe), opened read-only; None when opened with ``no_backing``. Raises
+        ``ImageError`` (a loop in the chain, a corrupt backing file), ``BackingFileError`` (an
+        ``OSError`` too) when the host cannot open it, ``UnknownFormatError``."""
+        if self.no_backing:
+            return None
+        opener = self.backing_opener
+        if opener is None:
+            from vblock.block.backing import open_backing as opener
+        return opener(parent, name, fmt, self)
 
 
 class BlockDriver:

@@ -24,7 +24,9 @@ Probing
 -------
 ``probe_format(path)`` reads the first 4 KiB of the file and asks every driver's ``probe``
 classmethod for a score (0..100); the highest positive score wins. When no driver recognises the
-file it is opened as raw and a warning is logged: a guest can write any header into a raw disk
+file, the magics of ``vblock.block.probe`` name the formats vblock has no driver for (qcow2, vmdk,
+vhdx, luks...): such a file raises ``UnknownFormatError`` naming its format, and never opens as
+raw. A file that shows no known magic at all is opened as raw and a warning is logged: a guest can write any header into a raw disk
 (QEMU's CVE-2008-2004), so raw disks should always be opened with ``format="raw"``, which never
 probes and therefore never reinterprets what the guest wrote.
 
@@ -44,6 +46,7 @@ import os
 import pkgutil
 import threading
 
+from vblock.block import probe
 from vblock.errors import UnknownFormatError
 
 __all__ = [
@@ -246,7 +249,7 @@ def available() -> list:
 def get_driver(name: str):
     """The driver class for format ``name``; ``UnknownFormatError`` names it when there is none."""
     if not isinstance(name, str):
-        raise UnknownFormatError(f"unknown format {name!r}")
+        raise UnknownFormatError(f"unknown format {name!r}", format=name)
     table = _get_table()
     entry = table.get(name)
     if entry is None:
@@ -254,12 +257,13 @@ def get_driver(name: str):
         entry = table.get(name)
     if entry is None:
         known = ", ".join(sorted(table)) or "none"
-        raise UnknownFormatError(f"unknown format {name!r} (available: {known})")
+        raise UnknownFormatError(f"unknown format {name!r} (available: {known})", format=name)
     if _is_entry_point(entry):
         try:
             cls = entry.load()
         except Exception as exc:
-            raise UnknownFormatError(f"format {name!r}: entry point {entry.value} failed to load: {exc}") from exc
+            raise UnknownFormatError(f"format {name!r}: entry point {entry.value} failed to load: {exc}",
+                                     format=name) from exc
         with _lock:
             if _table is table:
                 table[name] = cls
@@ -267,10 +271,55 @@ def get_driver(name: str):
     return entry
 
 
-def probe_format(path) -> str:
-    """The format of the file at ``path``, by magic; ``"raw"`` (with a warning) when none matches."""
+def _file_formats() -> list:
+    """Formats whose driver reads image files: raw first, then those that recognise a header."""
+    from vblock.block.interface import BlockDriver
+
+    names = ["raw"] if "raw" in _get_table(everything=True) else []
+    for name in available():
+        try:
+            cls = get_driver(name)
+        except UnknownFormatError:
+            continue
+        probe_fn = getattr(getattr(cls, "probe", None), "__func__", None)
+        if name != "raw" and probe_fn is not BlockDriver.probe.__func__:
+            names.append(name)
+    return names
+
+
+def unsupported(path, name) -> UnknownFormatError:
+    """The error for a file whose header shows format ``name``, which no driver serves."""
+    return UnknownFormatError(
+        f"{path}: image format {name!r} is not supported (vblock reads {', '.join(_file_formats())}); "
+        f"convert it with qemu-img convert -O qed",
+        format=name,
+    )
+
+
+def _read_ends(path):
+    """The first ``PROBE_BYTES`` bytes of the file and its last ``probe.TAIL_BYTES`` (empty when
+    the file is no longer than its head: the tail is then within the head)."""
     with open(path, "rb") as f:
         head = f.read(PROBE_BYTES)
+        tail = b""
+        if len(head) >= probe.TAIL_BYTES:
+            try:
+                end = f.seek(0, os.SEEK_END)
+                if end >= probe.TAIL_BYTES:
+                    f.seek(end - probe.TAIL_BYTES)
+                    tail = f.read(probe.TAIL_BYTES)
+            except OSError:  # not seekable (a character device, a pipe): no end to look at
+                tail = b""
+    return head, tail
+
+
+def probe_format(path) -> str:
+    """The format of the file at ``path``, by magic; ``"raw"`` (with a warning) when none matches.
+
+    A driver that recognises the file wins. Otherwise the file is matched against the magics of
+    every format ``vblock.block.probe`` knows: one with no driver here raises
+    ``UnknownFormatError`` naming it (its ``format`` attribute), never falls back to raw."""
+    head, tail = _read_ends(path)
     best, best_score = None, 0
     for name in available():
         try:
@@ -281,11 +330,16 @@ def probe_format(path) -> str:
             continue
         if score > best_score:
             best, best_score = name, score
-    if best is None or best == "raw":
-        _log.warning(
-            "%s: no format given and no known header found; opening as raw. A guest can write any "
-            "header into a raw disk: pass format='raw' to open raw disks safely",
-            path,
-        )
-        return "raw"
-    return best
+    if best is not None and best != "raw":
+        return best
+    known = probe.identify(head, tail)
+    if known is not None:
+        if known in _get_table(everything=True):  # a driver that did not claim the file itself
+            return known
+        raise unsupported(path, known)
+    _log.warning(
+        "%s: no format given and no known header found; opening as raw. A guest can write any "
+        "header into a raw disk: pass format='raw' to open raw disks safely",
+        path,
+    )
+    return "raw"

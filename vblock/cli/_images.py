@@ -48,9 +48,12 @@ def check_creatable(fmt: str) -> str:
     return fmt
 
 
-def open_image(path, fmt=None, read_only=True, cache="writeback"):
+def open_image(path, fmt=None, read_only=True, cache="writeback", no_backing=False):
     """Open ``path`` for a tool: read-only and through the page cache by default. A missing file is
-    a ``FileNotFoundError`` naming it (before any probing), a directory an ``IsADirectoryError``."""
+    a ``FileNotFoundError`` naming it (before any probing), a directory an ``IsADirectoryError``; a
+    file whose header shows a format vblock has no driver for an ``UnknownFormatError`` naming that
+    format. ``no_backing`` leaves the backing chain closed (for verbs that need only this image's
+    metadata, so that they work while the backing file is missing)."""
     check_format(fmt)
     if fmt not in ("memory", "null"):
         if not os.path.exists(path):
@@ -61,7 +64,7 @@ def open_image(path, fmt=None, read_only=True, cache="writeback"):
         # Looking is safe: only writing to a raw disk whose header was probed is dangerous, so
         # the registry's warning about probing raw is kept for writers and silenced here.
         fmt = _quiet_probe(path)
-    return vblock.open_image(path, format=fmt, read_only=read_only, cache=cache)
+    return vblock.open_image(path, format=fmt, read_only=read_only, cache=cache, no_backing=no_backing)
 
 
 def _quiet_probe(path) -> str:

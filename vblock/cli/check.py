@@ -4,7 +4,8 @@ Checks an image's metadata as ``qemu-img check`` does, with its exit codes (``st
 2 corruptions, 3 leaked clusters only, 1 the check could not be completed, 63 the format has no
 metadata to check (raw). ``-r`` repairs (for QED: zeroes invalid table entries and reclaims leaked
 clusters), then checks again and reports what remains. Without ``-r`` the image is opened
-read-only and nothing is written to it.
+read-only and nothing is written to it. The backing chain is never opened (a check needs only
+this image's metadata), so an image whose backing file is missing can be checked and repaired.
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ def add_parser(sub, common):
 def check_image(path, fmt=None, repair=False, progress=None) -> dict:
     """The check result dict for ``path`` (qemu-img's keys plus ``corruptions-found`` /
     ``leaks-found`` after a repair). Raises ``UnsupportedError`` for formats without a check."""
-    with _images.open_image(path, fmt, read_only=not repair) as img:
+    # A check reads this image's metadata only: its backing chain stays closed (and may be missing).
+    with _images.open_image(path, fmt, read_only=not repair, no_backing=True) as img:
         if type(img.driver).check is BlockDriver.check:
             raise UnsupportedError(f"{path}: format {img.format!r} does not support checks")
         task = progress.task(f"checking {path}") if progress is not None else None

@@ -2,7 +2,9 @@
 
 What ``qemu-img info`` says about an image, with the same JSON keys: format, virtual size, disk
 size, cluster size, backing file (name, format, resolved path) and the dirty flag as the header
-bytes have it (the image is opened read-only, so nothing is repaired or cleared first).
+bytes have it (the image is opened read-only, so nothing is repaired or cleared first). Only
+``--backing-chain`` opens the backing files: without it an image whose backing file is missing is
+shown all the same.
 """
 
 from __future__ import annotations
@@ -84,7 +86,9 @@ def _human(d, table_size=None) -> str:
 
 
 def run(args, env):
-    with _images.open_image(args.file, args.fmt) as img:
+    # The backing chain is opened only to describe it: without --backing-chain an image whose
+    # backing file is missing is still shown, with the backing file's name.
+    with _images.open_image(args.file, args.fmt, no_backing=not args.backing_chain) as img:
         chain = _chain(img, args.file)
         tables = []
         layer = img

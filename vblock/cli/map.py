@@ -3,7 +3,9 @@
 Where the guest's bytes come from, as ``qemu-img map`` says it: runs with ``start``, ``length``,
 ``depth`` (0 = this image, 1 = its backing file ...), ``present`` (some layer allocates the run),
 ``zero``, ``data`` and, where the bytes have a place in a file, ``offset`` in that file. The human
-form lists only the runs with data, with the file they live in.
+form lists only the runs with data, with the file they live in. When a backing file cannot be
+opened (missing), the map shows this image's own allocation and reports the rest unallocated,
+after a warning that names both files.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 from vblock.block.interface import DATA, UNALLOCATED, ZERO
 from vblock.cli import _images
 from vblock.cli.status import ExitStatus
+from vblock.errors import BackingFileError
 
 CHUNK = 1 << 30  # bytes asked of block_status at a time
 
@@ -91,8 +94,18 @@ def _hex(n) -> str:
     return f"{n:#x}" if n else "0"
 
 
+def _open(args, env):
+    """The image with its backing chain; when a backing file cannot be opened, the image alone
+    (with a warning), so that the map shows this image's own allocation and the rest unallocated."""
+    try:
+        return _images.open_image(args.file, args.fmt)
+    except BackingFileError as exc:
+        env.warn(f"{exc}; showing {args.file}'s own allocation only")
+        return _images.open_image(args.file, args.fmt, no_backing=True)
+
+
 def run(args, env):
-    with _images.open_image(args.file, args.fmt) as img:
+    with _open(args, env) as img:
         entries = map_entries(img)
     if args.output == "json":
         env.out("[" + ",\n".join(_json_entry(e) for e in entries) + "]")

@@ -3,6 +3,7 @@
 Points FILE at a new backing file (``-b ""`` removes it). Only the unsafe mode (``-u``) exists: it
 rewrites the header and copies nothing, so the guest's view changes wherever the old and new
 backing files differ; use it when they hold the same data (a moved or converted backing file).
+The old backing file is never opened, so this mends an image whose backing file is missing.
 """
 
 from __future__ import annotations
@@ -33,10 +34,12 @@ def run(args, env):
     if new is not None:
         where = new if os.path.isabs(new) else os.path.join(os.path.dirname(os.path.abspath(args.file)), new)
         if fmt is None:  # probe now, so a raw backing file is recorded as raw (never probed again)
-            with _images.open_image(where) as b:
+            with _images.open_image(where, no_backing=True) as b:
                 fmt = b.format
         elif not os.path.exists(where):
             raise FileNotFoundError(2, "No such file or directory", where)
-    with _images.open_image(args.file, args.fmt, read_only=False) as img:
+    # Only the header changes: the old backing file is never opened (it may be missing, which is
+    # often why the image is rebased), nor the new one's chain.
+    with _images.open_image(args.file, args.fmt, read_only=False, no_backing=True) as img:
         img.change_backing(new, fmt)
     return ExitStatus.SUCCESS
