@@ -12,7 +12,7 @@
  * Offsets and lengths are in bytes.
  */
 
-#define VBIO_VERSION 13
+#define VBIO_VERSION 14
 
 /* Operation codes of struct vbio_op. */
 #define VBIO_OP_READV 1
@@ -156,13 +156,6 @@ int vbio_zero_granules(const void *buf, size_t len, size_t granule, uint8_t *out
 /* Aligned memory, zero-filled. */
 void *vbio_alloc(size_t size, size_t align);
 void vbio_free(void *p);
-
-/* Memory fences for rings shared with another process (vhost-user): acquire after reading an index
- * the other side publishes, release before publishing ours, full between a store and a load that
- * must not pass it (the virtio "used_event" and re-check cases). */
-void vbio_fence_acquire(void);
-void vbio_fence_release(void);
-void vbio_fence_full(void);
 
 /* The shim's version string, compared with the Python package at import. */
 const char *vbio_version(void);

@@ -33,7 +33,7 @@ _Static_assert(VBIO_SEEK_HOLE == SEEK_HOLE,
 
 const char *vbio_version(void) { return VBIO_STR(VBIO_VERSION); }
 
-/* -- memory and fences ------------------------------------------------------------------------- */
+/* -- memory ------------------------------------------------------------------------------------ */
 
 void *vbio_alloc(size_t size, size_t align)
 {
@@ -49,10 +49,6 @@ void *vbio_alloc(size_t size, size_t align)
 }
 
 void vbio_free(void *p) { free(p); }
-
-void vbio_fence_acquire(void) { atomic_thread_fence(memory_order_acquire); }
-void vbio_fence_release(void) { atomic_thread_fence(memory_order_release); }
-void vbio_fence_full(void) { atomic_thread_fence(memory_order_seq_cst); }
 
 /* -- files ------------------------------------------------------------------------------------- */
 
