@@ -1,10 +1,13 @@
-"""The package as users get it: a wheel built from this tree works in a fresh virtual environment."""
+"""The package as users get it: a wheel built from this tree works in a fresh virtual environment,
+and the sdist carries everything a wheel is built from."""
 
 import os
 import pathlib
 import subprocess
 import sys
+import tarfile
 import venv
+import zipfile
 
 import pytest
 
@@ -38,3 +41,27 @@ def test_wheel_installs_and_imports_in_fresh_venv(tmp_path):
     where = subprocess.run([str(py), "-c", "import vblock; print(vblock.__file__)"], check=True,
                            capture_output=True, text=True, cwd=tmp_path).stdout
     assert str(env_dir) in where
+
+
+@pytest.mark.timeout(600)
+def test_sdist_carries_the_build_and_builds_a_wheel(tmp_path):
+    """The sdist holds native/ whole (the backend and build scripts as well as the C files), and
+    pip builds a wheel with both compiled modules from it alone."""
+    dist = tmp_path / "dist"
+    subprocess.run([sys.executable, "-m", "build", "--sdist", "-o", str(dist), str(ROOT)],
+                   check=True, cwd=tmp_path, capture_output=True)
+    sdists = list(dist.glob("vblock-*.tar.gz"))
+    assert len(sdists) == 1
+    with tarfile.open(sdists[0]) as tar:
+        native = {pathlib.PurePosixPath(n).name for n in tar.getnames() if "/native/" in n}
+    in_tree = {p.name for p in (ROOT / "native").iterdir()
+               if p.suffix in (".py", ".c", ".h") and not p.name.startswith("_")}
+    assert native == in_tree
+    wheels = tmp_path / "wheels"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(wheels),
+                    str(sdists[0])], check=True, cwd=tmp_path)
+    (wheel,) = wheels.glob("vblock-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    compiled = sorted(n.split(".")[0] for n in names if n.endswith(".so"))
+    assert compiled == ["vblock/_vbio", "vblock/virtio/_vring"]
+    assert "vblock/drivers/qed/driver.py" in names
