@@ -1,7 +1,9 @@
 /* vbio: the native shim under vblock.hostio.
  *
- * This file is both the C header of vbio.c and the cffi cdef (native/build_vbio.py reads it), so it
- * holds declarations only: no includes, no guards, no macros other than integer constants.
+ * This file is both the C header of the shim's C files (vbio_*.c; what they share besides is in
+ * vbio_internal.h) and the cffi cdef (native/build_vbio.py reads it), so it holds declarations
+ * only: no includes, no guards, no macros other than integer constants. Where a constant restates
+ * a kernel number, vbio_file.c proves it equal to the kernel header's at build time.
  * `struct iovec` comes from <sys/uio.h> in C and is declared for cffi by the build script.
  *
  * Conventions: every vbio_* function that can fail returns a count or 0 on success, and -errno on
@@ -10,7 +12,7 @@
  * Offsets and lengths are in bytes.
  */
 
-#define VBIO_VERSION 12
+#define VBIO_VERSION 14
 
 /* Operation codes of struct vbio_op. */
 #define VBIO_OP_READV 1
@@ -19,10 +21,14 @@
 #define VBIO_OP_FALLOCATE 4
 #define VBIO_OP_NOP 5
 
-/* fallocate modes (the kernel's values). */
+/* fallocate modes: the kernel's FALLOC_FL_* values (vbio_file.c proves them equal). */
 #define VBIO_FALLOC_KEEP_SIZE 1
 #define VBIO_FALLOC_PUNCH_HOLE 2
 #define VBIO_FALLOC_ZERO_RANGE 16
+
+/* lseek whence values of vbio_seek: the kernel's SEEK_DATA and SEEK_HOLE. */
+#define VBIO_SEEK_DATA 3
+#define VBIO_SEEK_HOLE 4
 
 /* Misalignment codes of vbio_op_prep1, vbio_op_prepv and vbio_misaligned (positive, never an errno). */
 #define VBIO_MISALIGNED_OFFSET 1
@@ -137,7 +143,7 @@ int vbio_ftruncate(int fd, uint64_t size);
  * for them (sync_file_range SYNC_FILE_RANGE_WRITE; nbytes 0 = to the end of the file). Durability
  * still needs vbio_fdatasync; this only leaves it less to do. */
 int vbio_start_writeback(int fd, uint64_t offset, uint64_t nbytes);
-/* lseek with SEEK_DATA (whence 3) or SEEK_HOLE (whence 4): the offset, or -errno (-ENXIO past data). */
+/* lseek with whence VBIO_SEEK_DATA or VBIO_SEEK_HOLE: the offset, or -errno (-ENXIO past data). */
 int64_t vbio_seek(int fd, int64_t offset, int whence);
 
 /* Zero detection: out[i] = 1 if granule i of buf[0..len) (granule bytes each, the last one maybe
@@ -150,13 +156,6 @@ int vbio_zero_granules(const void *buf, size_t len, size_t granule, uint8_t *out
 /* Aligned memory, zero-filled. */
 void *vbio_alloc(size_t size, size_t align);
 void vbio_free(void *p);
-
-/* Memory fences for rings shared with another process (vhost-user): acquire after reading an index
- * the other side publishes, release before publishing ours, full between a store and a load that
- * must not pass it (the virtio "used_event" and re-check cases). */
-void vbio_fence_acquire(void);
-void vbio_fence_release(void);
-void vbio_fence_full(void);
 
 /* The shim's version string, compared with the Python package at import. */
 const char *vbio_version(void);

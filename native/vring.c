@@ -1,5 +1,8 @@
 /* vring: the virtio-blk fast path of vblock.virtio (see vring.h for the contract). */
 #include <endian.h>
+#include <linux/virtio_blk.h>
+#include <linux/virtio_ring.h>
+#include <stdatomic.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -8,7 +11,14 @@
 #define STR2(x) #x
 #define STR(x) STR2(x)
 
-enum { DESC_F_NEXT = 1, DESC_F_WRITE = 2, DESC_F_INDIRECT = 4, DESC_BYTES = 16 };
+enum { DESC_F_NEXT = VRING_DESC_F_NEXT, DESC_F_WRITE = VRING_DESC_F_WRITE,
+       DESC_F_INDIRECT = VRING_DESC_F_INDIRECT, DESC_BYTES = 16 };
+
+/* vring.h is also the cffi cdef, which cannot include the kernel's headers: the build proves its
+ * copies of kernel numbers equal to them. */
+_Static_assert(VRING_BLK_T_IN == VIRTIO_BLK_T_IN, "VRING_BLK_T_IN is not the kernel's");
+_Static_assert(VRING_BLK_T_OUT == VIRTIO_BLK_T_OUT, "VRING_BLK_T_OUT is not the kernel's");
+_Static_assert(DESC_BYTES == sizeof(struct vring_desc), "a descriptor is not the kernel's size");
 
 struct desc {
     uint64_t addr;
@@ -128,6 +138,10 @@ int64_t vring_blk_frame(const struct vring_split *w, uint32_t head)
     out[2] = out[2 * n]; /* the status byte; the data pairs are already at out[4 ...] */
     return (int64_t)(n - 2) | (int64_t)type << 16;
 }
+
+void vring_fence_acquire(void) { atomic_thread_fence(memory_order_acquire); }
+void vring_fence_release(void) { atomic_thread_fence(memory_order_release); }
+void vring_fence_full(void) { atomic_thread_fence(memory_order_seq_cst); }
 
 const char *vring_version(void)
 {

@@ -3,14 +3,15 @@
  *
  * Like vbio.h, this file is both the C header and the cffi cdef (native/build_vring.py): only
  * declarations and integer constants. Addresses are guest-physical, offsets and lengths in bytes.
+ * Where a constant restates a kernel number, vring.c proves it equal to the kernel header's.
  */
 
-#define VRING_VERSION 1
+#define VRING_VERSION 2
 
 /* vring_blk_frame's answer when it leaves a chain to the reference. */
 #define VRING_SLOW -1
 
-/* virtio-blk request types the fast path serves (5.2.6). */
+/* virtio-blk request types the fast path serves (5.2.6; the kernel's VIRTIO_BLK_T_IN / _OUT). */
 #define VRING_BLK_T_IN 0
 #define VRING_BLK_T_OUT 1
 
@@ -49,6 +50,14 @@ struct vring_split {
  * gives VRING_SLOW: the caller walks and parses the chain with the reference, which reads it
  * again and answers it. Nothing the caller acts on comes from two reads of one descriptor. */
 int64_t vring_blk_frame(const struct vring_split *w, uint32_t head);
+
+/* CPU memory fences for rings shared with a driver that runs concurrently (a vhost-user front-end's
+ * vCPUs): acquire after reading an index the other side publishes, release before publishing ours,
+ * full between a store and a load that must not pass it (virtio's used_event and re-check cases).
+ * C11 atomic_thread_fence with the matching memory order. */
+void vring_fence_acquire(void);
+void vring_fence_release(void);
+void vring_fence_full(void);
 
 /* The version string, compared with the Python package at import. */
 const char *vring_version(void);

@@ -1,6 +1,9 @@
 """The compiled shim: version, constants from the compiler, alignment probe, one real call."""
 
 import errno
+import os
+
+import pytest
 
 from vblock.hostio import _binding
 from vblock.hostio._binding import ffi, lib
@@ -10,9 +13,22 @@ def test_version_matches_package():
     assert ffi.string(lib.vbio_version()).decode() == _binding.EXPECTED_VERSION
 
 
-def test_fallocate_constants_are_the_kernels():
-    assert lib.VBIO_FALLOC_PUNCH_HOLE == 2 and lib.VBIO_FALLOC_KEEP_SIZE == 1
-    assert lib.VBIO_FALLOC_ZERO_RANGE == 16
+# vbio.h's copies of kernel numbers beside the kernel's own, which the shim exports as the C
+# compiler read them from <linux/falloc.h> and <unistd.h> (native/build_vbio.py, KERNEL_CDEF).
+FALLOCATE_MODES = [("VBIO_FALLOC_KEEP_SIZE", "FALLOC_FL_KEEP_SIZE"),
+                   ("VBIO_FALLOC_PUNCH_HOLE", "FALLOC_FL_PUNCH_HOLE"),
+                   ("VBIO_FALLOC_ZERO_RANGE", "FALLOC_FL_ZERO_RANGE")]
+
+
+@pytest.mark.parametrize("ours, kernels", FALLOCATE_MODES)
+def test_fallocate_constants_are_the_kernels(ours, kernels):
+    assert getattr(lib, ours) == getattr(lib, kernels)
+
+
+@pytest.mark.parametrize("ours, kernels",
+                         [("VBIO_SEEK_DATA", "SEEK_DATA"), ("VBIO_SEEK_HOLE", "SEEK_HOLE")])
+def test_seek_whence_constants_are_the_kernels(ours, kernels):
+    assert getattr(lib, ours) == getattr(lib, kernels) == getattr(os, kernels)
 
 
 def test_alloc_is_aligned_and_zeroed():

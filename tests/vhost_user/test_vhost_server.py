@@ -401,11 +401,10 @@ def test_the_reference_sequence_with_q35_memory_layout(served, image):
 
 
 def test_the_backend_installs_real_fences():
-    from vblock import hostio
-    from vblock.virtio import queue
+    from vblock.virtio import _binding, queue
 
     from vblock.vhost_user.backend import install_fences
 
     install_fences()
     assert (queue.acquire_fence, queue.release_fence, queue.full_fence) == (
-        hostio.fence_acquire, hostio.fence_release, hostio.fence_full)
+        _binding.fence_acquire, _binding.fence_release, _binding.fence_full)

@@ -15,11 +15,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vblock.errors import GuestError
-from vblock.hostio import buffer_address
 from vblock.virtio import GuestMemory
-from vblock.virtio import _vring
+from vblock.virtio import _binding
 from vblock.virtio import blk_request
 from vblock.virtio import spec as S
+from vblock.virtio._binding import buffer_address
 from vblock.virtio.blk_request import BlkRequest, RequestRules, frame_reader, parse
 from vblock.virtio.chain import ChainError, RingError, walk
 
@@ -285,7 +285,7 @@ def vblock_null():
 def test_the_2_32_total_is_checked_natively():
     """A write whose buffers pass 2^32 bytes in total (2.7.5.2). The walker only computes
     offsets and reads the header, so a region that claims 16 GiB over 80 bytes is enough here."""
-    ffi, lib = _vring.ffi, _vring.lib
+    ffi, lib = _binding.ffi, _binding.lib
     half = 1 << 31
     mem = bytearray(80)  # the table (4 entries), then the header at 64
     for i, (addr, length, flags) in enumerate([(64, 16, NEXT), (80, half, NEXT), (80 + half, half - 17, NEXT),

@@ -1,19 +1,13 @@
 """Host I/O: aligned, batched reads and writes on host files through the native shim.
 
 ``HostFile`` is the public class (see ``vblock.hostio.file``); ``alloc_buffer`` gives aligned
-memory; ``fence_*`` are the memory barriers for rings shared with another process.
+memory.
 """
 
-from ._binding import lib as _lib
 from .engine import ENGINES, resolve_engine, uring_available
 from ._binding import host_error
 from .file import HostFile, address_of, alloc_buffer, buffer_address, buffers_aligned
 from .hooks import announce, current_io_point, host_file_opener, io_point, open_host_file
 
 __all__ = ["HostFile", "alloc_buffer", "address_of", "buffer_address", "buffers_aligned", "ENGINES", "resolve_engine", "uring_available",
-           "open_host_file", "host_file_opener", "io_point", "announce", "current_io_point", "host_error",
-           "fence_acquire", "fence_release", "fence_full"]
-
-fence_acquire = _lib.vbio_fence_acquire
-fence_release = _lib.vbio_fence_release
-fence_full = _lib.vbio_fence_full
+           "open_host_file", "host_file_opener", "io_point", "announce", "current_io_point", "host_error"]

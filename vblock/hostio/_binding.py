@@ -13,7 +13,7 @@ import os
 from vblock._vbio import ffi, lib
 
 #: The shim version this package expects (native/vbio.h VBIO_VERSION).
-EXPECTED_VERSION = "12"
+EXPECTED_VERSION = "14"
 
 _built = ffi.string(lib.vbio_version()).decode()
 if _built != EXPECTED_VERSION:  # pragma: no cover - only with a stale build

@@ -26,8 +26,8 @@ from .engine import Engine, resolve_engine
 _log = logging.getLogger("vblock.hostio")
 
 PAGE = 4096
-SEEK_DATA = 3
-SEEK_HOLE = 4
+SEEK_DATA = lib.VBIO_SEEK_DATA
+SEEK_HOLE = lib.VBIO_SEEK_HOLE
 
 
 def alloc_buffer(length, alignment=PAGE):

@@ -32,8 +32,8 @@ Memory ordering with the guest's vCPUs: the guest runs on other host threads (QE
 vCPUs) while this process reads and writes the rings, so the split queue's four ordering points
 (``vblock.virtio.queue``: acquire after reading avail idx; release before publishing used idx; full
 fences before reading used_event and before re-checking avail idx after re-enabling
-notifications) must be real CPU fences, not the GIL. ``install_fences`` installs the native
-shim's ``vbio_fence_*`` (C11 ``atomic_thread_fence``) there once per process.
+notifications) must be real CPU fences, not the GIL. ``install_fences`` installs the virtio
+accelerator's (C11 ``atomic_thread_fence``) there, through ``queue.use_native_fences``.
 """
 
 from __future__ import annotations
@@ -76,17 +76,9 @@ _VHOST_BITS = 1 << P.VHOST_USER_F_PROTOCOL_FEATURES | 1 << P.VHOST_F_LOG_ALL
 _NOT_OVER_VHOST_USER = 1 << VIRTIO_F_RING_PACKED
 STOP_TIMEOUT = 60.0  # seconds to wait for a stopped ring's requests before giving up on them
 
-_fences_installed = False
-
-
 def install_fences():
     """Make the split queue's ordering points real CPU fences (see the module docstring)."""
-    global _fences_installed
-    if not _fences_installed:
-        from vblock.hostio import fence_acquire, fence_full, fence_release
-
-        _queue.set_fence(fence_acquire, fence_release, fence_full)
-        _fences_installed = True
+    _queue.use_native_fences()
 
 
 class Refused(Exception):

@@ -35,8 +35,8 @@ from __future__ import annotations
 import struct
 
 from vblock.errors import GuestError, UnsupportedError
-from vblock.hostio import buffer_address
-from vblock.virtio import _vring
+from vblock.virtio import _binding
+from vblock.virtio._binding import buffer_address
 from vblock.virtio.chain import ChainError, gather, split_back, split_front, walk
 from vblock.virtio.spec import (
     SECTOR_SHIFT,
@@ -58,10 +58,6 @@ from vblock.virtio.spec import (
 
 __all__ = ["BlkRequest", "RequestRules", "parse", "frame_reader", "finish"]
 
-#: The accelerator version this package expects (native/vring.h VRING_VERSION).
-_EXPECTED_VRING = "1"
-if _vring.ffi.string(_vring.lib.vring_version()).decode() != _EXPECTED_VRING:  # pragma: no cover - stale build
-    raise ImportError("vblock.virtio._vring is from another version of vblock: reinstall vblock (pip install -e .)")
 _NATIVE_MAX_BUFFERS = 1024  # longer chains (rare) are walked by the reference
 
 _HDR = virtio_blk_req_hdr.size  # 16
@@ -244,8 +240,8 @@ def frame_reader(mem, table, queue_size, indirect_ok, indirect_max, rules):
     """
     if len(table) < 16 * queue_size:
         raise ValueError(f"descriptor table of {len(table)} bytes is shorter than {queue_size} descriptors")
-    ffi = _vring.ffi
-    native = _vring.lib.vring_blk_frame
+    ffi = _binding.ffi
+    native = _binding.lib.vring_blk_frame
     gpa, view0 = max(mem.regions, key=lambda r: len(r[1]))
     out_max = min(queue_size + indirect_max, _NATIVE_MAX_BUFFERS)
     out = bytearray(8 * (2 + 2 * out_max))  # read back with struct: cheaper than cdata indexing

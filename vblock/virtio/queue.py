@@ -26,8 +26,8 @@ reading ``used_event`` / the avail flags; a full fence after re-enabling notific
 re-checking the avail index. In-process Python needs nothing more: every ``pack_into`` /
 ``unpack_from`` is one C call made under the GIL, and the GIL hand-off between threads is itself a
 full barrier, so every Python thread observes these stores in program order. A guest running
-concurrently on another CPU (KVM, a vhost-user frontend) needs real fences there;
-``vblock.hostio`` provides native ones (``fence_acquire`` / ``fence_release`` / ``fence_full``),
+concurrently on another CPU (KVM, a vhost-user frontend) needs real fences there: the virtio
+accelerator's (``vblock.virtio._binding``: ``fence_acquire`` / ``fence_release`` / ``fence_full``),
 installed with :func:`use_native_fences` (or any others with :func:`set_fence`).
 """
 
@@ -70,12 +70,12 @@ def set_fence(acquire, release, full):
 
 
 def use_native_fences(enable=True):
-    """Use ``vblock.hostio``'s CPU fences (for rings shared with another process or a running
-    vCPU), or go back to none with ``enable=False``."""
+    """Use the virtio accelerator's CPU fences (for rings shared with another process or a
+    running vCPU), or go back to none with ``enable=False``."""
     if not enable:
         set_fence(_no_fence, _no_fence, _no_fence)
         return
-    from vblock.hostio import fence_acquire, fence_full, fence_release
+    from vblock.virtio._binding import fence_acquire, fence_full, fence_release
 
     set_fence(fence_acquire, fence_release, fence_full)
 
