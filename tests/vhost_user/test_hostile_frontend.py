@@ -575,10 +575,18 @@ def _state_ring_running(serve):
 @pytest.mark.parametrize("state", [_state_idle, _state_half_message, _state_replies_unread,
                                    _state_saturated_call_fd, _state_ring_running],
                          ids=["idle", "half-message", "replies-unread", "saturated-call-fd", "ring-running"])
-def test_signal_ends_serve_in_every_state(serve, image, state, sig):
-    before = _digest(image)
+def test_signal_ends_serve_in_every_state(serve, scratch, image, state, sig):
+    before = _digest(image, _PROBE_RANGE)
     fe = state(serve)
     serve.end(sig)
     if fe is not None:
         fe.close()
-    assert _digest(image) == before  # only reads were served
+    again = ServeProcess(scratch, image)  # the image was left fit to serve again
+    try:
+        good = again.connect()
+        _correct_session(good)
+        good.close()
+        again.end()
+    finally:
+        again.kill()
+    assert _digest(image, _PROBE_RANGE) == before  # the hostile session served only reads

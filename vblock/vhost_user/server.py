@@ -266,7 +266,7 @@ class Server:
                     timeout = max(0.0, partial_at[1] + self.idle_timeout - time.monotonic())
                 events = sel.select(timeout)
                 if not events and partial_at is not None and time.monotonic() >= partial_at[1] + self.idle_timeout:
-                    _log.error("vhost-user: a message left incomplete for %.0f s; dropping the front-end",
+                    _log.error("vhost-user: a message left incomplete for %g s; dropping the front-end",
                                self.idle_timeout)
                     return
                 for key, _ in events:
