@@ -10,7 +10,9 @@ on one end of a socketpair. Waits are bounded: a reply, an fd becoming readable,
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
+import mmap
 import os
 import select
 import signal
@@ -229,8 +231,6 @@ def test_memfd_without_seal_shrink_is_refused(hostile):
 
 
 def test_memfd_sealed_against_growing_only_is_refused(hostile):
-    import fcntl
-
     fe = hostile.session(seals=fcntl.F_SEAL_GROW)
     fe.connect()
     assert fe.set_mem_table() == 1
@@ -269,8 +269,6 @@ def test_regular_file_holding_the_region_is_accepted_as_trusted(hostile, scratch
     fd = os.open(ram, os.O_RDWR)
     try:
         fe.ram.close()
-        import mmap
-
         fe.ram = mmap.mmap(fd, RAM_BYTES)
         assert fe.request(Req.SET_MEM_TABLE, (fe.region(),), fds=(fd,)) == 0
         ring = fe.start_ring(0, LINUX_FEATURES)
@@ -340,8 +338,6 @@ def test_degenerate_memory_table_is_refused(hostile, regions):
 
 def test_mmap_failure_is_a_failed_reply(hostile):
     """A memfd sealed against writes cannot be mapped shared and writable (EPERM)."""
-    import fcntl
-
     fe = hostile.session(seals=fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
     fe.connect()
     fe.ram.close()  # a writable shared mapping would forbid F_SEAL_WRITE
