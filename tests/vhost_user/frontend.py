@@ -2,15 +2,17 @@
 
 ``Frontend(sock)`` speaks the protocol over a connected socket (one end of a ``socketpair`` or a
 connection to ``vblock serve``'s socket). Guest RAM is a memfd the front-end maps itself and hands
-to the back-end by fd, as QEMU does with ``memory-backend-memfd,share=on``. A tiny guest-side
-split ring (``GuestRing``) lays out virtio-blk requests - header, data, status in three
-descriptors - publishes them, kicks through an eventfd and reaps completions after the call
+to the back-end by fd, as QEMU does with ``memory-backend-memfd,share=on`` (sealed against
+growing and shrinking, as QEMU seals it by default). A tiny guest-side split ring
+(``GuestRing``) lays out virtio-blk requests - header, data, status in three descriptors -
+publishes them, kicks through an eventfd and reaps completions after the call
 eventfd fires. Addresses given to the back-end are *front-end virtual* ones (``UVA_BASE`` + guest
 physical), so the back-end must translate them through the regions as it would for QEMU.
 """
 
 from __future__ import annotations
 
+import fcntl
 import mmap
 import os
 import select
@@ -38,11 +40,24 @@ T_IN, T_OUT, T_FLUSH = 0, 1, 4
 DESC_F_NEXT, DESC_F_WRITE = 1, 2
 
 
+def sealed_memfd(name, nbytes, seals=None):
+    """A memfd of ``nbytes`` sealed as QEMU's ``memory-backend-memfd`` seals its RAM by default
+    (grow, shrink, seal); ``seals`` overrides the set (0: unsealed, still sealable)."""
+    fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    os.ftruncate(fd, nbytes)
+    if seals is None:
+        seals = fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_SEAL
+    if seals:
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, seals)
+    return fd
+
+
 class Frontend:
-    def __init__(self, sock):
+    """``seals``: the guest RAM memfd's seals (default: QEMU's)."""
+
+    def __init__(self, sock, seals=None):
         self.sock = sock
-        self.memfd = os.memfd_create("guest-ram")
-        os.ftruncate(self.memfd, RAM_BYTES)
+        self.memfd = sealed_memfd("guest-ram", RAM_BYTES, seals)
         self.ram = mmap.mmap(self.memfd, RAM_BYTES)
         self.protocol_features = 0
         self._next_alloc = 0x10000

@@ -97,6 +97,28 @@ def test_fds_belong_to_the_message_they_came_with_even_when_glued():
     os.close(w)
 
 
+def test_fds_on_a_request_that_takes_none_are_closed_and_stripped():
+    r, w = os.pipe()
+    c = conn()
+    c.receive_data(msg(Req.GET_FEATURES), [os.dup(w), os.dup(w)])  # the connection owns these
+    ev = c.next_event()
+    assert ev.code == Req.GET_FEATURES and ev.fds == ()
+    os.close(w)  # the connection closed both copies it was given: only ours was left
+    assert os.read(r, 1) == b""
+    os.close(r)
+
+
+def test_partial_says_whether_a_message_is_half_received():
+    c = conn()
+    assert not c.partial
+    data = msg(Req.GET_FEATURES) + msg(Req.SET_FEATURES, 1 << 32)
+    c.receive_data(data[: len(data) - 3])
+    assert c.next_event().code == Req.GET_FEATURES
+    assert c.next_event() is NEED_DATA and c.partial and c.position == P.HEADER.size
+    c.receive_data(data[len(data) - 3 :])
+    assert c.next_event().code == Req.SET_FEATURES and not c.partial
+
+
 def test_fds_with_a_message_split_over_reads():
     r, w = os.pipe()
     c = conn()

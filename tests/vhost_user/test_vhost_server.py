@@ -30,6 +30,7 @@ from frontend import (  # noqa: E402
     T_IN,
     T_OUT,
     Frontend,
+    sealed_memfd,
 )
 
 DISK = 8 << 20
@@ -311,8 +312,7 @@ def test_add_and_remove_a_region_while_the_ring_runs(served, image):
     fe.connect()
     assert fe.add_mem_reg() == 0
     ring = fe.start_ring(0, LINUX_FEATURES)
-    extra_fd = os.memfd_create("more-ram")
-    os.ftruncate(extra_fd, 1 << 20)
+    extra_fd = sealed_memfd("more-ram", 1 << 20)
     extra = P.MemRegion(64 << 20, 1 << 20, 0x7E00_0000_0000, 0)
     try:
         assert fe.request(Req.ADD_MEM_REG, extra, fds=(extra_fd,)) == 0

@@ -136,12 +136,26 @@ def test_zero_length_buffer(guest):
     unanswerable(g, head)
 
 
+def answered_ioerr_in_status_only(g, head, st, run=None):
+    """A buffer outside guest memory with a valid status byte: IOERR in that byte (used length 1),
+    no data moved, and nothing else written - not even the in-memory data buffers."""
+    g.writable = [(st, 1)]
+    ops = len(g.stack.img.ops)
+    used, bad = g.run(head) if run is None else run()
+    assert used == [(head, 1)]
+    assert bad == []
+    assert g.mem.read(st, 1)[0] == IOERR
+    assert g.stack.img.ops[ops:] == []
+    assert not g.stack.dev.status & S.DEVICE_NEEDS_RESET
+    serves_next(g)
+
+
 def test_address_beyond_guest_memory(guest):
     g = guest
     h = g.header(IN, 0)
     st = g.status()
     head = g.chain([(h, 16, 0), (g.mem.size - 256, 512, W), (st, 1, W)])
-    unanswerable(g, head)
+    answered_ioerr_in_status_only(g, head, st)
 
 
 def test_address_plus_length_wraps_2_64(guest):
@@ -149,6 +163,71 @@ def test_address_plus_length_wraps_2_64(guest):
     h = g.header(IN, 0)
     st = g.status()
     head = g.chain([(h, 16, 0), ((1 << 64) - 256, 512, W), (st, 1, W)])
+    answered_ioerr_in_status_only(g, head, st)
+
+
+def test_write_data_beyond_guest_memory(guest):
+    g = guest
+    h = g.header(OUT, 0)
+    d = g.buf(512, b"\x11" * 512)
+    st = g.status()
+    head = g.chain([(h, 16, 0), (d, 512, 0), (g.mem.size - 8, 512, 0), (st, 1, W)])
+    answered_ioerr_in_status_only(g, head, st)
+
+
+def test_read_data_beyond_guest_memory_beside_a_good_piece(guest):
+    g = guest
+    h = g.header(IN, 0)
+    d = g.buf(512, writable=False)  # in memory, yet the device must not fill it
+    st = g.status()
+    head = g.chain([(h, 16, 0), ((1 << 64) - 256, 512, W), (d, 512, W), (st, 1, W)])
+    answered_ioerr_in_status_only(g, head, st)
+
+
+def test_header_beyond_guest_memory(guest):
+    g = guest
+    d = g.buf(512)
+    st = g.status()
+    head = g.chain([(g.mem.size, 16, 0), (d, 512, W), (st, 1, W)])
+    answered_ioerr_in_status_only(g, head, st)
+
+
+def test_data_beyond_guest_memory_in_an_indirect_table(guest):
+    g = guest
+    h = g.header(IN, 0)
+    st = g.status()
+    table = g.indirect_table([(h, 16, 0), ((1 << 64) - 16, 512, W), (st, 1, W)])
+    head = g.chain([(table[0], table[1], IND)])
+    answered_ioerr_in_status_only(g, head, st)
+
+
+def test_status_byte_beyond_guest_memory(guest):
+    g = guest
+    h = g.header(IN, 0)
+    d = g.buf(512, writable=False)
+    head = g.chain([(h, 16, 0), (d, 512, W), (g.mem.size, 1, W)])
+    unanswerable(g, head)
+
+
+def test_status_wrapping_2_64_after_data_beyond_guest_memory(guest):
+    g = guest
+    h = g.header(IN, 0)
+    head = g.chain([(h, 16, 0), (g.mem.size - 256, 512, W), ((1 << 64) - 1, 2, W)])
+    unanswerable(g, head)
+
+
+def test_buffer_beyond_guest_memory_without_writable_buffers(guest):
+    g = guest
+    h, d = write_request(g)
+    head = g.chain([(h, 16, 0), (g.mem.size + 4096, 512, 0)])
+    unanswerable(g, head)
+
+
+def test_buffer_beyond_guest_memory_in_an_otherwise_broken_chain(guest):
+    g = guest
+    h = g.header(IN, 0)
+    st = g.status()
+    head = g.chain([(h, 16, 0), (g.mem.size, 512, W), (st, 1, W), (h, 16, 0)])  # readable after writable
     unanswerable(g, head)
 
 
@@ -396,12 +475,45 @@ def test_packed_indirect_length_not_multiple_of_16(pguest):
     packed_unanswerable(g, g.pchain([(table[0], table[1] - 1, IND)], buffer_id=4))
 
 
-def test_packed_zero_length_and_out_of_memory_buffers(pguest):
+def test_packed_zero_length_buffer(pguest):
     g = pguest
     h, d = write_request(g)
     packed_unanswerable(g, g.pchain([(h, 16, 0), (d, 0, 0), (g.status(), 1, W)], buffer_id=5))
+
+
+def test_packed_address_plus_length_wraps_2_64(pguest):
+    g = pguest
     h = g.header(IN, 0)
-    packed_unanswerable(g, g.pchain([(h, 16, 0), ((1 << 64) - 100, 512, W), (g.status(), 1, W)], buffer_id=6))
+    st = g.status()
+    bid = g.pchain([(h, 16, 0), ((1 << 64) - 100, 512, W), (st, 1, W)], buffer_id=6)
+    answered_ioerr_in_status_only(g, bid, st, run=g.run)
+
+
+def test_packed_address_beyond_guest_memory(pguest):
+    g = pguest
+    h = g.header(OUT, 0)
+    st = g.status()
+    bid = g.pchain([(h, 16, 0), (g.mem.size - 256, 512, 0), (st, 1, W)], buffer_id=2)
+    answered_ioerr_in_status_only(g, bid, st, run=g.run)
+
+
+def test_packed_data_beyond_guest_memory_in_an_indirect_table(pguest):
+    g = pguest
+    h = g.header(IN, 0)
+    st = g.status()
+    entries = [(h, 16, 0, 0), (g.mem.size, 512, 0, W), (st, 1, 0, W)]  # packed layout: addr, len, id, flags
+    table = g.alloc(16 * len(entries))
+    for i, e in enumerate(entries):
+        S.pvirtq_desc.pack_into(g.mem.view(table, 16 * len(entries)), 16 * i, *e)
+    bid = g.pchain([(table, 16 * len(entries), IND)], buffer_id=3)
+    answered_ioerr_in_status_only(g, bid, st, run=g.run)
+
+
+def test_packed_status_byte_beyond_guest_memory(pguest):
+    g = pguest
+    h = g.header(IN, 0)
+    d = g.buf(512)
+    packed_unanswerable(g, g.pchain([(h, 16, 0), (d, 512, W), (g.mem.size, 1, W)], buffer_id=7))
 
 
 def test_packed_writable_header_and_missing_status(pguest):

@@ -300,3 +300,43 @@ def test_the_2_32_total_is_checked_natively():
     S.virtq_desc.pack_into(mem, 32, 80 + half, half - 18, NEXT, 3)  # 2^32 - 1 bytes: served
     assert lib.vring_blk_frame(w, 0) == 2 | S.VIRTIO_BLK_T_OUT << 16
     assert list(out[0:3]) == [0, (1 << 32) - 18, 0] and list(out[4:8]) == [80, 80 + half, 80 + half, 2 * half - 18 + 80]
+
+
+# -- buffers outside guest memory: answered in the status byte when it can be written -----------
+OUTSIDE = st.sampled_from([0, R0 - 1, R0 + REGION, R1 - 1, R1 + REGION, (1 << 64) - 8, (1 << 64) - 1])
+CROSSING = st.sampled_from([R0 + REGION - 1, R1 + REGION - 1, (1 << 64) - 1])  # with 2+ bytes: past an end
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from([S.VIRTIO_BLK_T_IN, S.VIRTIO_BLK_T_OUT]), st.integers(1, 3), st.data(), st.booleans())
+def test_a_buffer_outside_memory_is_ioerr_in_a_writable_status_else_unanswerable(kind, pieces, data, indirect):
+    """Any one descriptor of a standard request moved outside guest memory (or to wrap 2^64): IOERR
+    in the status byte, no data buffer, used length 1 - unless the moved one is the status itself,
+    which makes the frame unanswerable. The native reader and the reference agree."""
+    mem = _memory()
+    S.virtio_blk_req_hdr.pack_into(mem.view(R0 + 0x100, 16), 0, kind, 0, 8)
+    data_flags = WRITE if kind == S.VIRTIO_BLK_T_IN else 0
+    descs = [(R0 + 0x100, 16, 0)] + [(R0 + 0x1000 + 0x1000 * i, 512, data_flags) for i in range(pieces)]
+    descs.append((R0 + 0x200, 1, WRITE))
+    moved = data.draw(st.integers(0, len(descs) - 1))
+    addr, length, flags = descs[moved]
+    if data.draw(st.booleans()):
+        descs[moved] = (data.draw(OUTSIDE), length, flags)
+    else:
+        descs[moved] = (data.draw(CROSSING), max(length, 2), flags)
+    entries = [(a, n, f | (NEXT if i + 1 < len(descs) else 0), i + 1 if i + 1 < len(descs) else 0)
+               for i, (a, n, f) in enumerate(descs)]
+    if indirect:
+        table = _place(mem, TABLE, [(INDIRECT_AT[0], 16 * len(entries), INDIRECT, 0)] + [(0, 0, 0, 0)] * 7)
+        _place(mem, INDIRECT_AT[0], entries)
+    else:
+        table = _place(mem, TABLE, entries + [(0, 0, 0, 0)] * (8 - len(entries)))
+    rules = RequestRules(CAPACITY)
+    read = frame_reader(mem, table, 8, True, 8, rules)
+    got = _outcome(read, 0)
+    assert got == _outcome(lambda req: parse(req, walk(mem, table, 8, 0, True, 8), rules), 0)
+    if moved == len(descs) - 1:
+        assert got[0] == "ChainError"
+    else:
+        assert got[:3] == ("GuestError", got[1], S.VIRTIO_BLK_S_IOERR)
+        assert got[3] == buffer_address(mem.view(R0 + 0x200, 1))

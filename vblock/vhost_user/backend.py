@@ -19,6 +19,12 @@ while SeaBIOS runs) replaces the device's memory and re-resolves the running rin
 place, keeping their indices. Old mappings are never unmapped by hand: requests in flight hold
 views of them, and a mapping goes away when the last view does.
 
+A memory table is checked before anything is mapped (``check_regions``): no region of size 0, no
+range (guest-physical, front-end virtual, or offset in the fd) that wraps 2^64, no two regions
+overlapping in guest-physical or front-end virtual space, at most ``MAX_MEM_SLOTS`` regions. The
+server's ``map_region`` then refuses a backing that could shrink under us (see
+``vblock.vhost_user.server``). Every refusal is a failed reply; the table in use stays.
+
 Threads: every request here runs on the server's loop thread, which is also the only thread that
 reads kick eventfds and calls ``VirtioBlk.notify`` - so ring setup never races ring processing.
 Completions arrive on the block layer's threads and signal the ring's call eventfd through
@@ -59,7 +65,7 @@ from vblock.virtio.spec import (
 )
 from vblock.vhost_user import protocol as P
 
-__all__ = ["VhostUserBlk", "Refused", "install_fences", "PROTOCOL_FEATURES"]
+__all__ = ["VhostUserBlk", "Refused", "check_regions", "install_fences", "PROTOCOL_FEATURES"]
 
 _log = logging.getLogger(__name__)
 
@@ -127,7 +133,9 @@ class VhostUserBlk:
     """One vhost-user-blk device over ``img`` for the life of the server (many connections).
 
     ``host`` is the server's side of the I/O (``vblock.vhost_user.server``): ``map_region(fd,
-    offset, size) -> buffer``, ``signal(fd)``, ``watch_kick(index, fd)``, ``unwatch_kick(index)``.
+    offset, size) -> buffer``, ``signal(fd)`` (never blocks), ``check_kick(fd)``,
+    ``watch_kick(index, fd)``, ``unwatch_kick(index)``; the last three raise ``Refused`` for an
+    fd that cannot be watched.
     """
 
     def __init__(self, img, host, num_queues=1, serial="vblock0", read_only=None, writeback=True):
@@ -202,9 +210,10 @@ class VhostUserBlk:
 
     # -- memory -----------------------------------------------------------------------------------
     def _map(self, region, fd):
+        """Map ``region`` from ``fd`` (closed here, mapped or not)."""
         try:
             return self.host.map_region(fd, region.mmap_offset, region.size)
-        except OSError as exc:
+        except (OSError, ValueError, OverflowError) as exc:
             raise Refused(f"cannot map region gpa={region.gpa:#x} size={region.size:#x}: {exc}") from None
         finally:
             os.close(fd)
@@ -213,6 +222,7 @@ class VhostUserBlk:
         fds = list(req.fds)
         new = []
         try:
+            check_regions(req.value)
             for region in req.value:
                 new.append((region, self._map(region, fds.pop(0))))
         finally:
@@ -221,6 +231,11 @@ class VhostUserBlk:
 
     def _on_add_mem_reg(self, req):
         region = req.value
+        try:
+            check_regions([g for g, _ in self.regions] + [region])
+        except Refused:
+            _close(req.fds)
+            raise
         buf = self._map(region, req.fds[0])
         self._set_regions(self.regions + [(region, buf)])
 
@@ -264,6 +279,12 @@ class VhostUserBlk:
     def _on_set_vring_kick(self, req):
         index = req.value & P.VRING_IDX_MASK
         rio = self.rings[index]
+        if req.fds:
+            try:
+                self.host.check_kick(req.fds[0])  # an fd that cannot be watched: refused, old kept
+            except Refused:
+                _close(req.fds)
+                raise
         if rio.running:
             self.host.unwatch_kick(index)
         _close([rio.kick] if rio.kick is not None else [])
@@ -360,6 +381,13 @@ class VhostUserBlk:
         self.kicks[index] += 1
         self.device.notify(index)
 
+    def kick_lost(self, index, why):
+        """Ring ``index``'s kick fd can no longer be read (end of file, an error): the server has
+        stopped watching it, so the ring gets no notifications until a new SET_VRING_KICK. The
+        front-end hears of it on the ring's err fd."""
+        _log.error("vhost-user: ring %d kick fd %s; the ring waits for a new kick fd", index, why)
+        self._signal_err(index)
+
     def _stop(self, index):
         """Stop ring ``index``: no new requests, wait for those in flight, publish them; returns
         the next avail index. Resets the device once no ring runs."""
@@ -388,13 +416,18 @@ class VhostUserBlk:
 
     # -- config space ---------------------------------------------------------------------------
     def _on_get_config(self, req):
+        """Bytes of the config space: ``struct virtio_blk_config``, read as zeros past its end up to
+        ``CONFIG_SPACE_MAX`` (a front-end built for a longer struct); a range past that is
+        refused, so no allocation follows an offset the front-end chose."""
         c = req.value
+        limit = P.CONFIG_SPACE_MAX
+        if c.offset > limit or c.size > limit - c.offset:
+            raise Refused(f"GET_CONFIG of {c.size} bytes at {c.offset:#x} is outside the config space")
         cfg = bytearray(self.device.config_bytes())
         if not self.device.status & FEATURES_OK:
             cfg[VIRTIO_BLK_CONFIG_WRITEBACK_OFFSET] = 1 if self.writeback else 0
-        if c.offset + c.size > len(cfg):
-            cfg += bytes(c.offset + c.size - len(cfg))
-        return P.ConfigSpace(c.offset, c.size, c.flags, bytes(cfg[c.offset : c.offset + c.size]))
+        data = bytes(cfg[c.offset : c.offset + c.size])
+        return P.ConfigSpace(c.offset, c.size, c.flags, data + bytes(c.size - len(data)))
 
     def _on_set_config(self, req):
         c = req.value
@@ -444,6 +477,30 @@ class VhostUserBlk:
     @property
     def flushes(self):
         return self.image.flushes
+
+
+def check_regions(regions):
+    """Raise ``Refused`` unless ``regions`` (``MemRegion``s) form a usable memory table: at most
+    ``MAX_MEM_SLOTS``, none of size 0, no range that wraps 2^64 (guest-physical, front-end
+    virtual, or ``mmap_offset + size`` in the fd), and no two overlapping in guest-physical or in
+    front-end virtual addresses."""
+    if len(regions) > MAX_MEM_SLOTS:
+        raise Refused(f"memory table of {len(regions)} regions, at most {MAX_MEM_SLOTS}")
+    for r in regions:
+        where = f"region gpa={r.gpa:#x} size={r.size:#x} uva={r.uva:#x} offset={r.mmap_offset:#x}"
+        if r.size == 0:
+            raise Refused(f"{where}: size 0")
+        for name, start in (("guest-physical", r.gpa), ("front-end virtual", r.uva), ("file", r.mmap_offset)):
+            if start + r.size > _U64_LIMIT:
+                raise Refused(f"{where}: {name} range wraps 2^64")
+    for name, key in (("guest-physical", lambda r: r.gpa), ("front-end virtual", lambda r: r.uva)):
+        spans = sorted((key(r), key(r) + r.size) for r in regions)
+        for (_, end), (start, _) in zip(spans, spans[1:]):
+            if start < end:
+                raise Refused(f"memory regions overlap at {name} address {start:#x}")
+
+
+_U64_LIMIT = 1 << 64
 
 
 def _no_memory():

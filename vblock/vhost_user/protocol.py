@@ -19,6 +19,10 @@ fds into one ``recvmsg``, but never reads past the message that carries them (th
 read after an skb with SCM_RIGHTS). So each batch of fds is remembered with the stream position
 where its chunk *ends*, and belongs to the first message that reaches that position: the last
 message that begins in the chunk.
+Every fd reaches exactly one owner: a request that carries fds by definition (``_TAKES_FDS``)
+hands them to the caller in ``Request.fds``; fds attached to any other known request are closed
+here and the request comes out with none (a front-end cannot make the back-end hold fds by
+attaching them to GET_FEATURES); fds that belong to no message yet are ``pending_fds()``.
 
 The session state - what was negotiated and the state of every ring - lives in ``Session`` and
 changes only through the transition table ``_RING_TRANSITIONS`` (ring state x request -> ring
@@ -138,6 +142,18 @@ PROTOCOL_F_CONFIGURE_MEM_SLOTS = 15
 # Virtio feature bits that belong to vhost-user itself, not to the device
 VHOST_F_LOG_ALL = 26
 VHOST_USER_F_PROTOCOL_FEATURES = 30
+
+# The known requests that carry fds (how many is checked by ``Session.apply`` where it matters);
+# fds on any other known request are closed by the connection.
+_TAKES_FDS = {
+    Req.SET_MEM_TABLE,
+    Req.ADD_MEM_REG,
+    Req.REM_MEM_REG,  # QEMU attaches the region's fd; the back-end closes it
+    Req.SET_VRING_KICK,
+    Req.SET_VRING_CALL,
+    Req.SET_VRING_ERR,
+    Req.SET_BACKEND_REQ_FD,
+}
 
 # The requests whose reply is part of the request itself (not a REPLY_ACK).
 _REPLIES = {
@@ -534,6 +550,17 @@ class Connection:
         """Fds received but not yet attached to a message (the caller closes them on teardown)."""
         return [fd for _, fds in self._fd_marks for fd in fds]
 
+    @property
+    def partial(self):
+        """True while part of a message is buffered (the caller times out a front-end that stops
+        half-way through one)."""
+        return bool(self._buf)
+
+    @property
+    def position(self):
+        """The stream position of the first byte not yet consumed by a whole message."""
+        return self._pos
+
     def next_event(self):
         """The next ``Request``, or ``NEED_DATA``, or ``CLOSED``. Raises ``RemoteProtocolError``
         (and moves to ERROR) on a malformed or illegal message."""
@@ -578,9 +605,13 @@ class Connection:
         dec = _DECODERS.get(code)
         if dec is None:
             return Request(code, flags, payload, tuple(fds), known=False)
+        code = Req(code)
+        if fds and code not in _TAKES_FDS:
+            _close_all(fds)  # the request takes none: nothing may keep them
+            fds = []
         try:
             value = dec(code, payload)
-            req = Request(Req(code), flags, value, tuple(fds))
+            req = Request(code, flags, value, tuple(fds))
             self.session.apply(req)
         except RemoteProtocolError:
             _close_all(fds)

@@ -27,7 +27,9 @@ EVENT_IDX (2.7.7.2). Completions that arrive while the queue is being drained (i
 backend finishes inline) are published at the end of the turn.
 
 Guest mistakes never raise out of the device: a broken chain or frame without a status byte
-returns its head with used length 0; a bad request is answered in its status byte; a broken ring
+returns its head with used length 0; a bad request is answered in its status byte, and so is a
+chain with a buffer outside guest memory whose status byte is inside (IOERR, no data moved,
+``chain.walk``); a broken ring
 (avail index far ahead, head out of range or already in flight) sets DEVICE_NEEDS_RESET and, with
 DRIVER_OK, sends a config-change interrupt (2.1.2).
 

@@ -13,6 +13,8 @@ and the data is whatever lies between, in any number of pieces.
 
 * no writable byte at all: there is nowhere to answer, so :class:`ChainError` (head returned with
   used length 0, nothing written);
+* a chain with a buffer outside guest memory whose status byte is inside (``chain.fault``): IOERR
+  in that byte, no data moved;
 * fewer than 16 readable bytes (a missing or writable header): IOERR;
 * a valid frame whose content is wrong - data in the wrong direction, a length that is not a
   multiple of 512, a range past capacity, a GET_ID buffer under 20 bytes, a write to a read-only
@@ -168,6 +170,10 @@ def parse(req, chain, rules):
     writable = chain.writable
     if not writable:
         raise ChainError("no device-writable status byte")  # 5.2.6: status is the last, writable byte
+    if chain.fault is not None:
+        req.status = writable[-1][-1:]  # the walk kept only the last writable buffer, in memory
+        req.used_len = 1
+        raise _ioerr(f"buffer outside guest memory: {chain.fault}")
     last = writable[-1]
     if len(last) == 1:
         req.status = last

@@ -21,14 +21,23 @@ Rules, each with its clause (virtio 1.2):
   never inside an indirect table, table ``len`` a non-zero multiple of 16 with at most
   ``indirect_max`` entries (2.7.5.3.1; the device MUST ignore WRITE on the table's descriptor);
 * device-readable descriptors before device-writable ones (2.7.4.2);
-* no zero-length buffer, and every buffer inside guest memory without wrapping 2^64
-  (2.7.5: addr/len describe a buffer in guest memory);
+* no zero-length buffer (2.7.5);
 * the total length of the chain below 2^32 (2.7.5.2: "the total length of a descriptor chain
-  MUST NOT exceed 2^32").
+  MUST NOT exceed 2^32");
+* every buffer inside guest memory without wrapping 2^64 (2.7.5: addr/len describe a buffer in
+  guest memory) - a *fault*, see below.
 
 ``ChainError`` means the frame cannot be answered in-band (no status byte can be trusted): the
 device returns the head to the used ring with length 0 and writes nothing. ``RingError`` means the
 ring itself is broken: the device sets DEVICE_NEEDS_RESET.
+
+A buffer outside guest memory (or wrapping 2^64) in a chain that breaks no other rule is a fault
+the device can still answer when the chain's last device-writable buffer - the one that holds a
+request's status byte - lies inside guest memory: the walk then returns a chain whose ``fault``
+names the first such buffer and whose ``writable`` holds only that last buffer (``readable`` is
+empty), so the device answers IOERR in its last byte (as Firecracker does; a guest must never read
+a stale status for a request that never ran). When that last writable buffer is itself outside
+memory, or there is none, the fault is a ``ChainError``.
 """
 
 from __future__ import annotations
@@ -63,16 +72,22 @@ class RingError(GuestError):
 
 class DescriptorChain:
     """A walked, validated chain: ``readable`` and ``writable`` are lists of memoryviews into guest
-    memory, in chain order; ``readable_bytes`` / ``writable_bytes`` their total lengths."""
+    memory, in chain order; ``readable_bytes`` / ``writable_bytes`` their total lengths.
 
-    __slots__ = ("head", "readable", "writable", "readable_bytes", "writable_bytes")
+    ``fault`` is None for a chain whose every buffer lies in guest memory. Otherwise it says which
+    buffer does not, and the chain holds only its last writable buffer (``writable`` of one view,
+    inside guest memory; ``readable`` empty; the byte counts those of the views held): the device
+    answers with an error in that buffer's last byte and moves no data."""
 
-    def __init__(self, head, readable, writable, readable_bytes, writable_bytes):
+    __slots__ = ("head", "readable", "writable", "readable_bytes", "writable_bytes", "fault")
+
+    def __init__(self, head, readable, writable, readable_bytes, writable_bytes, fault=None):
         self.head = head
         self.readable = readable
         self.writable = writable
         self.readable_bytes = readable_bytes
         self.writable_bytes = writable_bytes
+        self.fault = fault
 
     def __repr__(self):
         return (
@@ -85,14 +100,17 @@ def walk(mem, table, queue_size, head, indirect_ok, indirect_max):
     """Walk the chain at ``head`` of descriptor ``table`` (a memoryview of ``queue_size``
     descriptors) over guest memory ``mem``.
 
-    Returns a :class:`DescriptorChain`. Raises :class:`RingError` if ``head >= queue_size`` and
-    :class:`ChainError` for every other rule in the module docstring. Any other exception is a bug.
+    Returns a :class:`DescriptorChain` (with ``fault`` set for a buffer outside guest memory
+    when the status can still be answered). Raises :class:`RingError` if ``head >= queue_size``
+    and :class:`ChainError` for every other rule in the module docstring. Any other exception is
+    a bug.
     """
     if head >= queue_size:
         raise RingError(f"head index {head} >= queue size {queue_size}")  # 2.7.6 ring[] names a head
     readable = []
     writable = []
     rbytes = wbytes = 0
+    fault = None  # the first buffer outside guest memory; the walk goes on to find the status
     ttl = queue_size  # 2.7.5.3.1: the direct part of a chain is at most queue_size descriptors
     n = queue_size
     idx = head
@@ -127,7 +145,9 @@ def walk(mem, table, queue_size, head, indirect_ok, indirect_max):
             try:
                 buf = mem.view(addr, length)
             except GuestMemoryError as exc:
-                raise ChainError(f"descriptor {idx}: {exc}") from None
+                buf = None
+                if fault is None:
+                    fault = f"descriptor {idx}: {exc}"
         if flags & VIRTQ_DESC_F_WRITE:
             writable.append(buf)
             wbytes += length
@@ -139,10 +159,21 @@ def walk(mem, table, queue_size, head, indirect_ok, indirect_max):
         if not flags & VIRTQ_DESC_F_NEXT:
             if rbytes + wbytes >= _TOTAL_LIMIT:  # each len < 2^32 and at most 2^15 of them: no overflow
                 raise ChainError("chain length exceeds 2^32 bytes")  # 2.7.5.2
+            if fault is not None:
+                return _faulted(head, writable, fault)
             return DescriptorChain(head, readable, writable, rbytes, wbytes)
         if nxt >= n:
             raise ChainError(f"next index {nxt} >= table size {n}")  # 2.7.5
         idx = nxt
+
+
+def _faulted(head, writable, fault):
+    """The answerable remains of a chain with a buffer outside guest memory (see the module
+    docstring), or ``ChainError`` when its last writable buffer is missing or outside too."""
+    last = writable[-1] if writable else None
+    if last is None:
+        raise ChainError(fault)
+    return DescriptorChain(head, [], [last], 0, len(last), fault)
 
 
 def _indirect_table(mem, addr, length, indirect_max):
@@ -171,7 +202,8 @@ def walk_packed(mem, ring, size, pos, indirect_ok, indirect_max):
     :class:`RingError`; an INDIRECT descriptor must be the only ring descriptor of its chain
     (2.8.19: never with NEXT) and its table entries are read in order, ignoring their NEXT
     (2.8.19). Any other violation raises :class:`ChainError` carrying ``buffer_id`` and
-    ``ring_descs`` so the device can still return the buffer with used length 0.
+    ``ring_descs`` so the device can still return the buffer with used length 0; a buffer outside
+    guest memory gives a chain with ``fault`` set, as :func:`walk` does.
     """
     # 1. the extent: flags are read once here, buffers below from the same single read
     descs = []
@@ -213,13 +245,16 @@ def _packed_buffers(mem, descs, indirect_ok, indirect_max):
     readable = []
     writable = []
     rbytes = wbytes = 0
+    fault = None
     for i, (addr, length, _id, flags) in enumerate(descs):
         if length == 0:
             raise ChainError(f"zero-length buffer in descriptor {i} of the chain")
         try:
             buf = mem.view(addr, length)
         except GuestMemoryError as exc:
-            raise ChainError(f"descriptor {i} of the chain: {exc}") from None
+            buf = None
+            if fault is None:
+                fault = f"descriptor {i} of the chain: {exc}"
         if flags & VIRTQ_DESC_F_WRITE:
             writable.append(buf)
             wbytes += length
@@ -230,6 +265,8 @@ def _packed_buffers(mem, descs, indirect_ok, indirect_max):
             rbytes += length
     if rbytes + wbytes >= _TOTAL_LIMIT:
         raise ChainError("chain length exceeds 2^32 bytes")
+    if fault is not None:
+        return _faulted(None, writable, fault)
     return DescriptorChain(None, readable, writable, rbytes, wbytes)
 
 
