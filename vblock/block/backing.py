@@ -66,6 +66,8 @@ def open_backing(parent: str, name: str, fmt, options):
     its ``Image``. ``fmt`` is the format the parent recorded, or None to probe."""
     from vblock.block import open_image  # the front door, above this module in the package
 
+    if "\0" in name:  # no file system path holds one; the header's name field is corrupt
+        raise ImageError(parent, "backing_file", "backing file name contains a NUL byte")
     bpath = backing_path(parent, name)
     if os.path.realpath(bpath) in getattr(_chain, "paths", ()):
         raise ImageError(parent, "backing_file", "backing file chain has a loop")
