@@ -18,6 +18,7 @@ changes under ``self.lock``, which is never held across I/O.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -312,10 +313,16 @@ class QedDriver(BlockDriver):
         name = self.backing_filename
         bpath = name if os.path.isabs(name) else os.path.join(os.path.dirname(self.path), name)
         bfmt = "raw" if self.header.features & fmt.F_BACKING_FORMAT_NO_PROBE else None
+        # A loop is found here, before open_image, whose image locks would meet this chain's own
+        # first (a name that is no path at all is left for open_image to refuse).
+        with contextlib.suppress(ValueError):
+            if os.path.realpath(bpath) in getattr(_opening, "chain", ()):
+                raise ImageError(bpath, "backing_file", "backing file chain has a loop")
         try:
             self._backing = vblock.open_image(
                 bpath, format=bfmt, read_only=True, cache=self.options.cache,
-                aio=self.options.aio,
+                aio=self.options.aio, force_share=self.options.force_share,
+                locking=self.options.locking,
             )
         except ImageError:
             raise

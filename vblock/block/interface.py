@@ -83,6 +83,10 @@ class OpenOptions:
     aio: str = "auto"  # host engine: "auto" | "io_uring" | "threads"
     discard: str = "unmap"  # "unmap" passes discards down, "ignore" drops them
     driver_options: dict = field(default_factory=dict)
+    # Image locks (see vblock.block's docstring): a driver that opens further files (a backing
+    # file) passes both on to those opens.
+    force_share: bool = False  # read-only opens only: share everything, as ``qemu-img -U``
+    locking: str = "auto"  # "auto" | "on" | "off"
 
     @property
     def direct(self):
@@ -98,6 +102,9 @@ class BlockDriver:
     create_options: ClassVar[dict] = {}
     #: option name -> converter for format-specific ``open_image`` options
     open_options: ClassVar[dict] = {}
+    #: whether an image lives in the host file named by its path, so that ``open_image`` takes
+    #: QEMU-compatible image locks on it (False for drivers without a file: memory, null)
+    file_backed: ClassVar[bool] = True
 
     # Instance attributes every open driver sets:
     path: str
