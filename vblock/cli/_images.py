@@ -15,7 +15,8 @@ import vblock
 from vblock.block.registry import get_driver, probe_format
 from vblock.cli.output import UsageError, parse_size
 
-__all__ = ["open_image", "parse_options", "temporary_path", "replace_atomically", "check_format"]
+__all__ = ["open_image", "add_force_share", "parse_options", "temporary_path", "replace_atomically",
+           "check_format"]
 
 _SIZE_OPTIONS = ("cluster_size",)
 
@@ -27,9 +28,18 @@ def check_format(fmt: str | None) -> str | None:
     return fmt
 
 
-def open_image(path, fmt=None, read_only=True, cache="writeback"):
+def add_force_share(parser, what="the image") -> None:
+    """``-U/--force-share`` (``args.force_share``), as qemu-img's."""
+    parser.add_argument("-U", "--force-share", dest="force_share", action="store_true",
+                        help=f"open {what} even while another process writes to it (no conflicting "
+                             "locks; the data may change underneath)")
+
+
+def open_image(path, fmt=None, read_only=True, cache="writeback", force_share=False):
     """Open ``path`` for a tool: read-only and through the page cache by default. A missing file is
-    a ``FileNotFoundError`` naming it (before any probing), a directory an ``IsADirectoryError``."""
+    a ``FileNotFoundError`` naming it (before any probing), a directory an ``IsADirectoryError``.
+    The image is locked as ``vblock.open_image`` locks it (``ImageLockedError`` while another
+    process holds a conflicting lock); ``force_share`` is ``-U``."""
     check_format(fmt)
     if fmt not in ("memory", "null"):
         if not os.path.exists(path):
@@ -40,7 +50,7 @@ def open_image(path, fmt=None, read_only=True, cache="writeback"):
         # Looking is safe: only writing to a raw disk whose header was probed is dangerous, so
         # the registry's warning about probing raw is kept for writers and silenced here.
         fmt = _quiet_probe(path)
-    return vblock.open_image(path, format=fmt, read_only=read_only, cache=cache)
+    return vblock.open_image(path, format=fmt, read_only=read_only, cache=cache, force_share=force_share)
 
 
 def _quiet_probe(path) -> str:

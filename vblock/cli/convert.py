@@ -55,6 +55,7 @@ def add_parser(sub, common):
                    help="source cache mode (default writeback)")
     p.add_argument("-m", dest="depth", type=int, default=DEFAULT_DEPTH, metavar="N",
                    help=f"requests in flight (default {DEFAULT_DEPTH})")
+    _images.add_force_share(p, "the source")
     p.add_argument("src", metavar="SRC")
     p.add_argument("dst", metavar="DST")
 
@@ -252,8 +253,10 @@ def _mapping_of(src):
 
 
 def convert(src_path, dst_path, out_fmt, *, fmt=None, options=None, backing=None, backing_fmt=None,
-            cache="unsafe", src_cache="writeback", depth=DEFAULT_DEPTH, progress=None) -> dict:
-    """Convert ``src_path`` to a new ``dst_path``; returns statistics. See the module docstring."""
+            cache="unsafe", src_cache="writeback", depth=DEFAULT_DEPTH, progress=None,
+            force_share=False) -> dict:
+    """Convert ``src_path`` to a new ``dst_path``; returns statistics. See the module docstring.
+    ``force_share`` opens the source as ``-U`` does."""
     _images.check_format(out_fmt)
     _images.check_format(backing_fmt)
     if depth < 1:
@@ -270,7 +273,7 @@ def convert(src_path, dst_path, out_fmt, *, fmt=None, options=None, backing=None
     if os.path.exists(dst_path) and os.path.samefile(src_path, dst_path):
         raise UsageError(f"convert: {dst_path} is the source image")
     t0 = time.perf_counter()
-    with _images.open_image(src_path, fmt, cache=src_cache) as src:
+    with _images.open_image(src_path, fmt, cache=src_cache, force_share=force_share) as src:
         size = src.size
         if out_fmt == "qed":
             size = -(-size // 512) * 512  # QED sizes are whole sectors (qemu-img rounds up too)
@@ -316,7 +319,7 @@ def run(args, env):
     with progress_for(env, args.quiet) as progress:
         stats = convert(args.src, args.dst, args.out_fmt, fmt=args.fmt, options=options, backing=args.backing,
                         backing_fmt=args.backing_fmt, cache=args.cache, src_cache=args.src_cache,
-                        depth=args.depth, progress=progress)
+                        depth=args.depth, progress=progress, force_share=args.force_share)
     if not args.quiet:
         env.err(f"{args.dst}: {human_size(stats['copied'])} of data copied "
                 f"({human_size(stats['zero-skipped'])} of zeros skipped) in {stats['seconds']:.2f} s")

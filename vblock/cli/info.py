@@ -23,6 +23,7 @@ def add_parser(sub, common):
     p.add_argument("-f", dest="fmt", metavar="FMT", help="image format (default: probe)")
     p.add_argument("--output", choices=("human", "json"), default="human")
     p.add_argument("--backing-chain", action="store_true", help="also describe every backing file")
+    _images.add_force_share(p)
     p.add_argument("file", metavar="FILE")
 
 
@@ -84,7 +85,7 @@ def _human(d, table_size=None) -> str:
 
 
 def run(args, env):
-    with _images.open_image(args.file, args.fmt) as img:
+    with _images.open_image(args.file, args.fmt, force_share=args.force_share) as img:
         chain = _chain(img, args.file)
         tables = []
         layer = img

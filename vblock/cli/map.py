@@ -20,6 +20,7 @@ def add_parser(sub, common):
                        description=__doc__.split("\n\n")[0].strip("`"))
     p.add_argument("-f", dest="fmt", metavar="FMT", help="image format (default: probe)")
     p.add_argument("--output", choices=("human", "json"), default="human")
+    _images.add_force_share(p)
     p.add_argument("file", metavar="FILE")
 
 
@@ -92,7 +93,7 @@ def _hex(n) -> str:
 
 
 def run(args, env):
-    with _images.open_image(args.file, args.fmt) as img:
+    with _images.open_image(args.file, args.fmt, force_share=args.force_share) as img:
         entries = map_entries(img)
     if args.output == "json":
         env.out("[" + ",\n".join(_json_entry(e) for e in entries) + "]")
