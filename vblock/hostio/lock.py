@@ -5,8 +5,9 @@ The scheme is QEMU's file-posix one (QEMU 2.10 and later), so that a ``vblock se
 
 * Every open of an image has a set of *permissions* it uses and a set it lets others use
   ("shares"). The permission bits, in QEMU's order (its ``BLK_PERM_*``): consistent read (bit 0),
-  write (1), write unchanged (2), resize (3). (QEMU before 6.2 had a fifth bit, graph-mod, that
-  no release ever enforced across processes; current QEMU has four, and so do we.)
+  write (1), write unchanged (2), resize (3). (Older QEMU releases had a fifth bit, graph-mod,
+  on bytes 104 and 204; current QEMU has dropped it and has four, and so do we: those two bytes
+  are neither taken nor checked here.)
 * For each permission ``i`` the open uses, it holds a shared (read) lock on byte ``100 + i`` of
   the file; for each permission it does *not* share, a shared lock on byte ``200 + i``. These are
   byte-range locks on bytes far past anything meaningful, never mandatory: the data is not
