@@ -51,6 +51,24 @@ class BackingFileError(ImageError, OSError):
         return f"{self.path}: {self.message}"
 
 
+class ImageLockedError(VblockError):
+    """Another open of the image (another process, or another open in this one) holds a lock
+    that this open's permissions conflict with; QEMU processes take the same locks.
+
+    ``path`` is the image, ``lock`` what could not be had (``'"write"'`` when another open does not
+    share write, ``'shared "write"'`` when another open writes and this one does not share that),
+    ``pid`` the holder when a classic POSIX lock names it, else None (or -1: an open, not a
+    process, owns the lock). Nothing was read from or written to the image.
+    """
+
+    def __init__(self, path, message, lock=None, pid=None):
+        self.path = str(path) if path is not None else None
+        self.lock = lock
+        self.pid = pid
+        self.message = message
+        super().__init__(f"{self.path}: {message}" if self.path else message)
+
+
 class UnknownFormatError(VblockError, ValueError):
     """A format that no registered driver serves: a name given by the caller, or the format a
     file's header shows (``vblock.block.probe`` knows formats vblock has no driver for).

@@ -56,7 +56,7 @@ def forget(name: str) -> None:
 
 class MemoryDriver(BlockDriver):
     format_name = "memory"
-    file_backed = False
+    file_backed = False  # no host file, so no image locks
     open_options = {"size": _size}
     create_options = {}
 

@@ -35,7 +35,7 @@ def _bool(value) -> bool:
 
 class NullDriver(BlockDriver):
     format_name = "null"
-    file_backed = False
+    file_backed = False  # no host file, so no image locks
     open_options = {"size": _size, "read_zeroes": _bool}
 
     def __init__(self, path, size, read_only, read_zeroes):

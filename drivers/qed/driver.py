@@ -18,6 +18,7 @@ changes under ``self.lock``, which is never held across I/O.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os

@@ -211,6 +211,23 @@ def test_convert_keeps_the_mode_and_owner_of_the_file_it_replaces(scratch):
     assert p.read_bytes() == data
 
 
+@pytest.mark.parametrize("verb", ["create", "convert"])
+def test_a_destination_another_open_is_writing_is_refused_and_left_alone(scratch, verb):
+    raw_source(scratch / "src.raw")
+    p = scratch / "busy.raw"
+    p.write_bytes(os.urandom(2 * MiB))
+    before = digest(p)
+    ino = os.stat(p).st_ino
+    with vblock.open_image(p, format="raw", cache="writeback"):  # a writer, as a VM would be
+        if verb == "create":
+            r = run_cli("create", "-f", "raw", p, "2M")
+        else:
+            r = run_cli("convert", "-f", "raw", "-O", "raw", scratch / "src.raw", p)
+        one_error_line(r, str(p), '"write" lock')
+    assert os.stat(p).st_ino == ino and digest(p) == before
+    assert not [n for n in os.listdir(scratch) if ".vblock-" in n]  # no temporary file left
+
+
 # -- convert -n -----------------------------------------------------------------------------------
 def test_convert_n_writes_into_an_existing_raw_file_in_place(scratch):
     data = raw_source(scratch / "src.raw")

@@ -173,7 +173,9 @@ def crash_and_recover(directory, steps, size, crash_after, seed, backing=False):
         for f in plan.files:
             if f.path == path:
                 f.settle_crash(rng)
-    # The crashed image object is abandoned, as a killed process would leave it.
+    # The crashed image object is abandoned, as a killed process would leave it; its image locks
+    # go as a killed process's would.
+    img.lock.close()
     findings = {"bad_sectors": [], "corruptions": 0, "leaks": 0, "oversize": 0}
     with vblock.open_image(path, format="qed", cache="none") as img2:  # repairs: need-check
         result = img2.check()

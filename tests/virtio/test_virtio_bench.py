@@ -39,7 +39,7 @@ def test_pin_threads_places_python_threads_and_not_the_io_uring_poller(tmp_path)
         from vblock.bench import pin_threads
         from vblock.hostio import HostFile
         import vblock
-        img = vblock.create_image({str(tmp_path / "img")!r}, "raw", 1 << 20)
+        vblock.create_image({str(tmp_path / "img")!r}, "raw", 1 << 20).close()
         img = vblock.open_image({str(tmp_path / "img")!r}, format="raw", cache="none")
         img.write(0, b"x" * 4096)  # the engine and its rings exist now
         pinned = pin_threads({{{cpus[0]}}})

@@ -30,7 +30,7 @@ def open_backend(scratch):
             img = vblock.open_image(None, format="memory", size=size)
         else:
             path = scratch / f"disk.{kind}"
-            vblock.create_image(path, kind, size)
+            vblock.create_image(path, kind, size).close()
             img = vblock.open_image(path, format=kind)
         opened.append(img)
         return img

@@ -220,7 +220,9 @@ def steady(tmp, depths, duration, use_qemu, rounds=5, slices=4):
     for pattern, write in (("rewrite", True), ("read", False)):
         for depth in depths:
             qed = _engine(vblock.open_image(qp, format="qed"))
-            same = vblock.open_image(qp, format="raw")  # closed before qed (which may truncate)
+            # The same file again, as raw, on purpose (hence no locks); closed before qed (which
+            # may truncate).
+            same = vblock.open_image(qp, format="raw", locking="off")
             raw = vblock.open_image(rp, format="raw")
             try:
                 hosts = _host_offsets(qed, REGION // STEP)

@@ -141,7 +141,7 @@ def run(duration=5.0, depths=DEPTHS, size=SIZE, qed=True, rounds=5, cpu=None):
         images = [("raw", raw)]
         if qed:
             qed_path = f"{tmp}/alloc.qed"
-            vblock.create_image(qed_path, "qed", size)
+            vblock.create_image(qed_path, "qed", size).close()
             q = vblock.open_image(qed_path, format="qed", cache="none")
             fill(q)
             images.append(("qed", q))

@@ -3,8 +3,8 @@
 ```python
 import vblock
 img = vblock.open_image(path, format=None, read_only=False, cache="none", aio="auto",
-                        discard="unmap", **driver_options)
-img = vblock.create_image(path, fmt, size, **format_options)
+                        discard="unmap", force_share=False, locking="auto", **driver_options)
+img = vblock.create_image(path, fmt, size, locking="auto", **format_options)
 ram = vblock.open_image(None, format="memory", size=64 << 20)   # a RAM disk (no file)
 ```
 
@@ -12,10 +12,31 @@ ram = vblock.open_image(None, format="memory", size=64 << 20)   # a RAM disk (no
 its guarantees are in ``interface.py``; drivers are found through ``registry.py``, file formats
 recognised by their magic through ``probe.py`` (which knows formats no driver serves), and backing
 chains opened for the drivers by ``backing.py``.
+
+Image locks. Every open of an image that lives in a file (regular file, block or character
+device; not memory or null images) takes QEMU-compatible locks on it (the bytes and the fcntl
+calls are ``vblock.hostio.lock``'s), so vblock and QEMU processes exclude each other as QEMU
+processes do among themselves. This layer decides the permissions:
+
+* read-write: uses consistent read, write and resize; shares neither write nor resize (others may
+  read, and may "write unchanged");
+* read-only: uses consistent read; shares nothing that would change the data (not write, not
+  resize), so it fails while another open writes and blocks writers while it is open;
+* read-only with ``force_share=True`` (``qemu-img -U``): uses consistent read and shares
+  everything, so it coexists with a writer (and may see data change under it). ``force_share``
+  with a read-write open is a ``ValueError``.
+
+Backing files are opened read-only (by ``backing.py``) and lock as read-only opens (what QEMU's
+backing children do under a parent that does not share write); ``force_share`` and ``locking`` are
+passed down the chain. The locks are taken after the format is known (probing reads the header)
+and before the driver reads or writes anything; they are dropped when the ``Image`` closes, and
+at once when the open fails. A conflict raises ``ImageLockedError``. ``locking="on"`` refuses a
+file system without OFD locks, ``"auto"`` opens there without locks, ``"off"`` takes none.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 
@@ -35,6 +56,14 @@ from vblock.block.interface import (
 )
 from vblock.block.registry import available, get_driver, probe_format, register
 from vblock.errors import UnknownFormatError, UnknownOptionError
+from vblock.hostio.lock import (
+    LOCKING_MODES,
+    PERM_ALL,
+    PERM_CONSISTENT_READ,
+    PERM_RESIZE,
+    PERM_WRITE,
+    ImageLock,
+)
 
 __all__ = [
     "DATA",
@@ -47,6 +76,7 @@ __all__ = [
     "Run",
     "available",
     "create_image",
+    "lock_permissions",
     "open_image",
     "register",
 ]
@@ -74,6 +104,26 @@ def _convert(table: dict, given: dict, fmt: str, kind: str) -> dict:
     return out
 
 
+def lock_permissions(read_only: bool, force_share: bool = False) -> tuple:
+    """``(perm, shared)``: the ``vblock.hostio.lock`` permission masks an open uses and shares."""
+    if not read_only:
+        if force_share:
+            raise ValueError("force_share=True needs read_only=True: a read-write open cannot "
+                             "share write and resize with other opens")
+        return PERM_CONSISTENT_READ | PERM_WRITE | PERM_RESIZE, PERM_ALL & ~(PERM_WRITE | PERM_RESIZE)
+    if force_share:
+        return PERM_CONSISTENT_READ, PERM_ALL
+    return PERM_CONSISTENT_READ, PERM_ALL & ~(PERM_WRITE | PERM_RESIZE)
+
+
+def _lock(cls, path, read_only: bool, force_share: bool, locking: str):
+    """The ``ImageLock`` for an open of ``path`` by driver ``cls``, or None (no file, or off)."""
+    if not path or not cls.file_backed or locking == "off":
+        return None
+    perm, shared = lock_permissions(read_only, force_share)
+    return ImageLock(path, perm, shared, locking)
+
+
 def _path(path):
     if path is None:
         return None
@@ -88,6 +138,8 @@ def open_image(
     aio: str = "auto",
     discard: str = "unmap",
     no_backing: bool = False,
+    force_share: bool = False,
+    locking: str = "auto",
     **driver_options,
 ) -> Image:
     """Open an image and return its ``Image``.
@@ -101,13 +153,17 @@ def open_image(
     None and ``size`` is an option. ``no_backing`` opens the image without its backing chain (see
     ``OpenOptions``): for looking at or mending an image whose backing file is missing. A file whose
     header shows a format with no driver (qcow2, vmdk...) raises ``UnknownFormatError`` naming it;
-    ``format="raw"`` opens any file as raw. Raises ``UnknownFormatError``, ``UnknownOptionError``
-    (naming the option), ``OSError``, ``ImageError`` and ``BackingFileError`` (both of those: a
-    backing file the host cannot open, named with the image).
+    ``format="raw"`` opens any file as raw. ``force_share`` and ``locking``: image locks (see the
+    module docstring). Raises ``UnknownFormatError``, ``UnknownOptionError`` (naming the option),
+    ``ValueError`` (``force_share`` on a read-write open), ``ImageLockedError``, ``OSError``,
+    ``ImageError`` and ``BackingFileError`` (both of those: a backing file the host cannot open,
+    named with the image).
     """
     _choice("cache", cache, CACHE_MODES)
     _choice("aio", aio, AIO_MODES)
     _choice("discard", discard, DISCARD_MODES)
+    _choice("locking", locking, LOCKING_MODES)
+    lock_permissions(bool(read_only), bool(force_share))  # refuses force_share with read-write
     path = _path(path)
     if format is None:
         if not path:
@@ -121,23 +177,45 @@ def open_image(
         discard=discard,
         driver_options=_convert(cls.open_options, driver_options, format, "open"),
         no_backing=bool(no_backing),
+        force_share=bool(force_share),
+        locking=locking,
     )
-    with opening(path):  # the backing chain's loop check sees this image
-        driver = cls.open(path, options)
-    return Image(driver, format, options)
+    lock = _lock(cls, path, options.read_only, options.force_share, locking)
+    try:
+        with opening(path):  # the backing chain's loop check sees this image
+            driver = cls.open(path, options)
+        if driver.read_only and not options.read_only and lock is not None:
+            lock.change(*lock_permissions(True, False))  # a driver that can only read
+        return Image(driver, format, options, lock=lock)
+    except BaseException:
+        if lock is not None:
+            lock.close()
+        raise
 
 
-def create_image(path, fmt: str, size: int, **format_options) -> Image:
+def create_image(path, fmt: str, size: int, force_share: bool = False, locking: str = "auto",
+                 **format_options) -> Image:
     """Create ``path`` as an empty ``fmt`` image of ``size`` bytes (overwriting it) and return it
     open for writing (cache "none" where the host allows it, else "writeback"). Format options are
-    checked against the driver's ``create_options``. A memory image with no path is a fresh RAM disk."""
+    checked against the driver's ``create_options``. A memory image with no path is a fresh RAM disk.
+
+    An existing file is overwritten only if a read-write open could lock it (else
+    ``ImageLockedError``, and the file is untouched); ``locking`` as for ``open_image``;
+    ``force_share=True`` is a ``ValueError`` (the image is returned open for writing)."""
     cls = get_driver(fmt)
     if type(size) is not int or size < 0:
         raise ValueError(f"size must be a non-negative int, not {size!r}")
+    _choice("locking", locking, LOCKING_MODES)
+    lock_permissions(False, bool(force_share))
     options = _convert(cls.create_options, format_options, fmt, "create")
     path = _path(path)
-    cls.create(path, size, options)
-    open_opts = {}
+    with contextlib.ExitStack() as guard:
+        if path and os.path.exists(path):
+            lock = _lock(cls, path, False, False, locking)
+            if lock is not None:
+                guard.enter_context(lock)
+        cls.create(path, size, options)
+    open_opts = {"locking": locking}
     if "size" in cls.open_options and not path:
         open_opts["size"] = size
     try:

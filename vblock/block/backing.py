@@ -6,8 +6,10 @@ A driver whose image names a backing file does not open it itself: it calls
 
 * the name is resolved as QEMU resolves it (``backing_path``): an absolute name as it is, a
   relative one against the directory of the image that names it;
-* the backing image is opened read-only, with the parent's cache and aio modes, probing its format
-  unless the parent recorded one;
+* the backing image is opened read-only, with the parent's cache and aio modes and its image-lock
+  settings (``force_share``, ``locking``), probing its format unless the parent recorded one;
+* the loop check comes before the open, so a loop is reported as a loop and not as the lock
+  conflict the chain's own locks would meet;
 * a backing file that leads back to an image being opened in this thread raises ``ImageError``
   (field ``backing_file``), whatever the chain's length;
 * a backing file the host cannot open raises ``BackingFileError``: an ``ImageError`` and an
@@ -72,7 +74,8 @@ def open_backing(parent: str, name: str, fmt, options):
     if os.path.realpath(bpath) in getattr(_chain, "paths", ()):
         raise ImageError(parent, "backing_file", "backing file chain has a loop")
     try:
-        return open_image(bpath, format=fmt, read_only=True, cache=options.cache, aio=options.aio)
+        return open_image(bpath, format=fmt, read_only=True, cache=options.cache, aio=options.aio,
+                          force_share=options.force_share, locking=options.locking)
     except BackingFileError:
         raise  # the backing file's own backing file: that error names the right pair already
     except OSError as exc:

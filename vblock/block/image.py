@@ -132,11 +132,13 @@ class Image:
 
     Attributes: ``path``, ``format`` (driver name), ``read_only``, ``options`` (``OpenOptions``),
     ``size`` (virtual bytes), ``limits`` (the driver's ``Limits``), ``driver`` (the driver instance,
-    for tests and tools). Use ``vblock.open_image`` / ``vblock.create_image`` to make one.
+    for tests and tools), ``lock`` (the ``vblock.hostio.lock.ImageLock`` held on the image file
+    until ``close``, or None). Use ``vblock.open_image`` / ``vblock.create_image`` to make one.
     """
 
-    def __init__(self, driver, format_name: str, options: OpenOptions):
+    def __init__(self, driver, format_name: str, options: OpenOptions, lock=None):
         self.driver = driver
+        self.lock = lock
         self.format = format_name
         self.options = options
         self.path = driver.path
@@ -604,11 +606,16 @@ class Image:
         self.driver.change_backing(name, fmt)
 
     def close(self) -> None:
-        """Finish in-flight requests, flush, release the driver. Idempotent."""
+        """Finish in-flight requests, flush, release the driver, then drop the image locks.
+        Idempotent."""
         if self._closed:
             return
         self._closed = True
-        self.driver.close()
+        try:
+            self.driver.close()
+        finally:
+            if self.lock is not None:
+                self.lock.close()
 
 
 def _none(f: Future) -> None:

@@ -92,6 +92,10 @@ class OpenOptions:
     driver_options: dict = field(default_factory=dict)
     no_backing: bool = False
     backing_opener: Callable | None = None  # (parent path, name, fmt or None, options) -> Image
+    # Image locks (see vblock.block's docstring); the backing opener passes both on to the
+    # backing file's open.
+    force_share: bool = False  # read-only opens only: share everything, as ``qemu-img -U``
+    locking: str = "auto"  # "auto" | "on" | "off"
 
     @property
     def direct(self):
@@ -119,7 +123,8 @@ class BlockDriver:
     create_options: ClassVar[dict] = {}
     #: option name -> one line on what it means and takes (the tools' ``-o help`` prints it)
     create_option_help: ClassVar[dict] = {}
-    #: False for formats whose images live in no file (null, memory): the tools do not create them
+    #: False for formats whose images live in no host file (null, memory): the tools do not create
+    #: them, and ``open_image`` takes no image locks for them
     file_backed: ClassVar[bool] = True
     #: option name -> converter for format-specific ``open_image`` options
     open_options: ClassVar[dict] = {}

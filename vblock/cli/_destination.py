@@ -13,8 +13,10 @@ creates and writes the image at:
   directory of the file it will replace and renamed over it once the body succeeds, so it is never
   left half-written; on any failure (Ctrl-C included) the temporary file is removed and the old
   file is untouched. An existing file's mode and owner carry over to the new one (a change of
-  owner the process may not make is an error, before the rename). ``durable`` also syncs the
-  directory, so that the rename survives a crash.
+  owner the process may not make is an error, before the rename). The file replaced is locked as
+  a read-write open locks it until the rename is done, so one that another process uses is
+  refused (``ImageLockedError``) and left alone. ``durable`` also syncs the directory, so that
+  the rename survives a crash.
 
 Anything else (a directory, a FIFO, a socket) is refused before anything is written.
 
@@ -31,6 +33,9 @@ import logging
 import os
 import stat
 import warnings
+
+from vblock.block import lock_permissions
+from vblock.hostio import ImageLock
 
 __all__ = ["Destination", "new_image", "temporary_path"]
 
@@ -70,6 +75,10 @@ def new_image(given, durable: bool = True):
     parent = os.path.dirname(target)
     if not os.path.isdir(parent):
         raise FileNotFoundError(errno.ENOENT, "no such directory", given)
+    # The file to be replaced is locked as a read-write open would lock it, from before the new
+    # image is made until it has taken the old one's place: a file another process (a VM, qemu-io)
+    # is using is refused, as qemu-img refuses it, instead of being swapped out from under it.
+    guard = ImageLock(given, *lock_permissions(read_only=False)) if st is not None else None
     tmp = temporary_path(target)
     try:
         with _naming(tmp, given):
@@ -81,6 +90,9 @@ def new_image(given, durable: bool = True):
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+    finally:
+        if guard is not None:
+            guard.close()
     if not durable:
         return
     with contextlib.suppress(OSError):  # make the rename itself durable

@@ -17,7 +17,8 @@ from vblock.block.interface import BlockDriver
 from vblock.block.registry import available, get_driver, probe_format
 from vblock.cli.output import UsageError, parse_size
 
-__all__ = ["open_image", "parse_options", "wants_help", "options_help", "check_format", "check_creatable"]
+__all__ = ["open_image", "add_force_share", "parse_options", "wants_help", "options_help", "check_format",
+           "check_creatable"]
 
 _SIZE_OPTIONS = ("cluster_size",)
 
@@ -48,12 +49,21 @@ def check_creatable(fmt: str) -> str:
     return fmt
 
 
-def open_image(path, fmt=None, read_only=True, cache="writeback", no_backing=False):
+def add_force_share(parser, what="the image") -> None:
+    """``-U/--force-share`` (``args.force_share``), as qemu-img's."""
+    parser.add_argument("-U", "--force-share", dest="force_share", action="store_true",
+                        help=f"open {what} even while another process writes to it (no conflicting "
+                             "locks; the data may change underneath)")
+
+
+def open_image(path, fmt=None, read_only=True, cache="writeback", no_backing=False, force_share=False):
     """Open ``path`` for a tool: read-only and through the page cache by default. A missing file is
     a ``FileNotFoundError`` naming it (before any probing), a directory an ``IsADirectoryError``; a
     file whose header shows a format vblock has no driver for an ``UnknownFormatError`` naming that
     format. ``no_backing`` leaves the backing chain closed (for verbs that need only this image's
-    metadata, so that they work while the backing file is missing)."""
+    metadata, so that they work while the backing file is missing). The image is locked as
+    ``vblock.open_image`` locks it (``ImageLockedError`` while another process holds a conflicting
+    lock); ``force_share`` is ``-U``."""
     check_format(fmt)
     if fmt not in ("memory", "null"):
         if not os.path.exists(path):
@@ -64,7 +74,8 @@ def open_image(path, fmt=None, read_only=True, cache="writeback", no_backing=Fal
         # Looking is safe: only writing to a raw disk whose header was probed is dangerous, so
         # the registry's warning about probing raw is kept for writers and silenced here.
         fmt = _quiet_probe(path)
-    return vblock.open_image(path, format=fmt, read_only=read_only, cache=cache, no_backing=no_backing)
+    return vblock.open_image(path, format=fmt, read_only=read_only, cache=cache, no_backing=no_backing,
+                             force_share=force_share)
 
 
 def _quiet_probe(path) -> str:

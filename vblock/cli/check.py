@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from vblock.block.interface import BlockDriver
 from vblock.cli import _images
-from vblock.cli.output import dump_json
+from vblock.cli.output import UsageError, dump_json
 from vblock.cli.progress import progress_for
 from vblock.cli.status import ExitStatus, check_status
 from vblock.errors import UnsupportedError
@@ -31,14 +31,15 @@ def add_parser(sub, common):
     p.add_argument("-f", dest="fmt", metavar="FMT", help="image format (default: probe)")
     p.add_argument("-r", dest="repair", choices=("leaks", "all"), help="repair what can be repaired")
     p.add_argument("--output", choices=("human", "json"), default="human")
+    _images.add_force_share(p, "the image (not with -r)")
     p.add_argument("file", metavar="FILE")
 
 
-def check_image(path, fmt=None, repair=False, progress=None) -> dict:
+def check_image(path, fmt=None, repair=False, progress=None, force_share=False) -> dict:
     """The check result dict for ``path`` (qemu-img's keys plus ``corruptions-found`` /
     ``leaks-found`` after a repair). Raises ``UnsupportedError`` for formats without a check."""
     # A check reads this image's metadata only: its backing chain stays closed (and may be missing).
-    with _images.open_image(path, fmt, read_only=not repair, no_backing=True) as img:
+    with _images.open_image(path, fmt, read_only=not repair, no_backing=True, force_share=force_share) as img:
         if type(img.driver).check is BlockDriver.check:
             raise UnsupportedError(f"{path}: format {img.format!r} does not support checks")
         task = progress.task(f"checking {path}") if progress is not None else None
@@ -90,9 +91,12 @@ def _human(result: dict, repaired: bool) -> list:
 
 
 def run(args, env):
+    if args.repair and args.force_share:
+        raise UsageError("check: -U/--force-share cannot be used with -r (a repair writes to the image)")
     try:
         with progress_for(env, args.quiet) as progress:
-            result = check_image(args.file, args.fmt, repair=bool(args.repair), progress=progress)
+            result = check_image(args.file, args.fmt, repair=bool(args.repair), progress=progress,
+                                 force_share=args.force_share)
     except UnsupportedError as exc:
         env.err(f"{env.program_name}: error: {exc}")
         return ExitStatus.NOT_SUPPORTED

@@ -28,6 +28,7 @@ def add_parser(sub, common):
     p.add_argument("-f", dest="fmt_a", metavar="FMT", help="format of A (default: probe)")
     p.add_argument("-F", dest="fmt_b", metavar="FMT", help="format of B (default: probe)")
     p.add_argument("-s", dest="strict", action="store_true", help="images of different sizes differ")
+    _images.add_force_share(p, "both images")
     p.add_argument("a", metavar="A")
     p.add_argument("b", metavar="B")
 
@@ -129,7 +130,9 @@ def _tail_nonzero(img, start):
 
 
 def run(args, env):
-    with _images.open_image(args.a, args.fmt_a) as a, _images.open_image(args.b, args.fmt_b) as b:
+    share = args.force_share
+    with _images.open_image(args.a, args.fmt_a, force_share=share) as a, \
+            _images.open_image(args.b, args.fmt_b, force_share=share) as b:
         with progress_for(env, args.quiet) as progress:
             at = compare_images(a, b, progress)
             if at is None and a.size != b.size:

@@ -65,6 +65,7 @@ def add_parser(sub, common):
                    help="source cache mode (default writeback)")
     p.add_argument("-m", dest="depth", type=int, default=DEFAULT_DEPTH, metavar="N",
                    help=f"requests in flight (default {DEFAULT_DEPTH})")
+    _images.add_force_share(p, "the source")
     p.add_argument("src", metavar="SRC", nargs="?")  # SRC and DST are optional for -o help only
     p.add_argument("dst", metavar="DST", nargs="?")
 
@@ -267,9 +268,9 @@ def _mapping_of(src):
 
 def convert(src_path, dst_path, out_fmt, *, fmt=None, options=None, backing=None, backing_fmt=None,
             cache="unsafe", src_cache="writeback", depth=DEFAULT_DEPTH, progress=None,
-            skip_create=False) -> dict:
+            skip_create=False, force_share=False) -> dict:
     """Convert ``src_path`` to a new ``dst_path`` (or into the existing one with ``skip_create``);
-    returns statistics. See the module docstring."""
+    returns statistics. See the module docstring. ``force_share`` opens the source as ``-U`` does."""
     _images.check_creatable(out_fmt)
     _images.check_format(backing_fmt)
     if depth < 1:
@@ -290,7 +291,7 @@ def convert(src_path, dst_path, out_fmt, *, fmt=None, options=None, backing=None
     if os.path.exists(dst_path) and os.path.samefile(src_path, dst_path):
         raise UsageError(f"convert: {dst_path} is the source image")
     t0 = time.perf_counter()
-    with _images.open_image(src_path, fmt, cache=src_cache) as src:
+    with _images.open_image(src_path, fmt, cache=src_cache, force_share=force_share) as src:
         size = src.size
         if out_fmt == "qed" and not skip_create:
             size = -(-size // 512) * 512  # QED sizes are whole sectors (qemu-img rounds up too)
@@ -352,7 +353,8 @@ def run(args, env):
     with progress_for(env, args.quiet) as progress:
         stats = convert(args.src, args.dst, args.out_fmt, fmt=args.fmt, options=options, backing=args.backing,
                         backing_fmt=args.backing_fmt, cache=args.cache, src_cache=args.src_cache,
-                        depth=args.depth, progress=progress, skip_create=args.skip_create)
+                        depth=args.depth, progress=progress, skip_create=args.skip_create,
+                        force_share=args.force_share)
     if not args.quiet:
         env.err(f"{args.dst}: {human_size(stats['copied'])} of data copied "
                 f"({human_size(stats['zero-skipped'])} of zeros skipped) in {stats['seconds']:.2f} s")

@@ -25,6 +25,7 @@ def add_parser(sub, common):
     p.add_argument("-f", dest="fmt", metavar="FMT", help="image format (default: probe)")
     p.add_argument("--output", choices=("human", "json"), default="human")
     p.add_argument("--backing-chain", action="store_true", help="also describe every backing file")
+    _images.add_force_share(p)
     p.add_argument("file", metavar="FILE")
 
 
@@ -88,7 +89,8 @@ def _human(d, table_size=None) -> str:
 def run(args, env):
     # The backing chain is opened only to describe it: without --backing-chain an image whose
     # backing file is missing is still shown, with the backing file's name.
-    with _images.open_image(args.file, args.fmt, no_backing=not args.backing_chain) as img:
+    with _images.open_image(args.file, args.fmt, no_backing=not args.backing_chain,
+                            force_share=args.force_share) as img:
         chain = _chain(img, args.file)
         tables = []
         layer = img

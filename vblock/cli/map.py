@@ -23,6 +23,7 @@ def add_parser(sub, common):
                        description=__doc__.split("\n\n")[0].strip("`"))
     p.add_argument("-f", dest="fmt", metavar="FMT", help="image format (default: probe)")
     p.add_argument("--output", choices=("human", "json"), default="human")
+    _images.add_force_share(p)
     p.add_argument("file", metavar="FILE")
 
 
@@ -98,10 +99,10 @@ def _open(args, env):
     """The image with its backing chain; when a backing file cannot be opened, the image alone
     (with a warning), so that the map shows this image's own allocation and the rest unallocated."""
     try:
-        return _images.open_image(args.file, args.fmt)
+        return _images.open_image(args.file, args.fmt, force_share=args.force_share)
     except BackingFileError as exc:
         env.warn(f"{exc}; showing {args.file}'s own allocation only")
-        return _images.open_image(args.file, args.fmt, no_backing=True)
+        return _images.open_image(args.file, args.fmt, no_backing=True, force_share=args.force_share)
 
 
 def run(args, env):
