@@ -395,7 +395,9 @@ def test_fua_write_survives_a_power_cut_right_after_it(scratch, step, length):
         plan.crashed = True  # the power goes: every later host write fails
         for f in plan.files:
             f.settle_crash(random.Random(0), keep_probability=0.0)
-    # The crashed image object is abandoned, as a killed process would leave it.
+    # The crashed image object is abandoned, as a killed process would leave it; its image locks
+    # go as a killed process's would.
+    img.lock.close()
     with reopen(p) as img:
         assert img.read(0, length) == pattern(2, length)
         assert img.check()["corruptions"] == 0
