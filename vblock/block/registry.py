@@ -34,8 +34,8 @@ Discovery runs once per process (under a lock) and is cached; ``refresh()`` forg
 (after installing a distribution, in tests). Opening a built-in format never reads the installed
 distributions' metadata. Probing does, since a plug-in may claim a file no built-in knows; it reads
 the ``entry_points.txt`` files on ``sys.path`` itself, as ``importlib.metadata`` would, because
-importing that costs a command about 25 ms (it takes over where the path holds a zip archive or
-a finder with distributions of its own).
+importing that is a noticeable part of a short command's start-up (it takes over where the path
+holds a zip archive or a finder with distributions of its own).
 """
 
 from __future__ import annotations
@@ -135,10 +135,10 @@ def _path_entry_points():
     """The group's entry points from the ``*.dist-info`` / ``*.egg-info`` directories on
     ``sys.path``, found the way ``importlib.metadata`` finds them (path order; of several
     distributions with one normalised name the first wins; sections and comments as it parses
-    them), but without importing it (about 25 ms of a command's start-up). None when the path
-    holds something that only it reads (a zip archive, an ``.egg`` directory, a meta path finder
-    with distributions of its own) or that it would refuse (an undecodable file, a line that is
-    not ``name = value``): then it reads the path itself, with its own errors."""
+    them), but without importing it (a noticeable part of a short command's start-up). None
+    when the path holds something that only it reads (a zip archive, an ``.egg`` directory, a
+    meta path finder with distributions of its own) or that it would refuse (an undecodable file,
+    a line that is not ``name = value``): then it reads the path itself, with its own errors."""
     import re
     import sys
     from importlib.machinery import PathFinder

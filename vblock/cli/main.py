@@ -195,8 +195,8 @@ def command():
     """The ``vblock`` console script (and ``python -m vblock``): ``main()``, then a quick exit.
 
     Once the verb has run and its output is flushed, nothing is left for the interpreter's own
-    shutdown to do but tear down every module and object one by one: 8-10 ms here, on every
-    command (a tenth of a short ``vblock convert``). When no other thread is alive the process
+    shutdown to do but tear down every module and object one by one, a visible part of every
+    short command. When no other thread is alive the process
     ends at once instead (``os._exit``), after flushing the standard streams and the logging
     handlers; otherwise, or if a flush fails, it exits the ordinary way."""
     import threading

@@ -20,10 +20,10 @@ is collected and handed over in one call after the batch.
   AioContext polls: the spin doubles (from 4 us) after each sleep shorter than the maximum and
   halves after a longer one, so a device slower than that, or an idle engine, costs no CPU. A
   completion caught spinning skips the sleep and wake-up, and the Python that runs next finds its
-  caches warm (virtio-blk at depth 1 over raw: 0.47-0.59 -> 0.68-0.87 of the raw block layer).
+  caches warm, which matters most at low depth (see docs/benchmarks.md).
   Files opened through the page cache never poll or spin (``HostFile`` passes 0 for both): there
   the kernel copies the data in the submitting context, and a polling thread only takes a core
-  from those copies (converting 1 GiB through the page cache: 0.46 -> 0.34 s on 2 cores).
+  from those copies (a conversion through the page cache runs faster without it).
 - threads: ``threads`` worker threads run preadv/pwritev/fdatasync/fallocate and deliver their own
   completions (one worker at a time holds the completer role); the first request a callback
   submits runs next on the same worker, so a closed loop costs no thread hand-off, as with psync.
@@ -134,11 +134,10 @@ def worker_cpus():
     Why pin: a finished op's worker is woken on the CPU that took the disk interrupt, and on a VM
     whose interrupts all land on one CPU the woken workers queue there behind each other while the
     other CPU idles (a CPU that idles often and briefly does not pull waiting threads over). Each
-    worker kept to its own CPU is woken where it runs. 8 KiB random writes at 16 in flight on two
-    vCPUs, against fio psync in interleaved pairs: 0.56 -> 0.72 in the minutes when cross-CPU
-    wake-ups are slow (``vblock.bench.wake_round_trip``), 0.88 -> 0.96 in the others; at 8 in
-    flight 0.65 -> 0.72. Only from ``PIN_DEPTH`` requests in flight up (see
-    ``Engine._work_loop``). A thread started from a completion callback inherits the one CPU of
+    worker kept to its own CPU is woken where it runs; the gain is largest when cross-CPU wake-ups
+    are slow (``vblock.bench.wake_round_trip`` measures them; docs/benchmarks.md has the figures).
+    Only from ``PIN_DEPTH`` requests in flight up (see ``Engine._work_loop``): with one request in
+    flight the interrupt's CPU is the best place to wake its worker. A thread started from a completion callback inherits the one CPU of
     the worker it starts on; the QED driver's threads call ``float_thread``."""
     if os.environ.get("VBLOCK_SPREAD_WORKERS", "").strip() == "0":
         return []
@@ -437,7 +436,7 @@ class Engine:
             # Take completions a quarter of the queue at a time: what their callbacks submit goes
             # back to the device before the rest are processed. Draining all of them first (tens
             # of microseconds of Python for a full queue) leaves the device idle meanwhile and
-            # locks the queue into convoys (8 KiB random writes at depth 16: 47k -> 77k IOPS).
+            # locks the queue into convoys.
             chunk = min(_REAP_MAX, ((inflight(eng) + (len(toks) if toks else 0)) >> 2) or 1)
             if not toks:
                 n = reap(eng, tokens, results, chunk, -1)

@@ -45,10 +45,10 @@ class FileMapping:
     Python (see the module docstring). The mapping stays valid while any view of it lives;
     ``close()`` drops this object's reference only.
 
-    Pages not in the page cache are read in by page faults, with the kernel's read-around. That
-    measured as fast as 16 reads of 2 MiB in flight for a cold 1 GiB conversion here (0.8-1.4 s
-    against 0.9-1.5 s); asking for read-ahead (``MADV_WILLNEED``) cost 15 ms per GiB when the
-    file was cached and was erratic when it was not, and ``MADV_SEQUENTIAL`` gained nothing.
+    Pages not in the page cache are read in by page faults, with the kernel's read-around, which
+    keeps up with explicit reads in flight for a cold conversion; asking for read-ahead
+    (``MADV_WILLNEED``) costs time when the file is cached and is erratic when it is not, and
+    ``MADV_SEQUENTIAL`` gains nothing, so neither is used.
     """
 
     def __init__(self, path, length: int):
@@ -75,7 +75,7 @@ class FileMapping:
         """Unmap the whole pages inside [offset, offset+length) from this process (their views
         read them again from the file if used); the file and its page cache are untouched. A
         caller done with a range pays the unmapping as it goes instead of all at once at the end
-        (about 30 ms per GiB mapped)."""
+        (the cost grows with the size mapped)."""
         start = -(-offset // mmap.PAGESIZE) * mmap.PAGESIZE
         end = min(offset + length, self.length) // mmap.PAGESIZE * mmap.PAGESIZE
         if end > start and self._map is not None:
