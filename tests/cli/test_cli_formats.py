@@ -8,6 +8,7 @@ whose backing file is missing; the verbs that need its data fail with one line n
 
 from __future__ import annotations
 
+import pathlib
 import hashlib
 import json
 import os
@@ -30,7 +31,7 @@ needs_qemu_img = pytest.mark.skipif(shutil.which("qemu-img") is None,
 
 
 def _sha(path):
-    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+    return hashlib.sha256(pathlib.Path(path).read_bytes()).hexdigest()
 
 
 def _one_line(r, *fragments, status=(1,)):

@@ -5,6 +5,7 @@ would (OFD locks belong to opens); tests/interop/test_locks_qemu.py holds images
 
 from __future__ import annotations
 
+import pathlib
 import hashlib
 import os
 
@@ -129,7 +130,7 @@ def test_rebase_refused_while_image_is_read(qed, raw):
 
 def test_compare_refused_while_image_is_written(raw, scratch):
     other = scratch / "copy.raw"
-    other.write_bytes(open(raw, "rb").read())
+    other.write_bytes(pathlib.Path(raw).read_bytes())
     with held(raw, format="raw"):
         r = run_cli("compare", "-f", "raw", "-F", "raw", raw, other)
     assert r.rc != 0 and r.out == ""  # an open error, whatever compare's error code is
@@ -138,7 +139,7 @@ def test_compare_refused_while_image_is_written(raw, scratch):
 
 def test_compare_force_share_works_while_image_is_written(raw, scratch):
     other = scratch / "copy.raw"
-    other.write_bytes(open(raw, "rb").read())
+    other.write_bytes(pathlib.Path(raw).read_bytes())
     with held(raw, format="raw"):
         r = run_cli("compare", "-U", "-f", "raw", "-F", "raw", raw, other)
     assert r.rc == 0, r.err

@@ -4,6 +4,7 @@ names the host's errno of a failed request."""
 
 from __future__ import annotations
 
+import pathlib
 import errno
 import hashlib
 import json
@@ -37,7 +38,7 @@ def one_error_line(r, rc, *fragments):
 
 
 def digest(path) -> str:
-    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+    return hashlib.sha256(pathlib.Path(path).read_bytes()).hexdigest()
 
 
 @pytest.fixture
@@ -58,7 +59,7 @@ def test_compare_identical_images_exit_0(pair):
 def test_compare_different_images_exit_1(pair):
     with open(pair[1], "r+b") as f:
         f.seek(4097)
-        f.write(b"\xff" if open(pair[0], "rb").read()[4097] != 0xFF else b"\x00")
+        f.write(b"\xff" if pathlib.Path(pair[0]).read_bytes()[4097] != 0xFF else b"\x00")
     r = run_cli("compare", "-f", "raw", "-F", "raw", *pair)
     assert (r.rc, r.out) == (1, "Content mismatch at offset 4097!\n")
 

@@ -183,12 +183,12 @@ def test_vblock_layout_is_byte_identical_to_qemu(scratch):
     ours, theirs = scratch / "ours.qed", scratch / "theirs.qed"
     create(ours, 1 << 30).close()
     run(QEMU_IMG, "create", "-q", "-f", "qed", str(theirs), "1G")
-    assert open(ours, "rb").read() == open(theirs, "rb").read()
+    assert ours.read_bytes() == theirs.read_bytes()
     img = reopen(ours)
     img.write(64 * KiB, pattern(0xAB, 64 * KiB))
     img.close()
     qemu_io(theirs, "write -P 0xab 64k 64k")
-    assert open(ours, "rb").read() == open(theirs, "rb").read()
+    assert ours.read_bytes() == theirs.read_bytes()
 
 
 def test_vblock_backing_header_matches_qemu(scratch):
@@ -197,7 +197,7 @@ def test_vblock_backing_header_matches_qemu(scratch):
     ours, theirs = scratch / "ours.qed", scratch / "theirs.qed"
     create(ours, 1 << 30, backing_file="base.raw", backing_fmt="raw").close()
     run(QEMU_IMG, "create", "-q", "-f", "qed", "-b", "base.raw", "-F", "raw", str(theirs), "1G")
-    assert open(ours, "rb").read() == open(theirs, "rb").read()
+    assert ours.read_bytes() == theirs.read_bytes()
 
 
 def test_crash_image_is_consistent_for_qemu_and_repaired_by_vblock(scratch):
@@ -208,7 +208,7 @@ def test_crash_image_is_consistent_for_qemu_and_repaired_by_vblock(scratch):
     img = create(p, 4 * MiB, cluster_size=4096, table_size=2)
     img.write(0, pattern(1, 4096))
     assert header(p).need_check
-    snapshot = open(p, "rb").read()
+    snapshot = p.read_bytes()
     img.close()
     crash = scratch / "crash.qed"
     with open(crash, "wb") as f:

@@ -5,6 +5,7 @@ reconnect, refused requests, and ``vblock serve``'s clean close on SIGTERM."""
 
 from __future__ import annotations
 
+import pathlib
 import os
 import signal
 import socket
@@ -278,7 +279,7 @@ def test_serve_signal_drains_flushes_and_clears_qed_need_check(scratch, sig):
     try:
         deadline = time.monotonic() + 30
         while not os.path.exists(sock_path):
-            assert proc.poll() is None, open(scratch / "serve.log").read()
+            assert proc.poll() is None, pathlib.Path(scratch / "serve.log").read_text()
             assert time.monotonic() < deadline
             time.sleep(0.02)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -300,7 +301,7 @@ def test_serve_signal_drains_flushes_and_clears_qed_need_check(scratch, sig):
         log.close()
     assert not os.path.exists(sock_path)
     assert _header_features(path) & 0x2 == 0  # clean close cleared need-check
-    text = open(scratch / "serve.log").read()
+    text = (scratch / "serve.log").read_text()
     assert "closed" in text and "1 connections" in text
     with vblock.open_image(path, read_only=True) as img:
         for i in range(8):

@@ -48,7 +48,8 @@ def test_pin_threads_places_python_threads_and_not_the_io_uring_poller(tmp_path)
         t.start(); t.join()
         tasks = {{}}
         for tid in os.listdir("/proc/self/task"):
-            comm = open(f"/proc/self/task/{{tid}}/comm").read().strip()
+            with open(f"/proc/self/task/{{tid}}/comm") as f:
+                comm = f.read().strip()
             tasks[tid] = (comm, sorted(os.sched_getaffinity(int(tid))))
         img.close()
         print(json.dumps({{"pinned": pinned, "late": late[0], "tasks": list(tasks.values()),
