@@ -318,10 +318,11 @@ def test_convert_fails_cleanly_when_the_mapped_source_shrinks(scratch, monkeypat
     hostio.mapping): the conversion fails with it and leaves neither DST nor a temporary file."""
     import errno
 
+    from vblock.block import convert as engine
     from vblock.cli import convert as conv
 
     calls = []
-    real = conv.zero_granules
+    real = engine.zero_granules
 
     def shrunk(view, granule):
         calls.append(len(view))
@@ -329,7 +330,7 @@ def test_convert_fails_cleanly_when_the_mapped_source_shrinks(scratch, monkeypat
             raise OSError(errno.EFAULT, "Bad address (scanning for zeros: did the file shrink?)")
         return real(view, granule)
 
-    monkeypatch.setattr(conv, "zero_granules", shrunk)
+    monkeypatch.setattr(engine, "zero_granules", shrunk)
     src = scratch / "f.raw"
     src.write_bytes(os.urandom(8 * MiB))
     with pytest.raises(OSError) as e:
@@ -369,9 +370,10 @@ def test_convert_writes_back_as_it_copies_only_when_it_will_flush(scratch, monke
     """-t writeback starts the destination's writeback every WRITE_BEHIND bytes copied, so the
     final flush finds little left; unsafe never flushes and none bypasses the page cache."""
     from vblock.block.image import Image
+    from vblock.block import convert as engine
     from vblock.cli import convert as conv
 
-    monkeypatch.setattr(conv, "WRITE_BEHIND", 2 * MiB)
+    monkeypatch.setattr(engine, "WRITE_BEHIND", 2 * MiB)
     calls = []
     real = Image.start_writeback
     monkeypatch.setattr(Image, "start_writeback", lambda self: (calls.append(self.path), real(self))[1])

@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 
-from vblock import stress
+from vblock.testing import stress
 from vblock.block import register
 from vblock.block.registry import unregister
 

@@ -10,8 +10,9 @@ ram = vblock.open_image(None, format="memory", size=64 << 20)   # a RAM disk (no
 
 ``Image`` (``image.py``) checks requests and bounces unaligned ones; the driver operation table and
 its guarantees are in ``interface.py``; drivers are found through ``registry.py``, file formats
-recognised by their magic through ``probe.py`` (which knows formats no driver serves), and backing
-chains opened for the drivers by ``backing.py``.
+recognised by their magic through ``probe.py`` (which knows formats no driver serves), backing
+chains opened for the drivers by ``backing.py``, and one image copied into another by
+``convert.py`` (the engine of ``vblock convert``).
 
 Image locks. Every open of an image that lives in a file (regular file, block or character
 device; not memory or null images) takes QEMU-compatible locks on it (the bytes and the fcntl
