@@ -164,7 +164,7 @@ class QedDriver(BlockDriver):
             end = h.backing_filename_offset + h.backing_filename_size
             area = f.alloc(-(-end // align) * align)
             f.pread(area, 0)
-            self.backing_filename = fmt.backing_name(h, area)
+            self.backing_filename = fmt.backing_name(h, area, self.path)
         else:
             self.backing_filename = None
         self.size = h.image_size
