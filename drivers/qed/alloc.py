@@ -15,8 +15,8 @@ without losing flushed data, so each allocating write makes its pieces durable i
       -> L2 entries (a new L2 table is written whole, then flushed)
       -> L1 entry (only for a new L2 table)
 
-QEMU runs one allocating request at a time for the whole image. Here the plan is made under the
-driver lock (a few dictionary operations, no I/O) and everything after runs in parallel:
+QEMU runs one allocating request at a time for the whole image. Here the plan is made under
+``QedState.lock`` (a few dictionary operations, no I/O) and everything after runs in parallel:
 
 1. **Plan** (``plan``, sans-I/O, under the lock): the clusters the run touches are checked against
    ``pending`` (guest clusters some request is allocating right now); if one is pending the request
@@ -47,9 +47,9 @@ invisible to lookups until the data write is over, so step 3's rule (never a clu
 written) still holds for readers. Once the data is written the entries are shown and the request
 completes, even if its table write is still in flight (write-back: the metadata is made durable
 by the next flush, which waits for it, as a disk's volatile cache or qcow2's L2 cache do). This
-takes the table write off the request's path, which matters most when the submission polling is
-off (``VBLOCK_POLL_DEPTH=0``) and each write costs a system call. A table write that fails after
-the acknowledgement fails every later flush (the writer's sticky metadata error).
+takes the table write off the request's path; the gain is largest with submission polling off
+(``VBLOCK_POLL_DEPTH=0``). A table write that fails after the acknowledgement fails every later
+flush (the writer's sticky metadata error).
 
 Two executors share these steps (``Allocator``). The inline one (``Allocator.inline``: table
 cached, need-check already set) plans in the calling thread and lets I/O completions carry steps
@@ -62,10 +62,11 @@ a bounded pool cannot deadlock.
 
 Contract: ``Allocator.claim`` and the bookkeeping at the end (``ended``, ``unpend``) run under
 ``QedState.lock``; planning is the only other thing done under it. ``allocate`` runs on a pool
-thread and blocks; ``inline`` runs on the calling thread and never blocks on I/O; completions of
-both run on I/O completion threads. Every allocation is counted in
-``QedState.allocs_in_flight`` from its claim to its end, and inline ones in
-``QedState.inflight`` too, so that close, check and the need-check clear wait for them.
+thread and blocks; ``inline`` runs on the calling thread and waits for no data or table write
+(it may grow the file first, ``growth.py``); completions of both run on I/O completion threads.
+Every allocation is counted in ``QedState.allocs_in_flight`` from its claim to its end, and
+inline ones in ``QedState.inflight`` too, so that close, check and the need-check clear wait for
+them.
 """
 
 from __future__ import annotations

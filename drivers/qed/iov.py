@@ -1,7 +1,7 @@
 """Byte streams made of several buffers (a request's iovecs): slicing and zero-filling them.
 
-Sans-I/O and allocation-free apart from the slices themselves: a slice is a ``memoryview`` of
-the caller's buffer, never a copy.
+Sans-I/O, no locks, callable from any thread. A slice is a ``memoryview`` of the caller's
+buffer, never a copy of its bytes.
 """
 
 from __future__ import annotations

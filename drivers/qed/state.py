@@ -27,7 +27,9 @@ Locks, and what each guards:
 * ``lock``: the L2 cache (it shares this lock: every entry's state, holders, queues and hidden
   updates), ``pending``, ``creating``, ``allocs_in_flight``, ``damaged``, ``file_size``,
   ``inflight``, ``unwritten``, ``meta_error`` and ``need_check_change``. Held for bookkeeping
-  only, never across I/O; the hot path does not take it.
+  only, never across I/O. The hot path does not take it: it reads ``l1``, ``file_size`` and the
+  cache's final tables without it (``learn_host``). Repair (``check.py``) runs with no request
+  in flight and changes ``file_size``, ``damaged`` and the tables without it too.
 * ``inflight_cond``: a condition on ``lock``, notified when ``inflight`` drops to 0.
 * ``header_lock``: serialises header writes and is held across that I/O (header writes are rare
   and synchronous); taken without ``lock`` held.
