@@ -1,5 +1,5 @@
 """Allocation planning (drivers/qed/alloc.py), and the table writer and shared flush that carry
-the plans out (driver._update, driver._ordered_flush) driven by hand."""
+the plans out (writer.TableWriter.update, .ordered_flush) driven by hand."""
 
 import pytest
 from hypothesis import given, strategies as st
@@ -74,7 +74,7 @@ def held(scratch):
     drv = img.driver
     entry = drv.cache.get(drv.l1[0])
     real = drv.f
-    drv.f = _HeldFile(real, drv.meta_align)
+    drv.f = _HeldFile(real, drv.state.meta_align)
     yield drv, entry
     drv.f = real
     img.close()
@@ -83,10 +83,10 @@ def held(scratch):
 def test_updates_queued_during_a_write_go_out_as_one_write(held):
     drv, entry = held
     done = []
-    drv._update(entry, {10: 4096 * 40}, "L2_UPDATE", done.append)
+    drv.writer.update(entry, {10: 4096 * 40}, "L2_UPDATE", done.append)
     assert entry.state == cache.WRITING and len(drv.f.writes) == 1
     for i in range(11, 20):  # arrive while the first write is in flight
-        drv._update(entry, {i: 4096 * (30 + i)}, "L2_UPDATE", done.append)
+        drv.writer.update(entry, {i: 4096 * (30 + i)}, "L2_UPDATE", done.append)
     assert len(drv.f.writes) == 1 and len(entry.queued) == 9
     assert entry.table[11] == 0  # not visible before it is written
     drv.f.writes[0][2].set_result(4096)
@@ -94,7 +94,7 @@ def test_updates_queued_during_a_write_go_out_as_one_write(held):
     assert entry.table[10] == 4096 * 40
     assert len(drv.f.writes) == 2 and entry.state == cache.WRITING  # one write for nine
     offset, data, fut = drv.f.writes[1]
-    assert offset == entry.offset and len(data) == drv.meta_align
+    assert offset == entry.offset and len(data) == drv.state.meta_align
     fut.set_result(len(data))
     assert done == [None] * 10
     assert entry.state == cache.CLEAN and entry.queued == {}
@@ -102,18 +102,19 @@ def test_updates_queued_during_a_write_go_out_as_one_write(held):
 
 
 def test_inline_allocation_counts_as_in_flight_until_both_writes_are_over(held):
-    """close and check wait for the tracked requests (``_inflight``): an inline allocation is one
-    from its claim until its data write and its table update have both completed, whichever
-    completes last, and its entry becomes visible only then."""
+    """close and check wait for the tracked requests (``QedState.inflight``): an inline allocation
+    is one from its claim until its data write and its table update have both completed,
+    whichever completes last, and its entry becomes visible only then."""
     drv, entry = held
-    assert drv._inflight == 0
+    assert drv.state.inflight == 0
     fut = drv.submit_write(4096 * 7, [drv.f.alloc(4096)])
     data, table = sorted(drv.f.writes, key=lambda w: w[0] == entry.offset)  # data first
-    assert table[0] == entry.offset and drv._inflight == 1 and not fut.done()
+    assert table[0] == entry.offset and drv.state.inflight == 1 and not fut.done()
     table[2].set_result(4096)
-    assert drv._inflight == 1 and not fut.done() and entry.table[7] == 0  # data still in flight
+    assert drv.state.inflight == 1 and not fut.done()
+    assert entry.table[7] == 0  # data still in flight
     data[2].set_result(4096)
-    assert fut.result() == 4096 and drv._inflight == 0 and entry.table[7] == data[0]
+    assert fut.result() == 4096 and drv.state.inflight == 0 and entry.table[7] == data[0]
 
 
 def test_next_batch_is_written_before_the_finished_batch_completes_its_requests(held):
@@ -121,8 +122,9 @@ def test_next_batch_is_written_before_the_finished_batch_completes_its_requests(
     next write must not wait for them."""
     drv, entry = held
     writes_seen = []
-    drv._update(entry, {10: 4096 * 40}, "L2_UPDATE", lambda err: writes_seen.append(len(drv.f.writes)))
-    drv._update(entry, {11: 4096 * 41}, "L2_UPDATE", lambda err: None)  # queued behind it
+    drv.writer.update(entry, {10: 4096 * 40}, "L2_UPDATE",
+                      lambda err: writes_seen.append(len(drv.f.writes)))
+    drv.writer.update(entry, {11: 4096 * 41}, "L2_UPDATE", lambda err: None)  # queued behind it
     drv.f.writes[0][2].set_result(4096)
     assert writes_seen == [2]  # the second write was out when the first batch's callback ran
     drv.f.writes[1][2].set_result(4096)
@@ -132,7 +134,7 @@ def test_next_batch_is_written_before_the_finished_batch_completes_its_requests(
 def test_failed_table_write_fails_its_batch_and_keeps_the_table(held):
     drv, entry = held
     done = []
-    drv._update(entry, {10: 4096 * 40}, "L2_UPDATE", done.append)
+    drv.writer.update(entry, {10: 4096 * 40}, "L2_UPDATE", done.append)
     drv.f.writes[0][2].set_exception(OSError(5, "EIO"))
     assert isinstance(done[0], OSError) and entry.table[10] == 0
     assert entry.state == cache.CLEAN
@@ -141,10 +143,10 @@ def test_failed_table_write_fails_its_batch_and_keeps_the_table(held):
 def test_concurrent_ordered_flushes_share_one_flush(held):
     drv, _ = held
     done = []
-    drv._ordered_flush(done.append)
+    drv.writer.ordered_flush(done.append)
     assert len(drv.f.flushes) == 1
     for _ in range(4):  # their data completed after the first flush started: they need another
-        drv._ordered_flush(done.append)
+        drv.writer.ordered_flush(done.append)
     assert len(drv.f.flushes) == 1
     drv.f.flushes[0].set_result(None)
     assert done == [None] and len(drv.f.flushes) == 2
@@ -158,15 +160,15 @@ def test_idle_clear_waits_for_allocations_in_flight(held):
     fut = drv.submit_write(64 * 4096, [memoryview(bytearray(4096))])  # allocates, inline
     # No backing file: the data write and its L2 update go out together, both held.
     assert len(drv.f.writes) == 2
-    drv._idle_clear()
+    drv.needcheck.idle_clear()
     assert header_need_check(path)  # an allocation is in flight: the bit stays
-    drv.f.writes[1][2].set_result(drv.meta_align)  # the L2 update lands first
+    drv.f.writes[1][2].set_result(drv.state.meta_align)  # the L2 update lands first
     assert not fut.done()
-    drv._idle_clear()
+    drv.needcheck.idle_clear()
     assert header_need_check(path)
     drv.f.writes[0][2].set_result(4096)  # then the data
     assert fut.result() == 4096
-    drv._idle_clear()
+    drv.needcheck.idle_clear()
     assert not header_need_check(path)
 
 
@@ -232,7 +234,7 @@ def test_failed_data_write_fails_the_request_but_keeps_the_written_table(held):
     table[2].set_result(len(table[1]))
     assert isinstance(fut.exception(), OSError)
     assert entry.table[64] == data[0]  # the file's table points there: so does the cache
-    assert drv.damaged  # need-check stays set until a repair
+    assert drv.state.damaged  # need-check stays set until a repair
 
 
 def test_failed_table_write_before_the_data_forgets_the_hidden_update(held):
@@ -242,7 +244,7 @@ def test_failed_table_write_before_the_data_forgets_the_hidden_update(held):
     data[2].set_result(4096)
     assert isinstance(fut.exception(), OSError)
     assert entry.table[64] == 0 and entry.hidden == {}
-    assert drv.damaged and drv._unwritten == {}
+    assert drv.state.damaged and drv.state.unwritten == {}
 
 
 def test_written_data_is_acknowledged_before_its_table_write(held):
@@ -253,8 +255,8 @@ def test_written_data_is_acknowledged_before_its_table_write(held):
     fut, data, table = _alloc(drv, 64)
     data[2].set_result(4096)
     assert fut.result() == 4096
-    assert entry.table[64] == data[0] and entry.hidden == {} and 64 not in drv.pending
-    assert drv.allocs_in_flight == 1 and len(drv._unwritten) == 1
+    assert entry.table[64] == data[0] and entry.hidden == {} and 64 not in drv.state.pending
+    assert drv.state.allocs_in_flight == 1 and len(drv.state.unwritten) == 1
     drv.submit_write(64 * 4096, [memoryview(bytearray(b"\x08" * 4096))])  # now in place
     assert drv.f.writes[-1][0] == data[0]
     flush = drv.submit_flush()
@@ -263,7 +265,7 @@ def test_written_data_is_acknowledged_before_its_table_write(held):
     assert len(drv.f.flushes) == 1 and not flush.done()
     drv.f.flushes[0].set_result(None)
     assert flush.result() is None
-    assert drv.allocs_in_flight == 0 and drv._unwritten == {} and not drv.damaged
+    assert drv.state.allocs_in_flight == 0 and drv.state.unwritten == {} and not drv.state.damaged
 
 
 def test_failed_table_write_after_the_acknowledgement_fails_every_later_flush(held):
@@ -276,10 +278,10 @@ def test_failed_table_write_after_the_acknowledgement_fails_every_later_flush(he
     assert isinstance(flush.exception(), OSError) and flush.exception().errno == 5
     assert drv.f.flushes == []  # nothing was flushed
     assert entry.table[64] == data[0]  # the cache keeps what the guest was told
-    assert drv.damaged and drv.allocs_in_flight == 0 and drv._unwritten == {}
+    assert drv.state.damaged and drv.state.allocs_in_flight == 0 and drv.state.unwritten == {}
     again = drv.submit_flush()
     assert isinstance(again.exception(), OSError) and again.exception().errno == 5
-    drv._meta_error = None  # (close would raise it: tested on its own below)
+    drv.state.meta_error = None  # (close would raise it: tested on its own below)
 
 
 def fmt_entries(raw):
@@ -296,7 +298,7 @@ def test_a_lost_table_write_is_reported_by_close_and_by_unsafe_flushes(scratch):
     drv = img.driver
     img.write(0, b"\x01" * 4096)  # table 0 exists and is cached, need-check is set
     real = drv.f
-    drv.f = _HeldFile(real, drv.meta_align)
+    drv.f = _HeldFile(real, drv.state.meta_align)
     fut, data, table = _alloc(drv, 64)
     data[2].set_result(4096)
     assert fut.result() == 4096
@@ -321,12 +323,12 @@ def test_an_allocation_in_a_new_table_waits_for_its_l1_entry(held):
     data, table = drv.f.writes[before:]
     assert len(data[1]) == 4096 and len(table[1]) == drv.geo.table_bytes  # the whole new table
     data[2].set_result(4096)
-    assert not fut.done() and drv.l1[1] == 0 and drv._unwritten == {}
+    assert not fut.done() and drv.l1[1] == 0 and drv.state.unwritten == {}
     table[2].set_result(len(table[1]))
     assert not fut.done() and len(drv.f.flushes) == 1  # the table is flushed before L1 points at it
     drv.f.flushes[0].set_result(None)
     l1_write = drv.f.writes[-1]
-    assert l1_write[0] == drv.header.l1_table_offset and not fut.done()
+    assert l1_write[0] == drv.state.header.l1_table_offset and not fut.done()
     l1_write[2].set_result(len(l1_write[1]))
     assert fut.result() == 4096 and drv.l1[1] == table[0]
     assert drv._learn_host(cluster) == data[0]  # lookups find it at its data cluster

@@ -428,10 +428,10 @@ def test_the_growth_reserve_is_allocated_and_trimmed_at_close(scratch):
     img = create(path, 64 * MiB)
     img.write(0, pattern(1, 64 * KiB))
     drv = img.driver
-    assert drv._file_length - drv.file_size >= 15 * MiB
+    assert drv.growth.file_length - drv.state.file_size >= 15 * MiB
     assert os.stat(path).st_blocks * 512 >= 15 * MiB  # allocated, not sparse (a hole: < 1 MiB)
     img.close()
-    assert os.path.getsize(path) == drv.file_size
+    assert os.path.getsize(path) == drv.state.file_size
     img = reopen(path)
     assert img.read(0, 64 * KiB) == pattern(1, 64 * KiB)
     img.close()
@@ -450,8 +450,8 @@ def test_growth_falls_back_to_a_hole_where_allocation_is_refused(scratch, monkey
     monkeypatch.setattr(drv.f, "allocate", refuse)
     img.write(0, pattern(2, 64 * KiB))
     img.write(32 * MiB, pattern(3, 64 * KiB))  # beyond the first step
-    assert len(calls) == 1 and not drv._preallocate  # asked once, then truncates only
-    assert drv._file_length > drv.file_size
+    assert len(calls) == 1 and not drv.growth.preallocate  # asked once, then truncates only
+    assert drv.growth.file_length > drv.state.file_size
     assert img.read(0, 64 * KiB) == pattern(2, 64 * KiB)
     assert img.read(32 * MiB, 64 * KiB) == pattern(3, 64 * KiB)
     img.close()

@@ -210,6 +210,13 @@ def test_backing_name_read_from_header_area():
     assert fmt.backing_name(GOOD, GOOD.pack()) is None
 
 
+def test_backing_name_with_a_nul_byte_names_the_field():
+    h, head = fmt.create_header(1 << 20, backing_file="base\0.raw")
+    with pytest.raises(ImageError) as info:
+        fmt.backing_name(h, head, "top.qed")
+    assert info.value.field == "backing_filename" and "NUL" in str(info.value)
+
+
 @given(st.integers(0, 63))
 def test_validate_every_short_prefix_names_the_header(n):
     with pytest.raises(ImageError) as info:

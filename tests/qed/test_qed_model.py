@@ -46,7 +46,7 @@ def make_machine(backing, cache_size):
         def _open(self):
             self.img = reopen(self.path, l2_cache_size=cache_size)
             if cache_size == 1:  # the fast path's memory of mappings: filled and cleared constantly
-                self.img.driver._hosts_max = 2
+                self.img.driver.state.hosts_max = 2
 
         def teardown(self):
             if getattr(self, "img", None) is not None:
