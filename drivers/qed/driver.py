@@ -32,7 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from vblock.block.backing import backing_path
 from vblock.block.interface import DATA, UNALLOCATED, ZERO, BlockDriver, Limits, Run
-from vblock.errors import ImageError, UnsupportedError
+from vblock.errors import ImageError, QemuCompatibilityWarning, UnsupportedError
 from vblock.future import Future, failed, followed_by, join, resolve
 from vblock.hostio import open_host_file
 from vblock.hostio.engine import float_thread
@@ -109,10 +109,12 @@ class QedDriver(BlockDriver):
         except ValueError as exc:
             raise ValueError(f"{path}: {exc}") from None
         if ts == 1:
-            warnings.warn(f"{path}: QEMU cannot open QED images with table_size 1", stacklevel=2)
+            warnings.warn(f"{path}: QEMU cannot open QED images with table_size 1",
+                          QemuCompatibilityWarning, stacklevel=2)
         elif ts >= 8:
             warnings.warn(
                 f"{path}: QEMU corrupts QED images with table_size >= 8 on large writes",
+                QemuCompatibilityWarning,
                 stacklevel=2,
             )
         f = open_host_file(path, direct=False, create=True)

@@ -8,7 +8,7 @@ import pytest
 
 import vblock
 from vblock.drivers.qed import format as fmt
-from vblock.errors import ImageError, UnsupportedError
+from vblock.errors import ImageError, QemuCompatibilityWarning, UnsupportedError
 
 from qed_helpers import KiB, MiB, Recorder, create, header, pattern, read_table, reopen
 
@@ -70,7 +70,7 @@ def test_read_write_round_trip_and_unallocated_zeros(scratch):
 
 def test_table_size_one_opens(scratch):
     p = scratch / "ts1.qed"
-    with pytest.warns(UserWarning, match="table_size 1"):
+    with pytest.warns(QemuCompatibilityWarning, match="table_size 1"):
         vblock.create_image(str(p), "qed", 1 * MiB, cluster_size=4096, table_size=1).close()
     img = reopen(p)
     img.write(0, pattern(5, 4096))
@@ -79,7 +79,7 @@ def test_table_size_one_opens(scratch):
 
 
 def test_table_size_8_warns(scratch):
-    with pytest.warns(UserWarning, match="table_size >= 8"):
+    with pytest.warns(QemuCompatibilityWarning, match="table_size >= 8"):
         vblock.create_image(str(scratch / "ts8.qed"), "qed", 1 * MiB, cluster_size=4096,
                             table_size=8).close()
 
