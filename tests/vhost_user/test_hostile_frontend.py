@@ -28,8 +28,7 @@ from vblock.vhost_user import protocol as P
 from vblock.vhost_user.protocol import Req
 from vblock.vhost_user.server import Server
 
-sys.path.insert(0, os.path.dirname(__file__))
-from frontend import (  # noqa: E402
+from tests.vhost_user.frontend import (
     LINUX_FEATURES,
     RAM_BYTES,
     T_IN,

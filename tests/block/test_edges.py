@@ -3,7 +3,7 @@
 import os
 
 import pytest
-from block_helpers import digest
+from tests.block.block_helpers import digest
 
 import vblock
 from vblock.errors import ReadOnlyError, UnknownFormatError, UnknownOptionError

@@ -21,8 +21,7 @@ from vblock.vhost_user import protocol as P
 from vblock.vhost_user.protocol import Req
 from vblock.vhost_user.server import Server, bind_unix
 
-sys.path.insert(0, os.path.dirname(__file__))
-from frontend import (  # noqa: E402
+from tests.vhost_user.frontend import (
     F_EVENT_IDX,
     F_MQ,
     LINUX_FEATURES,

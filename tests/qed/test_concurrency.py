@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from qed_helpers import MiB, create, reopen
+from tests.qed.qed_helpers import MiB, create, reopen
 
 SECTOR = 512
 THREADS = 16

@@ -1,9 +1,9 @@
 """QEMU's qemu-iotests cases that concern QED, rewritten in our own words against vblock.
-(116, invalid headers, lives in test_qed_corruption.py; QEMU-side checks in tests/interop.)"""
+(116, invalid headers, lives in test_corruption.py; QEMU-side checks in tests/interop.)"""
 
 import pytest
 
-from qed_helpers import KiB, MiB, create, header, pattern, reopen
+from tests.qed.qed_helpers import KiB, MiB, create, header, pattern, reopen
 
 
 def _raw(path, data):

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from vblock.virtio import spec as S
 
-from virtio_helpers import FakeImage, Stack
+from tests.virtio.virtio_helpers import FakeImage, Stack
 
 MEM = 256 * 1024
 POOL = 6  # guest buffers descriptors may point into

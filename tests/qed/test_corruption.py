@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from vblock.errors import ImageError
 
-from qed_helpers import (MiB, create, header, l1_entry_offset, l2_entry_offset, pattern,
+from tests.qed.qed_helpers import (MiB, create, header, l1_entry_offset, l2_entry_offset, pattern,
                          poke_header, poke_u64, read_table, reopen)
 
 

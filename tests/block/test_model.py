@@ -16,7 +16,7 @@ import hypothesis.strategies as st
 from hypothesis import HealthCheck, settings
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from block_helpers import StrictMemory
+from tests.block.block_helpers import StrictMemory
 
 import vblock
 from vblock.block.bounce import aligned_buffer

@@ -22,7 +22,7 @@ from vblock.cli.output import MAX_BYTES, UsageError, parse_size
 from vblock.drivers.raw.driver import RawDriver
 from vblock.future import failed
 
-from conftest import run_cli, run_cmd
+from tests.cli.clitools import run_cli, run_cmd
 
 MiB = 1 << 20
 

@@ -7,7 +7,7 @@ import random
 import subprocess
 
 import pytest
-from block_helpers import StrictMemory
+from tests.block.block_helpers import StrictMemory
 
 import vblock
 from vblock.block import DATA, UNALLOCATED, ZERO, Limits, Run, registry

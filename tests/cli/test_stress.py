@@ -13,8 +13,8 @@ from vblock.testing import stress
 from vblock.block import register
 from vblock.block.registry import unregister
 
-import flip_driver
-from conftest import qemu, run_cli, run_cmd
+from tests.cli import flip_driver
+from tests.cli.clitools import qemu, run_cli, run_cmd
 
 
 def test_short_stress_run_passes_and_verifies_blocks(scratch):

@@ -4,7 +4,7 @@ import errno
 import os
 
 import pytest
-from block_helpers import CONFIGS, make_image
+from tests.block.block_helpers import CONFIGS, make_image
 
 import vblock
 from vblock.block import DATA, ZERO

@@ -11,8 +11,7 @@ import sys
 import pytest
 
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "qed"))
-from qed_helpers import KiB, MiB, create, header, pattern, reopen  # noqa: E402
+from tests.qed.qed_helpers import KiB, MiB, create, header, pattern, reopen
 
 QEMU_IMG = shutil.which("qemu-img")
 QEMU_IO = shutil.which("qemu-io")

@@ -14,7 +14,7 @@ import pytest
 
 import vblock
 
-from conftest import run_cli
+from tests.cli.clitools import run_cli
 
 MiB = 1 << 20
 

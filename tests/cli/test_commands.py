@@ -13,7 +13,7 @@ import pytest
 
 import vblock
 
-from conftest import run_cmd
+from tests.cli.clitools import run_cmd
 
 MiB = 1 << 20
 

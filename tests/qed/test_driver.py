@@ -10,7 +10,7 @@ import vblock
 from vblock.drivers.qed import format as fmt
 from vblock.errors import ImageError, QemuCompatibilityWarning, UnsupportedError
 
-from qed_helpers import KiB, MiB, Recorder, create, header, pattern, read_table, reopen
+from tests.qed.qed_helpers import KiB, MiB, Recorder, create, header, pattern, read_table, reopen
 
 
 def test_create_layout_equals_qemus(scratch):

@@ -11,7 +11,7 @@ import pytest
 
 import vblock
 
-from conftest import run_cli
+from tests.cli.clitools import run_cli
 
 MiB = 1 << 20
 CS = 64 << 10  # default QED cluster size
@@ -145,7 +145,7 @@ def test_info_bad_inputs(scratch):
     orphan = make_qed(scratch / "orphan.qed", MiB, backing="base.raw", backing_fmt="raw")
     os.unlink(scratch / "base.raw")
     # only the chain needs the missing backing file (info of the image alone shows it: see
-    # test_cli_formats.py)
+    # test_formats.py)
     one_error_line(run_cli("info", "--backing-chain", orphan), "orphan.qed", "base.raw")
 
 

@@ -20,7 +20,7 @@ import pytest
 import vblock
 from vblock.testing import foreign
 
-from conftest import run_cli
+from tests.cli.clitools import run_cli
 
 MiB = 1 << 20
 CS = 64 << 10

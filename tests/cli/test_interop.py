@@ -9,7 +9,7 @@ import struct
 
 import pytest
 
-from conftest import needs_qemu, qemu, run_cli
+from tests.cli.clitools import needs_qemu, qemu, run_cli
 
 pytestmark = [needs_qemu, pytest.mark.interop]
 

@@ -9,7 +9,7 @@ import hypothesis.strategies as st
 from hypothesis import HealthCheck, settings
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from qed_helpers import create, reopen
+from tests.qed.qed_helpers import create, reopen
 
 CS = 4096
 REGION = 2 << 20  # guest bytes per L2 table for 4K/1

@@ -15,7 +15,7 @@ import random
 import threading
 
 import pytest
-from block_helpers import LaggyMemory, make_image
+from tests.block.block_helpers import LaggyMemory, make_image
 
 from vblock.block import register, registry
 from vblock.block.bounce import aligned_buffer

@@ -12,7 +12,7 @@ import os
 import pytest
 
 import vblock
-from conftest import run_cli
+from tests.cli.clitools import run_cli
 
 SIZE = 1 << 20
 HELD = "another process (or another open in this one) is using the image"

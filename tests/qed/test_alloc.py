@@ -8,7 +8,7 @@ import vblock
 from vblock.drivers.qed import alloc, cache, format as fmt
 from vblock.future import Future
 
-from qed_helpers import MiB, create
+from tests.qed.qed_helpers import MiB, create
 
 G = fmt.Geometry(4096, 2)
 

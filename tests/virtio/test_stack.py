@@ -14,7 +14,7 @@ import pytest
 import vblock
 from vblock.virtio import spec as S
 
-from virtio_helpers import Stack
+from tests.virtio.virtio_helpers import Stack
 
 SLOT = 8192
 SIZE = 4 << 20

@@ -14,8 +14,8 @@ from vblock.virtio import spec as S
 from vblock.virtio.spec import VIRTQ_DESC_F_INDIRECT as IND
 from vblock.virtio.spec import VIRTQ_DESC_F_WRITE as W
 
-from virtio_helpers import FakeImage, Stack
-from virtio_guest import Guest
+from tests.virtio.virtio_helpers import FakeImage, Stack
+from tests.virtio.virtio_guest import Guest
 
 IN, OUT = S.VIRTIO_BLK_T_IN, S.VIRTIO_BLK_T_OUT
 IOERR, UNSUPP, OK = S.VIRTIO_BLK_S_IOERR, S.VIRTIO_BLK_S_UNSUPP, S.VIRTIO_BLK_S_OK
@@ -411,7 +411,7 @@ def test_chain_total_over_2_32_bytes():
 
 
 # -- packed virtqueues (2.8) ----------------------------------------------------------------------
-from virtio_guest import PackedGuest  # noqa: E402
+from tests.virtio.virtio_guest import PackedGuest
 
 
 @pytest.fixture

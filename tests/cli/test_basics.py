@@ -7,7 +7,7 @@ import pytest
 from vblock.cli import output
 from vblock.cli.status import ExitStatus, check_status
 
-from conftest import run_cli, run_cmd
+from tests.cli.clitools import run_cli, run_cmd
 
 
 @pytest.mark.parametrize("text, value", [
