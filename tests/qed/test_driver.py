@@ -335,7 +335,7 @@ def test_open_with_need_check_repairs_read_write_only(scratch):
     img.close()
     # corrupt: an L2 entry past the end of file, and mark the image dirty
     l1 = read_table(p, 4096)
-    from qed_helpers import poke_u64, poke_header
+    from tests.qed.qed_helpers import poke_u64, poke_header
     poke_u64(p, l1[0] + 8 * 5, 1 << 30)
     poke_header(p, features=fmt.F_NEED_CHECK)
     ro = reopen(p, read_only=True)
@@ -353,7 +353,7 @@ def test_open_with_need_check_repairs_read_write_only(scratch):
 def test_autoclear_cleared_compat_kept(scratch):
     p = scratch / "f.qed"
     create(p, 1 * MiB).close()
-    from qed_helpers import poke_header
+    from tests.qed.qed_helpers import poke_header
     poke_header(p, compat_features=0x10, autoclear_features=0x20)
     reopen(p, read_only=True).close()
     assert header(p).autoclear_features == 0x20

@@ -197,6 +197,7 @@ class ServeProcess:
             self.proc.wait()
             raise AssertionError(f"vblock serve ignored {sig!r}: {''.join(self.log)}") from None
         self._drain.join(WAIT)
+        self.proc.stderr.close()
         assert code == 0, "".join(self.log)
         assert not os.path.exists(self.sock_path)
 
@@ -204,6 +205,8 @@ class ServeProcess:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
+        self._drain.join(WAIT)
+        self.proc.stderr.close()
 
 
 @pytest.fixture

@@ -254,6 +254,7 @@ def boot(sock, script, directory, queues=1, smp=1, timeout=BOOT_TIMEOUT, on_line
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+        proc.stdout.close()
     markers["_rc"] = proc.returncode
     markers["_console"] = "\n".join(lines)
     return markers
