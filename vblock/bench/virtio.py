@@ -53,7 +53,7 @@ def measure_virtio(img, depth, duration, seed=1):
     mem = GuestMemory.anonymous(16 << 20)
     dev = VirtioBlk(img, mem, queue_size_max=256)
     mmio = VirtioMmio(dev)
-    drv = Driver(mmio, mem, event_idx=True, queue_size=256).start()
+    drv = Driver(mmio, mem, event_idx=True, queue_size=256, interrupts=False).start()
     bufs = [drv.allocator.alloc(BS) for _ in range(depth)]
     for a in bufs:
         mem.write(a, b"\x5a" * BS)
