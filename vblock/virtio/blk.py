@@ -66,12 +66,13 @@ import threading
 import time
 import weakref
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vblock.errors import GuestError
 from vblock.future import defer
 from vblock.virtio.blk_request import BlkRequest, RequestRules, finish, frame_reader, parse
 from vblock.virtio.chain import ChainError, RingError
+from vblock.virtio.memory import GuestMemory
 from vblock.virtio.packed import PackedQueue
 from vblock.virtio.queue import SplitQueue
 from vblock.virtio.spec import (
@@ -108,6 +109,9 @@ from vblock.virtio.spec import (
     le16,
     virtio_blk_config,
 )
+
+if TYPE_CHECKING:
+    from vblock.block import Image
 
 __all__ = ["VirtioBlk", "StatusError"]
 
@@ -242,8 +246,8 @@ class VirtioBlk:
 
     def __init__(
         self,
-        img,
-        mem,
+        img: Image,
+        mem: GuestMemory,
         num_queues: int = 1,
         queue_size_max: int = 256,
         serial: str | bytes = "vblock0",
@@ -253,8 +257,6 @@ class VirtioBlk:
         state: dict | None = None,
         stats: bool = True,
     ) -> None:
-        from vblock.virtio.memory import GuestMemory
-
         for attr in ("submit_read", "submit_write", "submit_flush"):
             if not callable(getattr(img, attr, None)):
                 raise TypeError(f"img must be an open image (vblock.open_image), not {type(img).__name__}")
@@ -332,22 +334,22 @@ class VirtioBlk:
             bits.append(VIRTIO_BLK_F_RO)
         return sum(1 << b for b in bits)
 
-    def set_driver_features(self, features):
+    def set_driver_features(self, features: int) -> None:
         """The driver's feature bits (all 64). Accepted only between DRIVER and FEATURES_OK."""
         drv = self._status & ~(DEVICE_NEEDS_RESET | FAILED)
         if drv != ACKNOWLEDGE | DRIVER:
             raise StatusError(f"driver features written in status {self._status:#x}")
         self.driver_features = features
 
-    def negotiated(self, bit):
+    def negotiated(self, bit: int) -> bool:
         return bool(self.driver_features >> bit & 1) and bool(self._status & FEATURES_OK)
 
     # -- status ---------------------------------------------------------------------------------
     @property
-    def status(self):
+    def status(self) -> int:
         return self._status
 
-    def set_status(self, value):
+    def set_status(self, value: int) -> None:
         """A driver's status write. 0 resets; otherwise one step of ``_STATUS_STEPS`` or FAILED.
         Raises ``StatusError`` (status unchanged) for anything else."""
         if value == 0:
@@ -398,7 +400,7 @@ class VirtioBlk:
                 self._bind_reader(dq)
         return True
 
-    def reset(self):
+    def reset(self) -> None:
         """Return to the initial state. Requests in flight are dropped safely (see module doc)."""
         me = threading.get_ident()
         if self._drain_owner == me:
@@ -439,12 +441,12 @@ class VirtioBlk:
             self._config_irq()  # 2.1.2: MUST send a config change notification
 
     # -- queues ---------------------------------------------------------------------------------
-    def queue(self, index):
+    def queue(self, index: int) -> SplitQueue | PackedQueue:
         """The ring state (``SplitQueue``, or ``PackedQueue`` once RING_PACKED is negotiated) of
         queue ``index``: transports write size and addresses into it."""
         return self._queues[index].ring
 
-    def set_queue_ready(self, index, ready):
+    def set_queue_ready(self, index: int, ready: bool) -> None:
         """Enable (check, resolve rings, start at index 0) or disable queue ``index``. Raises
         ``RingError`` when the queue cannot be enabled (it stays not ready)."""
         dq = self._queues[index]
@@ -465,7 +467,7 @@ class VirtioBlk:
         if not q.packed:
             dq.read = frame_reader(self.mem, q.desc_table, q.size, self._indirect, self.queue_size_max, self._rules)
 
-    def notify(self, index):
+    def notify(self, index: int) -> None:
         """An available-buffer notification for queue ``index`` (any thread)."""
         if self._status & (DRIVER_OK | DEVICE_NEEDS_RESET | FAILED) != DRIVER_OK:
             return  # 2.1.2: no buffers are used before DRIVER_OK, nor after a fatal error
@@ -672,7 +674,7 @@ class VirtioBlk:
         else:
             dq.done.append((head, 0, ndesc))
 
-    def complete(self, req, outcome: BaseException | None) -> None:
+    def complete(self, req: BlkRequest, outcome: BaseException | None) -> None:
         """Finish ``req`` with ``outcome`` (None or an exception) from any thread."""
         dq = req.owner
         if dq.dead:  # reset since: drop (no status byte, no used entry)
@@ -763,7 +765,7 @@ class VirtioBlk:
         return total
 
     # -- config space (5.2.4) ---------------------------------------------------------------------
-    def config_bytes(self):
+    def config_bytes(self) -> bytes:
         """The 96-byte little-endian ``struct virtio_blk_config``."""
         r = self._rules
         return virtio_blk_config.pack(
@@ -790,7 +792,7 @@ class VirtioBlk:
             0,
         )
 
-    def read_config(self, offset, size):
+    def read_config(self, offset: int, size: int) -> int:
         if self.image.size >> SECTOR_SHIFT != self._rules.capacity_sectors:
             self.update_capacity()
         cfg = self.config_bytes()
@@ -798,14 +800,14 @@ class VirtioBlk:
             return 0
         return int.from_bytes(cfg[offset : offset + size], "little")
 
-    def write_config(self, offset, size, value):
+    def write_config(self, offset: int, size: int, value: int) -> None:
         """Only ``writeback`` is writable, and only with CONFIG_WCE negotiated (5.2.4)."""
         if offset == VIRTIO_BLK_CONFIG_WRITEBACK_OFFSET and size == 1 and self._wce:
             self._writeback = bool(value & 1)
             return
         raise GuestError(f"config write of {size} bytes at {offset:#x} ignored")
 
-    def update_capacity(self):
+    def update_capacity(self) -> None:
         """Re-read the image size (after a resize): capacity follows, the config generation moves
         and a config-change interrupt goes out once the driver is up (5.2.6.2 MAY/SHOULD). The
         device also notices a new size by itself at its next queue turn or config read."""
@@ -815,7 +817,7 @@ class VirtioBlk:
             self._config_irq()
 
     # -- hooks for transports that own memory and rings (vhost-user) ------------------------------
-    def set_memory(self, mem):
+    def set_memory(self, mem: GuestMemory) -> None:
         """Replace guest memory (vhost-user SET_MEM_TABLE): ready queues re-resolve their rings
         at the same guest addresses and keep their indices. Raises ``RingError`` (memory
         unchanged) if a ready queue's rings are not inside ``mem``."""
@@ -828,7 +830,7 @@ class VirtioBlk:
                 dq.ring.rebind(mem)
                 self._bind_reader(dq)
 
-    def wait_idle(self, index=None, timeout=None):
+    def wait_idle(self, index: int | None = None, timeout: float | None = None) -> bool:
         """Wait until queue ``index`` (default: every queue) has every head it took from the
         avail ring back on the used ring. Returns False on timeout. Call it from a thread that
         is not the one completing requests."""

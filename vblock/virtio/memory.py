@@ -133,7 +133,7 @@ class GuestMemory:
         """A bytes copy of guest memory (for tests and drivers; the device uses ``view``)."""
         return bytes(self.view(addr, length))
 
-    def write(self, addr: int, data) -> None:
+    def write(self, addr: int, data: Any) -> None:
         """Copy ``data`` into guest memory at ``addr``."""
         data = memoryview(data).cast("B")
         self.view(addr, len(data))[:] = data

@@ -32,9 +32,13 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from vblock.errors import GuestError
 from vblock.virtio import spec as S
+
+if TYPE_CHECKING:
+    from vblock.virtio.blk import VirtioBlk
 
 __all__ = ["VirtioMmio", "VIRTIO_MMIO_WINDOW"]
 
@@ -69,7 +73,7 @@ class VirtioMmio:
 
     def __init__(
         self,
-        dev,
+        dev: VirtioBlk,
         interrupt: Callable[[], object] | None = None,
         irq_level: Callable[[bool], object] | None = None,
         *,
