@@ -356,3 +356,12 @@ def test_mmio_window_is_exported():
     assert VIRTIO_MMIO_WINDOW == 0x200
     assert S.VIRTIO_MMIO_CONFIG + len(VirtioBlk(FakeImage(), GuestMemory.anonymous(4096)).config_bytes()) \
         <= VIRTIO_MMIO_WINDOW
+
+
+def test_closed_poll_device_ignores_late_completions():
+    img = FakeImage(defer=True)
+    st = Stack(img, deliver="poll", interrupts=False)
+    st.drv.submit(OUT, 0, data=b"p" * 512)
+    st.dev.close()
+    img.complete()  # the completion must not write to a closed (maybe reused) descriptor number
+    assert st.dev.poll() == 1

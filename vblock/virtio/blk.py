@@ -290,7 +290,8 @@ class VirtioBlk:
         self._counting = bool(stats)
         self._counters = [_new_counters() for _ in range(num_queues)]
         self._poll_fd = None
-        self._poll_signalled = False
+        self._poll_signalled = False  # poll mode: the eventfd holds a count (see poll)
+        self._poll_lock = threading.Lock()
         if deliver == "poll":
             self._poll_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
             self._closer = weakref.finalize(self, os.close, self._poll_fd)
@@ -699,18 +700,20 @@ class VirtioBlk:
         dq.done.append(entry)
         if self._poll_fd is not None:
             if not self._poll_signalled:
-                self._completions_wait()
+                # Once per batch of backend completions, after the last: the poller wakes to a
+                # whole batch, and not while this thread still holds the GIL running callbacks.
+                defer(_signal_poll, self)
         elif not dq.draining:
             # Once per batch of backend completions: one used-index store, one interrupt.
             defer(self._flush, dq)
 
     def _completions_wait(self):
         """Poll mode: make the eventfd readable (once until the next ``poll``)."""
-        self._poll_signalled = True
-        try:
+        with self._poll_lock:
+            if self._poll_signalled or not self._closer.alive:  # signalled, or closed
+                return
             os.eventfd_write(self._poll_fd, 1)
-        except OSError:  # closed (the device is being dropped) or saturated: nothing to tell
-            pass
+            self._poll_signalled = True
 
     def _flush(self, dq):
         """Publish every queued completion of ``dq``: one used-index store, at most one interrupt.
@@ -855,13 +858,14 @@ class VirtioBlk:
         With ``deliver="callback"`` completions publish themselves and this returns 0."""
         if self._poll_fd is None:
             return 0
-        # Clear the flag, then empty the eventfd, then publish: a completion queued after the
-        # flag was cleared signals again, and one queued before is published below.
-        self._poll_signalled = False
-        try:
-            os.eventfd_read(self._poll_fd)
-        except BlockingIOError:
-            pass
+        # The flag is true exactly while the eventfd holds a count (both change under the lock).
+        # Empty it before publishing: a completion queued before is published below, one queued
+        # after signals again.
+        if self._poll_signalled:
+            with self._poll_lock:
+                if self._poll_signalled:
+                    os.eventfd_read(self._poll_fd)
+                    self._poll_signalled = False
         total = 0
         for dq in self._queues:
             if dq.done:
@@ -878,7 +882,9 @@ class VirtioBlk:
     def close(self) -> None:
         """Release the poll-mode eventfd (also released when the device is garbage collected)."""
         if self._poll_fd is not None:
-            self._closer()
+            with self._poll_lock:  # no completion writes to the number once it is closed
+                self._closer()
+                self._poll_signalled = False
 
     # -- counters --------------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
@@ -987,6 +993,10 @@ class VirtioBlk:
 
 def _ignore(*_args):
     pass
+
+
+def _signal_poll(dev):
+    dev._completions_wait()
 
 
 def _check_int(name, value, low, high):
