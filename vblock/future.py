@@ -114,6 +114,8 @@ class Future(_cf.Future):
         return False
 
     def add_done_callback(self, fn: Callable[[Future], object]) -> None:
+        """Call ``fn(future)`` once it is done: on the thread that completes it, or at once on
+        this thread if it is done already. ``fn`` must not block."""
         with _lock:
             if self._state is _PENDING:
                 if self._callbacks is None:

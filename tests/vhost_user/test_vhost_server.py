@@ -311,8 +311,9 @@ def test_serve_logs_the_device_counters_on_sigusr1_and_at_exit(scratch):
     path = str(scratch / "d.raw")
     vblock.create_image(path, "raw", DISK).close()
     sock_path = str(scratch / "serve.sock")
-    proc = subprocess.Popen([sys.executable, "-m", "vblock.cli.main", "serve", "--vhost-user", sock_path,
-                             "-f", "raw", path], stderr=subprocess.PIPE, text=True)
+    argv = ["serve", "--vhost-user", sock_path, "-f", "raw", path]
+    proc = subprocess.Popen([sys.executable, "-m", "vblock.cli.main", *argv],
+                            stderr=subprocess.PIPE, text=True)
     try:
         assert "on " + sock_path in proc.stderr.readline()  # printed once the socket listens
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -347,8 +348,8 @@ def test_stats_lines_name_each_type_seen_or_say_none():
     from vblock.cli.serve import stats_lines
 
     zero = {"ops": 0, "bytes": 0, "errors": 0, "p50": 0.0, "p99": 0.0, "max": 0.0}
-    stats = {"read": zero, "write": {**zero, "ops": 2, "bytes": 8192, "p50": 40.0, "p99": 90.5, "max": 91.0},
-             "queues": []}
+    write = {**zero, "ops": 2, "bytes": 8192, "p50": 40.0, "p99": 90.5, "max": 91.0}
+    stats = {"read": zero, "write": write, "queues": []}
     assert stats_lines(stats) == [
         "write: 2 requests, 8192 bytes, 0 errors, latency p50 40.0 us, p99 90.5 us, max 91.0 us"]
     assert stats_lines({"read": zero, "queues": []}) == ["no requests served"]

@@ -13,8 +13,8 @@ import pytest
 
 import vblock
 
-pytest.importorskip("unicorn", reason="the example needs the Unicorn CPU emulator (pip install unicorn)")
-pytest.importorskip("keystone", reason="the example needs keystone-engine (pip install keystone-engine)")
+pytest.importorskip("unicorn", reason="the example needs the Unicorn CPU emulator (PyPI: unicorn)")
+pytest.importorskip("keystone", reason="the example needs its assembler (PyPI: keystone-engine)")
 
 EXAMPLE = pathlib.Path(__file__).resolve().parents[2] / "docs" / "examples" / "unicorn_virtio.py"
 SECTOR = bytes(i & 0xFF ^ 0x5A for i in range(512))  # what the guest program writes to sector 0
@@ -28,8 +28,9 @@ def test_unicorn_guest_writes_flushes_reads_back_and_gets_the_id(scratch, delive
     with vblock.open_image(path, format=fmt) as img:
         img.write(512, b"\x11" * 512)  # a neighbour the guest must not touch
         before = hashlib.sha256(img.read(512, (1 << 20) - 512)).hexdigest()
-    out = subprocess.run([sys.executable, str(EXAMPLE), path, "--format", fmt, "--deliver", deliver],
-                         capture_output=True, text=True, timeout=120)
+    argv = [path, "--format", fmt, "--deliver", deliver]
+    out = subprocess.run([sys.executable, str(EXAMPLE), *argv], capture_output=True, text=True,
+                         timeout=120)
     assert out.returncode == 0, out.stdout + out.stderr
     assert out.stdout.splitlines() == [
         "guest: write: status 0",

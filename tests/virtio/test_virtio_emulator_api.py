@@ -32,8 +32,8 @@ def _readable(fd):
 # -- interrupts -----------------------------------------------------------------------------------
 def test_level_goes_high_on_the_first_interrupt_and_low_inside_the_ack():
     calls = []
-    st = Stack(FakeImage(), interrupts=False, event_idx=False, interrupt=lambda: calls.append("edge"),
-               irq_level=lambda level: calls.append(level))
+    st = Stack(FakeImage(), interrupts=False, event_idx=False,
+               interrupt=lambda: calls.append("edge"), irq_level=lambda level: calls.append(level))
     st.drv.submit(OUT, 0, data=b"a" * 512)
     st.drv.submit(OUT, 8, data=b"b" * 512)
     assert calls == [True, "edge", "edge"]  # high once; each interrupt is still an edge
@@ -118,7 +118,7 @@ def test_polling_driver_reaps_without_interrupts():
     assert st.drv.interrupts == 0 and st.mmio.read(ISR, 4) == VRING  # raised, never acknowledged
 
 
-# -- poll delivery ----------------------------------------------------------------------------------
+# -- poll delivery --------------------------------------------------------------------------------
 def test_poll_mode_writes_no_used_entry_before_poll():
     """GET_ID and an error finish at once, a write later: none of them reaches the used ring
     (guard bytes over the used index and entries) until poll() publishes all three."""
@@ -224,7 +224,8 @@ def test_stats_off_counts_nothing():
     dev = VirtioBlk(img, mem, stats=False)
     drv = Driver(VirtioMmio(dev), mem).start()
     assert drv.write(0, b"m" * 512) == 0
-    assert dev.stats()["write"] == {"ops": 0, "bytes": 0, "errors": 0, "p50": 0.0, "p99": 0.0, "max": 0.0}
+    zero = {"ops": 0, "bytes": 0, "errors": 0, "p50": 0.0, "p99": 0.0, "max": 0.0}
+    assert dev.stats()["write"] == zero
 
 
 # -- snapshots ------------------------------------------------------------------------------------
@@ -300,7 +301,7 @@ def test_strict_device_runs_a_clean_driver():
 # -- argument checks ------------------------------------------------------------------------------
 def test_virtio_blk_names_a_bad_argument():
     mem = GuestMemory.anonymous(1 << 16)
-    with pytest.raises(TypeError, match=r"img must be an open image \(vblock.open_image\), not str"):
+    with pytest.raises(TypeError, match=r"img must be an open image \(vblock.open_image\), not st"):
         VirtioBlk("m.qed", mem)
     with pytest.raises(TypeError, match="mem must be a vblock.virtio.GuestMemory, not mmap"):
         VirtioBlk(FakeImage(), mmap.mmap(-1, 4096))
@@ -354,8 +355,8 @@ def test_driver_names_a_bad_argument():
 
 def test_mmio_window_is_exported():
     assert VIRTIO_MMIO_WINDOW == 0x200
-    assert S.VIRTIO_MMIO_CONFIG + len(VirtioBlk(FakeImage(), GuestMemory.anonymous(4096)).config_bytes()) \
-        <= VIRTIO_MMIO_WINDOW
+    config = VirtioBlk(FakeImage(), GuestMemory.anonymous(4096)).config_bytes()
+    assert S.VIRTIO_MMIO_CONFIG + len(config) <= VIRTIO_MMIO_WINDOW
 
 
 def test_closed_poll_device_ignores_late_completions():

@@ -158,7 +158,8 @@ def measure_virtio_poll(img, depth, duration, seed=1, stats=True):
             if now() < deadline:
                 while free:
                     a = free.pop()
-                    slot_of[post_one(VIRTIO_BLK_T_OUT, sectors[next(counter) & OFFSETS_MASK], a, BS)] = a
+                    sector = sectors[next(counter) & OFFSETS_MASK]
+                    slot_of[post_one(VIRTIO_BLK_T_OUT, sector, a, BS)] = a
                 kick()
             elif not slot_of:
                 break
@@ -202,8 +203,11 @@ def measure_emulator(img, name, depth, duration, rounds, engine):
         for case in order[r % 3:] + order[: r % 3]:  # no case always runs first
             got[case].append(cases[case]())
     rows = []
-    for layer, case, peer, peer_name in ((f"virtio/{name} poll", "poll", "callback", f"virtio/{name} callback"),
-                                         (f"virtio/{name} stats", "callback", "nostats", f"virtio/{name} no stats")):
+    pairs = (
+        (f"virtio/{name} poll", "poll", "callback", f"virtio/{name} callback"),
+        (f"virtio/{name} stats", "callback", "nostats", f"virtio/{name} no stats"),
+    )
+    for layer, case, peer, peer_name in pairs:
         iops = statistics.median(got[case])
         row = Row(layer, engine, "randwrite", BS, depth, iops, iops * BS / 1e6)
         row.against(peer_name, statistics.median(got[peer]))
@@ -262,7 +266,9 @@ def run(duration=5.0, depths=DEPTHS, size=SIZE, qed=True, rounds=5, cpu=None, em
                 rows.extend(measure_emulator(raw, "raw", EMULATOR_DEPTH, duration, rounds, engine))
                 ram = vblock.create_image(None, "memory", size)
                 try:
-                    rows.extend(measure_emulator(ram, "mem", EMULATOR_DEPTH, duration, rounds, engine))
+                    rows.extend(
+                        measure_emulator(ram, "mem", EMULATOR_DEPTH, duration, rounds, engine)
+                    )
                 finally:
                     ram.close()
         finally:
@@ -279,10 +285,11 @@ def main(argv=None):
     ap.add_argument("--duration", type=float, default=5.0, help="seconds per case (default 5)")
     ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds per case (default 5)")
     ap.add_argument("--no-qed", action="store_true", help="skip the QED rows")
-    ap.add_argument("--no-emulator", action="store_true", help="skip the poll-delivery and stats rows")
+    ap.add_argument("--no-emulator", action="store_true",
+                    help="skip the poll-delivery and stats rows")
     ap.add_argument("--cpu", type=int, help="run every Python thread on this CPU (default: the scheduler decides)")
     args = ap.parse_args(argv)
-    rows = run(duration=args.duration, qed=not args.no_qed, rounds=max(1, args.rounds), cpu=args.cpu,
-               emulator=not args.no_emulator)
+    rows = run(duration=args.duration, qed=not args.no_qed, rounds=max(1, args.rounds),
+               cpu=args.cpu, emulator=not args.no_emulator)
     report(rows, as_json=args.json)
     return 0

@@ -29,7 +29,8 @@ def open_host_file(path: str | os.PathLike, **kwargs: Any) -> HostFile:
 
 @contextlib.contextmanager
 def host_file_opener(factory: Callable[..., Any]) -> Iterator[None]:
-    """Use ``factory(path, **kwargs)`` for every ``open_host_file`` call while active."""
+    """Use ``factory(path, **kwargs)`` for every ``open_host_file`` call while active (called on
+    the thread that calls ``open_host_file``)."""
     global _opener
     with _opener_lock:
         previous, _opener = _opener, factory

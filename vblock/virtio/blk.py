@@ -259,7 +259,9 @@ class VirtioBlk:
     ) -> None:
         for attr in ("submit_read", "submit_write", "submit_flush"):
             if not callable(getattr(img, attr, None)):
-                raise TypeError(f"img must be an open image (vblock.open_image), not {type(img).__name__}")
+                raise TypeError(
+                    f"img must be an open image (vblock.open_image), not {type(img).__name__}"
+                )
         if not isinstance(mem, GuestMemory):
             raise TypeError(f"mem must be a vblock.virtio.GuestMemory, not {type(mem).__name__}")
         _check_int("num_queues", num_queues, 1, 0xFFFF)
@@ -432,7 +434,9 @@ class VirtioBlk:
             max_write_zeroes_seg=MAX_SEGMENTS,
             serial=self.serial,
         )
-        self._queues = [_DeviceQueue(i, self.queue_size_max, self._counters[i]) for i in range(self.num_queues)]
+        self._queues = [
+            _DeviceQueue(i, self.queue_size_max, self._counters[i]) for i in range(self.num_queues)
+        ]
 
     def _set_needs_reset(self, reason):
         _log.warning("virtio-blk: device needs reset: %s", reason)
@@ -599,7 +603,7 @@ class VirtioBlk:
         req.ndesc = ndesc
         req.started = dq.turn
         if read is None:
-            self._returned(dq, head, ndesc)  # an unparseable frame still returns its head (used len 0)
+            self._returned(dq, head, ndesc)  # an unparseable frame still returns its head
             return
         req.type = -1  # until parsed: a frame refused before its header counts as unsupported
         try:
@@ -892,9 +896,10 @@ class VirtioBlk:
         ``write``, ``flush``, ``discard``, ``write_zeroes``, ``get_id`` and ``unsupported`` (any
         other type, and chains refused before their type could be read). Each holds ``ops``
         (virtio requests published), ``bytes`` (data bytes moved, or covered by discard /
-        write-zeroes segments, by requests that succeeded; 0 for flush and get_id), ``errors`` (answered with a status
-        other than OK, or returned without one) and latency in microseconds, ``p50``, ``p99``
-        (each the top of its histogram bucket, within a quarter of an octave) and ``max``.
+        write-zeroes segments, by requests that succeeded; 0 for flush and get_id), ``errors``
+        (answered with a status other than OK, or returned without one) and latency in
+        microseconds, ``p50``, ``p99`` (each the top of its histogram bucket, within a quarter of
+        an octave) and ``max``.
         ``queues`` holds the same dict per queue. A snapshot: safe from any thread; a request
         being published meanwhile may or may not be in it. All zero with ``stats=False``."""
         per_queue = []
@@ -925,7 +930,7 @@ class VirtioBlk:
         ``dev.poll()`` until ``dev.in_flight()`` is 0 and ``poll()`` returns 0 with
         ``deliver="poll"`` - and save."""
         if not self._drain_lock.acquire(False):
-            raise RuntimeError("cannot save the device state while a queue is being drained: quiesce first")
+            raise RuntimeError("cannot save the device state during a queue drain: quiesce first")
         try:
             busy = sum(dq.popped - dq.published for dq in self._queues if not dq.dead)
             if busy:
@@ -955,16 +960,17 @@ class VirtioBlk:
         """Continue from ``save_state()``'s dict (a fresh device, over the same guest memory)."""
         try:
             if state["version"] != _SAVED_STATE_VERSION:
-                raise ValueError(f"state version {state['version']!r} is not {_SAVED_STATE_VERSION}")
+                raise ValueError(f"state version {state['version']!r} is not 1")
             for name in ("num_queues", "queue_size_max", "device_features"):
                 if state[name] != getattr(self, name):
-                    raise ValueError(f"state has {name} {state[name]:#x}, this device {getattr(self, name):#x}")
+                    mine = getattr(self, name)
+                    raise ValueError(f"state has {name} {state[name]:#x}, this device {mine:#x}")
             if len(state["queues"]) != self.num_queues:
                 raise ValueError(f"state has {len(state['queues'])} queues, not {self.num_queues}")
             status = state["status"]
             self.driver_features = state["driver_features"]
             if status & FEATURES_OK and not self._accept_features():
-                raise ValueError(f"state's driver features {self.driver_features:#x} are not acceptable")
+                raise ValueError(f"state's driver features {self.driver_features:#x} are refused")
             self._status = status
             self.config_generation = state["config_generation"]
             self._writeback = bool(state["writeback"])

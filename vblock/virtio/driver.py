@@ -436,13 +436,12 @@ class Driver:
                 raise TypeError(f"mmio must be a VirtioMmio, not {type(mmio).__name__}")
         if not isinstance(mem, GuestMemory):
             raise TypeError(f"mem must be a vblock.virtio.GuestMemory, not {type(mem).__name__}")
-        if isinstance(num_queues, bool) or not isinstance(num_queues, int) or not 1 <= num_queues <= 0xFFFF:
+        if not _int_in(num_queues, 1, 0xFFFF):
             raise ValueError(f"num_queues must be an int in 1..65535, not {num_queues!r}")
-        if queue_size is not None and (isinstance(queue_size, bool) or not isinstance(queue_size, int)
-                                       or not 1 <= queue_size <= 32768):
+        if queue_size is not None and not _int_in(queue_size, 1, 32768):
             raise ValueError(f"queue_size must be None or an int in 1..32768, not {queue_size!r}")
-        for name, value in (("event_idx", event_idx), ("indirect", indirect), ("interrupts", interrupts),
-                            ("packed", packed)):
+        flags = dict(event_idx=event_idx, indirect=indirect, interrupts=interrupts, packed=packed)
+        for name, value in flags.items():
             if not isinstance(value, bool):
                 raise TypeError(f"{name} must be a bool, not {type(value).__name__}")
         self.mmio = mmio
@@ -848,6 +847,10 @@ class Driver:
 
     def write_zeroes(self, segments, **kw):
         return self._run(S.VIRTIO_BLK_T_WRITE_ZEROES, 0, data=encode_segments(segments), **kw).status
+
+
+def _int_in(value, low, high):
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
 
 
 def encode_segments(segments):

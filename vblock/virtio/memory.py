@@ -54,7 +54,9 @@ class GuestMemory:
     def __init__(self, regions: Iterable[tuple[int, Any]]) -> None:
         spans = []
         keep = []
-        if isinstance(regions, (bytes, bytearray, memoryview, mmap.mmap)) or not hasattr(regions, "__iter__"):
+        if isinstance(regions, (bytes, bytearray, memoryview, mmap.mmap)) or not hasattr(
+            regions, "__iter__"
+        ):
             raise TypeError(f"{_ACCEPTS}; got {type(regions).__name__}")
         for i, pair in enumerate(regions):
             if not isinstance(pair, (tuple, list)) or len(pair) != 2:
@@ -68,7 +70,8 @@ class GuestMemory:
                 raise TypeError(f"{_ACCEPTS}; region {i} buffer is {type(buffer).__name__}, "
                                 "which has no buffer protocol") from None
             if view.readonly:
-                raise TypeError(f"{_ACCEPTS}; region {i} buffer ({type(buffer).__name__}) is read-only")
+                kind = type(buffer).__name__
+                raise TypeError(f"{_ACCEPTS}; region {i} buffer ({kind}) is read-only")
             if not view.contiguous:
                 raise ValueError(f"{_ACCEPTS}; region {i} buffer is not contiguous")
             if view.format != "B" or view.ndim != 1:

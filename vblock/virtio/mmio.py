@@ -220,7 +220,8 @@ class VirtioMmio:
             self._write(offset, size, value)
         except GuestError as exc:  # the transport boundary: log and ignore (see module doc)
             if self.strict:
-                raise GuestError(f"virtio-mmio: write of {value:#x} at {offset:#x}: {exc}", exc.status) from exc
+                message = f"virtio-mmio: write of {value:#x} at {offset:#x}: {exc}"
+                raise GuestError(message, exc.status) from exc
             _log.info("virtio-mmio: write of %#x at %#x ignored: %s", value, offset, exc)
 
     def _write(self, offset, size, value):
