@@ -24,10 +24,15 @@ def test_bench_virtio_rows_name_the_placement_and_pair_each_round():
     out = subprocess.run([sys.executable, "-m", "vblock.bench", "virtio", "--duration", "0.4", "--rounds", "2",
                           "--cpu", str(cpu), "--json"], capture_output=True, text=True, timeout=240, check=True).stdout
     rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
-    assert [(r["layer"], r["depth"]) for r in rows] == [("virtio/raw", 1), ("virtio/qed", 1), ("virtio/raw", 16),
-                                                        ("virtio/qed", 16)]
+    assert [(r["layer"], r["depth"]) for r in rows] == [
+        ("virtio/raw", 1), ("virtio/qed", 1), ("virtio/raw", 16), ("virtio/qed", 16),
+        ("virtio/raw poll", 16), ("virtio/raw stats", 16), ("virtio/mem poll", 16),
+        ("virtio/mem stats", 16),
+    ]
+    assert [r["peer"] for r in rows] == ["block raw"] * 4 + [
+        "virtio/raw callback", "virtio/raw no stats", "virtio/mem callback", "virtio/mem no stats"]
     for r in rows:
-        assert r["engine"].endswith(f", python on cpu {cpu}") and r["peer"] == "block raw"
+        assert r["engine"].endswith(f", python on cpu {cpu}")
         assert r["iops"] > 0 and r["peer_iops"] > 0 and r["ratio"] > 0
 
 

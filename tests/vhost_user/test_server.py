@@ -307,6 +307,54 @@ def test_serve_signal_drains_flushes_and_clears_qed_need_check(scratch, sig):
             assert img.read(2048 * 512 * i, 4096) == bytes([i + 1]) * 4096
 
 
+def test_serve_logs_the_device_counters_on_sigusr1_and_at_exit(scratch):
+    path = str(scratch / "d.raw")
+    vblock.create_image(path, "raw", DISK).close()
+    sock_path = str(scratch / "serve.sock")
+    argv = ["serve", "--vhost-user", sock_path, "-f", "raw", path]
+    proc = subprocess.Popen([sys.executable, "-m", "vblock.cli.main", *argv],
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        assert "on " + sock_path in proc.stderr.readline()  # printed once the socket listens
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.connect(sock_path)
+        fe = Frontend(sock)
+        fe.connect()
+        fe.set_mem_table()
+        ring = fe.start_ring(0, LINUX_FEATURES)
+        for i in range(8):
+            assert ring.run(T_OUT, 8 * i, data=PAT)[0] == 0
+        assert ring.run(T_FLUSH, 0)[0] == 0
+        proc.send_signal(signal.SIGUSR1)
+        first = [proc.stderr.readline(), proc.stderr.readline()]
+        assert ring.run(T_IN, 0, length=4096)[0] == 0
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+        rest = proc.stderr.read()
+        fe.close()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stderr.close()
+    write = f"vblock serve: write: 8 requests, {8 * len(PAT)} bytes, 0 errors, latency p50 "
+    assert first[0].startswith(write)  # types in stats() order: read (none yet), write, flush
+    assert first[1].startswith("vblock serve: flush: 1 requests, 0 bytes, 0 errors, latency p50 ")
+    assert f"vblock serve: read: 1 requests, {len(PAT)} bytes, 0 errors" in rest
+    assert write in rest and "closed" in rest.splitlines()[-1]
+
+
+def test_stats_lines_name_each_type_seen_or_say_none():
+    from vblock.cli.serve import stats_lines
+
+    zero = {"ops": 0, "bytes": 0, "errors": 0, "p50": 0.0, "p99": 0.0, "max": 0.0}
+    write = {**zero, "ops": 2, "bytes": 8192, "p50": 40.0, "p99": 90.5, "max": 91.0}
+    stats = {"read": zero, "write": write, "queues": []}
+    assert stats_lines(stats) == [
+        "write: 2 requests, 8192 bytes, 0 errors, latency p50 40.0 us, p99 90.5 us, max 91.0 us"]
+    assert stats_lines({"read": zero, "queues": []}) == ["no requests served"]
+
+
 def test_add_and_remove_a_region_while_the_ring_runs(served, image):
     fe = served.fe
     fe.connect()

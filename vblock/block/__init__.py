@@ -132,7 +132,7 @@ def _path(path):
 
 
 def open_image(
-    path,
+    path: str | os.PathLike,
     format: str | None = None,
     read_only: bool = False,
     cache: str = "none",
@@ -194,8 +194,8 @@ def open_image(
         raise
 
 
-def create_image(path, fmt: str, size: int, force_share: bool = False, locking: str = "auto",
-                 **format_options) -> Image:
+def create_image(path: str | os.PathLike | None, fmt: str, size: int, force_share: bool = False,
+                 locking: str = "auto", **format_options) -> Image:
     """Create ``path`` as an empty ``fmt`` image of ``size`` bytes (overwriting it) and return it
     open for writing (cache "none" where the host allows it, else "writeback"). Format options are
     checked against the driver's ``create_options``. A memory image with no path is a fresh RAM disk.

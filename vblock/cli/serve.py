@@ -7,8 +7,9 @@ The VM side (QEMU; guest RAM must be shared memory)::
         -device vhost-user-blk-pci,chardev=c0,num-queues=N
 
 Runs until SIGTERM or SIGINT: then requests in flight finish, the image is flushed and closed
-(a QED image's need-check flag is cleared) and the socket file is removed. Messages go to stderr;
-the last line counts the flush requests the guest sent.
+(a QED image's need-check flag is cleared) and the socket file is removed. Messages go to stderr:
+the device's counters (``VirtioBlk.stats``: one line per request type that was seen) at exit and
+on SIGUSR1, and last a line that counts the flush requests the guest sent.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import logging
 import signal
 import sys
 
-__all__ = ["add_parser", "run", "main"]
+__all__ = ["add_parser", "run", "main", "stats_lines"]
 
 
 def _on_off(value):
@@ -88,8 +89,13 @@ def run(args, env=None):
     def on_signal(signum, _frame):
         server.stop()
 
+    def report():
+        for line in stats_lines(server.backend.device.stats()):
+            _say(env, f"vblock serve: {line}")
+
     for s in (signal.SIGTERM, signal.SIGINT):
         old[s] = signal.signal(s, on_signal)
+    old[signal.SIGUSR1] = signal.signal(signal.SIGUSR1, lambda _s, _f: server.call_soon(report))
     _say(env, f"vblock serve: {args.image} ({img.format}) on {args.vhost_user}")
     try:
         server.serve_forever()
@@ -97,10 +103,22 @@ def run(args, env=None):
         for s, h in old.items():
             signal.signal(s, h)
         img.close()
+    report()
     kicks = "/".join(str(k) for k in server.backend.kicks)
     _say(env, f"vblock serve: closed {args.image}: {server.backend.flushes} flushes, "
               f"{server.connections} connections, kicks per queue {kicks}")
     return 0
+
+
+def stats_lines(stats):
+    """``VirtioBlk.stats()`` as text: one line per request type with requests, or one line
+    saying there were none."""
+    lines = []
+    for kind, c in stats.items():
+        if kind != "queues" and c["ops"]:
+            lines.append(f"{kind}: {c['ops']} requests, {c['bytes']} bytes, {c['errors']} errors, "
+                         f"latency p50 {c['p50']} us, p99 {c['p99']} us, max {c['max']} us")
+    return lines or ["no requests served"]
 
 
 def main(argv=None):
