@@ -329,3 +329,12 @@ def test_nbdkit_error_filter_eio_reaches_the_request_and_loses_nothing(daemons, 
     with vblock.open_image(str(ov), read_only=True) as img:
         assert img.read(MiB, 65536) == b"\x07" * 65536
         assert img.check()["corruptions"] == 0
+
+
+def test_stress_runs_on_an_nbd_image(served, scratch):
+    path = scratch / "stress.raw"
+    with open(path, "wb") as f:
+        f.truncate(16 * MiB)
+    _, _, uri = served(path, shared=0)
+    r = vb("stress", "--duration", "1", "--queues", "2", "--image", uri, "--format", "raw")
+    assert r.returncode == 0 and "mismatches       0" in r.stdout and "PASS" in r.stdout, r.stdout + r.stderr
