@@ -101,6 +101,34 @@ def _nbd_error(exc) -> tuple:
     return P.NBD_EIO, f"{type(exc).__name__}: {exc}"
 
 
+class _Buffers:
+    """Page-aligned buffers for one connection's payloads, reused by length (a workload of
+    8 KiB requests then maps no memory per request). Thread-safe; keeps at most ``keep`` idle
+    buffers of each length, and none over ``largest`` bytes."""
+
+    def __init__(self, keep=64, largest=1 << 20):
+        self._free = {}
+        self._lock = threading.Lock()
+        self._keep = keep
+        self._largest = largest
+
+    def get(self, length):
+        with self._lock:
+            free = self._free.get(length)
+            if free:
+                return free.pop()
+        return alloc_buffer(length)
+
+    def put(self, buf):
+        n = len(buf)
+        if n > self._largest:
+            return
+        with self._lock:
+            free = self._free.setdefault(n, [])
+            if len(free) < self._keep:
+                free.append(buf)
+
+
 class _Connection:
     """One client: its socket, protocol core, receiving thread and requests in flight."""
 
@@ -108,7 +136,8 @@ class _Connection:
         self.server = server
         self.sock = sock
         self.number = number
-        self.proto = P.ServerConnection([server.export])
+        self.buffers = _Buffers()
+        self.proto = P.ServerConnection([server.export], alloc=self.buffers.get)
         self._send_lock = threading.Lock()
         self._cond = threading.Condition()
         self._in_flight = 0
@@ -144,17 +173,22 @@ class _Connection:
             if not self._in_flight:
                 self._cond.notify_all()
 
-    def _answer(self, cmd, fut, read_buf=None):
+    def _answer(self, cmd, fut, buf=None):
+        """Reply to ``cmd`` when ``fut`` completes; ``buf`` (a READ's data or a WRITE's payload)
+        goes back to the pool once the reply is sent."""
+
         def done(f):
             try:
-                exc = f.exception()
+                exc = f._exc
                 if exc is not None:
                     self.send(self.proto.reply(cmd, *_nbd_error(exc)))
-                elif read_buf is not None:
-                    self.send(self.proto.reply_read(cmd, read_buf))
+                elif cmd.kind == P.Cmd.READ:
+                    self.send(self.proto.reply_read(cmd, buf))
                 else:
                     self.send(self.proto.reply(cmd))
             finally:
+                if buf is not None:
+                    self.buffers.put(buf)
                 self._end()
 
         fut.add_done_callback(done)
@@ -168,10 +202,11 @@ class _Connection:
         self._begin()
         try:
             if kind == P.Cmd.READ:
-                buf = alloc_buffer(cmd.length)
-                self._answer(cmd, img.submit_read(cmd.offset, buf), buf)
+                buf = self.buffers.get(cmd.length)
+                self._answer(cmd, img.submit_read(cmd.offset, [buf]), buf)
             elif kind == P.Cmd.WRITE:
-                self._answer(cmd, img.submit_write(cmd.offset, cmd.data, cmd.fua))
+                data = cmd.data
+                self._answer(cmd, img.submit_write(cmd.offset, [data], cmd.fua), data)
             elif kind == P.Cmd.FLUSH:
                 self._answer(cmd, img.submit_flush())
             elif kind == P.Cmd.TRIM:
@@ -219,13 +254,16 @@ class _Connection:
     def _receive(self):
         proto = self.proto
         sock = self.sock
+        scratch = bytearray(_RECV_BYTES)
+        view = memoryview(scratch)
         self.send([proto.data_to_send()])
         while True:
             try:
-                data = sock.recv(_RECV_BYTES)
+                n = sock.recv_into(scratch)
             except OSError as exc:
                 _log.info("nbd: connection %d: receive failed: %s", self.number, exc)
-                data = b""
+                n = 0
+            data = view[:n]
             proto.receive_data(data)
             while True:
                 try:
@@ -234,6 +272,11 @@ class _Connection:
                     _log.warning("nbd: connection %d: protocol error, dropping it: %s", self.number, exc)
                     self.send([proto.data_to_send()])
                     return
+                if ev.__class__ is P.Command:
+                    self._serve(ev)
+                    if ev.fatal:
+                        return
+                    continue
                 if ev is P.NEED_DATA:
                     break
                 if ev is P.CLOSED or isinstance(ev, P.Disconnect):
@@ -241,10 +284,6 @@ class _Connection:
                     return
                 if isinstance(ev, P.Ready):
                     self.send([proto.data_to_send()])
-                    continue
-                self._serve(ev)
-                if ev.fatal:
-                    return
             out = proto.data_to_send()
             if out:
                 self.send([out])
