@@ -3,7 +3,7 @@
 Server rows: ``qemu-img bench -f raw -t none -s 8k -d DEPTH [-w]`` over a unix socket, against
 ``vblock serve --nbd`` and against ``qemu-nbd --cache=none --aio=io_uring``, each serving its own
 preallocated raw file of the same size on the same file system (the image locks keep two servers
-off one file). The load generator and its timing are QEMU's on both sides; IOPS are requests
+off one file). ``vblock serve --nbd`` runs with its default engine for NBD, the thread engine. The load generator and its timing are QEMU's on both sides; IOPS are requests
 over the run time it reports.
 
 Client rows: vblock opens the qemu-nbd export as a raw image (``vblock.open_image(URI)``) and keeps
@@ -121,7 +121,7 @@ def run(rounds=3, depths=(16, 1), duration=2.0, count=COUNT, client=True):
             for write in (True, False):
                 pairs = _paired(rounds, lambda: qemu_img_bench(_uri(vsock), depth, write, count),
                                 lambda: qemu_img_bench(_uri(qsock), depth, write, count))
-                rows.append(_row("nbd server", "vblock serve", "write" if write else "read", depth, pairs,
+                rows.append(_row("nbd server", "serve (threads)", "write" if write else "read", depth, pairs,
                                  "qemu-nbd none+io_uring"))
         if client:
             for write in (True, False):

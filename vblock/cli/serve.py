@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 
@@ -67,7 +68,8 @@ def configure(p):
     p.add_argument("--cache", default="none", choices=("none", "writeback", "unsafe"),
                    help="host cache mode for the image (default none: O_DIRECT)")
     p.add_argument("--aio", default="auto", choices=("auto", "io_uring", "threads"),
-                   help="host I/O engine (default auto: io_uring where the kernel allows)")
+                   help="host I/O engine (default auto: io_uring where the kernel allows; "
+                        "threads for --nbd)")
     return p
 
 
@@ -92,8 +94,14 @@ def run(args, env=None):
     ``ImageError`` for an image or socket that cannot be opened (the CLI boundary reports them)."""
     import vblock
 
+    aio = args.aio
+    if args.nbd is not None and aio == "auto" and not os.environ.get("VBLOCK_ENGINE"):
+        # NBD replies are sent by the thread that completes the request: the thread engine's
+        # workers send theirs side by side, where io_uring's one completion thread would send
+        # every reply in turn.
+        aio = "threads"
     img = vblock.open_image(args.image, format=args.fmt, read_only=args.read_only, cache=args.cache,
-                             aio=args.aio)
+                             aio=aio)
     if args.nbd is not None:
         return _run_nbd(args, env, img)
     from vblock.vhost_user.server import Server

@@ -150,7 +150,9 @@ class NbdFile:
             return len(self._futures)
 
     # -- requests ----------------------------------------------------------------------------------
-    def _start(self, kind, op, offset=0, length=0, flags=0, data=None, buffer=None, finish=None):
+    def _start(self, kind, op, offset=0, length=0, flags=0, data=None, buffer=None, result=None):
+        """Send one request; its future completes with ``result`` (or the reply, for block
+        status) when the server answers."""
         fut = Future()
         with self._lock:
             if self._dead is not None:
@@ -159,7 +161,7 @@ class NbdFile:
                 return failed(OSError(errno.EBADF, f"{op} on a closed NBD connection", self.path))
             self._cookie += 1
             cookie = self._cookie
-            self._futures[cookie] = (fut, op, offset, finish)
+            self._futures[cookie] = (fut, op, offset, result)
             bufs = self._proto.request(kind, cookie, offset, length, flags, data=data, buffer=buffer)
         self._send(bufs)
         return fut
@@ -192,6 +194,8 @@ class NbdFile:
         if not total:
             return completed(0)
         if len(views) == 1:
+            if total <= self.max_payload:  # the common case: one request, no copy
+                return self._start(P.Cmd.READ, "read", offset, total, buffer=views[0], result=total)
             target, scatter = views[0], None
         else:
             target, scatter = memoryview(bytearray(total)), views
@@ -218,6 +222,8 @@ class NbdFile:
         total = len(data)
         if not total:
             return completed(0)
+        if total <= self.max_payload:
+            return self._start(P.Cmd.WRITE, "write", offset, total, data=data, result=total)
         futs = [self._start(P.Cmd.WRITE, "write", o, n, data=data[o - offset : o - offset + n])
                 for o, n in self._chunks(offset, total)]
         return _then(futs[0] if len(futs) == 1 else join(futs), lambda _: total)
@@ -329,17 +335,19 @@ class NbdFile:
     def _receive(self):
         proto, sock = self._proto, self._sock
         reason = "the NBD server closed the connection"
+        scratch = bytearray(_RECV_BYTES)
+        view = memoryview(scratch)
         try:
             while True:
                 try:
-                    data = sock.recv(_RECV_BYTES)
+                    data = view[: sock.recv_into(scratch)]
                 except OSError as exc:
                     reason = f"the NBD connection failed: {exc.strerror or exc}"
                     data = b""
                 while True:
                     with self._lock:  # the core's table of requests is shared with submitters
                         if data is not None:
-                            proto.receive_data(data)
+                            proto.receive_data(data)  # copied: the scratch buffer is reused
                             data = None
                         ev = proto.next_event()
                         if isinstance(ev, P.Reply):
@@ -359,7 +367,7 @@ class NbdFile:
         finally:
             self._fail_all(reason if not self._closed else "the NBD connection was closed")
 
-    def _complete(self, reply, fut, op, offset, _finish):
+    def _complete(self, reply, fut, op, offset, result):
         if reply.error:
             code = P.host_errno(reply.error)
             msg = f"{op} at offset {offset}: {os.strerror(code)}"
@@ -369,7 +377,7 @@ class NbdFile:
         elif reply.kind == P.Cmd.BLOCK_STATUS:
             fut.set_result(reply)
         else:
-            fut.set_result(None)
+            fut.set_result(result)
 
     def _fail_all(self, reason):
         with self._lock:

@@ -857,7 +857,7 @@ class ServerConnection:
 
 
 # -- client ------------------------------------------------------------------------------------------
-@dataclasses.dataclass
+@dataclasses.dataclass(slots=True)
 class _Pending:
     kind: int
     offset: int

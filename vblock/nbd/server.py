@@ -20,8 +20,9 @@ Ending. A client's DISC, end of file or protocol violation ends its connection: 
 flight finish and are answered (where the socket still works), the image is flushed, the socket
 closed. :meth:`Server.stop` (signal-safe) stops accepting and ends every connection that way;
 ``serve_forever`` returns when all are gone. The caller then closes the image (a QED image is
-left clean). A client that stops reading its replies can hold its connection until it leaves;
-nothing it sends can make the server write outside the image or raise out of a thread.
+left clean). A client that stops reading its replies is dropped once a reply has waited
+``SEND_TIMEOUT`` seconds; nothing a client sends can make the server write outside the image or
+raise out of a thread.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import os
 import selectors
 import socket
 import stat
+import struct
 import threading
 
 from vblock.errors import ReadOnlyError
@@ -46,6 +48,7 @@ _log = logging.getLogger(__name__)
 
 _RECV_BYTES = 1 << 18
 _BLOCK_STATUS_MAX = 1 << 30  # bytes one BLOCK_STATUS answer looks at (the rest: ask again)
+SEND_TIMEOUT = 30  # seconds a reply may wait for a client that does not read
 
 
 def listen(address: NbdAddress, backlog: int = 16) -> socket.socket:
@@ -158,9 +161,13 @@ class _Connection:
                         views.pop(0)
                     if n:
                         views[0] = views[0][n:]
-            except OSError as exc:  # the client went away (EPIPE, ECONNRESET) or was shut down
+            except OSError as exc:  # the client went away (EPIPE, ECONNRESET), or stopped reading
                 self._broken = True
                 _log.info("nbd: connection %d: send failed: %s", self.number, exc)
+                try:
+                    self.sock.shutdown(socket.SHUT_RDWR)  # the receiving thread ends too
+                except OSError:
+                    pass
 
     # -- requests --------------------------------------------------------------------------------
     def _begin(self):
@@ -392,6 +399,10 @@ class Server:
             return
         if sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        # Replies are sent from the threads that complete requests: a client that stops reading
+        # must not hold them for long. A send that makes no progress for SEND_TIMEOUT seconds
+        # fails, and the connection is dropped (the socket stays blocking for receives).
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", SEND_TIMEOUT, 0))
         self.connections += 1
         conn = _Connection(self, sock, self.connections)
         with self._lock:
