@@ -134,6 +134,16 @@ def test_qed_read_write_on_an_export_is_refused_clearly(served, base):
         vblock.open_image(uri, format="qed")
 
 
+def test_qed_image_on_an_export_opens_read_only(served, scratch):
+    """A QED file exported as raw bytes opens as QED read-only through the network."""
+    path = scratch / "img.qed"
+    with vblock.create_image(str(path), "qed", 4 * MiB) as img:
+        img.write(70000, b"over the wire")
+    _, _, uri = served(path, fmt="raw", read_only=True)
+    with vblock.open_image(uri, format="qed", read_only=True) as img:
+        assert img.read(70000, 13) == b"over the wire" and img.format == "qed"
+
+
 def test_dropped_connection_fails_requests_in_flight_and_later(scratch):
     """A server that takes a READ and vanishes: the READ fails with ECONNRESET, its buffer is
     untouched, and later requests fail the same way."""

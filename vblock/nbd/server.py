@@ -20,8 +20,8 @@ Ending. A client's DISC, end of file or protocol violation ends its connection: 
 flight finish and are answered (where the socket still works), the image is flushed, the socket
 closed. :meth:`Server.stop` (signal-safe) stops accepting and ends every connection that way;
 ``serve_forever`` returns when all are gone. The caller then closes the image (a QED image is
-left clean). A client that stops reading its replies is dropped once a reply has waited
-``SEND_TIMEOUT`` seconds; nothing a client sends can make the server write outside the image or
+left clean). A client that does not finish its handshake within ``handshake_timeout`` seconds,
+or stops reading its replies for ``send_timeout`` seconds, is dropped; nothing a client sends can make the server write outside the image or
 raise out of a thread.
 """
 
@@ -49,6 +49,7 @@ _log = logging.getLogger(__name__)
 _RECV_BYTES = 1 << 18
 _BLOCK_STATUS_MAX = 1 << 30  # bytes one BLOCK_STATUS answer looks at (the rest: ask again)
 SEND_TIMEOUT = 30  # seconds a reply may wait for a client that does not read
+HANDSHAKE_TIMEOUT = 10  # seconds a client has to finish the handshake (QEMU's limit too)
 
 
 def listen(address: NbdAddress, backlog: int = 16) -> socket.socket:
@@ -263,10 +264,16 @@ class _Connection:
         sock = self.sock
         scratch = bytearray(_RECV_BYTES)
         view = memoryview(scratch)
+        limit = self.server.handshake_timeout
+        sock.settimeout(limit)  # a silent client must not hold a connection slot
         self.send([proto.data_to_send()])
         while True:
             try:
                 n = sock.recv_into(scratch)
+            except socket.timeout:
+                _log.warning("nbd: connection %d: no handshake within %s s, dropping it",
+                             self.number, limit)
+                return
             except OSError as exc:
                 _log.info("nbd: connection %d: receive failed: %s", self.number, exc)
                 n = 0
@@ -291,6 +298,7 @@ class _Connection:
                     return
                 if isinstance(ev, P.Ready):
                     self.send([proto.data_to_send()])
+                    sock.settimeout(None)  # transmission: a client may be idle for as long as it likes
             out = proto.data_to_send()
             if out:
                 self.send([out])
@@ -312,7 +320,8 @@ def _state(kind):
 
 
 class Server:
-    """``Server(address, image, export_name="", read_only=None, shared=1, description="")``.
+    """``Server(address, image, export_name="", read_only=None, shared=1, description="",
+    handshake_timeout=HANDSHAKE_TIMEOUT, send_timeout=SEND_TIMEOUT)`` (seconds).
 
     ``address``: an ``NbdAddress`` or a string (a unix socket path, anything with ``/``, or
     ``HOST:PORT``). Binds at construction; ``serve_forever()`` runs until :meth:`stop`; the image
@@ -320,7 +329,10 @@ class Server:
     once (0: no limit).
     """
 
-    def __init__(self, address, image, export_name="", read_only=None, shared=1, description=""):
+    def __init__(self, address, image, export_name="", read_only=None, shared=1, description="",
+                 handshake_timeout=HANDSHAKE_TIMEOUT, send_timeout=SEND_TIMEOUT):
+        self.handshake_timeout = handshake_timeout
+        self.send_timeout = send_timeout
         self.address = parse_address(address) if isinstance(address, str) else address
         self.image = image
         if shared < 0:
@@ -400,9 +412,11 @@ class Server:
         if sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         # Replies are sent from the threads that complete requests: a client that stops reading
-        # must not hold them for long. A send that makes no progress for SEND_TIMEOUT seconds
+        # must not hold them for long. A send that makes no progress for send_timeout seconds
         # fails, and the connection is dropped (the socket stays blocking for receives).
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", SEND_TIMEOUT, 0))
+        secs = self.send_timeout
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO,
+                        struct.pack("ll", int(secs), int(secs % 1 * 1e6)))
         self.connections += 1
         conn = _Connection(self, sock, self.connections)
         with self._lock:
