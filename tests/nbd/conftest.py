@@ -17,8 +17,9 @@ def served(scratch):
     running = []
 
     def start(path, fmt="raw", read_only=False, image_kwargs=None, **kw):
-        img = vblock.open_image(str(path), format=fmt, read_only=read_only, cache="writeback",
-                                **(image_kwargs or {}))
+        img = vblock.open_image(
+            str(path), format=fmt, read_only=read_only, cache="writeback", **(image_kwargs or {})
+        )
         sock = scratch / f"nbd{len(running)}.sock"
         srv = Server(str(sock), img, **kw)
         t = threading.Thread(target=srv.serve_forever, daemon=True)

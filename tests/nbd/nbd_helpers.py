@@ -53,8 +53,14 @@ class TestClient:
 
     def send(self, kind, offset=0, length=0, flags=0, data=None, buffer=None):
         self._cookie += 1
-        self.sock.sendall(b"".join(bytes(b) for b in self.proto.request(
-            kind, self._cookie, offset, length, flags, data=data, buffer=buffer)))
+        self.sock.sendall(
+            b"".join(
+                bytes(b)
+                for b in self.proto.request(
+                    kind, self._cookie, offset, length, flags, data=data, buffer=buffer
+                )
+            )
+        )
         return self._cookie
 
     def expect(self, cookie, kind=P.Cmd.FLUSH):

@@ -12,6 +12,7 @@ import sys
 import threading
 
 import pytest
+from nbd_helpers import need, sha
 
 import vblock
 from vblock.errors import UnsupportedError
@@ -19,33 +20,37 @@ from vblock.nbd import protocol as P
 from vblock.nbd.client import NbdFile
 from vblock.nbd.uri import NbdAddress, parse_address, parse_uri
 
-from nbd_helpers import need, sha
-
 MiB = 1 << 20
 
 
 # -- URIs ------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("uri,addr", [
-    ("nbd+unix:///disk?socket=/run/s.sock", NbdAddress("disk", socket="/run/s.sock")),
-    ("nbd+unix://?socket=/s", NbdAddress("", socket="/s")),
-    ("nbd+unix:///my%20exp?socket=/s", NbdAddress("my exp", socket="/s")),
-    ("nbd://127.0.0.1:10810/e", NbdAddress("e", host="127.0.0.1", port=10810)),
-    ("nbd://localhost/", NbdAddress("", host="localhost", port=10809)),
-    ("nbd+tcp://[::1]:99/x", NbdAddress("x", host="::1", port=99)),
-])
+@pytest.mark.parametrize(
+    "uri,addr",
+    [
+        ("nbd+unix:///disk?socket=/run/s.sock", NbdAddress("disk", socket="/run/s.sock")),
+        ("nbd+unix://?socket=/s", NbdAddress("", socket="/s")),
+        ("nbd+unix:///my%20exp?socket=/s", NbdAddress("my exp", socket="/s")),
+        ("nbd://127.0.0.1:10810/e", NbdAddress("e", host="127.0.0.1", port=10810)),
+        ("nbd://localhost/", NbdAddress("", host="localhost", port=10809)),
+        ("nbd+tcp://[::1]:99/x", NbdAddress("x", host="::1", port=99)),
+    ],
+)
 def test_uris_parse_as_qemu_reads_them(uri, addr):
     assert parse_uri(uri) == addr
     assert parse_uri(addr.uri()) == addr
 
 
-@pytest.mark.parametrize("uri,why", [
-    ("nbd+unix://host/e?socket=/s", "no host"),
-    ("nbd+unix:///e", "socket=PATH"),
-    ("nbd+unix:///e?socket=/s&x=1", "socket=PATH"),
-    ("nbd:///e", "needs a host"),
-    ("nbd://h/e?socket=/s", "no parameters"),
-    ("nbd+unix:///my exp?socket=/s", "white space"),
-])
+@pytest.mark.parametrize(
+    "uri,why",
+    [
+        ("nbd+unix://host/e?socket=/s", "no host"),
+        ("nbd+unix:///e", "socket=PATH"),
+        ("nbd+unix:///e?socket=/s&x=1", "socket=PATH"),
+        ("nbd:///e", "needs a host"),
+        ("nbd://h/e?socket=/s", "no parameters"),
+        ("nbd+unix:///my exp?socket=/s", "white space"),
+    ],
+)
 def test_bad_uris_say_why(uri, why):
     with pytest.raises(ValueError, match=why):
         parse_uri(uri)
@@ -58,7 +63,7 @@ def test_server_addresses_are_socket_paths_or_host_port():
         parse_address("localhost")
 
 
-# -- against vblock's own server ---------------------------------------------------------------------
+# -- against vblock's own server -------------------------------------------------------------------
 @pytest.fixture
 def base(scratch):
     path = scratch / "base.raw"
@@ -114,7 +119,11 @@ def test_server_error_arrives_as_oserror_with_its_errno(served, base):
     with NbdFile(uri) as f:
         with pytest.raises(OSError) as exc:
             f.submit_write(0, [b"x"]).result()
-        assert exc.value.errno == errno.EPERM and "read-only" in str(exc.value) and uri in str(exc.value)
+        assert (
+            exc.value.errno == errno.EPERM
+            and "read-only" in str(exc.value)
+            and uri in str(exc.value)
+        )
 
 
 def test_unknown_export_is_enoent_with_the_servers_words(served, base):
@@ -132,6 +141,26 @@ def test_qed_read_write_on_an_export_is_refused_clearly(served, base):
     _, _, uri = served(base)
     with pytest.raises(UnsupportedError, match="cannot be opened read-write"):
         vblock.open_image(uri, format="qed")
+
+
+def test_tcp_on_localhost_serves_and_connects(base):
+    import threading as th
+
+    from vblock.nbd.server import Server
+
+    img = vblock.open_image(str(base), format="raw", read_only=True, cache="writeback")
+    srv = Server("127.0.0.1:0", img, export_name="tcp")
+    t = th.Thread(target=srv.serve_forever, daemon=True)
+    t.start()
+    try:
+        assert srv.address.port > 0
+        with vblock.open_image(f"nbd://127.0.0.1:{srv.address.port}/tcp") as remote:
+            with open(base, "rb") as src:
+                assert remote.read(MiB - 10, 20) == src.read()[MiB - 10 : MiB + 10]
+    finally:
+        srv.stop()
+        t.join(60)
+        img.close()
 
 
 def test_qed_image_on_an_export_opens_read_only(served, scratch):
@@ -196,10 +225,14 @@ def test_qed_overlay_on_a_vblock_export_keeps_writes_local(served, base, scratch
     assert sha(base) == before
 
 
-# -- the CLI ---------------------------------------------------------------------------------------------
+# -- the CLI ---------------------------------------------------------------------------------------
 def vb(*argv):
-    return subprocess.run([sys.executable, "-m", "vblock.cli.main", *map(str, argv)],
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "vblock.cli.main", *map(str, argv)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_cli_info_map_convert_compare_on_a_uri(served, base, scratch):
@@ -224,8 +257,11 @@ def test_serve_an_nbd_uri_again(served, base, scratch):
     """``vblock serve``'s image may itself be a URI (a relay)."""
     _, _, uri = served(base, read_only=True)
     sock2 = scratch / "relay.sock"
-    proc = subprocess.Popen([sys.executable, "-m", "vblock.cli.main", "serve", "--nbd", str(sock2),
-                             "--read-only", uri], stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vblock.cli.main", "serve", "--nbd", str(sock2), "--read-only", uri],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert "on nbd" in proc.stderr.readline()
         with vblock.open_image(f"nbd+unix:///?socket={sock2}") as img, open(base, "rb") as src:
@@ -237,7 +273,7 @@ def test_serve_an_nbd_uri_again(served, base, scratch):
             proc.kill()
 
 
-# -- interop as a client: qemu-nbd and nbdkit ---------------------------------------------------------
+# -- interop as a client: qemu-nbd and nbdkit ------------------------------------------------------
 @pytest.fixture
 def daemons():
     """``start(argv, pidfile)`` runs a forking server (qemu-nbd --fork: its pid file is written
@@ -251,8 +287,12 @@ def daemons():
             pids.append(int(f.read()))
 
     def captive(argv):
-        proc = subprocess.Popen(argv + ["--run", "echo ready; exec cat >/dev/null"], stdin=subprocess.PIPE,
-                                stdout=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(
+            argv + ["--run", "echo ready; exec cat >/dev/null"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         procs.append(proc)
         assert proc.stdout.readline() == "ready\n"
 
@@ -271,7 +311,22 @@ def daemons():
 def test_convert_from_qemu_nbd_is_exact_and_sparse(daemons, base, scratch):
     need("qemu-nbd")
     sock, pid = scratch / "q.sock", scratch / "q.pid"
-    daemons(["qemu-nbd", "--fork", "--pid-file", str(pid), "-t", "-r", "-f", "raw", "-k", str(sock), str(base)], pid)
+    daemons(
+        [
+            "qemu-nbd",
+            "--fork",
+            "--pid-file",
+            str(pid),
+            "-t",
+            "-r",
+            "-f",
+            "raw",
+            "-k",
+            str(sock),
+            str(base),
+        ],
+        pid,
+    )
     out = scratch / "out.raw"
     r = vb("convert", "-O", "raw", f"nbd+unix:///?socket={sock}", out)
     assert r.returncode == 0, r.stderr
@@ -283,8 +338,21 @@ def test_convert_from_nbdkit_memory_is_exact(daemons, scratch):
     sock = scratch / "k.sock"
     daemons.captive(["nbdkit", "-U", str(sock), "memory", "16M"])
     uri = f"nbd+unix:///?socket={sock}"
-    subprocess.run(["qemu-io", "-f", "raw", "-c", "write -P 0x3c 1000 70000", "-c", "write -P 0x11 9M 4k", uri],
-                   check=True, capture_output=True, timeout=60)
+    subprocess.run(
+        [
+            "qemu-io",
+            "-f",
+            "raw",
+            "-c",
+            "write -P 0x3c 1000 70000",
+            "-c",
+            "write -P 0x11 9M 4k",
+            uri,
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
     out = scratch / "mem.raw"
     r = vb("convert", "-O", "raw", uri, out)
     assert r.returncode == 0, r.stderr
@@ -300,8 +368,24 @@ def test_qed_overlay_on_qemu_nbd_backing_reads_base_and_writes_locally(daemons, 
     need("qemu-nbd", "qemu-img")
     before = sha(base)
     sock, pid = scratch / "q.sock", scratch / "q.pid"
-    daemons(["qemu-nbd", "--fork", "--pid-file", str(pid), "-t", "-r", "-e", "0", "-f", "raw", "-k", str(sock),
-             str(base)], pid)
+    daemons(
+        [
+            "qemu-nbd",
+            "--fork",
+            "--pid-file",
+            str(pid),
+            "-t",
+            "-r",
+            "-e",
+            "0",
+            "-f",
+            "raw",
+            "-k",
+            str(sock),
+            str(base),
+        ],
+        pid,
+    )
     uri = f"nbd+unix:///?socket={sock}"
     ov = scratch / "ov.qed"
     assert vb("create", "-f", "qed", "-b", uri, "-F", "raw", ov).returncode == 0
@@ -311,15 +395,28 @@ def test_qed_overlay_on_qemu_nbd_backing_reads_base_and_writes_locally(daemons, 
             data = src.read(MiB)
         assert img.read(0, MiB + 100) == data[: MiB - 100] + b"\xab" * 200
     assert sha(base) == before
-    r = subprocess.run(["qemu-img", "check", "-f", "qed", str(ov)], capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        ["qemu-img", "check", "-f", "qed", str(ov)], capture_output=True, text=True, timeout=60
+    )
     assert r.returncode == 0, r.stdout + r.stderr
 
 
 def test_nbdkit_error_filter_eio_reaches_the_request_and_loses_nothing(daemons, scratch):
     need("nbdkit")
     sock, flag = scratch / "e.sock", scratch / "fail-now"
-    daemons.captive(["nbdkit", "-U", str(sock), "--filter=error", "memory", "8M",
-                     "error=EIO", "error-pread-rate=100%", f"error-file={flag}"])
+    daemons.captive(
+        [
+            "nbdkit",
+            "-U",
+            str(sock),
+            "--filter=error",
+            "memory",
+            "8M",
+            "error=EIO",
+            "error-pread-rate=100%",
+            f"error-file={flag}",
+        ]
+    )
     uri = f"nbd+unix:///?socket={sock}"
     with vblock.open_image(uri) as img:
         img.write(0, b"\x42" * 65536)
@@ -347,4 +444,6 @@ def test_stress_runs_on_an_nbd_image(served, scratch):
         f.truncate(16 * MiB)
     _, _, uri = served(path, shared=0)
     r = vb("stress", "--duration", "1", "--queues", "2", "--image", uri, "--format", "raw")
-    assert r.returncode == 0 and "mismatches       0" in r.stdout and "PASS" in r.stdout, r.stdout + r.stderr
+    assert r.returncode == 0 and "mismatches       0" in r.stdout and "PASS" in r.stdout, (
+        r.stdout + r.stderr
+    )

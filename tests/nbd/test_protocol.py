@@ -56,7 +56,11 @@ def handshake(bytewise=False, export="disk", exports=(EXPORT,), structured=True)
     for _ in range(10):
         cev += pump(s.data_to_send(), c, bytewise)
         sev += pump(c.data_to_send(), s, bytewise)
-        if s.state is not State.OPTIONS and c.state is not State.OPTIONS and c.state is not State.GREETING:
+        if (
+            s.state is not State.OPTIONS
+            and c.state is not State.OPTIONS
+            and c.state is not State.GREETING
+        ):
             break
     return s, c, sev, cev
 
@@ -73,7 +77,9 @@ def test_handshake_reaches_transmission_with_base_allocation(bytewise):
     assert c.structured and s.structured
     assert c.contexts == {1: "base:allocation"} and s.contexts == {1: "base:allocation"}
     ready = cev[0]
-    assert ready.export.size == 1 << 20 and ready.flags & P.TF_SEND_DF and ready.flags & P.TF_SEND_TRIM
+    assert (
+        ready.export.size == 1 << 20 and ready.flags & P.TF_SEND_DF and ready.flags & P.TF_SEND_TRIM
+    )
     assert not ready.flags & P.TF_READ_ONLY
 
 
@@ -133,8 +139,11 @@ def test_starttls_is_refused_by_policy():
 
 
 def test_set_meta_context_before_structured_replies_is_invalid():
-    _, replies = option_replies(server_in_options(), Opt.SET_META_CONTEXT,
-                                P.encode_meta_request("disk", ["base:allocation"]))
+    _, replies = option_replies(
+        server_in_options(),
+        Opt.SET_META_CONTEXT,
+        P.encode_meta_request("disk", ["base:allocation"]),
+    )
     assert replies[0][0] == P.ERR_INVALID
 
 
@@ -183,7 +192,7 @@ def test_oversized_option_drops_the_connection():
         s.next_event()
 
 
-# -- transmission ------------------------------------------------------------------------------------
+# -- transmission ----------------------------------------------------------------------------------
 def transmitting(structured=True, export=EXPORT):
     s, c, _, cev = handshake(exports=(export,), export=export.name, structured=structured)
     assert isinstance(cev[0], Ready)
@@ -195,14 +204,26 @@ def transmitting(structured=True, export=EXPORT):
 def test_read_write_round_trip_out_of_order(structured, bytewise):
     s, c = transmitting(structured)
     buf1, buf2 = bytearray(5), bytearray(3)
-    wire = flat(c.request(Cmd.READ, 1, 100, 5, buffer=buf1) + c.request(Cmd.READ, 2, 7, 3, buffer=buf2)
-                + c.request(Cmd.WRITE, 3, 9, 4, data=b"wxyz") + c.request(Cmd.FLUSH, 4))
+    wire = flat(
+        c.request(Cmd.READ, 1, 100, 5, buffer=buf1)
+        + c.request(Cmd.READ, 2, 7, 3, buffer=buf2)
+        + c.request(Cmd.WRITE, 3, 9, 4, data=b"wxyz")
+        + c.request(Cmd.FLUSH, 4)
+    )
     cmds = pump(wire, s, bytewise)
     assert [(e.kind, e.cookie, e.offset, e.length, e.error) for e in cmds] == [
-        (Cmd.READ, 1, 100, 5, 0), (Cmd.READ, 2, 7, 3, 0), (Cmd.WRITE, 3, 9, 4, 0), (Cmd.FLUSH, 4, 0, 0, 0)]
+        (Cmd.READ, 1, 100, 5, 0),
+        (Cmd.READ, 2, 7, 3, 0),
+        (Cmd.WRITE, 3, 9, 4, 0),
+        (Cmd.FLUSH, 4, 0, 0, 0),
+    ]
     assert bytes(cmds[2].data) == b"wxyz"
-    replies = flat(s.reply(cmds[3]) + s.reply(cmds[2]) + s.reply_read(cmds[1], b"abc")
-                   + s.reply_read(cmds[0], memoryview(b"hello")))
+    replies = flat(
+        s.reply(cmds[3])
+        + s.reply(cmds[2])
+        + s.reply_read(cmds[1], b"abc")
+        + s.reply_read(cmds[0], memoryview(b"hello"))
+    )
     evs = pump(replies, c, bytewise)
     assert [(e.cookie, e.error) for e in evs] == [(4, 0), (3, 0), (2, 0), (1, 0)]
     assert bytes(buf1) == b"hello" and bytes(buf2) == b"abc" and c.in_flight == 0
@@ -212,9 +233,11 @@ def test_read_chunks_in_any_order_with_a_hole():
     s, c = transmitting()
     buf = bytearray(b"\xff" * 10)
     c.request(Cmd.READ, 7, 100, 10, buffer=buf)
-    wire = (P.encode_chunk(7, P.CHUNK_OFFSET_DATA, struct.pack(">Q", 106) + b"4567", done=False)
-            + P.encode_chunk(7, P.CHUNK_OFFSET_HOLE, struct.pack(">QI", 102, 4), done=False)
-            + P.encode_chunk(7, P.CHUNK_OFFSET_DATA, struct.pack(">Q", 100) + b"01", done=True))
+    wire = (
+        P.encode_chunk(7, P.CHUNK_OFFSET_DATA, struct.pack(">Q", 106) + b"4567", done=False)
+        + P.encode_chunk(7, P.CHUNK_OFFSET_HOLE, struct.pack(">QI", 102, 4), done=False)
+        + P.encode_chunk(7, P.CHUNK_OFFSET_DATA, struct.pack(">Q", 100) + b"01", done=True)
+    )
     (ev,) = pump(wire, c, bytewise=True)
     assert ev == Reply(7, Cmd.READ) and bytes(buf) == b"01\0\0\0\0" + b"4567"
 
@@ -257,14 +280,18 @@ def test_block_status_merges_neighbours_and_honours_req_one():
     assert ev.extents == {1: ((1024, 0),)}
 
 
-@pytest.mark.parametrize("kind,flags,offset,length,error,text", [
-    (99, 0, 0, 0, P.NBD_EINVAL, "invalid request type"),
-    (Cmd.READ, P.CMD_FLAG_FAST_ZERO, 0, 1, P.NBD_EINVAL, "unsupported flags"),
-    (Cmd.READ, 0, (1 << 20) - 512, 1024, P.NBD_EINVAL, "past the end"),
-    (Cmd.READ, 0, (1 << 64) - 1, 2, P.NBD_EINVAL, "past the end"),
-    (Cmd.TRIM, 0, 1 << 20, 1, P.NBD_ENOSPC, "past the end"),
-    (Cmd.READ, 0, 0, (32 << 20) + 1, P.NBD_EINVAL, "over the maximum"),
-], ids=["unknown", "flags", "past-end", "u64-overflow", "trim-past-end", "too-long"])
+@pytest.mark.parametrize(
+    "kind,flags,offset,length,error,text",
+    [
+        (99, 0, 0, 0, P.NBD_EINVAL, "invalid request type"),
+        (Cmd.READ, P.CMD_FLAG_FAST_ZERO, 0, 1, P.NBD_EINVAL, "unsupported flags"),
+        (Cmd.READ, 0, (1 << 20) - 512, 1024, P.NBD_EINVAL, "past the end"),
+        (Cmd.READ, 0, (1 << 64) - 1, 2, P.NBD_EINVAL, "past the end"),
+        (Cmd.TRIM, 0, 1 << 20, 1, P.NBD_ENOSPC, "past the end"),
+        (Cmd.READ, 0, 0, (32 << 20) + 1, P.NBD_EINVAL, "over the maximum"),
+    ],
+    ids=["unknown", "flags", "past-end", "u64-overflow", "trim-past-end", "too-long"],
+)
 def test_requests_that_cannot_be_served_carry_their_error(kind, flags, offset, length, error, text):
     s, _ = transmitting(export=Export("disk", 1 << 20, max_payload=32 << 20))
     s.receive_data(P.encode_request(kind, 42, offset, length, flags))
@@ -316,10 +343,16 @@ def test_protocol_error_is_not_raised_directly():
         raise ProtocolError("x")
 
 
-# -- properties --------------------------------------------------------------------------------------
-@given(kind=st.sampled_from([Cmd.READ, Cmd.WRITE, Cmd.FLUSH, Cmd.TRIM, Cmd.WRITE_ZEROES, Cmd.BLOCK_STATUS]),
-       cookie=st.integers(0, 2**64 - 1), offset=st.integers(0, 2**64 - 1),
-       length=st.integers(0, 2**32 - 1), flags=st.integers(0, 0xFFFF))
+# -- properties ------------------------------------------------------------------------------------
+@given(
+    kind=st.sampled_from(
+        [Cmd.READ, Cmd.WRITE, Cmd.FLUSH, Cmd.TRIM, Cmd.WRITE_ZEROES, Cmd.BLOCK_STATUS]
+    ),
+    cookie=st.integers(0, 2**64 - 1),
+    offset=st.integers(0, 2**64 - 1),
+    length=st.integers(0, 2**32 - 1),
+    flags=st.integers(0, 0xFFFF),
+)
 def test_request_header_round_trips(kind, cookie, offset, length, flags):
     s, _ = transmitting()
     s.receive_data(P.encode_request(kind, cookie, offset, length, flags))
@@ -327,7 +360,13 @@ def test_request_header_round_trips(kind, cookie, offset, length, flags):
         s.receive_data(bytes(length))
     ev = s.next_event()
     assert isinstance(ev, Command)
-    assert (ev.kind, ev.cookie, ev.offset, ev.length, ev.flags) == (kind, cookie, offset, length, flags)
+    assert (ev.kind, ev.cookie, ev.offset, ev.length, ev.flags) == (
+        kind,
+        cookie,
+        offset,
+        length,
+        flags,
+    )
     fits = offset + length <= EXPORT.size and not flags & ~P._VALID_FLAGS[kind]
     if kind == Cmd.FLUSH:
         fits = not flags & ~P._VALID_FLAGS[kind]
@@ -335,8 +374,11 @@ def test_request_header_round_trips(kind, cookie, offset, length, flags):
         assert fits
 
 
-@given(cookie=st.integers(0, 2**64 - 1), error=st.sampled_from([1, 5, 12, 22, 28, 75, 95, 108]),
-       message=st.text(max_size=40))
+@given(
+    cookie=st.integers(0, 2**64 - 1),
+    error=st.sampled_from([1, 5, 12, 22, 28, 75, 95, 108]),
+    message=st.text(max_size=40),
+)
 def test_error_chunk_round_trips(cookie, error, message):
     _, c = transmitting()
     c.request(Cmd.FLUSH, cookie)
@@ -344,8 +386,11 @@ def test_error_chunk_round_trips(cookie, error, message):
     assert (ev.cookie, ev.error, ev.message) == (cookie, error, message)
 
 
-@given(extents=st.lists(st.tuples(st.integers(1, 2**32 - 1), st.sampled_from([0, 1, 2, 3])),
-                        min_size=1, max_size=20))
+@given(
+    extents=st.lists(
+        st.tuples(st.integers(1, 2**32 - 1), st.sampled_from([0, 1, 2, 3])), min_size=1, max_size=20
+    )
+)
 def test_block_status_round_trips_after_merging(extents):
     s, c = transmitting()
     cmd = pump(flat(c.request(Cmd.BLOCK_STATUS, 1, 0, 4096)), s)[0]
@@ -409,7 +454,9 @@ def test_client_transmission_takes_any_bytes_to_a_legal_state(data):
         assert c.state is State.ERROR
 
 
-@pytest.mark.parametrize("table", [P.SERVER_TRANSITIONS, P.CLIENT_TRANSITIONS], ids=["server", "client"])
+@pytest.mark.parametrize(
+    "table", [P.SERVER_TRANSITIONS, P.CLIENT_TRANSITIONS], ids=["server", "client"]
+)
 def test_every_state_has_a_row_and_every_target_is_a_state(table):
     assert set(table) == set(State)
     for row in table.values():

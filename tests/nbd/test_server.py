@@ -11,12 +11,11 @@ import subprocess
 import sys
 
 import pytest
+from nbd_helpers import TestClient, need, sha
 
 import vblock
 from vblock.nbd import protocol as P
 from vblock.nbd.protocol import Cmd
-
-from nbd_helpers import TestClient, need, sha
 
 MiB = 1 << 20
 QED_F_NEED_CHECK = 0x02  # QED header features bit: the image was not closed cleanly
@@ -113,7 +112,7 @@ def test_single_connection_export_has_no_multi_conn(served, raw):
     assert not TestClient(sock).ready.flags & P.TF_CAN_MULTI_CONN
 
 
-# -- hostile clients: one named test each ------------------------------------------------------------
+# -- hostile clients: one named test each ----------------------------------------------------------
 def test_client_disconnecting_mid_write_leaves_the_image_and_server_intact(served, raw):
     before = sha(raw)
     _, sock, _ = served(raw)
@@ -211,13 +210,16 @@ def test_client_silent_in_the_handshake_is_dropped_and_the_slot_freed(served, ra
     assert TestClient(sock).read(0, 1) == b"\0"  # shared=1: the slot is free again
 
 
-# -- the CLI: locks while served, SIGTERM drains and leaves QED clean -------------------------------
+# -- the CLI: locks while served, SIGTERM drains and leaves QED clean ------------------------------
 def test_serve_nbd_sigterm_leaves_qed_clean_and_locked_while_served(scratch):
     path = scratch / "d.qed"
     vblock.create_image(str(path), "qed", 8 * MiB).close()
     sock = scratch / "s.sock"
-    proc = subprocess.Popen([sys.executable, "-m", "vblock.cli.main", "serve", "--nbd", str(sock), str(path)],
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vblock.cli.main", "serve", "--nbd", str(sock), str(path)],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         line = proc.stderr.readline()
         assert "on nbd" in line
@@ -241,12 +243,25 @@ def test_serve_nbd_sigterm_leaves_qed_clean_and_locked_while_served(scratch):
 
 
 def test_serve_needs_exactly_one_of_nbd_and_vhost_user(scratch):
-    r = subprocess.run([sys.executable, "-m", "vblock.cli.main", "serve", "--nbd", "x/s", "--vhost-user",
-                        "y", "img"], capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "vblock.cli.main",
+            "serve",
+            "--nbd",
+            "x/s",
+            "--vhost-user",
+            "y",
+            "img",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 1 and "not allowed with argument" in r.stderr
 
 
-# -- interop as a server --------------------------------------------------------------------------------
+# -- interop as a server ---------------------------------------------------------------------------
 def qemu_io(uri, *cmds, ro=False):
     argv = ["qemu-io", "-f", "raw"] + (["-r"] if ro else [])
     for c in cmds:
@@ -259,9 +274,17 @@ def test_qemu_io_patterns_at_unaligned_offsets_zero_and_discard(served, scratch)
     path = scratch / "q.qed"
     vblock.create_image(str(path), "qed", 16 * MiB).close()
     _, _, uri = served(path, fmt="qed")
-    r = qemu_io(uri, "write -P 0x5a 1000 3000", "write -P 0x33 65535 70000", "write -z 8M 64k",
-                "discard 12M 64k", "read -P 0x5a 1000 3000", "read -P 0x33 65535 70000",
-                "read -P 0 8M 64k", "read -P 0 999 1")
+    r = qemu_io(
+        uri,
+        "write -P 0x5a 1000 3000",
+        "write -P 0x33 65535 70000",
+        "write -z 8M 64k",
+        "discard 12M 64k",
+        "read -P 0x5a 1000 3000",
+        "read -P 0x33 65535 70000",
+        "read -P 0 8M 64k",
+        "read -P 0 999 1",
+    )
     assert r.returncode == 0 and "Pattern verification failed" not in r.stdout, r.stdout + r.stderr
 
 
@@ -279,14 +302,42 @@ def _merged(entries):
 def test_qemu_img_map_over_the_uri_equals_the_image_map(served, scratch):
     need("qemu-img", "qemu-io")
     path = scratch / "m.qed"
-    subprocess.run(["qemu-img", "create", "-f", "qed", str(path), "64M"], check=True, capture_output=True)
-    subprocess.run(["qemu-io", "-f", "qed", "-c", "write 0 1M", "-c", "write -z 4M 64k",
-                    "-c", "write 8M 64k", str(path)], check=True, capture_output=True)
-    own = json.loads(subprocess.run(["qemu-img", "map", "--output=json", "-f", "qed", str(path)],
-                                    check=True, capture_output=True, text=True).stdout)
+    subprocess.run(
+        ["qemu-img", "create", "-f", "qed", str(path), "64M"], check=True, capture_output=True
+    )
+    subprocess.run(
+        [
+            "qemu-io",
+            "-f",
+            "qed",
+            "-c",
+            "write 0 1M",
+            "-c",
+            "write -z 4M 64k",
+            "-c",
+            "write 8M 64k",
+            str(path),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    own = json.loads(
+        subprocess.run(
+            ["qemu-img", "map", "--output=json", "-f", "qed", str(path)],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
+    )
     _, _, uri = served(path, fmt="qed", read_only=True)
-    remote = json.loads(subprocess.run(["qemu-img", "map", "--output=json", "-f", "raw", uri],
-                                       check=True, capture_output=True, text=True).stdout)
+    remote = json.loads(
+        subprocess.run(
+            ["qemu-img", "map", "--output=json", "-f", "raw", uri],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
+    )
     assert _merged(remote) == _merged(own)
 
 
@@ -295,7 +346,10 @@ def test_nbdinfo_map_shows_data_and_holes(served, raw):
     _, _, uri = served(raw, read_only=True)
     r = subprocess.run(["nbdinfo", "--map", uri], capture_output=True, text=True, timeout=60)
     rows = [line.split() for line in r.stdout.splitlines()]
-    assert r.returncode == 0 and [row[:3] for row in rows] == [["0", str(MiB), "0"], [str(MiB), str(3 * MiB), "3"]]
+    assert r.returncode == 0 and [row[:3] for row in rows] == [
+        ["0", str(MiB), "0"],
+        [str(MiB), str(3 * MiB), "3"],
+    ]
 
 
 def test_qemu_io_two_clients_at_once(served, raw):

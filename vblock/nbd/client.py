@@ -57,7 +57,9 @@ def connect(address, timeout=30.0) -> socket.socket:
         sock.connect(target)
     except OSError as exc:
         sock.close()
-        raise OSError(exc.errno, f"cannot connect to the NBD server: {exc.strerror}", address.uri()) from None
+        raise OSError(
+            exc.errno, f"cannot connect to the NBD server: {exc.strerror}", address.uri()
+        ) from None
     sock.settimeout(None)
     return sock
 
@@ -78,8 +80,16 @@ class NbdFile:
     fd = -1  # no local file
     engine = "nbd"
 
-    def __init__(self, uri, read_only=False, direct=None, engine=None, create=False, threads=None,
-                 timeout=30.0):
+    def __init__(
+        self,
+        uri,
+        read_only=False,
+        direct=None,
+        engine=None,
+        create=False,
+        threads=None,
+        timeout=30.0,
+    ):
         self.path = uri
         self.address = parse_uri(uri)
         self.read_only = bool(read_only)
@@ -124,11 +134,18 @@ class NbdFile:
                     return ev
                 if isinstance(ev, P.Refused):
                     code = errno.ENOENT if ev.reply_type == P.ERR_UNKNOWN else errno.EPROTO
-                    raise OSError(code, f"the NBD server refused export {self.address.export!r}"
-                                        + (f": {ev.message}" if ev.message else ""), self.path)
+                    raise OSError(
+                        code,
+                        f"the NBD server refused export {self.address.export!r}"
+                        + (f": {ev.message}" if ev.message else ""),
+                        self.path,
+                    )
                 if ev is P.CLOSED:
-                    raise OSError(errno.ECONNRESET, "the NBD server closed the connection during "
-                                                    "the handshake", self.path)
+                    raise OSError(
+                        errno.ECONNRESET,
+                        "the NBD server closed the connection during the handshake",
+                        self.path,
+                    )
                 proto.receive_data(sock.recv(1 << 16))
         except P.RemoteProtocolError as exc:
             raise OSError(errno.EPROTO, f"NBD handshake failed: {exc}", self.path) from None
@@ -162,7 +179,9 @@ class NbdFile:
             self._cookie += 1
             cookie = self._cookie
             self._futures[cookie] = (fut, op, offset, result)
-            bufs = self._proto.request(kind, cookie, offset, length, flags, data=data, buffer=buffer)
+            bufs = self._proto.request(
+                kind, cookie, offset, length, flags, data=data, buffer=buffer
+            )
         self._send(bufs)
         return fut
 
@@ -208,14 +227,18 @@ class NbdFile:
                     pos += len(v)
             return total
 
-        futs = [self._start(P.Cmd.READ, "read", o, n, buffer=target[o - offset : o - offset + n])
-                for o, n in self._chunks(offset, total)]
+        futs = [
+            self._start(P.Cmd.READ, "read", o, n, buffer=target[o - offset : o - offset + n])
+            for o, n in self._chunks(offset, total)
+        ]
         return _then(futs[0] if len(futs) == 1 else join(futs), finish)
 
     def submit_write(self, offset, buffers):
         """Write ``buffers`` (in order) at ``offset``; result: bytes written."""
         if self.read_only:
-            return failed(OSError(errno.EBADF, "write on an NBD export opened read-only", self.path))
+            return failed(
+                OSError(errno.EBADF, "write on an NBD export opened read-only", self.path)
+            )
         self._map = (0, [])  # allocation may change
         views = [memoryview(b).cast("B") for b in buffers]
         data = views[0] if len(views) == 1 else memoryview(b"".join(views))
@@ -224,8 +247,10 @@ class NbdFile:
             return completed(0)
         if total <= self.max_payload:
             return self._start(P.Cmd.WRITE, "write", offset, total, data=data, result=total)
-        futs = [self._start(P.Cmd.WRITE, "write", o, n, data=data[o - offset : o - offset + n])
-                for o, n in self._chunks(offset, total)]
+        futs = [
+            self._start(P.Cmd.WRITE, "write", o, n, data=data[o - offset : o - offset + n])
+            for o, n in self._chunks(offset, total)
+        ]
         return _then(futs[0] if len(futs) == 1 else join(futs), lambda _: total)
 
     def submit_flush(self):
@@ -235,15 +260,21 @@ class NbdFile:
 
     def _ranged(self, kind, op, flag, offset, length, flags=0):
         if self.read_only:
-            return failed(OSError(errno.EBADF, f"{op} on an NBD export opened read-only", self.path))
+            return failed(
+                OSError(errno.EBADF, f"{op} on an NBD export opened read-only", self.path)
+            )
         if not self.flags & flag:
-            return failed(OSError(errno.EOPNOTSUPP, f"the NBD export does not support {op}", self.path))
+            return failed(
+                OSError(errno.EOPNOTSUPP, f"the NBD export does not support {op}", self.path)
+            )
         if not length:
             return completed(None)
         self._map = (0, [])  # allocation may change
         step = 1 << 30  # well inside the u32 length field
-        futs = [self._start(kind, op, o, min(step, offset + length - o), flags)
-                for o in range(offset, offset + length, step)]
+        futs = [
+            self._start(kind, op, o, min(step, offset + length - o), flags)
+            for o in range(offset, offset + length, step)
+        ]
         return _then(futs[0] if len(futs) == 1 else join(futs), lambda _: None)
 
     def submit_discard(self, offset, length):
@@ -251,7 +282,9 @@ class NbdFile:
 
     def submit_zero_range(self, offset, length, unmap=False):
         flags = 0 if unmap else P.CMD_FLAG_NO_HOLE
-        return self._ranged(P.Cmd.WRITE_ZEROES, "zero range", P.TF_SEND_WRITE_ZEROES, offset, length, flags)
+        return self._ranged(
+            P.Cmd.WRITE_ZEROES, "zero range", P.TF_SEND_WRITE_ZEROES, offset, length, flags
+        )
 
     # -- synchronous forms -------------------------------------------------------------------------
     def pread(self, buf, offset):
@@ -284,7 +317,7 @@ class NbdFile:
     def allocate(self, offset, length):
         raise OSError(errno.EOPNOTSUPP, "an NBD export cannot grow or allocate", self.path)
 
-    # -- block status --------------------------------------------------------------------------------
+    # -- block status ------------------------------------------------------------------------------
     def block_status(self, offset, length):
         """(length, flags) extents from ``offset`` (``base:allocation`` flags; (length, 0), data,
         when the server has no such context). Covers at least one byte; may stop short."""
@@ -322,7 +355,7 @@ class NbdFile:
         found = self._seek(offset, True)
         return self.size if found is None else found
 
-    # -- batches -------------------------------------------------------------------------------------
+    # -- batches -----------------------------------------------------------------------------------
     @contextlib.contextmanager
     def batch(self):
         """Requests are sent as they are submitted: a batch changes nothing."""
@@ -331,7 +364,7 @@ class NbdFile:
     def push(self):
         """Nothing is held back (see ``batch``)."""
 
-    # -- the receiving thread ------------------------------------------------------------------------
+    # -- the receiving thread ----------------------------------------------------------------------
     def _receive(self):
         proto, sock = self._proto, self._sock
         reason = "the NBD server closed the connection"
@@ -386,9 +419,11 @@ class NbdFile:
             pending, self._futures = self._futures, {}
             self._idle.notify_all()
         for fut, op, offset, _ in pending.values():
-            fut.set_exception(OSError(errno.ECONNRESET, f"{op} at offset {offset}: {reason}", self.path))
+            fut.set_exception(
+                OSError(errno.ECONNRESET, f"{op} at offset {offset}: {reason}", self.path)
+            )
 
-    # -- lifetime ------------------------------------------------------------------------------------
+    # -- lifetime ----------------------------------------------------------------------------------
     def close(self):
         """Wait for requests in flight, send DISC, close. Idempotent."""
         with self._lock:

@@ -185,8 +185,14 @@ _TO_HOST = {
     NBD_ESHUTDOWN: _errno.ESHUTDOWN,
 }
 _TO_NBD = {v: k for k, v in _TO_HOST.items()}
-_TO_NBD.update({_errno.EROFS: NBD_EPERM, _errno.EDQUOT: NBD_ENOSPC, _errno.EFBIG: NBD_ENOSPC,
-                _errno.EOPNOTSUPP: NBD_ENOTSUP})
+_TO_NBD.update(
+    {
+        _errno.EROFS: NBD_EPERM,
+        _errno.EDQUOT: NBD_ENOSPC,
+        _errno.EFBIG: NBD_ENOSPC,
+        _errno.EOPNOTSUPP: NBD_ENOTSUP,
+    }
+)
 
 # limits
 MAX_STRING = 4096  # names and descriptions (the spec's MUST)
@@ -263,33 +269,62 @@ class State(enum.Enum):
 
 
 # Event-triggered transitions per role: state -> {event name: next state}. Every other
-# (state, event) pair is illegal. "peer_closed" is the peer's EOF, "violation" a RemoteProtocolError.
+# (state, event) pair is illegal. "peer_closed" is the peer's EOF, "violation" a
+# RemoteProtocolError.
 SERVER_TRANSITIONS = {
-    State.GREETING: {"client_flags": State.OPTIONS, "peer_closed": State.CLOSED,
-                     "violation": State.ERROR},
-    State.OPTIONS: {"option": State.OPTIONS, "go": State.TRANSMISSION, "abort": State.CLOSED,
-                    "peer_closed": State.CLOSED, "violation": State.ERROR},
-    State.TRANSMISSION: {"request": State.TRANSMISSION, "disc": State.DISCONNECTING,
-                         "fatal_request": State.ERROR, "peer_closed": State.CLOSED,
-                         "violation": State.ERROR},
+    State.GREETING: {
+        "client_flags": State.OPTIONS,
+        "peer_closed": State.CLOSED,
+        "violation": State.ERROR,
+    },
+    State.OPTIONS: {
+        "option": State.OPTIONS,
+        "go": State.TRANSMISSION,
+        "abort": State.CLOSED,
+        "peer_closed": State.CLOSED,
+        "violation": State.ERROR,
+    },
+    State.TRANSMISSION: {
+        "request": State.TRANSMISSION,
+        "disc": State.DISCONNECTING,
+        "fatal_request": State.ERROR,
+        "peer_closed": State.CLOSED,
+        "violation": State.ERROR,
+    },
     State.DISCONNECTING: {"peer_closed": State.DISCONNECTING},
     State.CLOSED: {},
     State.ERROR: {},
 }
 CLIENT_TRANSITIONS = {
-    State.GREETING: {"greeting": State.OPTIONS, "peer_closed": State.CLOSED, "violation": State.ERROR},
-    State.OPTIONS: {"option": State.OPTIONS, "go": State.TRANSMISSION, "refused": State.CLOSED,
-                    "peer_closed": State.CLOSED, "violation": State.ERROR},
-    State.TRANSMISSION: {"reply": State.TRANSMISSION, "disc": State.DISCONNECTING,
-                         "peer_closed": State.CLOSED, "violation": State.ERROR},
-    State.DISCONNECTING: {"reply": State.DISCONNECTING, "peer_closed": State.CLOSED,
-                          "violation": State.ERROR},
+    State.GREETING: {
+        "greeting": State.OPTIONS,
+        "peer_closed": State.CLOSED,
+        "violation": State.ERROR,
+    },
+    State.OPTIONS: {
+        "option": State.OPTIONS,
+        "go": State.TRANSMISSION,
+        "refused": State.CLOSED,
+        "peer_closed": State.CLOSED,
+        "violation": State.ERROR,
+    },
+    State.TRANSMISSION: {
+        "reply": State.TRANSMISSION,
+        "disc": State.DISCONNECTING,
+        "peer_closed": State.CLOSED,
+        "violation": State.ERROR,
+    },
+    State.DISCONNECTING: {
+        "reply": State.DISCONNECTING,
+        "peer_closed": State.CLOSED,
+        "violation": State.ERROR,
+    },
     State.CLOSED: {},
     State.ERROR: {},
 }
 
 
-# -- events ------------------------------------------------------------------------------------------
+# -- events ----------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class Export:
     """What a server offers under one name. Sizes in bytes; ``min_block``/``pref_block``/
@@ -472,7 +507,9 @@ def encode_meta_request(name: str, queries) -> bytes:
     return b"".join(out)
 
 
-def encode_request(kind: int, cookie: int, offset: int = 0, length: int = 0, flags: int = 0) -> bytes:
+def encode_request(
+    kind: int, cookie: int, offset: int = 0, length: int = 0, flags: int = 0
+) -> bytes:
     return _request.pack(REQUEST_MAGIC, flags, kind, cookie, offset, length)
 
 
@@ -481,7 +518,10 @@ def encode_simple_reply(cookie: int, error: int = 0) -> bytes:
 
 
 def encode_chunk(cookie: int, ctype: int, payload: bytes = b"", done: bool = True) -> bytes:
-    return _chunk.pack(STRUCTURED_REPLY_MAGIC, CHUNK_DONE if done else 0, ctype, cookie, len(payload)) + payload
+    return (
+        _chunk.pack(STRUCTURED_REPLY_MAGIC, CHUNK_DONE if done else 0, ctype, cookie, len(payload))
+        + payload
+    )
 
 
 def encode_error_chunk(cookie: int, error: int, message: str = "", offset=None, done=True) -> bytes:
@@ -496,7 +536,7 @@ def encode_extents(extents) -> bytes:
     return b"".join(_extent.pack(n, f) for n, f in extents)
 
 
-# -- server ------------------------------------------------------------------------------------------
+# -- server ----------------------------------------------------------------------------------------
 class ServerConnection:
     """The server side of one connection. See the module docstring.
 
@@ -549,7 +589,7 @@ class ServerConnection:
         try:
             ev = self._next()
         except RemoteProtocolError:
-            self.state = State.ERROR
+            self.state = _move(self.role, SERVER_TRANSITIONS, self.state, "violation")
             raise
         if ev is NEED_DATA and self._eof:
             if self.state is State.DISCONNECTING:
@@ -586,7 +626,9 @@ class ServerConnection:
             if magic != IHAVEOPT:
                 raise RemoteProtocolError(f"bad option magic {magic:#x}")
             if length > MAX_OPTION_LENGTH:
-                raise RemoteProtocolError(f"option {option} of {length} bytes (limit {MAX_OPTION_LENGTH})")
+                raise RemoteProtocolError(
+                    f"option {option} of {length} bytes (limit {MAX_OPTION_LENGTH})"
+                )
             if len(self._buf) < _option.size + length:
                 return NEED_DATA
             self._buf.skip(_option.size)
@@ -619,7 +661,9 @@ class ServerConnection:
             export = self._find(name)
             if export is None or len(data) > MAX_STRING:
                 raise RemoteProtocolError(f"EXPORT_NAME: export {name[:64]!r} not present")
-            self._out.append(_export_name_reply.pack(export.size, export.transmission_flags(self.structured)))
+            self._out.append(
+                _export_name_reply.pack(export.size, export.transmission_flags(self.structured))
+            )
             if not self.no_zeroes:
                 self._out.append(bytes(124))
             return self._go(export)
@@ -672,10 +716,18 @@ class ServerConnection:
             self._reply(option, REP_INFO, _u16.pack(INFO_NAME) + raw)
         if INFO_DESCRIPTION in wanted and export.description:
             self._reply(option, REP_INFO, _u16.pack(INFO_DESCRIPTION) + export.description.encode())
-        self._reply(option, REP_INFO, _info_block_size.pack(INFO_BLOCK_SIZE, export.min_block,
-                                                            export.pref_block, export.max_payload))
-        self._reply(option, REP_INFO, _info_export.pack(INFO_EXPORT, export.size,
-                                                        export.transmission_flags(self.structured)))
+        self._reply(
+            option,
+            REP_INFO,
+            _info_block_size.pack(
+                INFO_BLOCK_SIZE, export.min_block, export.pref_block, export.max_payload
+            ),
+        )
+        self._reply(
+            option,
+            REP_INFO,
+            _info_export.pack(INFO_EXPORT, export.size, export.transmission_flags(self.structured)),
+        )
         self._reply(option, REP_ACK)
         if option == Opt.GO:
             return self._go(export)
@@ -686,8 +738,12 @@ class ServerConnection:
         if self._contexts_for != export.name:
             self.contexts = {}
         self.state = _move(self.role, SERVER_TRANSITIONS, self.state, "go")
-        return Ready(export, export.transmission_flags(self.structured), self.structured,
-                     tuple(self.contexts.items()))
+        return Ready(
+            export,
+            export.transmission_flags(self.structured),
+            self.structured,
+            tuple(self.contexts.items()),
+        )
 
     def _meta(self, option, data):
         try:
@@ -720,8 +776,11 @@ class ServerConnection:
         else:
             match = BASE_ALLOCATION in queries
         if match:
-            self._reply(option, REP_META_CONTEXT, _u32.pack(0 if option == Opt.LIST_META_CONTEXT else 1)
-                        + BASE_ALLOCATION.encode())
+            self._reply(
+                option,
+                REP_META_CONTEXT,
+                _u32.pack(0 if option == Opt.LIST_META_CONTEXT else 1) + BASE_ALLOCATION.encode(),
+            )
             if option == Opt.SET_META_CONTEXT:
                 self.contexts = {1: BASE_ALLOCATION}
                 self._contexts_for = self._find(name).name
@@ -752,8 +811,13 @@ class ServerConnection:
         buf.skip(28)
         e = self.export
         # the common case, checked inline: a known command, its flags, inside the export
-        if (kind in _PLAIN and not flags & _PLAIN[kind] and offset + length <= e.size
-                and length <= e.max_payload and (kind != 1 or not e.read_only)):
+        if (
+            kind in _PLAIN
+            and not flags & _PLAIN[kind]
+            and offset + length <= e.size
+            and length <= e.max_payload
+            and (kind != 1 or not e.read_only)
+        ):
             cmd = Command(_CMDS[kind], flags, cookie, offset, length)
             if kind == 1 and length:  # WRITE: its payload follows
                 self._pending_write = cmd
@@ -768,17 +832,33 @@ class ServerConnection:
         if kind == Cmd.WRITE:
             if length > e.max_payload:
                 self.state = _move(self.role, SERVER_TRANSITIONS, self.state, "fatal_request")
-                return Command(kind, flags, cookie, offset, length, None, NBD_EINVAL,
-                               f"WRITE of {length} bytes over the maximum {e.max_payload}",
-                               fatal=True)
+                return Command(
+                    kind,
+                    flags,
+                    cookie,
+                    offset,
+                    length,
+                    None,
+                    NBD_EINVAL,
+                    f"WRITE of {length} bytes over the maximum {e.max_payload}",
+                    fatal=True,
+                )
             cmd = Command(Cmd.WRITE, flags, cookie, offset, length, None, error, message)
             if length:
                 self._pending_write = cmd
                 return self._next_request()
             cmd.data = b""
             return cmd
-        return Command(Cmd(kind) if kind in _VALID_FLAGS else kind, flags, cookie, offset, length,
-                       None, error, message)
+        return Command(
+            Cmd(kind) if kind in _VALID_FLAGS else kind,
+            flags,
+            cookie,
+            offset,
+            length,
+            None,
+            error,
+            message,
+        )
 
     def _check(self, kind, flags, offset, length):
         """(NBD errno, message) for a request this export cannot serve; (0, "") otherwise."""
@@ -807,7 +887,7 @@ class ServerConnection:
             return NBD_EINVAL, f"{Cmd(kind).name} is not supported by this export"
         return 0, ""
 
-    # -- replies -------------------------------------------------------------------------------------
+    # -- replies -----------------------------------------------------------------------------------
     def reply(self, cmd: Command, error: int = 0, message: str = "") -> list:
         """The buffers that answer ``cmd`` (not a successful READ) with ``error`` (an NBD errno)."""
         if self.structured and error:
@@ -820,8 +900,13 @@ class ServerConnection:
         """The buffers that answer a successful READ with ``data`` (``cmd.length`` bytes, sent
         without a copy)."""
         if self.structured:
-            return [_chunk.pack(STRUCTURED_REPLY_MAGIC, CHUNK_DONE, CHUNK_OFFSET_DATA, cmd.cookie,
-                                8 + len(data)) + _u64.pack(cmd.offset), data]
+            return [
+                _chunk.pack(
+                    STRUCTURED_REPLY_MAGIC, CHUNK_DONE, CHUNK_OFFSET_DATA, cmd.cookie, 8 + len(data)
+                )
+                + _u64.pack(cmd.offset),
+                data,
+            ]
         return [encode_simple_reply(cmd.cookie), data]
 
     def reply_block_status(self, cmd: Command, extents) -> list:
@@ -852,11 +937,13 @@ class ServerConnection:
         ids = list(self.contexts)
         for i, cid in enumerate(ids):
             payload = _u32.pack(cid) + b"".join(_extent.pack(n, f) for n, f in merged)
-            out.append(encode_chunk(cmd.cookie, CHUNK_BLOCK_STATUS, payload, done=i == len(ids) - 1))
+            out.append(
+                encode_chunk(cmd.cookie, CHUNK_BLOCK_STATUS, payload, done=i == len(ids) - 1)
+            )
         return out
 
 
-# -- client ------------------------------------------------------------------------------------------
+# -- client ----------------------------------------------------------------------------------------
 @dataclasses.dataclass(slots=True)
 class _Pending:
     kind: int
@@ -923,7 +1010,7 @@ class ClientConnection:
         try:
             ev = self._next()
         except RemoteProtocolError:
-            self.state = State.ERROR
+            self.state = _move(self.role, CLIENT_TRANSITIONS, self.state, "violation")
             raise
         if ev is NEED_DATA and self._eof:
             self.state = _move(self.role, CLIENT_TRANSITIONS, self.state, "peer_closed")
@@ -967,7 +1054,9 @@ class ClientConnection:
             if magic != OPT_REPLY_MAGIC:
                 raise RemoteProtocolError(f"bad option reply magic {magic:#x}")
             if option != self._step:
-                raise RemoteProtocolError(f"reply to option {option} while {self._step} is in flight")
+                raise RemoteProtocolError(
+                    f"reply to option {option} while {self._step} is in flight"
+                )
             if length > MAX_OPTION_LENGTH:
                 raise RemoteProtocolError(f"option reply of {length} bytes")
             if len(self._buf) < _option_reply.size + length:
@@ -983,8 +1072,10 @@ class ClientConnection:
             if rtype == REP_ACK:
                 self.structured = True
                 if self.want_contexts:
-                    self._send_option(Opt.SET_META_CONTEXT,
-                                      encode_meta_request(self.export_name, self.want_contexts))
+                    self._send_option(
+                        Opt.SET_META_CONTEXT,
+                        encode_meta_request(self.export_name, self.want_contexts),
+                    )
                     return None
             elif not rtype & REP_ERR:
                 raise RemoteProtocolError(f"STRUCTURED_REPLY answered with reply type {rtype}")
@@ -1020,9 +1111,18 @@ class ClientConnection:
             if self._size is None:
                 raise RemoteProtocolError("GO acknowledged without INFO_EXPORT")
             mn, pref, mx = self._block
-            self.export = Export(self.export_name, self._size, bool(self.flags & TF_READ_ONLY),
-                                 bool(self.flags & TF_CAN_MULTI_CONN), "", mn, pref, mx,
-                                 bool(self.flags & TF_SEND_TRIM), bool(self.flags & TF_SEND_WRITE_ZEROES))
+            self.export = Export(
+                self.export_name,
+                self._size,
+                bool(self.flags & TF_READ_ONLY),
+                bool(self.flags & TF_CAN_MULTI_CONN),
+                "",
+                mn,
+                pref,
+                mx,
+                bool(self.flags & TF_SEND_TRIM),
+                bool(self.flags & TF_SEND_WRITE_ZEROES),
+            )
             self.state = _move(self.role, CLIENT_TRANSITIONS, self.state, "go")
             return Ready(self.export, self.flags, self.structured, tuple(self.contexts.items()))
         if rtype & REP_ERR:
@@ -1031,9 +1131,17 @@ class ClientConnection:
             return Refused(option, rtype, bytes(data).decode("utf-8", "replace"))
         raise RemoteProtocolError(f"GO answered with reply type {rtype}")
 
-    # -- transmission -------------------------------------------------------------------------------
-    def request(self, kind: int, cookie: int, offset: int = 0, length: int = 0, flags: int = 0,
-                data=None, buffer=None) -> list:
+    # -- transmission ------------------------------------------------------------------------------
+    def request(
+        self,
+        kind: int,
+        cookie: int,
+        offset: int = 0,
+        length: int = 0,
+        flags: int = 0,
+        data=None,
+        buffer=None,
+    ) -> list:
         """The buffers that send one request. ``data``: the WRITE payload (sent without a copy);
         ``buffer``: where a READ's ``length`` bytes go (a writable buffer). DISC ends the session:
         no request may follow it."""
@@ -1074,7 +1182,9 @@ class ClientConnection:
             if p is None:
                 raise RemoteProtocolError(f"simple reply to unknown cookie {cookie:#x}")
             if p.kind == Cmd.READ and self.structured and not error:
-                raise RemoteProtocolError("simple reply with data to a READ after structured replies")
+                raise RemoteProtocolError(
+                    "simple reply with data to a READ after structured replies"
+                )
             if p.kind == Cmd.READ and not error:
                 if len(self._buf) < _simple_reply.size + p.length:
                     return NEED_DATA

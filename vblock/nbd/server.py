@@ -21,12 +21,13 @@ flight finish and are answered (where the socket still works), the image is flus
 closed. :meth:`Server.stop` (signal-safe) stops accepting and ends every connection that way;
 ``serve_forever`` returns when all are gone. The caller then closes the image (a QED image is
 left clean). A client that does not finish its handshake within ``handshake_timeout`` seconds,
-or stops reading its replies for ``send_timeout`` seconds, is dropped; nothing a client sends can make the server write outside the image or
-raise out of a thread.
+or stops reading its replies for ``send_timeout`` seconds, is dropped; nothing a client sends
+can make the server write outside the image or raise out of a thread.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import logging
 import os
@@ -226,7 +227,9 @@ class _Connection:
             elif kind == P.Cmd.BLOCK_STATUS:
                 length = min(cmd.length, _BLOCK_STATUS_MAX)
                 runs = img.block_status(cmd.offset, length)
-                self.send(self.proto.reply_block_status(cmd, [(r.length, _state(r.kind)) for r in runs]))
+                self.send(
+                    self.proto.reply_block_status(cmd, [(r.length, _state(r.kind)) for r in runs])
+                )
                 self._end()
             else:  # CACHE: a hint this server has no use for
                 self.send(self.proto.reply(cmd))
@@ -271,8 +274,9 @@ class _Connection:
             try:
                 n = sock.recv_into(scratch)
             except socket.timeout:
-                _log.warning("nbd: connection %d: no handshake within %s s, dropping it",
-                             self.number, limit)
+                _log.warning(
+                    "nbd: connection %d: no handshake within %s s, dropping it", self.number, limit
+                )
                 return
             except OSError as exc:
                 _log.info("nbd: connection %d: receive failed: %s", self.number, exc)
@@ -283,7 +287,9 @@ class _Connection:
                 try:
                     ev = proto.next_event()
                 except P.RemoteProtocolError as exc:
-                    _log.warning("nbd: connection %d: protocol error, dropping it: %s", self.number, exc)
+                    _log.warning(
+                        "nbd: connection %d: protocol error, dropping it: %s", self.number, exc
+                    )
                     self.send([proto.data_to_send()])
                     return
                 if ev.__class__ is P.Command:
@@ -298,7 +304,9 @@ class _Connection:
                     return
                 if isinstance(ev, P.Ready):
                     self.send([proto.data_to_send()])
-                    sock.settimeout(None)  # transmission: a client may be idle for as long as it likes
+                    sock.settimeout(
+                        None
+                    )  # transmission: a client may be idle for as long as it likes
             out = proto.data_to_send()
             if out:
                 self.send([out])
@@ -324,13 +332,22 @@ class Server:
     handshake_timeout=HANDSHAKE_TIMEOUT, send_timeout=SEND_TIMEOUT)`` (seconds).
 
     ``address``: an ``NbdAddress`` or a string (a unix socket path, anything with ``/``, or
-    ``HOST:PORT``). Binds at construction; ``serve_forever()`` runs until :meth:`stop`; the image
-    is the caller's to close. ``read_only=None`` follows the image. ``shared``: connections at
+    ``HOST:PORT``); ``address`` then holds the port bound (``HOST:0``: any free one). Binds at
+    construction; ``serve_forever()`` runs until :meth:`stop`; the image is the caller's to close. ``read_only=None`` follows the image. ``shared``: connections at
     once (0: no limit).
     """
 
-    def __init__(self, address, image, export_name="", read_only=None, shared=1, description="",
-                 handshake_timeout=HANDSHAKE_TIMEOUT, send_timeout=SEND_TIMEOUT):
+    def __init__(
+        self,
+        address,
+        image,
+        export_name="",
+        read_only=None,
+        shared=1,
+        description="",
+        handshake_timeout=HANDSHAKE_TIMEOUT,
+        send_timeout=SEND_TIMEOUT,
+    ):
         self.handshake_timeout = handshake_timeout
         self.send_timeout = send_timeout
         self.address = parse_address(address) if isinstance(address, str) else address
@@ -339,14 +356,17 @@ class Server:
             raise ValueError(f"shared must be >= 0, not {shared}")
         self.shared = shared
         ro = image.read_only if read_only is None else bool(read_only) or image.read_only
-        self.export = P.Export(export_name, image.size, read_only=ro, multi_conn=shared != 1,
-                               description=description)
+        self.export = P.Export(
+            export_name, image.size, read_only=ro, multi_conn=shared != 1, description=description
+        )
         self.connections = 0  # clients served so far
         self._live = set()
         self._lock = threading.Lock()
         self._stopping = False
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.listener = listen(self.address)
+        if self.address.socket is None:  # the port really bound (port 0 asks for any free one)
+            self.address = dataclasses.replace(self.address, port=self.listener.getsockname()[1])
 
     def stop(self):
         """Ask the server to finish (signal-handler safe: a flag store and a pipe write)."""
@@ -415,8 +435,9 @@ class Server:
         # must not hold them for long. A send that makes no progress for send_timeout seconds
         # fails, and the connection is dropped (the socket stays blocking for receives).
         secs = self.send_timeout
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO,
-                        struct.pack("ll", int(secs), int(secs % 1 * 1e6)))
+        sock.setsockopt(
+            socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", int(secs), int(secs % 1 * 1e6))
+        )
         self.connections += 1
         conn = _Connection(self, sock, self.connections)
         with self._lock:

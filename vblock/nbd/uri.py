@@ -21,7 +21,8 @@ _SCHEMES = ("nbd://", "nbd+tcp://", "nbd+unix://")
 
 @dataclasses.dataclass(frozen=True)
 class NbdAddress:
-    """Where an export lives: ``socket`` (a unix socket path) or ``host``/``port``, and ``export``."""
+    """Where an export lives: ``socket`` (a unix socket path) or ``host``/``port``; and the
+    ``export`` name."""
 
     export: str = ""
     socket: str | None = None
@@ -47,8 +48,9 @@ def is_nbd_uri(name) -> bool:
 def parse_uri(uri: str) -> NbdAddress:
     """The ``NbdAddress`` an NBD URI names; ``ValueError`` saying what is wrong otherwise."""
     if not is_nbd_uri(uri):
-        raise ValueError(f"{uri!r} is not an NBD URI (nbd://HOST:PORT/EXPORT or "
-                         f"nbd+unix:///EXPORT?socket=PATH)")
+        raise ValueError(
+            f"{uri!r} is not an NBD URI (nbd://HOST:PORT/EXPORT or nbd+unix:///EXPORT?socket=PATH)"
+        )
     if any(c.isspace() for c in uri):
         raise ValueError(f"{uri!r}: an NBD URI cannot hold white space (percent-encode it)")
     u = urllib.parse.urlsplit(uri)
@@ -57,7 +59,9 @@ def parse_uri(uri: str) -> NbdAddress:
         raise ValueError(f"{uri!r}: an NBD URI has no fragment")
     if u.scheme == "nbd+unix":
         if u.netloc:
-            raise ValueError(f"{uri!r}: nbd+unix takes no host or port (nbd+unix:///EXPORT?socket=PATH)")
+            raise ValueError(
+                f"{uri!r}: nbd+unix takes no host or port (nbd+unix:///EXPORT?socket=PATH)"
+            )
         params = urllib.parse.parse_qsl(u.query, keep_blank_values=True)
         if len(params) != 1 or params[0][0] != "socket" or not params[0][1]:
             raise ValueError(f"{uri!r}: nbd+unix needs exactly one parameter, socket=PATH")
@@ -74,11 +78,13 @@ def parse_uri(uri: str) -> NbdAddress:
 
 
 def parse_address(address: str) -> NbdAddress:
-    """A server address: a unix socket path (anything containing ``/``) or ``HOST:PORT``."""
+    """A server address: a unix socket path (anything containing ``/``) or ``HOST:PORT`` (port 0:
+    any free port, which the server then reports)."""
     if "/" in address:
         return NbdAddress(socket=address)
     host, sep, port = address.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"NBD address {address!r} is neither a socket path (containing '/') "
-                         f"nor HOST:PORT")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise ValueError(
+            f"NBD address {address!r} is neither a socket path (containing '/') nor HOST:PORT"
+        )
     return NbdAddress(host=host.strip("[]"), port=int(port))
