@@ -96,6 +96,36 @@ def test_nbdfile_reads_writes_and_maps_like_a_host_file(served, base):
         f.close()
 
 
+def test_requests_submitted_from_completions_complete(served, base):
+    """Completions run on the receiving thread; what they submit is sent by another thread, so
+    the receiver never blocks in a send. A chain of 200 writes, each started by the previous
+    one's completion, all land."""
+    _, _, uri = served(base)
+    done = threading.Event()
+    errors = []
+    with NbdFile(uri) as f:
+
+        def step(i):
+            fut = f.submit_write(i * 512, [bytes([i % 251]) * 512])
+
+            def next_one(fu):
+                if fu.exception() is not None:
+                    errors.append(fu.exception())
+                    done.set()
+                elif i + 1 < 200:
+                    step(i + 1)
+                else:
+                    done.set()
+
+            fut.add_done_callback(next_one)
+
+        step(0)
+        assert done.wait(60) and not errors
+        buf = bytearray(200 * 512)
+        f.submit_read(0, [buf]).result()
+    assert bytes(buf) == b"".join(bytes([i % 251]) * 512 for i in range(200))
+
+
 def test_reads_longer_than_the_maximum_payload_are_split(served, base):
     _, _, uri = served(base)
     with NbdFile(uri) as f:

@@ -117,8 +117,13 @@ class NbdFile:
         self.server_read_only = bool(ready.flags & P.TF_READ_ONLY)
         self._contexts = dict(ready.contexts)
         self._map = (0, [])  # the last block status answer, for walks by seek_data / seek_hole
+        self._deferred = []  # requests submitted by the receiving thread, sent by _sender
+        self._deferred_cond = threading.Condition()
+        self._sender = None
+        self._stop_sender = False
         self._thread = threading.Thread(target=self._receive, name=f"nbd-client {uri}", daemon=True)
         self._thread.start()
+        self._receiver = self._thread.ident
 
     # -- handshake ---------------------------------------------------------------------------------
     def _handshake(self, timeout):
@@ -186,6 +191,33 @@ class NbdFile:
         return fut
 
     def _send(self, bufs):
+        if threading.get_ident() == self._receiver:
+            # A completion callback submitting more: the receiving thread must never block in a
+            # send (a server that waits for us to read its replies before it reads our requests
+            # would then wait for ever), so the sending thread takes these.
+            with self._deferred_cond:
+                self._deferred.append(bufs)
+                if self._sender is None:
+                    self._sender = threading.Thread(
+                        target=self._send_deferred, daemon=True, name=f"nbd-client-send {self.path}"
+                    )
+                    self._sender.start()
+                self._deferred_cond.notify()
+            return
+        self._send_now(bufs)
+
+    def _send_deferred(self):
+        while True:
+            with self._deferred_cond:
+                while not self._deferred and not self._stop_sender:
+                    self._deferred_cond.wait()
+                if not self._deferred:
+                    return
+                batch, self._deferred = self._deferred, []
+            for bufs in batch:
+                self._send_now(bufs)
+
+    def _send_now(self, bufs):
         try:
             with self._send_lock:
                 views = [memoryview(b).cast("B") for b in bufs if len(b)]
@@ -440,6 +472,11 @@ class NbdFile:
             except (OSError, P.LocalProtocolError):
                 pass
         self._thread.join(30)
+        with self._deferred_cond:
+            self._stop_sender = True
+            self._deferred_cond.notify()
+        if self._sender is not None:
+            self._sender.join(30)
         self._sock.close()
 
     def __enter__(self):

@@ -333,8 +333,8 @@ class Server:
 
     ``address``: an ``NbdAddress`` or a string (a unix socket path, anything with ``/``, or
     ``HOST:PORT``); ``address`` then holds the port bound (``HOST:0``: any free one). Binds at
-    construction; ``serve_forever()`` runs until :meth:`stop`; the image is the caller's to close. ``read_only=None`` follows the image. ``shared``: connections at
-    once (0: no limit).
+    construction; ``serve_forever()`` runs until :meth:`stop`; the image is the caller's to
+    close. ``read_only=None`` follows the image. ``shared``: connections at once (0: no limit).
     """
 
     def __init__(
