@@ -14,6 +14,11 @@ recognised by their magic through ``probe.py`` (which knows formats no driver se
 chains opened for the drivers by ``backing.py``, and one image copied into another by
 ``convert.py`` (the engine of ``vblock convert``).
 
+NBD. ``path`` may be an NBD URI (``nbd+unix:///EXPORT?socket=PATH``, ``nbd://HOST:PORT/EXPORT``):
+the driver's host file is then a connection to the export (``vblock.nbd.client``). Such images
+are raw unless a format is given; other formats open only read-only; no image locks are taken
+(there is no local file to lock: the server guards its image).
+
 Image locks. Every open of an image that lives in a file (regular file, block or character
 device; not memory or null images) takes QEMU-compatible locks on it (the bytes and the fcntl
 calls are ``vblock.hostio.lock``'s), so vblock and QEMU processes exclude each other as QEMU
@@ -56,7 +61,7 @@ from vblock.block.interface import (
     Run,
 )
 from vblock.block.registry import available, get_driver, probe_format, register
-from vblock.errors import UnknownFormatError, UnknownOptionError
+from vblock.errors import UnknownFormatError, UnknownOptionError, UnsupportedError
 from vblock.hostio.lock import (
     LOCKING_MODES,
     PERM_ALL,
@@ -65,6 +70,7 @@ from vblock.hostio.lock import (
     PERM_WRITE,
     ImageLock,
 )
+from vblock.nbd.uri import is_nbd_uri
 
 __all__ = [
     "DATA",
@@ -118,8 +124,9 @@ def lock_permissions(read_only: bool, force_share: bool = False) -> tuple:
 
 
 def _lock(cls, path, read_only: bool, force_share: bool, locking: str):
-    """The ``ImageLock`` for an open of ``path`` by driver ``cls``, or None (no file, or off)."""
-    if not path or not cls.file_backed or locking == "off":
+    """The ``ImageLock`` for an open of ``path`` by driver ``cls``, or None (no file, an NBD URI,
+    or off)."""
+    if not path or not cls.file_backed or locking == "off" or is_nbd_uri(path):
         return None
     perm, shared = lock_permissions(read_only, force_share)
     return ImageLock(path, perm, shared, locking)
@@ -129,6 +136,19 @@ def _path(path):
     if path is None:
         return None
     return os.fspath(path)
+
+
+def _nbd_format(uri, format, read_only):
+    """The format of an image on an NBD export: raw unless given (an export is a disk's bytes:
+    what a server exports is already the guest's view). Formats other than raw need a file that
+    grows to write, which an export is not: refused for read-write opens."""
+    if format is None or format == "raw":
+        return "raw"
+    if not read_only:
+        raise UnsupportedError(f"{uri}: a {format} image on an NBD export cannot be opened "
+                               f"read-write (it needs a file that grows; an export has a fixed "
+                               f"size): open it read-only, or put a local overlay on it")
+    return format
 
 
 def open_image(
@@ -166,6 +186,8 @@ def open_image(
     _choice("locking", locking, LOCKING_MODES)
     lock_permissions(bool(read_only), bool(force_share))  # refuses force_share with read-write
     path = _path(path)
+    if is_nbd_uri(path):
+        format = _nbd_format(path, format, bool(read_only))
     if format is None:
         if not path:
             raise UnknownFormatError("no path and no format: give format= (e.g. 'memory')")

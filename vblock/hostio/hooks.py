@@ -18,12 +18,19 @@ from typing import Any
 from .file import HostFile
 
 _opener = HostFile
+_NBD_SCHEMES = ("nbd://", "nbd+tcp://", "nbd+unix://")
 _opener_lock = threading.Lock()
 _points = threading.local()
 
 
 def open_host_file(path: str | os.PathLike, **kwargs: Any) -> HostFile:
-    """Open ``path`` with the current opener (``HostFile`` unless a test installed another)."""
+    """Open ``path`` with the current opener (``HostFile`` unless a test installed another). An
+    NBD URI opens a connection to the export instead (``vblock.nbd.client.NbdFile``, the same
+    asynchronous interface), whatever the opener."""
+    if isinstance(path, str) and path.startswith(_NBD_SCHEMES):
+        from vblock.nbd.client import NbdFile  # a network host: same interface, loaded on use
+
+        return NbdFile(path, **kwargs)
     return _opener(path, **kwargs)
 
 

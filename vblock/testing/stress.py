@@ -51,6 +51,7 @@ import zlib
 
 import vblock
 from vblock.hostio import alloc_buffer
+from vblock.nbd.uri import is_nbd_uri
 from vblock.virtio import GuestMemory, VirtioBlk, VirtioMmio
 from vblock.virtio import spec as S
 from vblock.virtio.driver import Driver, encode_segments
@@ -533,7 +534,7 @@ def run(cfg: StressConfig, progress=None) -> StressReport:
         path = cfg.image
         fmt = cfg.format
         created = False
-        if not os.path.exists(path):
+        if not os.path.exists(path) and not is_nbd_uri(path):  # a URI: the server says
             raise FileNotFoundError(errno.ENOENT, "no such image (stress --image uses an existing one)", path)
     try:
         if created:
