@@ -12,7 +12,7 @@ import sys
 import threading
 
 import pytest
-from nbd_helpers import need, sha
+from tests.nbd.nbd_helpers import need, sha
 
 import vblock
 from vblock.errors import UnsupportedError

@@ -11,7 +11,7 @@ import subprocess
 import sys
 
 import pytest
-from nbd_helpers import TestClient, need, sha
+from tests.nbd.nbd_helpers import TestClient, need, sha
 
 import vblock
 from vblock.nbd import protocol as P
