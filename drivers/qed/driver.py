@@ -439,6 +439,9 @@ class QedDriver(BlockDriver):
         reported (``writer.TableWriter.flush``)."""
         return self.writer.flush()
 
+    def batch(self):
+        return self._f.batch()
+
     def start_writeback(self):
         self._f.start_writeback()
 

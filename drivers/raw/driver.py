@@ -158,6 +158,9 @@ class RawDriver(BlockDriver):
             return completed(None)
         return self._file.submit_flush()
 
+    def batch(self):
+        return self._file.batch()
+
     def start_writeback(self):
         self._file.start_writeback()
 

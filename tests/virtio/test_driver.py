@@ -55,6 +55,18 @@ def test_descriptor_exhaustion_is_reported_and_recovered():
     assert req.status == 0 and st.img.data[512:1024] == b"b" * 512
 
 
+def test_a_queue_turn_reaches_the_image_in_one_batch():
+    """Everything one kick makes available is submitted inside one ``Image.batch()``, so the
+    host sees the turn's requests in one system call."""
+    st = Stack(FakeImage())
+    drv = st.drv
+    reqs = [drv.post(S.VIRTIO_BLK_T_OUT, 8 * i, drv.allocator.alloc(4096), 4096) for i in range(8)]
+    drv.kick()
+    drv.wait(reqs)
+    assert [r.status for r in reqs] == [0] * 8
+    assert None not in st.img.batched and len(set(st.img.batched)) == 1  # all in one batch
+
+
 def test_post_fast_path_matches_submit():
     st = Stack(FakeImage())
     drv = st.drv

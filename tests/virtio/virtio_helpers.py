@@ -6,6 +6,7 @@ pick whichever conftest module the run imported first.)"""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 
 from vblock.future import Future, completed, failed
@@ -18,7 +19,8 @@ class FakeImage:
 
     ``defer=True`` holds every request until the test completes it (:meth:`complete`), in any
     order; ``fail`` maps an operation name to an exception that its next request completes with.
-    ``ops`` records ``(name, offset, length, extra)`` for every request accepted.
+    ``ops`` records ``(name, offset, length, extra)`` for every request accepted, and ``batched``
+    the number of the ``batch()`` each arrived in (None outside one); ``batches`` counts them.
     """
 
     def __init__(self, size=1 << 20, read_only=False, defer=False):
@@ -28,9 +30,22 @@ class FakeImage:
         self.defer = defer
         self.pending = []
         self.ops = []
+        self.batched = []
+        self.batches = 0
+        self._in_batch = False
         self.fail = {}
 
+    @contextlib.contextmanager
+    def batch(self):
+        self.batches += 1
+        self._in_batch = True
+        try:
+            yield self
+        finally:
+            self._in_batch = False
+
     def _finish(self, name, action):
+        self.batched.append(self.batches if self._in_batch else None)
         exc = self.fail.pop(name, None)
         if not self.defer:
             if exc is not None:

@@ -296,6 +296,11 @@ class Image:
                 return fut
         return self._bounce_write(offset, views, total, fua)
 
+    def batch(self) -> Any:
+        """A context manager: requests this thread submits inside it reach the host together when
+        it exits (one system call for many). Do not wait for any of them inside it."""
+        return self.driver.batch()
+
     def submit_flush(self) -> Future:
         if self._closed:
             raise ValueError("I/O on a closed image")

@@ -33,6 +33,8 @@ What a driver returns:
 
 from __future__ import annotations
 
+import contextlib
+
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, NamedTuple, Sequence
 
@@ -175,6 +177,12 @@ class BlockDriver:
         only tell on the first try). The range need not be aligned to ``limits``: a driver with
         alignment needs of its own returns ``None`` for ranges it cannot serve."""
         return None
+
+    def batch(self) -> Any:
+        """A context manager: the requests this thread submits inside it may reach the host
+        together, in one system call, when it exits (``HostFile.batch``). A caller inside must
+        not wait for any of them. Default: no batching (requests go out one by one)."""
+        return contextlib.nullcontext(self)
 
     def start_writeback(self) -> None:
         """Start writing what the host's page cache holds of this image to the device, without

@@ -58,6 +58,7 @@ same guest memory (the rings themselves live there).
 
 from __future__ import annotations
 
+import contextlib
 import collections
 import functools
 import logging
@@ -281,6 +282,9 @@ class VirtioBlk:
         elif not read_only and img.read_only:
             raise ValueError("read_only=False over an image opened read-only")
         self.image = img
+        # A queue turn's requests reach the host in one system call (an image without batching,
+        # such as a test's fake, sends them one by one).
+        self._host_batch = getattr(img, "batch", None) or contextlib.nullcontext
         self.mem = mem
         self.num_queues = num_queues
         self.queue_size_max = queue_size_max
@@ -518,9 +522,10 @@ class VirtioBlk:
             dq.turn = _now()
         try:
             q.disable_notification()
-            if q.packed:
-                return self._drain_packed(dq, q)
-            return self._drain_split(dq, q)
+            with self._host_batch():
+                if q.packed:
+                    return self._drain_packed(dq, q)
+                return self._drain_split(dq, q)
         except RingError as exc:
             self._set_needs_reset(str(exc))
             return False
