@@ -51,19 +51,12 @@ _unpack_event = pvirtq_event_suppress.unpack_from
 _pack_event = pvirtq_event_suppress.pack_into
 
 
-class PackedQueue:
-    """State of one packed virtqueue (see the module docstring)."""
+class PackedQueue(_split.RingSetup):
+    """State of one packed virtqueue (see the module docstring and ``RingSetup``)."""
 
     packed = True
 
     __slots__ = (
-        "size_max",
-        "size",
-        "desc_addr",
-        "driver_addr",
-        "device_addr",
-        "ready",
-        "event_idx",
         "next_avail",
         "avail_wrap",
         "avail_pos",
@@ -76,44 +69,29 @@ class PackedQueue:
         "device_event",
     )
 
-    def __init__(self, size_max):
-        self.size_max = size_max
-        self.reset()
+    # -- setup (2.8: any size up to 2^15, alignment, placement) ---------------------------------
+    def _size_problem(self):
+        size = self.size
+        if not 0 < size <= min(self.size_max, VIRTQ_MAX_SIZE):
+            return f"queue size {size} is not in 1..{self.size_max}"
+        return None
 
-    def reset(self):
-        self.size = self.size_max
-        self.desc_addr = self.driver_addr = self.device_addr = 0
-        self.ready = False
-        self.event_idx = False
-        self._start()
-        self.ring = self.driver_event = self.device_event = None
+    def _areas(self):
+        return (
+            ("descriptor ring", self.desc_addr, VIRTQ_DESC_ALIGN, packed_ring_bytes(self.size)),
+            ("driver event suppression", self.driver_addr, PACKED_EVENT_ALIGN, 4),
+            ("device event suppression", self.device_addr, PACKED_EVENT_ALIGN, 4),
+        )
 
     def _start(self):
         self.next_avail = self.next_used = 0
         self.avail_wrap = self.used_wrap = 1  # 2.8.1: both counters start at 1
         self.avail_pos = self.used_pos = self.signalled_pos = 0
 
-    # -- setup ----------------------------------------------------------------------------------
-    def check(self, mem):
-        size = self.size
-        if not 0 < size <= min(self.size_max, VIRTQ_MAX_SIZE):
-            return f"queue size {size} is not in 1..{self.size_max}"  # 2.8: any size up to 2^15
-        return _split.check_areas(mem, (
-            ("descriptor ring", self.desc_addr, VIRTQ_DESC_ALIGN, packed_ring_bytes(size)),
-            ("driver event suppression", self.driver_addr, PACKED_EVENT_ALIGN, 4),
-            ("device event suppression", self.device_addr, PACKED_EVENT_ALIGN, 4),
-        ))
+    def _unbind(self):
+        self.ring = self.driver_event = self.device_event = None
 
-    def activate(self, mem, event_idx):
-        self.rebind(mem)
-        self.event_idx = event_idx
-        self._start()
-        self.ready = True
-
-    def rebind(self, mem):
-        problem = self.check(mem)
-        if problem is not None:
-            raise RingError(problem)
+    def _bind(self, mem):
         self.ring = mem.view(self.desc_addr, packed_ring_bytes(self.size))
         self.driver_event = mem.view(self.driver_addr, 4)
         self.device_event = mem.view(self.device_addr, 4)

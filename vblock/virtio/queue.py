@@ -49,7 +49,7 @@ from vblock.virtio.spec import (
     vring_need_event,
 )
 
-__all__ = ["SplitQueue", "set_fence", "use_native_fences"]
+__all__ = ["RingSetup", "SplitQueue", "set_fence", "use_native_fences"]
 
 _unpack16 = le16.unpack_from
 _pack16 = le16.pack_into
@@ -91,30 +91,14 @@ def check_areas(mem, areas):
     return None
 
 
-class SplitQueue:
-    """State of one split virtqueue. Transport setters (``size``, ``desc_addr``, ``driver_addr``,
-    ``device_addr``) are plain attributes, written while the queue is not ready;
-    :meth:`activate` checks them and makes the queue usable."""
+class RingSetup:
+    """What split and packed queues share: the transport's setters (``size``, ``desc_addr``,
+    ``driver_addr``, ``device_addr``: plain attributes, written while the queue is not ready),
+    readiness, the EVENT_IDX flag, and the steps from setters to a usable ring. A subclass names
+    its layout (``_size_problem``, ``_areas``), resolves its views (``_bind``, ``_unbind``) and
+    sets its starting indices (``_start``)."""
 
-    packed = False
-
-    __slots__ = (
-        "size_max",
-        "size",
-        "desc_addr",
-        "driver_addr",
-        "device_addr",
-        "ready",
-        "event_idx",
-        "next_avail",
-        "next_used",
-        "signalled_used",
-        "desc_table",
-        "avail",
-        "used",
-        "_used_event_off",
-        "_avail_event_off",
-    )
+    __slots__ = ("size_max", "size", "desc_addr", "driver_addr", "device_addr", "ready", "event_idx")
 
     def __init__(self, size_max):
         self.size_max = size_max
@@ -125,27 +109,19 @@ class SplitQueue:
         self.desc_addr = self.driver_addr = self.device_addr = 0
         self.ready = False
         self.event_idx = False
-        self.next_avail = self.next_used = self.signalled_used = 0
-        self.desc_table = self.avail = self.used = None
+        self._start()
+        self._unbind()
 
-    # -- setup ----------------------------------------------------------------------------------
     def check(self, mem):
-        """Why this queue cannot be activated, or ``None`` (2.7: size, alignment, placement)."""
-        size = self.size
-        if size == 0 or size & (size - 1) or size > min(self.size_max, VIRTQ_MAX_SIZE):
-            return f"queue size {size} is not a power of 2 in 1..{self.size_max}"
-        return check_areas(mem, (
-            ("descriptor table", self.desc_addr, VIRTQ_DESC_ALIGN, desc_table_bytes(size)),
-            ("available ring", self.driver_addr, VIRTQ_AVAIL_ALIGN, avail_ring_bytes(size)),
-            ("used ring", self.device_addr, VIRTQ_USED_ALIGN, used_ring_bytes(size)),
-        ))
+        """Why this queue cannot be activated, or ``None`` (size, alignment, placement)."""
+        return self._size_problem() or check_areas(mem, self._areas())
 
     def activate(self, mem, event_idx):
-        """Resolve the ring views and start at index 0. Raises ``RingError`` if :meth:`check`
-        finds a problem."""
+        """Resolve the ring views and start at the beginning. Raises ``RingError`` if
+        :meth:`check` finds a problem."""
         self.rebind(mem)
         self.event_idx = event_idx
-        self.next_avail = self.next_used = self.signalled_used = 0
+        self._start()
         self.ready = True
 
     def rebind(self, mem):
@@ -154,6 +130,47 @@ class SplitQueue:
         problem = self.check(mem)
         if problem is not None:
             raise RingError(problem)
+        self._bind(mem)
+
+
+class SplitQueue(RingSetup):
+    """State of one split virtqueue (see the module docstring and ``RingSetup``)."""
+
+    packed = False
+
+    __slots__ = (
+        "next_avail",
+        "next_used",
+        "signalled_used",
+        "desc_table",
+        "avail",
+        "used",
+        "_used_event_off",
+        "_avail_event_off",
+    )
+
+    # -- setup (2.7: size, alignment, placement) ------------------------------------------------
+    def _size_problem(self):
+        size = self.size
+        if size == 0 or size & (size - 1) or size > min(self.size_max, VIRTQ_MAX_SIZE):
+            return f"queue size {size} is not a power of 2 in 1..{self.size_max}"
+        return None
+
+    def _areas(self):
+        size = self.size
+        return (
+            ("descriptor table", self.desc_addr, VIRTQ_DESC_ALIGN, desc_table_bytes(size)),
+            ("available ring", self.driver_addr, VIRTQ_AVAIL_ALIGN, avail_ring_bytes(size)),
+            ("used ring", self.device_addr, VIRTQ_USED_ALIGN, used_ring_bytes(size)),
+        )
+
+    def _start(self):
+        self.next_avail = self.next_used = self.signalled_used = 0
+
+    def _unbind(self):
+        self.desc_table = self.avail = self.used = None
+
+    def _bind(self, mem):
         size = self.size
         self.desc_table = mem.view(self.desc_addr, desc_table_bytes(size))
         self.avail = mem.view(self.driver_addr, avail_ring_bytes(size))
