@@ -14,6 +14,7 @@ import json
 import os
 import random
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -45,6 +46,35 @@ class Row:
             ratio = (self.iops / peer_iops) if peer_iops else None
         self.ratio = ratio
         return self
+
+
+def interleaved(rounds, ours, peer, after=None):
+    """``[(ours(), peer())]`` for ``rounds`` rounds, back to back, alternating which side runs first
+    so that neither always inherits the state (page cache, disk, CPU) the other left; ``after()``,
+    if given, runs after each round (a check of the results, say)."""
+    out = []
+    for n in range(rounds):
+        if n % 2:
+            b = peer()
+            out.append((ours(), b))
+        else:
+            a = ours()
+            out.append((a, peer()))
+        if after is not None:
+            after()
+    return out
+
+
+def medians(pairs):
+    """``(median of ours, median of the peer's, median of the per-round ratios ours / peer)`` of
+    ``[(ours, peer)]``: a burst of load from other processes skews one round, not the result.
+    Rounds where the peer measured nothing (0 or None) give no ratio; the ratio is None if none
+    is left."""
+    ours = statistics.median(p[0] for p in pairs)
+    theirs = [p[1] for p in pairs if p[1]]
+    ratios = [a / b for a, b in pairs if b]
+    return (ours, statistics.median(theirs) if theirs else None,
+            statistics.median(ratios) if ratios else None)
 
 
 def report(rows, as_json=False, out=None):

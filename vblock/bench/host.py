@@ -10,11 +10,20 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import statistics
 import sys
 
-from vblock.bench import (Row, bench_dir, closed_loop, fio_available, preallocated_file, report, run_fio,
-                          wake_round_trip)
+from vblock.bench import (
+    Row,
+    bench_dir,
+    closed_loop,
+    fio_available,
+    interleaved,
+    medians,
+    preallocated_file,
+    report,
+    run_fio,
+    wake_round_trip,
+)
 from vblock.hostio import HostFile
 
 SIZE = 1 << 30
@@ -56,18 +65,16 @@ def run(duration=1.0, depths=DEPTHS, engines=("io_uring", "threads"), peers=True
             with HostFile(path, direct=True, engine=engine) as f:
                 for pattern, bs in CASES:
                     for depth in depths:
-                        ours, theirs, ratios = [], [], []
-                        for _ in range(max(1, rounds)):
-                            if use_fio:
-                                theirs.append(run_fio(path, size, pattern, bs, depth, fio_engine,
-                                                      max(1, round(duration))))
-                            ours.append(measure(f, pattern, bs, depth, duration))
-                            if use_fio and theirs[-1]:
-                                ratios.append(ours[-1] / theirs[-1])
-                        iops = statistics.median(ours)
+                        pairs = interleaved(
+                            max(1, rounds),
+                            lambda: measure(f, pattern, bs, depth, duration),
+                            lambda: run_fio(path, size, pattern, bs, depth, fio_engine,
+                                            max(1, round(duration))) if use_fio else None,
+                        )
+                        iops, theirs, ratio = medians(pairs)
                         row = Row("host", engine, pattern, bs, depth, iops, iops * bs / 1e6)
-                        if ratios:
-                            row.against(f"fio {fio_engine}", statistics.median(theirs), statistics.median(ratios))
+                        if ratio is not None:
+                            row.against(f"fio {fio_engine}", theirs, ratio)
                         rows.append(row)
         if gauge is not None:
             gauge.append(wake_round_trip())
@@ -90,5 +97,5 @@ def main(argv=None):
     if readings:  # beside the table, or on stderr so the JSON lines stay the rows alone
         print(f"\ncross-CPU wake-up round trip (wake_round_trip): {', '.join(f'{g:.0f}' for g in readings)} us "
               "(before each engine's cases and at the end; slow readings mark minutes in which "
-              "the thread engine's ratio falls: README)", file=sys.stderr if args.json else sys.stdout)
+              "the thread engine's ratio falls: docs/benchmarks.md)", file=sys.stderr if args.json else sys.stdout)
     return 0

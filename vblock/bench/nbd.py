@@ -25,11 +25,18 @@ import os
 import re
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 
-from vblock.bench import Row, bench_dir, closed_loop, preallocated_file, report
+from vblock.bench import (
+    Row,
+    bench_dir,
+    closed_loop,
+    interleaved,
+    medians,
+    preallocated_file,
+    report,
+)
 
 BS = 8192
 SIZE = 256 << 20
@@ -135,23 +142,8 @@ def vblock_client(uri, depth, write, duration):
     return count / elapsed
 
 
-def _paired(rounds, ours, peer):
-    """[(ours, peer)] for ``rounds`` rounds, alternating which side runs first."""
-    out = []
-    for n in range(rounds):
-        if n % 2:
-            b = peer()
-            out.append((ours(), b))
-        else:
-            a = ours()
-            out.append((a, peer()))
-    return out
-
-
 def _row(layer, engine, pattern, depth, pairs, peer_name):
-    ours = statistics.median(p[0] for p in pairs)
-    theirs = statistics.median(p[1] for p in pairs)
-    ratio = statistics.median(p[0] / p[1] for p in pairs)
+    ours, theirs, ratio = medians(pairs)
     return Row(layer, engine, pattern, BS, depth, ours, ours * BS / 1e6).against(
         peer_name, theirs, ratio
     )
@@ -169,7 +161,7 @@ def run(rounds=3, depths=(16, 1), duration=2.0, count=COUNT, client=True):
         qpid = start_qemu_nbd(qsock, qfile, os.path.join(tmp, "qemu.pid"))
         for depth in depths:
             for write in (True, False):
-                pairs = _paired(
+                pairs = interleaved(
                     rounds,
                     lambda: qemu_img_bench(_uri(vsock), depth, write, count),
                     lambda: qemu_img_bench(_uri(qsock), depth, write, count),
@@ -186,7 +178,7 @@ def run(rounds=3, depths=(16, 1), duration=2.0, count=COUNT, client=True):
                 )
         if client:
             for write in (True, False):
-                pairs = _paired(
+                pairs = interleaved(
                     rounds,
                     lambda: vblock_client(_uri(qsock), 16, write, duration),
                     lambda: qemu_img_bench(_uri(qsock), 16, write, count),
