@@ -8,8 +8,18 @@ from concurrent.futures import ALL_COMPLETED, FIRST_COMPLETED, FIRST_EXCEPTION
 import pytest
 
 import vblock
-from vblock.future import (Future, begin_completions, completed, defer, end_completions, failed,
-                           followed_by, join, settle, then)
+from vblock.future import (
+    Future,
+    begin_completions,
+    completed,
+    defer,
+    end_completions,
+    failed,
+    followed_by,
+    join,
+    settle,
+    then,
+)
 from vblock.hostio import HostFile, alloc_buffer
 
 

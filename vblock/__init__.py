@@ -3,6 +3,7 @@
 from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
+__all__ = ["__version__", "create_image", "open_image"]
 
 if TYPE_CHECKING:  # what __getattr__ provides, for type checkers (the package ships py.typed)
     from vblock.block import create_image, open_image

@@ -128,7 +128,7 @@ class L2Cache:
         try:
             nxt = TRANSITIONS[(current, event)]
         except KeyError:
-            raise IllegalTransition(f"L2 table {entry!r}: event {event!r} in state {current!r}")
+            raise IllegalTransition(f"L2 table {entry!r}: event {event!r} in state {current!r}") from None
         if entry is not None:
             entry.state = nxt
         return nxt

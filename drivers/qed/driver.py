@@ -23,7 +23,6 @@ what each lock guards).
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
 import stat
@@ -37,7 +36,9 @@ from vblock.future import Future, failed, followed_by, join, resolve
 from vblock.hostio import open_host_file
 from vblock.hostio.engine import float_thread
 
-from . import check as checkmod, format as fmt, header, lookup
+from . import check as checkmod
+from . import format as fmt
+from . import header, lookup
 from .alloc import Allocator
 from .cache import wait_loaded
 from .growth import Growth
@@ -334,7 +335,7 @@ class QedDriver(BlockDriver):
 
     def _read_slow(self, offset, buffers, length):
         runs = []
-        for pos, kind, n, host in lookup.runs(self.geo, self._table_or_none, offset, length,
+        for _pos, kind, n, host in lookup.runs(self.geo, self._table_or_none, offset, length,
                                               self.state.file_size):
             runs.append((kind, n, host))
         return self._read_runs(offset, buffers, runs, length)
@@ -473,7 +474,7 @@ class QedDriver(BlockDriver):
         if a >= b:
             return None
         futs = []
-        for pos, kind, n, host in lookup.runs(self.geo, self._table_or_none, a, b - a,
+        for _pos, kind, n, host in lookup.runs(self.geo, self._table_or_none, a, b - a,
                                               self.state.file_size):
             if kind is lookup.FOUND:
                 futs.append(self._f.submit_discard(host, n))

@@ -80,7 +80,7 @@ class Header:
     backing_filename_size: int = 0
 
     @classmethod
-    def unpack(cls, data) -> "Header":
+    def unpack(cls, data) -> Header:
         """Decode the first 64 bytes of ``data`` (trailing bytes are ignored)."""
         if len(data) < HEADER_SIZE:
             raise ValueError(f"a QED header needs {HEADER_SIZE} bytes, got {len(data)}")
@@ -92,7 +92,7 @@ class Header:
     def pack_into(self, buf, offset=0) -> None:
         HEADER.pack_into(buf, offset, *(getattr(self, name) for name in FIELDS))
 
-    def with_(self, **changes) -> "Header":
+    def with_(self, **changes) -> Header:
         return replace(self, **changes)
 
     @property
@@ -168,7 +168,7 @@ class Geometry:
         self.header_bytes = header_size * cluster_size
 
     @classmethod
-    def of(cls, header: Header) -> "Geometry":
+    def of(cls, header: Header) -> Geometry:
         return cls(header.cluster_size, header.table_size, header.header_size)
 
     def l1_index(self, pos: int) -> int:

@@ -29,7 +29,8 @@ import time
 from vblock.future import Future
 from vblock.hostio.engine import float_thread
 
-from . import format as fmt, header
+from . import format as fmt
+from . import header
 
 _log = logging.getLogger("vblock.drivers.qed")
 

@@ -45,5 +45,5 @@ def test_the_markdown_table_is_followed_by_one_reading_per_engine_and_one_at_the
     assert host.main(["--duration", "0.05", "--rounds", "1", "--no-peer"]) == 0
     out = capsys.readouterr().out
     assert out.count("| host |") == 12
-    line = next(l for l in out.splitlines() if l.startswith("cross-CPU wake-up round trip"))
+    line = next(ln for ln in out.splitlines() if ln.startswith("cross-CPU wake-up round trip"))
     assert len(re.findall(r"\d+", line.split(":", 1)[1].split("us")[0])) == 3

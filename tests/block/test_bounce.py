@@ -1,7 +1,7 @@
 """The alignment helpers: addresses, aligned buffers, the pool and the range lock."""
 
-from vblock.future import Future
 from vblock.block.bounce import BufferPool, RangeLock, address_of, aligned_buffer
+from vblock.future import Future
 
 
 def test_aligned_buffer_is_aligned_zeroed_and_sized():
@@ -112,7 +112,7 @@ def test_exclusive_arriving_during_submission_is_started_by_the_submitter():
 
 def test_finished_plain_writes_do_not_block_and_are_swept():
     rl = RangeLock()
-    for i in range(200):
+    for _ in range(200):
         slot = rl.begin_plain(0, 4096)
         f = Future()
         f.set_result(4096)

@@ -15,8 +15,8 @@ import random
 import threading
 
 import pytest
-from tests.block.block_helpers import LaggyMemory, make_image
 
+from tests.block.block_helpers import LaggyMemory, make_image
 from vblock.block import register, registry
 from vblock.block.bounce import aligned_buffer
 

@@ -1,12 +1,12 @@
 """Checks at the edge: every bad request raises the documented exception and changes nothing."""
 
-import pathlib
 import os
+import pathlib
 
 import pytest
-from tests.block.block_helpers import digest
 
 import vblock
+from tests.block.block_helpers import digest
 from vblock.errors import ReadOnlyError, UnknownFormatError, UnknownOptionError
 
 SIZE = 64 * 1024

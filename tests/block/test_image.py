@@ -4,9 +4,9 @@ import errno
 import os
 
 import pytest
-from tests.block.block_helpers import CONFIGS, make_image
 
 import vblock
+from tests.block.block_helpers import CONFIGS, make_image
 from vblock.block import DATA, ZERO
 from vblock.block.bounce import address_of, aligned_buffer
 from vblock.future import Future

@@ -7,9 +7,9 @@ import random
 import subprocess
 
 import pytest
-from tests.block.block_helpers import StrictMemory
 
 import vblock
+from tests.block.block_helpers import StrictMemory
 from vblock.block import DATA, UNALLOCATED, ZERO, Limits, Run, registry
 from vblock.block.bounce import aligned_buffer
 from vblock.drivers.memory.driver import MemoryDriver

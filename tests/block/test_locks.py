@@ -5,11 +5,11 @@ tests/interop/test_locks_qemu.py."""
 
 from __future__ import annotations
 
-import pathlib
 import errno
 import fcntl
 import hashlib
 import os
+import pathlib
 import shutil
 import struct
 import subprocess

@@ -16,9 +16,8 @@ import hypothesis.strategies as st
 from hypothesis import HealthCheck, settings
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from tests.block.block_helpers import StrictMemory
-
 import vblock
+from tests.block.block_helpers import StrictMemory
 from vblock.block.bounce import aligned_buffer
 
 MAX_SIZE = 64 * 1024

@@ -10,7 +10,8 @@ import shutil
 import subprocess
 
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 import vblock
 from vblock.block import probe, registry

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from tests.cli.clitools import run_cli, run_cmd
 from vblock.cli import output
 from vblock.cli.status import ExitStatus, check_status
-
-from tests.cli.clitools import run_cli, run_cmd
 
 
 @pytest.mark.parametrize("text, value", [

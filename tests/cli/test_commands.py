@@ -12,7 +12,6 @@ import sys
 import pytest
 
 import vblock
-
 from tests.cli.clitools import run_cmd
 
 MiB = 1 << 20

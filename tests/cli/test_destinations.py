@@ -13,7 +13,6 @@ import subprocess
 import pytest
 
 import vblock
-
 from tests.cli.clitools import run_cli
 
 MiB = 1 << 20
@@ -323,7 +322,7 @@ def test_an_error_through_a_symlink_names_the_link(scratch):
 def test_a_warning_while_creating_names_the_given_file(scratch):
     r = run_cli("create", "-f", "qed", "-o", "table_size=1", scratch / "t1.qed", "1M")
     assert r.rc == 0, r.err
-    warnings = [l for l in r.err_lines if l.startswith("vblock: warning: ")]
+    warnings = [ln for ln in r.err_lines if ln.startswith("vblock: warning: ")]
     assert warnings == [f"vblock: warning: {scratch / 't1.qed'}: QEMU cannot open QED images with table_size 1"]
 
 

@@ -8,19 +8,18 @@ whose backing file is missing; the verbs that need its data fail with one line n
 
 from __future__ import annotations
 
-import pathlib
 import hashlib
 import json
 import os
+import pathlib
 import shutil
 import subprocess
 
 import pytest
 
 import vblock
-from vblock.testing import foreign
-
 from tests.cli.clitools import run_cli
+from vblock.testing import foreign
 
 MiB = 1 << 20
 CS = 64 << 10

@@ -10,7 +10,6 @@ import struct
 import pytest
 
 import vblock
-
 from tests.cli.clitools import run_cli
 
 MiB = 1 << 20
@@ -369,8 +368,8 @@ def test_convert_failure_leaves_no_destination(scratch):
 def test_convert_writes_back_as_it_copies_only_when_it_will_flush(scratch, monkeypatch, cache, starts):
     """-t writeback starts the destination's writeback every WRITE_BEHIND bytes copied, so the
     final flush finds little left; unsafe never flushes and none bypasses the page cache."""
-    from vblock.block.image import Image
     from vblock.block import convert as engine
+    from vblock.block.image import Image
     from vblock.cli import convert as conv
 
     monkeypatch.setattr(engine, "WRITE_BEHIND", 2 * MiB)

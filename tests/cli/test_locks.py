@@ -5,9 +5,9 @@ would (OFD locks belong to opens); tests/interop/test_locks_qemu.py holds images
 
 from __future__ import annotations
 
-import pathlib
 import hashlib
 import os
+import pathlib
 
 import pytest
 

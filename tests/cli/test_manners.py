@@ -4,25 +4,23 @@ names the host's errno of a failed request."""
 
 from __future__ import annotations
 
-import pathlib
 import errno
 import hashlib
 import json
 import os
-import struct
+import pathlib
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 import vblock
+from tests.cli.clitools import run_cli, run_cmd
 from vblock.block.image import Image
 from vblock.block.registry import register, unregister
 from vblock.cli.output import MAX_BYTES, UsageError, parse_size
 from vblock.drivers.raw.driver import RawDriver
 from vblock.future import failed
-
-from tests.cli.clitools import run_cli, run_cmd
 
 MiB = 1 << 20
 
@@ -129,7 +127,7 @@ def test_create_o_help_lists_the_formats_create_options(scratch):
     assert r.rc == 0 and r.err == ""
     lines = r.out.splitlines()
     assert lines[0] == "Supported options:"
-    assert [l.split("=")[0].strip() for l in lines[1:]] == ["backing_file", "backing_fmt", "cluster_size", "table_size"]
+    assert [ln.split("=")[0].strip() for ln in lines[1:]] == ["backing_file", "backing_fmt", "cluster_size", "table_size"]
     assert "cluster_size=<size>" in r.out and "table_size=<num>" in r.out
     assert os.listdir(scratch) == []
 
@@ -223,7 +221,7 @@ def test_stress_names_the_host_errno_of_a_failed_request(scratch, nospace_format
     write_errors = [e for e in rep["errors"] if e.startswith("write ")]
     assert write_errors and all(e.endswith("failed with status IOERR (ENOSPC: No space left on device)")
                                 for e in write_errors), rep["errors"]
-    assert any("(ENOSPC: No space left on device)" in l for l in r.err_lines)
+    assert any("(ENOSPC: No space left on device)" in ln for ln in r.err_lines)
 
 
 @given(st.integers(min_value=0, max_value=1 << 70))

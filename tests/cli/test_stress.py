@@ -9,12 +9,11 @@ import shutil
 
 import pytest
 
-from vblock.testing import stress
-from vblock.block import register
-from vblock.block.registry import unregister
-
 from tests.cli import flip_driver
 from tests.cli.clitools import qemu, run_cli, run_cmd
+from vblock.block import register
+from vblock.block.registry import unregister
+from vblock.testing import stress
 
 
 def test_short_stress_run_passes_and_verifies_blocks(scratch):
@@ -56,11 +55,11 @@ def test_a_backend_that_flips_a_byte_fails_the_run_and_is_named(flipraw):
     r = run_cli("stress", "--format", flipraw, "--duration", "0.5", "--size", "4M", "--seed", "5")
     assert r.rc == 2
     assert "result           FAIL" in r.out
-    lines = [l for l in r.err_lines if l.startswith("vblock: error: data mismatch at offset")]
+    lines = [ln for ln in r.err_lines if ln.startswith("vblock: error: data mismatch at offset")]
     assert lines, r.err
     sector = flip_driver.FLIP_OFFSET // 512 * 512
-    assert all(f"offset {sector} " in l for l in lines)
-    assert any(f"byte {flip_driver.FLIP_OFFSET} " in l for l in lines)
+    assert all(f"offset {sector} " in ln for ln in lines)
+    assert any(f"byte {flip_driver.FLIP_OFFSET} " in ln for ln in lines)
 
 
 def test_stress_over_an_existing_image_verifies_only_what_it_wrote(scratch):
@@ -94,7 +93,7 @@ def test_stamps_name_their_generation_and_catch_any_changed_byte():
     assert "another run" in stress.read_sector(data, 0, 8192, 0x9999)
     bad = bytearray(data)
     bad[300] ^= 1
-    assert stress.read_sector(bad, 0, 8192, 0x1234) == "generation 42 with byte 8492 changed (%#04x instead of %#04x): checksum fails" % (data[300] ^ 1, data[300])
+    assert stress.read_sector(bad, 0, 8192, 0x1234) == f"generation 42 with byte 8492 changed ({data[300] ^ 1:#04x} instead of {data[300]:#04x}): checksum fails"
     assert stress.read_sector(bytes(512), 0, 0, 1) == stress.ZERO
     junk = bytearray(512)
     junk[100] = 7

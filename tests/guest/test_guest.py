@@ -18,7 +18,14 @@ import subprocess
 import pytest
 
 from tests.guest import harness
-from tests.guest.guest_helpers import HOST_PATTERN, HOST_PATTERN_OFFSET, MiB, image_bytes, make_disk, qemu_img_check
+from tests.guest.guest_helpers import (
+    HOST_PATTERN,
+    HOST_PATTERN_OFFSET,
+    MiB,
+    image_bytes,
+    make_disk,
+    qemu_img_check,
+)
 
 pytestmark = pytest.mark.timeout(400)  # a test boots once or twice; each QEMU run has its own timeout
 
@@ -35,7 +42,7 @@ def serve_and_boot(gdir, image, fmt, script, serve_args=(), queues=1, smp=1, on_
     sock = os.path.join(gdir, "vblock.sock")
     srv = harness.Serve(sock, image, "-f", fmt, *serve_args)
     try:
-        m = harness.boot(sock, script, gdir, queues=queues, smp=smp, on_line=on_line and (lambda l: on_line(l, srv)))
+        m = harness.boot(sock, script, gdir, queues=queues, smp=smp, on_line=on_line and (lambda ln: on_line(ln, srv)))
     finally:
         rc, log = srv.stop()
     m["_serve_rc"], m["_serve_log"] = rc, log

@@ -12,8 +12,7 @@ import pytest
 
 from vblock.hostio import HostFile, alloc_buffer, buffers_aligned
 from vblock.hostio import engine as engine_mod
-from vblock.hostio._binding import ffi
-from vblock.hostio._binding import lib
+from vblock.hostio._binding import ffi, lib
 
 ENGINES = ["io_uring", "threads"]
 FILE_SIZE = 4 << 20

@@ -55,7 +55,7 @@ class Model:
         self.last = [{initial(s)} for s in range(nsectors)]
 
     def grow(self, nsectors):
-        for s in range(len(self.stable), nsectors):
+        for _ in range(len(self.stable), nsectors):
             self.stable.append({ZERO_ID})
             self.volatile.append(set())
             self.last.append({ZERO_ID})

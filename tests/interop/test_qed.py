@@ -2,14 +2,11 @@
 qemu-img check / compare / map agree. Skipped (with the reason) where qemu-utils is missing."""
 
 import json
-import os
 import random
 import shutil
 import subprocess
-import sys
 
 import pytest
-
 
 from tests.qed.qed_helpers import KiB, MiB, create, header, pattern, reopen
 

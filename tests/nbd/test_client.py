@@ -12,9 +12,9 @@ import sys
 import threading
 
 import pytest
-from tests.nbd.nbd_helpers import need, sha
 
 import vblock
+from tests.nbd.nbd_helpers import need, sha
 from vblock.errors import UnsupportedError
 from vblock.nbd import protocol as P
 from vblock.nbd.client import NbdFile

@@ -11,9 +11,9 @@ import subprocess
 import sys
 
 import pytest
-from tests.nbd.nbd_helpers import TestClient, need, sha
 
 import vblock
+from tests.nbd.nbd_helpers import TestClient, need, sha
 from vblock.nbd import protocol as P
 from vblock.nbd.protocol import Cmd
 

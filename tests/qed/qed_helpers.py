@@ -4,7 +4,8 @@ import struct
 import warnings
 
 import vblock
-from vblock.drivers.qed import format as fmt, tables
+from vblock.drivers.qed import format as fmt
+from vblock.drivers.qed import tables
 from vblock.errors import QemuCompatibilityWarning
 
 KiB = 1024

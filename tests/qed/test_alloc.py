@@ -2,13 +2,14 @@
 the plans out (writer.TableWriter.update, .ordered_flush) driven by hand."""
 
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 import vblock
-from vblock.drivers.qed import alloc, cache, format as fmt
-from vblock.future import Future
-
 from tests.qed.qed_helpers import MiB, create
+from vblock.drivers.qed import alloc, cache
+from vblock.drivers.qed import format as fmt
+from vblock.future import Future
 
 G = fmt.Geometry(4096, 2)
 

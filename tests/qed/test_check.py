@@ -1,6 +1,7 @@
 """check.scan on hand-built tables, and leak range splitting (drivers/qed/check.py)."""
 
-from vblock.drivers.qed import check, format as fmt, tables
+from vblock.drivers.qed import check, tables
+from vblock.drivers.qed import format as fmt
 
 G = fmt.Geometry(4096, 1)  # header 0, L1 at cluster 1
 L1_OFF = 4096

@@ -6,12 +6,22 @@ import random
 import shutil
 
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
+from tests.qed.qed_helpers import (
+    MiB,
+    create,
+    header,
+    l1_entry_offset,
+    l2_entry_offset,
+    pattern,
+    poke_header,
+    poke_u64,
+    read_table,
+    reopen,
+)
 from vblock.errors import ImageError
-
-from tests.qed.qed_helpers import (MiB, create, header, l1_entry_offset, l2_entry_offset, pattern,
-                         poke_header, poke_u64, read_table, reopen)
 
 
 def _image(scratch, name="c.qed"):

@@ -7,10 +7,9 @@ import threading
 import pytest
 
 import vblock
+from tests.qed.qed_helpers import KiB, MiB, Recorder, create, header, pattern, read_table, reopen
 from vblock.drivers.qed import format as fmt
 from vblock.errors import ImageError, QemuCompatibilityWarning, UnsupportedError
-
-from tests.qed.qed_helpers import KiB, MiB, Recorder, create, header, pattern, read_table, reopen
 
 
 def test_create_layout_equals_qemus(scratch):
@@ -335,7 +334,7 @@ def test_open_with_need_check_repairs_read_write_only(scratch):
     img.close()
     # corrupt: an L2 entry past the end of file, and mark the image dirty
     l1 = read_table(p, 4096)
-    from tests.qed.qed_helpers import poke_u64, poke_header
+    from tests.qed.qed_helpers import poke_header, poke_u64
     poke_u64(p, l1[0] + 8 * 5, 1 << 30)
     poke_header(p, features=fmt.F_NEED_CHECK)
     ro = reopen(p, read_only=True)

@@ -1,7 +1,8 @@
 """Header codec, geometry helpers and open-time checks (drivers/qed/format.py)."""
 
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 from vblock.drivers.qed import format as fmt
 from vblock.errors import ImageError

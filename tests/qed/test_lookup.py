@@ -1,8 +1,10 @@
 """Guest range -> runs (drivers/qed/lookup.py)."""
 
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
-from vblock.drivers.qed import format as fmt, lookup
+from vblock.drivers.qed import format as fmt
+from vblock.drivers.qed import lookup
 
 G = fmt.Geometry(4096, 1)  # 512 entries per table, 2 MiB per L2
 FILE = 1 << 30

@@ -2,7 +2,8 @@
 
 import struct
 
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 from vblock.drivers.qed import tables
 

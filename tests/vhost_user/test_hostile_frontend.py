@@ -24,10 +24,6 @@ import threading
 import pytest
 
 import vblock
-from vblock.vhost_user import protocol as P
-from vblock.vhost_user.protocol import Req
-from vblock.vhost_user.server import Server
-
 from tests.vhost_user.frontend import (
     LINUX_FEATURES,
     RAM_BYTES,
@@ -39,6 +35,9 @@ from tests.vhost_user.frontend import (
     GuestRing,
     sealed_memfd,
 )
+from vblock.vhost_user import protocol as P
+from vblock.vhost_user.protocol import Req
+from vblock.vhost_user.server import Server
 
 DISK = 8 << 20
 PROBE = 2048  # the sector the post-check writes and reads (1 MiB into the image)

@@ -11,8 +11,8 @@ from vblock.vhost_user import protocol as P
 from vblock.vhost_user.protocol import (
     CLOSED,
     NEED_DATA,
-    Connection,
     ConfigSpace,
+    Connection,
     LocalProtocolError,
     MemRegion,
     ProtocolError,

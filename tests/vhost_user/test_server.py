@@ -5,8 +5,8 @@ reconnect, refused requests, and ``vblock serve``'s clean close on SIGTERM."""
 
 from __future__ import annotations
 
-import pathlib
 import os
+import pathlib
 import signal
 import socket
 import subprocess
@@ -17,10 +17,6 @@ import time
 import pytest
 
 import vblock
-from vblock.vhost_user import protocol as P
-from vblock.vhost_user.protocol import Req
-from vblock.vhost_user.server import Server, bind_unix
-
 from tests.vhost_user.frontend import (
     F_EVENT_IDX,
     F_MQ,
@@ -32,6 +28,9 @@ from tests.vhost_user.frontend import (
     Frontend,
     sealed_memfd,
 )
+from vblock.vhost_user import protocol as P
+from vblock.vhost_user.protocol import Req
+from vblock.vhost_user.server import Server, bind_unix
 
 DISK = 8 << 20
 PAT = bytes(range(256)) * 16  # 4 KiB
@@ -449,9 +448,8 @@ def test_the_reference_sequence_with_q35_memory_layout(served, image):
 
 
 def test_the_backend_installs_real_fences():
-    from vblock.virtio import _binding, queue
-
     from vblock.vhost_user.backend import install_fences
+    from vblock.virtio import _binding, queue
 
     install_fences()
     assert (queue.acquire_fence, queue.release_fence, queue.full_fence) == (

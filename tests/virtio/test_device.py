@@ -9,14 +9,13 @@ import threading
 
 import pytest
 
+from tests.virtio.virtio_guest import Guest
+from tests.virtio.virtio_helpers import FakeImage, Stack
 from vblock.errors import UnsupportedError
 from vblock.virtio import GuestMemory, VirtioBlk, VirtioMmio
 from vblock.virtio import spec as S
 from vblock.virtio.blk import StatusError
 from vblock.virtio.chain import RingError
-
-from tests.virtio.virtio_helpers import FakeImage, Stack
-from tests.virtio.virtio_guest import Guest
 
 A, D, F, OKB = S.ACKNOWLEDGE, S.DRIVER, S.FEATURES_OK, S.DRIVER_OK
 IN, OUT = S.VIRTIO_BLK_T_IN, S.VIRTIO_BLK_T_OUT

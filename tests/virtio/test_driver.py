@@ -6,12 +6,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from tests.virtio.test_stack import run_workload
+from tests.virtio.virtio_helpers import FakeImage, Stack
 from vblock.future import Future
 from vblock.virtio import spec as S
 from vblock.virtio.driver import DriverError, GuestAllocator
-
-from tests.virtio.virtio_helpers import FakeImage, Stack
-from tests.virtio.test_stack import run_workload
 
 
 def test_allocator_classes_alignment_and_reuse():

@@ -13,12 +13,11 @@ import threading
 
 import pytest
 
+from tests.virtio.virtio_helpers import EIO, FakeImage, Stack
 from vblock.errors import GuestError
 from vblock.virtio import VIRTIO_MMIO_WINDOW, GuestMemory, VirtioBlk, VirtioMmio
 from vblock.virtio import spec as S
 from vblock.virtio.driver import Driver
-
-from tests.virtio.virtio_helpers import EIO, FakeImage, Stack
 
 IN, OUT, FLUSH = S.VIRTIO_BLK_T_IN, S.VIRTIO_BLK_T_OUT, S.VIRTIO_BLK_T_FLUSH
 ISR, ACK = S.VIRTIO_MMIO_INTERRUPT_STATUS, S.VIRTIO_MMIO_INTERRUPT_ACK

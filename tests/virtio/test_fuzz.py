@@ -7,9 +7,8 @@ from __future__ import annotations
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from vblock.virtio import spec as S
-
 from tests.virtio.virtio_helpers import FakeImage, Stack
+from vblock.virtio import spec as S
 
 MEM = 256 * 1024
 POOL = 6  # guest buffers descriptors may point into
@@ -202,7 +201,7 @@ def packed_scenarios(draw):
     qsize = draw(st.sampled_from([3, 4, 8]))
     flag_bits = st.lists(st.sampled_from([1, 2, 4, S.VIRTQ_DESC_F_AVAIL, S.VIRTQ_DESC_F_USED]), max_size=4)
     ring = []
-    for i in range(qsize):
+    for _ in range(qsize):
         addr = draw(descriptors(4))[0]
         if draw(st.booleans()):  # mostly available, mostly chained sensibly
             flags = S.VIRTQ_DESC_F_AVAIL | draw(st.sampled_from([0, 1, 1, 2, 3]))

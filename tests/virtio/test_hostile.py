@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import pytest
 
+from tests.virtio.virtio_guest import Guest, PackedGuest
+from tests.virtio.virtio_helpers import FakeImage, Stack
 from vblock.virtio import spec as S
 from vblock.virtio.spec import VIRTQ_DESC_F_INDIRECT as IND
 from vblock.virtio.spec import VIRTQ_DESC_F_WRITE as W
-
-from tests.virtio.virtio_helpers import FakeImage, Stack
-from tests.virtio.virtio_guest import Guest
 
 IN, OUT = S.VIRTIO_BLK_T_IN, S.VIRTIO_BLK_T_OUT
 IOERR, UNSUPP, OK = S.VIRTIO_BLK_S_IOERR, S.VIRTIO_BLK_S_UNSUPP, S.VIRTIO_BLK_S_OK
@@ -411,7 +410,6 @@ def test_chain_total_over_2_32_bytes():
 
 
 # -- packed virtqueues (2.8) ----------------------------------------------------------------------
-from tests.virtio.virtio_guest import PackedGuest
 
 
 @pytest.fixture

@@ -12,9 +12,8 @@ import random
 import pytest
 
 import vblock
-from vblock.virtio import spec as S
-
 from tests.virtio.virtio_helpers import Stack
+from vblock.virtio import spec as S
 
 SLOT = 8192
 SIZE = 4 << 20

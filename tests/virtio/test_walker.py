@@ -15,9 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vblock.errors import GuestError
-from vblock.virtio import GuestMemory
-from vblock.virtio import _binding
-from vblock.virtio import blk_request
+from vblock.virtio import GuestMemory, _binding, blk_request
 from vblock.virtio import spec as S
 from vblock.virtio._binding import buffer_address
 from vblock.virtio.blk_request import BlkRequest, RequestRules, frame_reader, parse

@@ -127,7 +127,7 @@ def main(argv=None):
                     os.unlink(img)
                 for i in (0, 1):
                     ratios.setdefault((fmt, i), []).append(got["vblock"][i] / got["qsd"][i])
-        for r in range(args.rounds):
+        for _ in range(args.rounds):
             w, rd = _run_once(QsdServe(os.path.join(d, "null.sock"), None, "null", size), d)
             bw, br = best.get(("null", "qsd"), (0, 0))
             best[("null", "qsd")] = (max(bw, w), max(br, rd))

@@ -29,11 +29,23 @@ import threading
 import time
 
 import vblock
-from vblock.bench import (OFFSETS_MASK, Row, bench_dir, closed_loop, drawn_offsets, pin_threads, preallocated_file,
-                          report)
+from vblock.bench import (
+    OFFSETS_MASK,
+    Row,
+    bench_dir,
+    closed_loop,
+    drawn_offsets,
+    pin_threads,
+    preallocated_file,
+    report,
+)
 from vblock.virtio import GuestMemory, VirtioBlk, VirtioMmio
 from vblock.virtio.driver import Driver
-from vblock.virtio.spec import VIRTIO_BLK_T_OUT, VIRTIO_MMIO_INTERRUPT_ACK, VIRTIO_MMIO_INTERRUPT_STATUS
+from vblock.virtio.spec import (
+    VIRTIO_BLK_T_OUT,
+    VIRTIO_MMIO_INTERRUPT_ACK,
+    VIRTIO_MMIO_INTERRUPT_STATUS,
+)
 
 SIZE = 256 << 20
 BS = 8192

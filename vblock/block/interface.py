@@ -34,9 +34,9 @@ What a driver returns:
 from __future__ import annotations
 
 import contextlib
-
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, NamedTuple, Sequence
+from typing import Any, ClassVar, NamedTuple
 
 from vblock.future import Future
 
@@ -151,7 +151,7 @@ class BlockDriver:
         raise UnsupportedError(f"{cls.format_name}: create is not supported")
 
     @classmethod
-    def open(cls, path: str, options: OpenOptions) -> "BlockDriver":
+    def open(cls, path: str, options: OpenOptions) -> BlockDriver:
         raise NotImplementedError
 
     # -- I/O ------------------------------------------------------------------------------------

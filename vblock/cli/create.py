@@ -11,8 +11,6 @@ format's options.
 
 from __future__ import annotations
 
-import os
-
 import vblock
 from vblock.cli import _destination, _images
 from vblock.cli.output import UsageError, human_size, parse_size

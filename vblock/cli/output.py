@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import sys
+from typing import TextIO
 
 __all__ = ["Environment", "UsageError", "parse_size", "human_size", "dump_json", "table"]
 

@@ -72,11 +72,13 @@ class _RichProgress(Progress):
         from rich.progress import (
             BarColumn,
             DownloadColumn,
-            Progress as RichProgress,
             TaskProgressColumn,
             TextColumn,
             TimeElapsedColumn,
             TimeRemainingColumn,
+        )
+        from rich.progress import (
+            Progress as RichProgress,
         )
 
         class _Amount(DownloadColumn):

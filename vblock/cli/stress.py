@@ -15,11 +15,11 @@ from __future__ import annotations
 import dataclasses
 import json
 
-from vblock.testing import stress as engine
 from vblock.cli import _images
 from vblock.cli.output import UsageError, human_size, parse_size, table
 from vblock.cli.progress import progress_for
 from vblock.cli.status import MISMATCH, ExitStatus, check_status
+from vblock.testing import stress as engine
 
 
 def _positive_int(text):

@@ -4,8 +4,8 @@
 image locks on a file (``vblock.hostio.lock``); ``alloc_buffer`` gives aligned memory.
 """
 
-from .engine import ENGINES, resolve_engine, uring_available
 from ._binding import host_error
+from .engine import ENGINES, resolve_engine, uring_available
 from .file import HostFile, address_of, alloc_buffer, buffer_address, buffers_aligned
 from .hooks import announce, current_io_point, host_file_opener, io_point, open_host_file
 from .lock import ImageLock

@@ -154,7 +154,7 @@ class NbdFile:
                 proto.receive_data(sock.recv(1 << 16))
         except P.RemoteProtocolError as exc:
             raise OSError(errno.EPROTO, f"NBD handshake failed: {exc}", self.path) from None
-        except socket.timeout:
+        except TimeoutError:
             raise OSError(errno.ETIMEDOUT, "the NBD handshake timed out", self.path) from None
         finally:
             sock.settimeout(None)

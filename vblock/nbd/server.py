@@ -273,7 +273,7 @@ class _Connection:
         while True:
             try:
                 n = sock.recv_into(scratch)
-            except socket.timeout:
+            except TimeoutError:
                 _log.warning(
                     "nbd: connection %d: no handshake within %s s, dropping it", self.number, limit
                 )

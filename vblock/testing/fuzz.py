@@ -271,7 +271,8 @@ def seed_inputs(name):
 
 def run_hypothesis(name, seconds, seed=0):
     """Random and shrunk byte strings for ``seconds``; returns the number of executions."""
-    from hypothesis import HealthCheck, given, settings, strategies as st
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
 
     fn = _target(name)
     count = [0]

@@ -48,14 +48,14 @@ export PATH=/bin
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
-for m in %s; do insmod /lib/modules/$m.ko; done
+for m in @MODULES@; do insmod /lib/modules/$m.ko; done
 i=0
 while [ ! -b /dev/vda ] && [ $i -lt 400 ]; do sleep 0.05; i=$((i+1)); done
 echo "VBG boot=$(cut -d' ' -f1 /proc/uptime)"
 if [ -b /dev/vda ]; then sh /scenario.sh; echo "VBG exit=$?"; else echo "VBG exit=novda"; fi
 echo "VBG done=1"
 poweroff -f
-""" % " ".join(MODULES)
+""".replace("@MODULES@", " ".join(MODULES))
 
 
 def missing():

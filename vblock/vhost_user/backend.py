@@ -48,9 +48,10 @@ import logging
 import os
 import threading
 
+from vblock.vhost_user import protocol as P
 from vblock.virtio import GuestMemory, VirtioBlk
-from vblock.virtio.chain import RingError
 from vblock.virtio import queue as _queue
+from vblock.virtio.chain import RingError
 from vblock.virtio.spec import (
     ACKNOWLEDGE,
     DRIVER,
@@ -63,7 +64,6 @@ from vblock.virtio.spec import (
     desc_table_bytes,
     used_ring_bytes,
 )
-from vblock.vhost_user import protocol as P
 
 __all__ = ["VhostUserBlk", "Refused", "check_regions", "install_fences", "PROTOCOL_FEATURES"]
 

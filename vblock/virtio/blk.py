@@ -58,8 +58,8 @@ same guest memory (the rings themselves live there).
 
 from __future__ import annotations
 
-import contextlib
 import collections
+import contextlib
 import functools
 import logging
 import os
@@ -85,6 +85,7 @@ from vblock.virtio.spec import (
     FEATURES_OK,
     SECTOR_SHIFT,
     SECTOR_SIZE,
+    VIRTIO_BLK_CONFIG_WRITEBACK_OFFSET,
     VIRTIO_BLK_F_BLK_SIZE,
     VIRTIO_BLK_F_CONFIG_WCE,
     VIRTIO_BLK_F_DISCARD,
@@ -95,7 +96,6 @@ from vblock.virtio.spec import (
     VIRTIO_BLK_F_SIZE_MAX,
     VIRTIO_BLK_F_TOPOLOGY,
     VIRTIO_BLK_F_WRITE_ZEROES,
-    VIRTIO_BLK_CONFIG_WRITEBACK_OFFSET,
     VIRTIO_BLK_T_DISCARD,
     VIRTIO_BLK_T_FLUSH,
     VIRTIO_BLK_T_GET_ID,
