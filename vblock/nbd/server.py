@@ -28,18 +28,17 @@ can make the server write outside the image or raise out of a thread.
 from __future__ import annotations
 
 import dataclasses
-import errno
 import logging
 import os
 import selectors
 import socket
-import stat
 import struct
 import threading
 
 from vblock.errors import ReadOnlyError
 from vblock.future import followed_by
 from vblock.hostio import alloc_buffer
+from vblock.listen import listen_tcp, listen_unix
 from vblock.nbd import protocol as P
 from vblock.nbd.uri import NbdAddress, parse_address
 
@@ -55,44 +54,10 @@ HANDSHAKE_TIMEOUT = 10  # seconds a client has to finish the handshake (QEMU's l
 
 def listen(address: NbdAddress, backlog: int = 16) -> socket.socket:
     """A listening socket for ``address``: a unix socket (a stale socket file is replaced; a live
-    one or another kind of file is an error) or TCP (SO_REUSEADDR)."""
+    one or another kind of file is an error) or TCP (SO_REUSEADDR); see ``vblock.listen``."""
     if address.socket is not None:
-        path = address.socket
-        try:
-            st = os.lstat(path)
-        except FileNotFoundError:
-            pass
-        else:
-            if not stat.S_ISSOCK(st.st_mode):
-                raise FileExistsError(errno.EEXIST, "exists and is not a socket", path)
-            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                probe.connect(path)
-            except OSError:
-                os.unlink(path)  # stale: nobody listens
-            else:
-                raise OSError(errno.EADDRINUSE, "another server is listening on it", path)
-            finally:
-                probe.close()
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        where = path
-        target = path
-    else:
-        family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        where = f"{address.host}:{address.port}"
-        target = (address.host, address.port)
-    try:
-        sock.bind(target)
-        sock.listen(backlog)
-    except OSError as exc:
-        sock.close()
-        raise type(exc)(exc.errno, exc.strerror, where) from None
-    except BaseException:
-        sock.close()
-        raise
-    return sock
+        return listen_unix(address.socket, backlog)
+    return listen_tcp(address.host, address.port, backlog)
 
 
 def _nbd_error(exc) -> tuple:

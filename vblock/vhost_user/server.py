@@ -33,7 +33,6 @@ A front-end is not trusted to be well-behaved; nothing it does may crash, hang o
 from __future__ import annotations
 
 import array
-import errno
 import fcntl
 import logging
 import mmap
@@ -45,6 +44,7 @@ import stat
 import threading
 import time
 
+from vblock.listen import listen_unix
 from vblock.vhost_user import protocol as P
 from vblock.vhost_user.backend import Refused, VhostUserBlk
 
@@ -82,35 +82,9 @@ def check_backing(fd, offset, size):
 
 
 def bind_unix(path):
-    """A listening unix socket at ``path``. A stale socket file (nobody accepts on it) is replaced;
-    a live one, or any other kind of file, is an error."""
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        pass
-    else:
-        if not stat.S_ISSOCK(st.st_mode):
-            raise FileExistsError(errno.EEXIST, "exists and is not a socket", path)
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            probe.connect(path)
-        except OSError:
-            os.unlink(path)  # stale: nobody listens
-        else:
-            raise OSError(errno.EADDRINUSE, "another server is listening on it", path)
-        finally:
-            probe.close()
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        sock.bind(path)
-        sock.listen(1)
-    except OSError as exc:
-        sock.close()
-        raise type(exc)(exc.errno, exc.strerror, path) from None  # name the socket path
-    except BaseException:
-        sock.close()
-        raise
-    return sock
+    """A listening unix socket at ``path``; a stale socket file is replaced, a live one or any
+    other kind of file is an error (``vblock.listen.listen_unix``)."""
+    return listen_unix(path, 1)
 
 
 class _Host:
