@@ -16,6 +16,7 @@ reference past the end names are only counted as corruptions, not stored).
 from __future__ import annotations
 
 import logging
+import os
 import struct
 from collections import Counter
 
@@ -46,7 +47,8 @@ class _Scan:
         """One reference to every cluster [offset, offset+nbytes) touches; False past EOF."""
         if nbytes <= 0:
             return True
-        if offset + nbytes > self.file_size:
+        # QEMU allows the last cluster to end past the end of file (a partly written one)
+        if offset + nbytes - self.file_size >= self.cs:
             self.corrupt(f"counting reference for region exceeding the end of the file "
                          f"(offset {offset:#x}, size {nbytes})")
             return False
@@ -72,7 +74,6 @@ class _Scan:
             return
         raw = self.read(l1_offset, l1_size * 8)
         l1 = struct.unpack(f">{len(raw) // 8}Q", raw)
-        last_host = None
         for i, e in enumerate(l1):
             if e & fmt.L1_RESERVED_MASK:
                 self.corrupt(f"L1 entry {i} has reserved bits set")
@@ -86,14 +87,17 @@ class _Scan:
                 continue
             if active and bool(e & fmt.OFLAG_COPIED) != (self.stored(off // cs) == 1):
                 self.corrupt(f"OFLAG_COPIED L2 cluster: l1_index={i} l1_entry={e:x}")
-            last_host = self.walk_l2(off, active, last_host)
+            self.walk_l2(off, active)
 
-    def walk_l2(self, off, active, last_host):
+    def walk_l2(self, off, active):
+        """Count one L2 table's references; fragmentation is judged within the table, as QEMU
+        does."""
         cs = self.cs
         h = self.h
         raw = self.read(off, cs)
         table = struct.unpack(f">{len(raw) // 8}Q", raw)
         step = 2 if h.extended_l2 else 1
+        last_host = None
         for i in range(0, len(table), step):
             e = table[i]
             bitmap = table[i + 1] if h.extended_l2 else None
@@ -130,7 +134,6 @@ class _Scan:
             if self.add(host, cs) and active:
                 if bool(e & fmt.OFLAG_COPIED) != (self.stored(host // cs) == 1):
                     self.corrupt(f"OFLAG_COPIED data cluster: l2_entry={e:x}")
-        return last_host
 
     # -- stored refcounts --------------------------------------------------------------------------
     def load_refcounts(self):
@@ -218,3 +221,16 @@ def check(drv) -> dict:
         "format": "qcow2",
     }
     return out
+
+
+def looks_metadata_preallocated(drv) -> bool:
+    """QEMU's guess that an image was made with ``preallocation=metadata``: at least
+    max(10/9 of, 2 more than) the clusters the host file really allocates have a non-zero
+    refcount. QEMU's map then asks the host file where its holes are (they read as zeros)."""
+    cs = drv.cluster_size
+    real = os.fstat(drv.f.fd).st_blocks * 512 // cs
+    threshold = max(real * 10 // 9, real + 2)
+    s = _Scan(drv)
+    s.load_refcounts()
+    used = sum(1 for c in s.stored_counts if c < s.nclusters)
+    return used >= threshold

@@ -125,6 +125,7 @@ class Qcow2Driver(BlockDriver):
         self._backing = None
         self.pool = None
         self._closed = False
+        self._host_holes = None
         self.f = open_host_file(self.path, direct=False, engine=options.aio, read_only=True)
         try:
             self._open(options.driver_options)
@@ -153,6 +154,7 @@ class Qcow2Driver(BlockDriver):
                                    "supported yet")
         self.size = h.virtual_size
         self.cluster_size = cs
+        self._file_end = -(-length // cs) * cs  # the end of the file's last (partial) cluster
         self.backing_filename = h.backing_file if h.backing_file_offset else None
         self.limits = Limits(request_alignment=1, mem_alignment=1, max_transfer=1 << 30,
                              discard_alignment=cs, write_zeroes_alignment=cs)
@@ -276,7 +278,8 @@ class Qcow2Driver(BlockDriver):
             cluster_start = seg.host - seg.pos % self.cluster_size
             if cluster_start % self.cluster_size:
                 return self._bad_entry(seg, f"Cluster allocation offset {cluster_start:#x} unaligned")
-            if kind is fmt.NORMAL and seg.host + seg.n > self.file_size:
+            # the last cluster of the file may be partly written (reads zeros past the end)
+            if kind is fmt.NORMAL and seg.host + seg.n > self._file_end:
                 return self._bad_entry(seg, f"data cluster at {cluster_start:#x} lies past the end "
                                             f"of file")
         if kind is fmt.COMPRESSED:
@@ -304,14 +307,19 @@ class Qcow2Driver(BlockDriver):
             err = self._check(s)
             if err is not None:
                 return failed(err)
-        if len(segs) == 1 and segs[0].kind is fmt.NORMAL:
+        if len(segs) == 1 and segs[0].kind is fmt.NORMAL and segs[0].host + length <= self.file_size:
             return self.f.submit_read(segs[0].host, buffers)
         futs = []
         for s in segs:
             views = buffers if len(segs) == 1 else _slice(buffers, s.pos - offset, s.n)
             kind = s.kind
             if kind is fmt.NORMAL:
-                futs.append(self.f.submit_read(s.host, views))
+                inside = max(0, min(s.n, self.file_size - s.host))
+                if inside < s.n:
+                    _zero_fill(_slice(views, inside, s.n - inside))
+                    views = _slice(views, 0, inside)
+                if inside:
+                    futs.append(self.f.submit_read(s.host, views))
             elif kind is fmt.COMPRESSED:
                 _copy_into(views, self._cluster_bytes(s)[s.pos % self.cluster_size :][: s.n])
             elif (kind is fmt.UNALLOCATED or kind is fmt.UNALLOCATED_ALLOC) and self._backing is not None:
@@ -379,6 +387,17 @@ class Qcow2Driver(BlockDriver):
             else:
                 out.append(run)
         return out
+
+    @property
+    def reports_host_holes(self) -> bool:
+        """True when QEMU's map reports holes of the host file inside data clusters as zeros:
+        for images that look made with ``preallocation=metadata`` (``check.py`` says how QEMU
+        guesses that). Computed once, on first use."""
+        if self._host_holes is None:
+            from . import check as checkmod
+
+            self._host_holes = checkmod.looks_metadata_preallocated(self)
+        return self._host_holes
 
     def info(self):
         h = self.header
