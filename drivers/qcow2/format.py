@@ -267,7 +267,7 @@ def _parse_extensions(h: Header, buf, path) -> None:
             if elen >= 16:
                 raise _err(path, "backing_format",
                            f"ERROR: ext_backing_format: len={elen} too large (>=16)")
-            h.backing_format = data.decode("ascii", "replace")
+            h.backing_format = data.decode("ascii", "replace") or None  # empty: probe
         elif etype == EXT_FEATURE_TABLE:
             for i in range(0, elen - 47, 48):
                 kind, bit = data[i], data[i + 1]
