@@ -1218,6 +1218,13 @@ class QedDriver(BlockDriver):
                 self._compact(s.leaked)
                 s = checkmod.scan(geo, h.l1_table_offset, h.image_size, self.l1, self.tio.read,
                                   self.file_size)
+                if s.leaked and s.corruptions == s.fixable:  # holes no whole table fits in
+                    from . import reclaim
+
+                    reclaim.repair(self)
+                    h = self.header
+                    s = checkmod.scan(geo, h.l1_table_offset, h.image_size, self.l1,
+                                      self.tio.read, self.file_size)
             nclusters = self.file_size // geo.cluster_size
             trailing, interior = checkmod.leak_ranges(s.leaked, nclusters)
             for start, count in interior:

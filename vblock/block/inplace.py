@@ -40,6 +40,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
+from vblock.drivers.qed.reclaim import Writer, reclaim_file
 from vblock.errors import ImageError, UnsupportedError
 
 __all__ = ["Stats", "convert_in_place", "reclaim"]
@@ -58,31 +59,6 @@ class Stats:
     clusters_materialized: int = 0
     clusters_moved: int = 0
     final_size: int = 0
-
-
-class _Writer:
-    """Counting writes over a host file, with the named I/O points fault tests strike."""
-
-    def __init__(self, f, stats):
-        self.f = f
-        self.stats = stats
-
-    def write(self, offset, data, point):
-        from vblock.hostio import announce
-
-        announce(point)
-        buf = self.f.alloc(len(data))
-        buf[: len(data)] = data
-        self.f.pwrite(buf, offset)
-        self.stats.bytes_written += len(data)
-
-    def read(self, offset, length):
-        buf = self.f.alloc(length)
-        n = self.f.pread(buf, offset)
-        return bytes(buf[:n]).ljust(length, b"\0")
-
-    def flush(self):
-        self.f.flush()
 
 
 def _lock(path, locking):
@@ -149,7 +125,7 @@ def _convert(path, drop_snapshots, progress):
     stats = Stats(clusters_materialized=len(plan.materialize))
     f = open_host_file(path, direct=False, read_only=False)
     try:
-        w = _Writer(f, stats)
+        w = Writer(f)
         file_clusters = -(-f.size // cs)
         entries = TABLE_SIZE * cs // 8
         ntables = len(plan.l2) + 1
@@ -186,8 +162,9 @@ def _convert(path, drop_snapshots, progress):
         w.write(0, bytes(sector), "INPLACE_SWITCH")
         w.flush()
         # Phase C: reclaim the old metadata.
-        _reclaim_file(w, progress)
+        stats.clusters_moved, _ = reclaim_file(w, progress)
         stats.final_size = f.size
+        stats.bytes_written = w.bytes_written
     finally:
         f.close()
     return stats
@@ -212,37 +189,45 @@ def _plan(img, drv, size, progress) -> _Plan:
     has_backing = drv.backing_filename is not None
     out = _Plan({}, {}, {}, set())
     l2n = h.l2_entries
-    total = nclusters
-    for g in range(nclusters):
-        if progress is not None and g % 4096 == 0:
-            progress(g, total)
-        l1i, idx = divmod(g, l2n)
+    step = 2 if h.extended_l2 else 1
+    plain = q.OFLAG_COMPRESSED | q.OFLAG_ZERO | q.L2_RESERVED_MASK
+    for l1i in range(-(-nclusters // l2n)):
+        base = l1i * l2n
+        if progress is not None:
+            progress(base, nclusters)
         table = drv._table(l1i)
         if table is None:
             continue
-        if h.extended_l2:
-            entry, bitmap = table[2 * idx], table[2 * idx + 1]
-        else:
-            entry, bitmap = table[idx], None
-        value = _entry_for(drv, q, entry, bitmap, has_backing, g)
-        if value is None:
-            continue
-        if value == "copy":
-            pos = g * cs
-            n = min(cs, size - pos)
-            out.materialize[g] = img.read(pos, n).ljust(cs, b"\0")
-        elif value != 1:
-            if value // cs in out.data_clusters:  # two guest clusters on one host cluster
+        for idx in range(min(l2n, nclusters - base)):
+            entry = table[step * idx]
+            bitmap = table[step * idx + 1] if step == 2 else None
+            if not entry and not bitmap:
+                continue  # unallocated: 0 in QED too
+            g = base + idx
+            if bitmap is None and not entry & plain:
+                value = entry & q.L2_OFFSET_MASK  # the common case: a data cluster
+                if not value:
+                    continue
+                _check_host(drv, value, g)
+            else:
+                value = _entry_for(drv, q, entry, bitmap, has_backing, g)
+                if value is None:
+                    continue
+            if value == "copy":
                 pos = g * cs
                 out.materialize[g] = img.read(pos, min(cs, size - pos)).ljust(cs, b"\0")
-                value = None
-            else:
-                out.data_clusters.add(value // cs)
-        if value is not None and value != "copy":
-            out.entries[g] = value
-        out.l2.setdefault(g // entries_per_table, []).append(g)
+            elif value != 1:
+                if value // cs in out.data_clusters:  # two guest clusters on one host cluster
+                    pos = g * cs
+                    out.materialize[g] = img.read(pos, min(cs, size - pos)).ljust(cs, b"\0")
+                    value = "copy"
+                else:
+                    out.data_clusters.add(value // cs)
+            if value != "copy":
+                out.entries[g] = value
+            out.l2.setdefault(g // entries_per_table, []).append(g)
     if progress is not None:
-        progress(total, total)
+        progress(nclusters, nclusters)
     return out
 
 
@@ -287,7 +272,7 @@ def _check_host(drv, host, g):
                                                "past the end of file")
 
 
-# -- Phase C --------------------------------------------------------------------------------------
+# -- Phase C (drivers/qed/reclaim.py does the work) ------------------------------------------------
 def reclaim(path, progress=None, _locked=False, locking="auto") -> Stats:
     """Finish a conversion interrupted after the switch: compact the QED image at ``path`` so
     that it holds only its header, tables and referenced data, then clear need-check. Works on
@@ -299,7 +284,9 @@ def reclaim(path, progress=None, _locked=False, locking="auto") -> Stats:
     try:
         f = open_host_file(path, direct=False, read_only=False)
         try:
-            _reclaim_file(_Writer(f, stats), progress)
+            w = Writer(f)
+            stats.clusters_moved, _ = reclaim_file(w, progress)
+            stats.bytes_written = w.bytes_written
             stats.final_size = f.size
         finally:
             f.close()
@@ -307,117 +294,3 @@ def reclaim(path, progress=None, _locked=False, locking="auto") -> Stats:
         if lock is not None:
             lock.close()
     return stats
-
-
-def _reclaim_file(w, progress):
-    from vblock.drivers.qed import format as qf
-
-    f = w.f
-    head = w.read(0, SECTOR)
-    h = qf.validate(head[: qf.HEADER_SIZE].ljust(qf.HEADER_SIZE, b"\0"), f.size, f.path)
-    cs, ts = h.cluster_size, h.table_size
-    if h.header_size != 1:
-        raise UnsupportedError(f"{f.path}: reclaiming needs header_size 1")
-    entries = ts * cs // 8
-    tbytes = ts * cs
-
-    def read_table(off):
-        return list(struct.unpack(f"<{entries}Q", w.read(off, tbytes)))
-
-    l1_off = h.l1_table_offset
-    l1 = read_table(l1_off)
-    l2 = {i: read_table(off) for i, off in enumerate(l1) if off}
-    data = {}  # host cluster -> (l1 index, l2 index)
-    for i, table in l2.items():
-        for k, e in enumerate(table):
-            if e > 1:
-                data[e // cs] = (i, k)
-    ntables = len(l2) + 1
-    window_end = 1 + ts * ntables
-    n_final = window_end + len(data)
-    tables = {i: l1[i] // cs for i in l2}  # l1 index -> first cluster
-    tables[None] = l1_off // cs  # the L1
-
-    def used_by_tables():
-        out = set()
-        for first in tables.values():
-            out.update(range(first, first + ts))
-        return out
-
-    moved = 0
-
-    # 1. Evict data clusters out of the table window, into holes in [window_end, n_final).
-    def holes(lo, hi):
-        taken = used_by_tables() | set(data)
-        return [c for c in range(lo, hi) if c not in taken]
-
-    in_window = sorted(c for c in data if 1 <= c < window_end)
-    if in_window:
-        free = holes(window_end, n_final)
-        extra = max(n_final, -(-f.size // cs))
-        moves = []
-        for c in in_window:
-            if free:
-                dest = free.pop(0)
-            else:  # no hole below N yet: past the end, moved down again in step 3
-                dest = extra
-                extra += 1
-            moves.append((c, dest))
-        moved += _move_data(w, cs, ts, entries, l1, l2, data, moves)
-    # 2. Tables into their slots in the window (L2 tables first, the L1 last).
-    slots = [1 + ts * k for k in range(ntables)]
-    for key in sorted(tables, key=lambda k: (k is None, k if k is not None else 0)):
-        first = tables[key]
-        if first in slots and first + ts <= window_end:
-            continue
-        taken = {t for k2, t in tables.items() if k2 != key}
-        dest = next(s for s in slots if s not in taken)
-        blob = w.read(first * cs, tbytes)
-        w.write(dest * cs, blob, "INPLACE_TABLE_COPY")
-        w.flush()
-        if key is None:
-            sector = bytearray(w.read(0, SECTOR))
-            h = h.with_(l1_table_offset=dest * cs)
-            h.pack_into(sector, 0)
-            w.write(0, bytes(sector), "INPLACE_L1_MOVE")
-            l1_off = dest * cs
-        else:
-            l1[key] = dest * cs
-            w.write(l1_off + key * 8, struct.pack("<Q", dest * cs), "INPLACE_L2_MOVE")
-        w.flush()
-        tables[key] = dest
-        moved += ts
-        if progress is not None:
-            progress(moved, n_final)
-    # 3. Data clusters past N into the holes below it, highest first.
-    high = sorted((c for c in data if c >= n_final), reverse=True)
-    if high:
-        free = holes(window_end, n_final)
-        moved += _move_data(w, cs, ts, entries, l1, l2, data, list(zip(high, free)))
-    # 4. Truncate, then clear need-check.
-    f.truncate(n_final * cs)
-    w.flush()
-    if h.need_check:
-        sector = bytearray(w.read(0, SECTOR))
-        h = h.with_(features=h.features & ~qf.F_NEED_CHECK)
-        h.pack_into(sector, 0)
-        w.write(0, bytes(sector), "INPLACE_DONE")
-        w.flush()
-    w.stats.clusters_moved += moved
-    return n_final
-
-
-def _move_data(w, cs, ts, entries, l1, l2, data, moves) -> int:
-    """Copy data clusters (src, dest), flush, then repoint their L2 entries, flush."""
-    if not moves:
-        return 0
-    for src, dest in moves:
-        w.write(dest * cs, w.read(src * cs, cs), "INPLACE_DATA_COPY")
-    w.flush()
-    for src, dest in moves:
-        i, k = data.pop(src)
-        l2[i][k] = dest * cs
-        data[dest] = (i, k)
-        w.write(l1[i] + k * 8, struct.pack("<Q", dest * cs), "INPLACE_DATA_MOVE")
-    w.flush()
-    return len(moves)
