@@ -49,8 +49,10 @@ class _Scan:
             return True
         # QEMU allows the last cluster to end past the end of file (a partly written one)
         if offset + nbytes - self.file_size >= self.cs:
-            self.corrupt(f"counting reference for region exceeding the end of the file "
-                         f"(offset {offset:#x}, size {nbytes})")
+            self.corrupt(
+                f"counting reference for region exceeding the end of the file "
+                f"(offset {offset:#x}, size {nbytes})"
+            )
             return False
         first = offset // self.cs
         last = (offset + nbytes - 1) // self.cs
@@ -188,8 +190,9 @@ def check(drv) -> dict:
     if h.nb_snapshots:
         for sn in drv.snapshots:
             s.walk_l1(sn.l1_table_offset, sn.l1_size, active=False)
-        raw = s.read(h.snapshots_offset, min(fmt.MAX_SNAPSHOT_TABLE_BYTES,
-                                             s.file_size - h.snapshots_offset))
+        raw = s.read(
+            h.snapshots_offset, min(fmt.MAX_SNAPSHOT_TABLE_BYTES, s.file_size - h.snapshots_offset)
+        )
         s.add(h.snapshots_offset, fmt.snapshot_table_length(raw, h.nb_snapshots))
     s.add(h.refcount_table_offset, h.refcount_table_clusters * cs)
     for off in s.refblocks:

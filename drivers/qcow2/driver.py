@@ -28,15 +28,17 @@ import threading
 from array import array
 from concurrent.futures import ThreadPoolExecutor
 
+from vblock.drivers.qed.cache import L2Cache, wait_loaded
+
 from vblock.block.backing import backing_path
 from vblock.block.interface import DATA, UNALLOCATED, ZERO, BlockDriver, Limits, Run
-from vblock.drivers.qed.cache import L2Cache, wait_loaded
 from vblock.errors import ImageError, UnsupportedError
 from vblock.future import Future, completed, failed, join, resolve
 from vblock.hostio import open_host_file
 from vblock.hostio.engine import float_thread
 
-from . import compress, format as fmt, lookup
+from . import compress, lookup
+from . import format as fmt
 
 __all__ = ["Qcow2Driver"]
 
@@ -96,7 +98,8 @@ def _be_table(buf) -> array:
 def read_only_refusal(path) -> UnsupportedError:
     return UnsupportedError(
         f"{path}: qcow2 images are read-only in vblock; convert it to QED first "
-        f"(vblock convert -O qed {path} NEW.qed, or vblock convert --in-place -O qed {path})")
+        f"(vblock convert -O qed {path} NEW.qed, or vblock convert --in-place -O qed {path})"
+    )
 
 
 class Qcow2Driver(BlockDriver):
@@ -148,26 +151,38 @@ class Qcow2Driver(BlockDriver):
         h = self.header = fmt.parse_header(head[: min(n, cs)], length, self.path)
         if h.crypt_method:
             kind = {1: "AES", 2: "LUKS"}[h.crypt_method]
-            raise UnsupportedError(f"{self.path}: encrypted qcow2 images ({kind}) are not supported")
+            raise UnsupportedError(
+                f"{self.path}: encrypted qcow2 images ({kind}) are not supported"
+            )
         if h.incompatible_features & fmt.INCOMPAT_DATA_FILE or h.data_file is not None:
-            raise UnsupportedError(f"{self.path}: qcow2 images with an external data file are not "
-                                   "supported yet")
+            raise UnsupportedError(
+                f"{self.path}: qcow2 images with an external data file are not supported yet"
+            )
         self.size = h.virtual_size
         self.cluster_size = cs
         self._file_end = -(-length // cs) * cs  # the end of the file's last (partial) cluster
         self.backing_filename = h.backing_file if h.backing_file_offset else None
-        self.limits = Limits(request_alignment=1, mem_alignment=1, max_transfer=1 << 30,
-                             discard_alignment=cs, write_zeroes_alignment=cs)
+        self.limits = Limits(
+            request_alignment=1,
+            mem_alignment=1,
+            max_transfer=1 << 30,
+            discard_alignment=cs,
+            write_zeroes_alignment=cs,
+        )
         self.l1 = self._read_table(h.l1_table_offset, h.l1_size * 8) if h.l1_size else array("Q")
         self.snapshots = self._read_snapshots()
         self.lock = threading.Lock()
         capacity = dopts.get("l2_cache_size") or max(16, min(1024, CACHE_BYTES // cs))
         self.cache = L2Cache(capacity, self.lock)
-        self.pool = ThreadPoolExecutor(max_workers=dopts.get("pool_size", DEFAULT_POOL_SIZE),
-                                       thread_name_prefix="qcow2", initializer=float_thread)
+        self.pool = ThreadPoolExecutor(
+            max_workers=dopts.get("pool_size", DEFAULT_POOL_SIZE),
+            thread_name_prefix="qcow2",
+            initializer=float_thread,
+        )
         if self.backing_filename is not None:
-            self._backing = self.options.open_backing(self.path, self.backing_filename,
-                                                      h.backing_format)
+            self._backing = self.options.open_backing(
+                self.path, self.backing_filename, h.backing_format
+            )
 
     def _read_table(self, offset, nbytes) -> array:
         buf = bytearray(nbytes)
@@ -181,8 +196,11 @@ class Qcow2Driver(BlockDriver):
         if not h.nb_snapshots:
             return []
         # each entry is at most 40 + 1024 + 2 * 65535 bytes; read what the file holds, bounded
-        most = min(h.nb_snapshots * (40 + fmt.MAX_SNAPSHOT_EXTRA + 2 * 65535 + 8),
-                   fmt.MAX_SNAPSHOT_TABLE_BYTES, self.file_size - h.snapshots_offset)
+        most = min(
+            h.nb_snapshots * (40 + fmt.MAX_SNAPSHOT_EXTRA + 2 * 65535 + 8),
+            fmt.MAX_SNAPSHOT_TABLE_BYTES,
+            self.file_size - h.snapshots_offset,
+        )
         buf = bytearray(most)
         got = self.f.pread(buf, h.snapshots_offset)
         return fmt.parse_snapshots(memoryview(buf)[:got], h.nb_snapshots, h.version, self.path)
@@ -198,10 +216,12 @@ class Qcow2Driver(BlockDriver):
             return 0
         off = self.l1[l1_index] & fmt.L1_OFFSET_MASK
         if off and (off % self.cluster_size or off + self.cluster_size > self.file_size):
-            raise ImageError(self.path, "l1_table",
-                             f"L1 entry {l1_index} holds an invalid L2 table offset {off:#x}"
-                             + (" (unaligned)" if off % self.cluster_size else
-                                " (past the end of file)"))
+            raise ImageError(
+                self.path,
+                "l1_table",
+                f"L1 entry {l1_index} holds an invalid L2 table offset {off:#x}"
+                + (" (unaligned)" if off % self.cluster_size else " (past the end of file)"),
+            )
         return off
 
     def _peek(self, l1_index):
@@ -263,9 +283,11 @@ class Qcow2Driver(BlockDriver):
     def _bad_entry(self, seg, why):
         cs = self.cluster_size
         cluster = seg.pos // cs
-        return ImageError(self.path, "l2_table",
-                          f"{why} (guest offset {seg.pos:#x}, L2 index "
-                          f"{cluster % self.header.l2_entries})")
+        return ImageError(
+            self.path,
+            "l2_table",
+            f"{why} (guest offset {seg.pos:#x}, L2 index {cluster % self.header.l2_entries})",
+        )
 
     def _check(self, seg):
         """None if ``seg`` may be served, else the ImageError to fail the request with."""
@@ -277,16 +299,20 @@ class Qcow2Driver(BlockDriver):
         if kind is fmt.NORMAL or kind is fmt.ZERO_ALLOC:
             cluster_start = seg.host - seg.pos % self.cluster_size
             if cluster_start % self.cluster_size:
-                return self._bad_entry(seg, f"Cluster allocation offset {cluster_start:#x} unaligned")
+                return self._bad_entry(
+                    seg, f"Cluster allocation offset {cluster_start:#x} unaligned"
+                )
             # the last cluster of the file may be partly written (reads zeros past the end)
             if kind is fmt.NORMAL and seg.host + seg.n > self._file_end:
-                return self._bad_entry(seg, f"data cluster at {cluster_start:#x} lies past the end "
-                                            f"of file")
+                return self._bad_entry(
+                    seg, f"data cluster at {cluster_start:#x} lies past the end of file"
+                )
         if kind is fmt.COMPRESSED:
             off, _ = fmt.compressed_extent(seg.entry, self.header.cluster_bits)
             if off >= self.file_size:
-                return self._bad_entry(seg, f"compressed cluster at {off:#x} lies past the end of "
-                                            f"file")
+                return self._bad_entry(
+                    seg, f"compressed cluster at {off:#x} lies past the end of file"
+                )
         return None
 
     def submit_read(self, offset, buffers):
@@ -307,7 +333,11 @@ class Qcow2Driver(BlockDriver):
             err = self._check(s)
             if err is not None:
                 return failed(err)
-        if len(segs) == 1 and segs[0].kind is fmt.NORMAL and segs[0].host + length <= self.file_size:
+        if (
+            len(segs) == 1
+            and segs[0].kind is fmt.NORMAL
+            and segs[0].host + length <= self.file_size
+        ):
             return self.f.submit_read(segs[0].host, buffers)
         futs = []
         for s in segs:
@@ -322,7 +352,9 @@ class Qcow2Driver(BlockDriver):
                     futs.append(self.f.submit_read(s.host, views))
             elif kind is fmt.COMPRESSED:
                 _copy_into(views, self._cluster_bytes(s)[s.pos % self.cluster_size :][: s.n])
-            elif (kind is fmt.UNALLOCATED or kind is fmt.UNALLOCATED_ALLOC) and self._backing is not None:
+            elif (
+                kind is fmt.UNALLOCATED or kind is fmt.UNALLOCATED_ALLOC
+            ) and self._backing is not None:
                 fut = self._read_backing(s.pos, views, s.n)
                 if fut is not None:
                     futs.append(fut)
@@ -378,11 +410,14 @@ class Qcow2Driver(BlockDriver):
             else:
                 run = Run(s.pos, s.n, UNALLOCATED, None)
             last = out[-1] if out else None
-            if (last is not None and last.kind == run.kind and last.offset + last.length == run.offset
-                    and (last.host_offset is None) == (run.host_offset is None)
-                    and (run.host_offset is None
-                         or last.host_offset + last.length == run.host_offset)
-                    and kind is not fmt.COMPRESSED):
+            if (
+                last is not None
+                and last.kind == run.kind
+                and last.offset + last.length == run.offset
+                and (last.host_offset is None) == (run.host_offset is None)
+                and (run.host_offset is None or last.host_offset + last.length == run.host_offset)
+                and kind is not fmt.COMPRESSED
+            ):
                 out[-1] = last._replace(length=last.length + run.length)
             else:
                 out.append(run)
@@ -401,8 +436,10 @@ class Qcow2Driver(BlockDriver):
 
     def info(self):
         h = self.header
-        data = {"compat": "1.1" if h.version >= 3 else "0.10",
-                "compression-type": fmt.COMPRESSION_NAMES[h.compression_type]}
+        data = {
+            "compat": "1.1" if h.version >= 3 else "0.10",
+            "compression-type": fmt.COMPRESSION_NAMES[h.compression_type],
+        }
         if h.version >= 3:
             data["lazy-refcounts"] = h.lazy_refcounts
         data["refcount-bits"] = h.refcount_bits
@@ -421,8 +458,11 @@ class Qcow2Driver(BlockDriver):
             d["backing-filename"] = self.backing_filename
             if h.backing_format is not None:
                 d["backing-filename-format"] = h.backing_format
-            d["full-backing-filename"] = (self._backing.path if self._backing is not None
-                                          else backing_path(self.path, self.backing_filename))
+            d["full-backing-filename"] = (
+                self._backing.path
+                if self._backing is not None
+                else backing_path(self.path, self.backing_filename)
+            )
         return d
 
     def check(self, repair=False):

@@ -168,8 +168,26 @@ def parse_header(buf: bytes, file_size: int, path) -> Header:
     if len(buf) < V2_HEADER_LENGTH or buf[:4] != MAGIC:
         raise _err(path, "magic", "Image is not in qcow2 format")
     raw = bytes(buf[:V3_HEADER_LENGTH]).ljust(V3_HEADER_LENGTH, b"\0")
-    (magic, version, bfo, bfs, cbits, size, crypt, l1_size, l1_off, rt_off, rt_clusters, nb_snap,
-     snap_off, incompat, compat, autoclear, rorder, hlen) = _HEADER.unpack(raw)
+    (
+        magic,
+        version,
+        bfo,
+        bfs,
+        cbits,
+        size,
+        crypt,
+        l1_size,
+        l1_off,
+        rt_off,
+        rt_clusters,
+        nb_snap,
+        snap_off,
+        incompat,
+        compat,
+        autoclear,
+        rorder,
+        hlen,
+    ) = _HEADER.unpack(raw)
     if version not in (2, 3):
         raise _err(path, "version", f"Unsupported qcow2 version {version}")
     if not MIN_CLUSTER_BITS <= cbits <= MAX_CLUSTER_BITS:
@@ -191,40 +209,81 @@ def parse_header(buf: bytes, file_size: int, path) -> Header:
     if ctype not in COMPRESSION_NAMES:
         raise _err(path, "compression_type", f"qcow2: unknown compression type: {ctype}")
     if ctype == 0 and incompat & INCOMPAT_COMPRESSION:
-        raise _err(path, "compression_type",
-                   "Compression type incompatible feature bit must not be set")
+        raise _err(
+            path, "compression_type", "Compression type incompatible feature bit must not be set"
+        )
     if ctype != 0 and not incompat & INCOMPAT_COMPRESSION:
-        raise _err(path, "compression_type", "Compression type incompatible feature bit must be set")
-    h = Header(version, bfo, bfs, cbits, size, crypt, l1_size, l1_off, rt_off, rt_clusters,
-               nb_snap, snap_off, incompat, compat, autoclear, rorder, hlen, ctype)
+        raise _err(
+            path, "compression_type", "Compression type incompatible feature bit must be set"
+        )
+    h = Header(
+        version,
+        bfo,
+        bfs,
+        cbits,
+        size,
+        crypt,
+        l1_size,
+        l1_off,
+        rt_off,
+        rt_clusters,
+        nb_snap,
+        snap_off,
+        incompat,
+        compat,
+        autoclear,
+        rorder,
+        hlen,
+        ctype,
+    )
     _parse_extensions(h, buf, path)
     unknown = incompat & ~INCOMPAT_KNOWN
     if unknown:
         names = [h.feature_table.get((0, b)) for b in range(64) if unknown >> b & 1]
         if all(names):
-            raise _err(path, "incompatible_features",
-                       "Unsupported qcow2 feature(s): " + ", ".join(names))
+            raise _err(
+                path, "incompatible_features", "Unsupported qcow2 feature(s): " + ", ".join(names)
+            )
         raise _err(path, "incompatible_features", f"Unknown incompatible feature: {unknown:x}")
     if h.extended_l2 and cs // 32 < 512:
         raise _err(path, "cluster_bits", f"Unsupported subcluster size: {cs // 32}")
     if rorder > 6:
-        raise _err(path, "refcount_order",
-                   "Reference count entry width too large; may not exceed 64 bits")
+        raise _err(
+            path, "refcount_order", "Reference count entry width too large; may not exceed 64 bits"
+        )
     if rt_clusters == 0:
-        raise _err(path, "refcount_table_clusters",
-                   "Image does not contain a reference count table")
-    _check_table(path, "refcount_table", rt_off, rt_clusters * cs, MAX_REFTABLE_BYTES,
-                 "Reference count table", cs, file_size)
+        raise _err(
+            path, "refcount_table_clusters", "Image does not contain a reference count table"
+        )
+    _check_table(
+        path,
+        "refcount_table",
+        rt_off,
+        rt_clusters * cs,
+        MAX_REFTABLE_BYTES,
+        "Reference count table",
+        cs,
+        file_size,
+    )
     if nb_snap > MAX_SNAPSHOTS:
         raise _err(path, "nb_snapshots", "Snapshot table too large")
     if nb_snap:
-        _check_table(path, "snapshots_offset", snap_off, 40 * nb_snap, MAX_SNAPSHOT_TABLE_BYTES,
-                     "Snapshot table", cs, file_size)
+        _check_table(
+            path,
+            "snapshots_offset",
+            snap_off,
+            40 * nb_snap,
+            MAX_SNAPSHOT_TABLE_BYTES,
+            "Snapshot table",
+            cs,
+            file_size,
+        )
     if l1_size > MAX_L1_ENTRIES:
         raise _err(path, "l1_size", "Active L1 table too large")
     if l1_size:
-        _check_table(path, "l1_table_offset", l1_off, l1_size * 8, None, "Active L1 table", cs,
-                     file_size)
+        _check_table(
+            path, "l1_table_offset", l1_off, l1_size * 8, None, "Active L1 table", cs, file_size
+        )
     if h.l1_needed > (1 << 31) - 1:
         raise _err(path, "size", "Image is too big")
     if l1_size < h.l1_needed:
@@ -236,7 +295,9 @@ def parse_header(buf: bytes, file_size: int, path) -> Header:
             raise _err(path, "backing_file_size", "Backing file name too long")
         name = bytes(buf[bfo : bfo + bfs])
         if len(name) < bfs:
-            raise _err(path, "backing_file_offset", "the backing file name lies past the end of file")
+            raise _err(
+                path, "backing_file_offset", "the backing file name lies past the end of file"
+            )
         h.backing_file = name.decode("utf-8", "surrogateescape")
     return h
 
@@ -247,8 +308,11 @@ def _check_table(path, fieldname, offset, nbytes, limit, what, cs, file_size):
     if offset % cs:
         raise _err(path, fieldname, f"{what} offset invalid")
     if offset + nbytes > file_size:
-        raise _err(path, fieldname,
-                   f"{what} at {offset:#x} ({nbytes} bytes) lies past the end of file ({file_size})")
+        raise _err(
+            path,
+            fieldname,
+            f"{what} at {offset:#x} ({nbytes} bytes) lies past the end of file ({file_size})",
+        )
 
 
 def _parse_extensions(h: Header, buf, path) -> None:
@@ -265,8 +329,11 @@ def _parse_extensions(h: Header, buf, path) -> None:
         data = bytes(buf[pos : pos + elen])
         if etype == EXT_BACKING_FORMAT:
             if elen >= 16:
-                raise _err(path, "backing_format",
-                           f"ERROR: ext_backing_format: len={elen} too large (>=16)")
+                raise _err(
+                    path,
+                    "backing_format",
+                    f"ERROR: ext_backing_format: len={elen} too large (>=16)",
+                )
             h.backing_format = data.decode("ascii", "replace") or None  # empty: probe
         elif etype == EXT_FEATURE_TABLE:
             for i in range(0, elen - 47, 48):
@@ -319,7 +386,7 @@ def compressed_extent(entry: int, cluster_bits: int):
     return offset, (nsectors + 1) * 512 - (offset & 511)
 
 
-# -- snapshots --------------------------------------------------------------------------------------
+# -- snapshots -------------------------------------------------------------------------------------
 @dataclass
 class Snapshot:
     l1_table_offset: int
@@ -337,15 +404,17 @@ class Snapshot:
         d = {}
         if self.icount is not None:
             d["icount"] = self.icount
-        d.update({
-            "vm-clock-nsec": self.vm_clock_nsec % 1_000_000_000,
-            "name": self.name,
-            "date-sec": self.date_sec,
-            "date-nsec": self.date_nsec,
-            "vm-clock-sec": self.vm_clock_nsec // 1_000_000_000,
-            "id": self.id,
-            "vm-state-size": self.vm_state_size,
-        })
+        d.update(
+            {
+                "vm-clock-nsec": self.vm_clock_nsec % 1_000_000_000,
+                "name": self.name,
+                "date-sec": self.date_sec,
+                "date-nsec": self.date_nsec,
+                "vm-clock-sec": self.vm_clock_nsec // 1_000_000_000,
+                "id": self.id,
+                "vm-state-size": self.vm_state_size,
+            }
+        )
         return d
 
 
@@ -358,20 +427,29 @@ def parse_snapshots(buf: bytes, count: int, version: int, path) -> list:
     pos = 0
     for i in range(count):
         if pos + _SNAP.size > len(buf):
-            raise _err(path, "snapshots_offset", f"snapshot table entry {i} lies past the end of file")
-        (l1_off, l1_size, id_len, name_len, dsec, dnsec, clock, vmsize,
-         extra) = _SNAP.unpack_from(buf, pos)
+            raise _err(
+                path, "snapshots_offset", f"snapshot table entry {i} lies past the end of file"
+            )
+        (l1_off, l1_size, id_len, name_len, dsec, dnsec, clock, vmsize, extra) = _SNAP.unpack_from(
+            buf, pos
+        )
         if extra > MAX_SNAPSHOT_EXTRA:
-            raise _err(path, "snapshots_offset",
-                       f"Too much extra metadata in snapshot table entry {i}")
+            raise _err(
+                path, "snapshots_offset", f"Too much extra metadata in snapshot table entry {i}"
+            )
         if version >= 3 and extra < 16:
-            raise _err(path, "snapshots_offset",
-                       f"Snapshot table entry {i} is incomplete (extra data too short)")
+            raise _err(
+                path,
+                "snapshots_offset",
+                f"Snapshot table entry {i} is incomplete (extra data too short)",
+            )
         p = pos + _SNAP.size
         ex = bytes(buf[p : p + extra])
         p += extra
         if p + id_len + name_len > len(buf):
-            raise _err(path, "snapshots_offset", f"snapshot table entry {i} lies past the end of file")
+            raise _err(
+                path, "snapshots_offset", f"snapshot table entry {i} lies past the end of file"
+            )
         sid = bytes(buf[p : p + id_len]).decode("utf-8", "replace")
         p += id_len
         name = bytes(buf[p : p + name_len]).decode("utf-8", "replace")

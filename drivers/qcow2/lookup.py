@@ -89,9 +89,13 @@ def runs(h, get_l2, pos: int, length: int):
                 start = max(upos, pos)
                 n = min(uend, end) - start
                 hoff = host + (start - upos) if kind in _HOSTED else 0
-                if (cur is not None and cur[0] is kind and kind is not fmt.COMPRESSED
-                        and kind is not fmt.INVALID
-                        and (kind not in _HOSTED or cur[3] + cur[2] == hoff)):
+                if (
+                    cur is not None
+                    and cur[0] is kind
+                    and kind is not fmt.COMPRESSED
+                    and kind is not fmt.INVALID
+                    and (kind not in _HOSTED or cur[3] + cur[2] == hoff)
+                ):
                     cur[2] += n
                 else:
                     if cur is not None:

@@ -15,7 +15,8 @@ import shutil
 import subprocess
 
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import vblock
 from vblock.cli.main import main
@@ -25,8 +26,9 @@ QEMU_IMG = shutil.which("qemu-img")
 QEMU_IO = shutil.which("qemu-io")
 pytestmark = [
     pytest.mark.interop,
-    pytest.mark.skipif(not (QEMU_IMG and QEMU_IO),
-                       reason="qemu-img/qemu-io not installed (apt install qemu-utils)"),
+    pytest.mark.skipif(
+        not (QEMU_IMG and QEMU_IO), reason="qemu-img/qemu-io not installed (apt install qemu-utils)"
+    ),
 ]
 
 KiB = 1 << 10
@@ -68,9 +70,17 @@ def create(path, size=SIZE, **opts):
 
 # Writes that give every cluster type: data (runs, scattered, unaligned), zeros (allocated and
 # plain), discards, a write that straddles L2 tables at small cluster sizes.
-WORKLOAD = ("write -P 0x11 0 192k", "write -P 0x22 300k 5k", "write -z 64k 64k",
-            "write -z -u 128k 64k", "discard 1M 256k", "write -P 0x33 1000k 300k",
-            "write -P 0x44 4M 1M", "write -z 4352k 64k", "write -P 0x55 8188k 4k")
+WORKLOAD = (
+    "write -P 0x11 0 192k",
+    "write -P 0x22 300k 5k",
+    "write -z 64k 64k",
+    "write -z -u 128k 64k",
+    "discard 1M 256k",
+    "write -P 0x33 1000k 300k",
+    "write -P 0x44 4M 1M",
+    "write -z 4352k 64k",
+    "write -P 0x55 8188k 4k",
+)
 
 
 def _plain(tmp, name, cluster_size, compat="1.1", **extra):
@@ -82,8 +92,17 @@ def _plain(tmp, name, cluster_size, compat="1.1", **extra):
 def _compressed(tmp, name, cluster_size, ctype):
     src = _plain(tmp, f"{name}-src", 64 * KiB)
     path = tmp / f"{name}.qcow2"
-    run(QEMU_IMG, "convert", "-c", "-O", "qcow2", "-o",
-        f"cluster_size={cluster_size},compression_type={ctype}", src, path)
+    run(
+        QEMU_IMG,
+        "convert",
+        "-c",
+        "-O",
+        "qcow2",
+        "-o",
+        f"cluster_size={cluster_size},compression_type={ctype}",
+        src,
+        path,
+    )
     os.unlink(src)
     return path
 
@@ -91,10 +110,23 @@ def _compressed(tmp, name, cluster_size, ctype):
 def _extl2(tmp, name):
     base = tmp / "base.raw"
     base.write_bytes(bytes((i * 13) & 0xFF for i in range(256)) * (SIZE // 256))
-    path = create(tmp / f"{name}.qcow2", cluster_size=64 * KiB, extended_l2="on",
-                  backing_file="base.raw", backing_fmt="raw")
-    qemu_io(path, "write -P 0x61 0 4k", "write -P 0x62 64k 64k", "write -z 68k 4k",
-            "write -P 0x63 130k 1k", "write -z 192k 2k", "write -z 256k 64k", "write -P 0x64 1M 300k")
+    path = create(
+        tmp / f"{name}.qcow2",
+        cluster_size=64 * KiB,
+        extended_l2="on",
+        backing_file="base.raw",
+        backing_fmt="raw",
+    )
+    qemu_io(
+        path,
+        "write -P 0x61 0 4k",
+        "write -P 0x62 64k 64k",
+        "write -z 68k 4k",
+        "write -P 0x63 130k 1k",
+        "write -z 192k 2k",
+        "write -z 256k 64k",
+        "write -P 0x64 1M 300k",
+    )
     return path
 
 
@@ -247,22 +279,37 @@ def test_snapshots_are_listed_and_the_active_layer_is_read(scratch):
     assert names == ["first", "second"]
 
 
-# -- property: a random qemu-io workload reads as qemu-img convert -O raw says ------------------------
-_OPS = st.tuples(st.sampled_from(["write -P {p}", "write -z", "write -z -u", "discard"]),
-                 st.integers(0, 1023), st.integers(1, 96), st.integers(1, 255))
+# -- property: a random qemu-io workload reads as qemu-img convert -O raw says ---------------------
+_OPS = st.tuples(
+    st.sampled_from(["write -P {p}", "write -z", "write -z -u", "discard"]),
+    st.integers(0, 1023),
+    st.integers(1, 96),
+    st.integers(1, 255),
+)
 
 
-@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(st.sampled_from([(512, "1.1", "off"), (4096, "0.10", "off"), (65536, "1.1", "on"),
-                        (65536, "1.1", "off")]),
-       st.lists(_OPS, min_size=1, max_size=12), st.booleans())
+@settings(
+    max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    st.sampled_from(
+        [(512, "1.1", "off"), (4096, "0.10", "off"), (65536, "1.1", "on"), (65536, "1.1", "off")]
+    ),
+    st.lists(_OPS, min_size=1, max_size=12),
+    st.booleans(),
+)
 def test_random_workload_reads_as_qemu_img_convert(scratch, geometry, ops, compress):
     cs, compat, ext = geometry
     name = scratch / "prop.qcow2"
     for p in scratch.iterdir():
         p.unlink()
-    create(name, size=4 * MiB, cluster_size=cs, compat=compat,
-           **({"extended_l2": ext} if cs >= 16384 else {}))
+    create(
+        name,
+        size=4 * MiB,
+        cluster_size=cs,
+        compat=compat,
+        **({"extended_l2": ext} if cs >= 16384 else {}),
+    )
     unit = 4 * KiB
     cmds = []
     for op, start, count, pat in ops:
@@ -273,15 +320,24 @@ def test_random_workload_reads_as_qemu_img_convert(scratch, geometry, ops, compr
     qemu_io(name, *cmds)
     if compress:
         packed = scratch / "packed.qcow2"
-        run(QEMU_IMG, "convert", "-c", "-O", "qcow2", "-o", f"cluster_size={cs},compat={compat}",
-            name, packed)
+        run(
+            QEMU_IMG,
+            "convert",
+            "-c",
+            "-O",
+            "qcow2",
+            "-o",
+            f"cluster_size={cs},compat={compat}",
+            name,
+            packed,
+        )
         name = packed
     ref = _reference(name, scratch)
     with vblock.open_image(str(name), read_only=True) as img:
         assert hashlib.sha256(img.read(0, img.size)).hexdigest() == _sha(ref)
 
 
-# -- in place -----------------------------------------------------------------------------------------
+# -- in place --------------------------------------------------------------------------------------
 def test_converted_in_place_compares_identical_and_checks_clean(image, scratch):
     path, name = image
     original = scratch / "original.qcow2"
@@ -289,7 +345,11 @@ def test_converted_in_place_compares_identical_and_checks_clean(image, scratch):
     args = ["convert", "--in-place", "-O", "qed", path]
     if name == "snapshots":
         refused = run_cli(*args)
-        assert refused.rc == 1 and "'first', 'second'" in refused.err and "--drop-snapshots" in refused.err
+        assert (
+            refused.rc == 1
+            and "'first', 'second'" in refused.err
+            and "--drop-snapshots" in refused.err
+        )
         assert _sha(path) == _sha(original)
         args.insert(1, "--drop-snapshots")
     r = run_cli(*args)
@@ -310,3 +370,15 @@ def test_converted_in_place_compares_identical_and_checks_clean(image, scratch):
     mine = run_cli("check", "--output=json", path)
     assert mine.rc == 0, mine.out
     assert os.path.getsize(path) % cs == 0
+
+
+def test_bench_convert_gives_qcow2_and_in_place_rows():
+    """A small source, one pair per row: both rows have both tools' times, and the in-place row
+    says how much it wrote (each vblock result passed qemu-img compare)."""
+    from vblock.bench import convert as bench
+
+    rows = bench.run(rounds=1, size=64 * MiB, data=16 * MiB, which=("qcow2", "inplace"))
+    assert [r.engine for r in rows] == ["qcow2 default (unsafe)", "in place vs writeback copy"]
+    for r in rows:
+        assert r.peer == "qemu-img convert" and r.seconds > 0 and r.peer_seconds > 0
+    assert "converted to QED in place" in rows[1].written

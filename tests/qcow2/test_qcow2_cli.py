@@ -19,8 +19,10 @@ CS = 64 * KiB
 
 def _cli(*argv, tty=False):
     out, err = io.StringIO(), io.StringIO()
-    rc = main([str(a) for a in argv], Environment(stdout=out, stderr=err, stdout_isatty=False,
-                                                  stderr_isatty=tty))
+    rc = main(
+        [str(a) for a in argv],
+        Environment(stdout=out, stderr=err, stdout_isatty=False, stderr_isatty=tty),
+    )
     return int(rc), out.getvalue(), err.getvalue()
 
 
@@ -39,9 +41,17 @@ def test_info_json_shows_format_specific_data(scratch):
     rc, out, _ = _cli("info", "--output=json", _image(scratch, lazy_refcounts=True))
     info = json.loads(out)
     assert rc == 0 and info["format"] == "qcow2" and info["cluster-size"] == CS
-    assert info["format-specific"] == {"type": "qcow2", "data": {
-        "compat": "1.1", "compression-type": "zlib", "lazy-refcounts": True, "refcount-bits": 16,
-        "corrupt": False, "extended-l2": False}}
+    assert info["format-specific"] == {
+        "type": "qcow2",
+        "data": {
+            "compat": "1.1",
+            "compression-type": "zlib",
+            "lazy-refcounts": True,
+            "refcount-bits": 16,
+            "corrupt": False,
+            "extended-l2": False,
+        },
+    }
 
 
 def test_map_json_gives_compressed_data_no_offset(scratch):
@@ -49,9 +59,13 @@ def test_map_json_gives_compressed_data_no_offset(scratch):
     entries = json.loads(out)
     assert rc == 0
     assert [(e["start"], e["length"], e["data"], e["zero"], "offset" in e) for e in entries] == [
-        (0, CS, True, False, True), (CS, CS, True, False, False), (2 * CS, CS, False, True, False),
-        (3 * CS, 2 * CS, False, True, False), (5 * CS, CS, True, False, True),
-        (6 * CS, MiB - 6 * CS, False, True, False)]
+        (0, CS, True, False, True),
+        (CS, CS, True, False, False),
+        (2 * CS, CS, False, True, False),
+        (3 * CS, 2 * CS, False, True, False),
+        (5 * CS, CS, True, False, True),
+        (6 * CS, MiB - 6 * CS, False, True, False),
+    ]
 
 
 def test_check_json_counts_compressed_clusters(scratch):
@@ -100,7 +114,9 @@ def test_in_place_reports_what_it_wrote(scratch):
     path = _image(scratch)
     rc, _, err = _cli("convert", "--in-place", "-O", "qed", path)
     assert rc == 0
-    assert err.startswith(f"{path}: converted to QED in place; ") and "1 clusters written out" in err
+    assert (
+        err.startswith(f"{path}: converted to QED in place; ") and "1 clusters written out" in err
+    )
     with vblock.open_image(str(path), read_only=True) as img:
         assert img.format == "qed"
 

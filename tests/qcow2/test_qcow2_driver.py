@@ -8,7 +8,8 @@ import hashlib
 import struct
 
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import vblock
 from vblock.block import registry
@@ -72,8 +73,12 @@ def test_normal_and_unallocated_clusters_read_back(scratch, version):
 def test_every_cluster_size_reads_back(scratch, bits):
     cs = 1 << bits
     size = 4 * MiB
-    clusters = {0: _pattern(1, cs), 1: ("compressed", _pattern(2, cs)), 2: ZERO,
-                (size // cs) - 1: _pattern(4, cs)}
+    clusters = {
+        0: _pattern(1, cs),
+        1: ("compressed", _pattern(2, cs)),
+        2: ZERO,
+        (size // cs) - 1: _pattern(4, cs),
+    }
     path = _write(scratch / "d.qcow2", build(size, clusters, cluster_bits=bits))
     assert _read_all(path) == _model(size, clusters, cs)
 
@@ -90,7 +95,9 @@ def test_zero_cluster_hides_the_backing_file(scratch):
     base = scratch / "base.raw"
     base.write_bytes(b"\x5a" * MiB)
     clusters = {1: ZERO, 2: _pattern(9, CS)}
-    path = _write(scratch / "top.qcow2", build(MiB, clusters, backing="base.raw", backing_fmt="raw"))
+    path = _write(
+        scratch / "top.qcow2", build(MiB, clusters, backing="base.raw", backing_fmt="raw")
+    )
     assert _read_all(path) == _model(MiB, clusters, CS, backing=b"\x5a" * MiB)
 
 
@@ -103,8 +110,9 @@ def test_a_shorter_backing_file_reads_zeros_past_its_end(scratch):
 
 def test_v2_image_without_format_extension_probes_its_backing_file(scratch):
     base = _write(scratch / "base.qcow2", build(MiB, {0: _pattern(5, CS)}))
-    path = _write(scratch / "top.qcow2", build(MiB, {1: _pattern(6, CS)}, version=2,
-                                               backing=base.name))
+    path = _write(
+        scratch / "top.qcow2", build(MiB, {1: _pattern(6, CS)}, version=2, backing=base.name)
+    )
     assert _read_all(path) == _pattern(5, CS) + _pattern(6, CS) + bytes(MiB - 2 * CS)
 
 
@@ -114,9 +122,16 @@ def test_extended_l2_subclusters_read_each_kind(scratch):
     sc = CS // 32
     host = _pattern(3, CS)
     alloc, zero = 0x0000FFFF, 0x00FF0000  # 0-15 data, 16-23 zeros, 24-31 from the backing file
-    path = _write(scratch / "top.qcow2",
-                  build(MiB, {0: ("sub", host, alloc, zero), 1: ZERO, 2: _pattern(4, CS)},
-                        extended_l2=True, backing="base.raw", backing_fmt="raw"))
+    path = _write(
+        scratch / "top.qcow2",
+        build(
+            MiB,
+            {0: ("sub", host, alloc, zero), 1: ZERO, 2: _pattern(4, CS)},
+            extended_l2=True,
+            backing="base.raw",
+            backing_fmt="raw",
+        ),
+    )
     got = _read_all(path)
     assert got[: 16 * sc] == host[: 16 * sc]
     assert got[16 * sc : 24 * sc] == bytes(8 * sc)
@@ -143,7 +158,9 @@ def test_contiguous_clusters_are_one_host_read(scratch):
         f = img.driver.f
         calls = []
         real = f.submit_read
-        f.submit_read = lambda off, bufs: calls.append((off, sum(map(len, bufs)))) or real(off, bufs)
+        f.submit_read = lambda off, bufs: (
+            calls.append((off, sum(map(len, bufs)))) or real(off, bufs)
+        )
         data = img.read(0, 8 * CS)
     assert data == b"".join(clusters[g] for g in range(8))
     assert calls == [(calls[0][0], 8 * CS)]
@@ -166,34 +183,52 @@ def test_block_status_reports_each_kind(scratch):
     built = build(MiB, clusters)
     path = _write(scratch / "d.qcow2", built)
     with vblock.open_image(str(path), read_only=True) as img:
-        runs = [(r.offset, r.length, r.kind, r.host_offset is not None)
-                for r in img.driver.block_status(0, MiB)]
-    assert runs == [(0, 2 * CS, "data", True), (2 * CS, CS, "zero", False),
-                    (3 * CS, CS, "data", False), (4 * CS, MiB - 4 * CS, "unallocated", False)]
+        runs = [
+            (r.offset, r.length, r.kind, r.host_offset is not None)
+            for r in img.driver.block_status(0, MiB)
+        ]
+    assert runs == [
+        (0, 2 * CS, "data", True),
+        (2 * CS, CS, "zero", False),
+        (3 * CS, CS, "data", False),
+        (4 * CS, MiB - 4 * CS, "unallocated", False),
+    ]
 
 
 def test_a_qcow2_may_back_a_qed_image(scratch):
     base = _write(scratch / "base.qcow2", build(MiB, {0: _pattern(1, CS), 2: _pattern(2, CS)}))
     top = scratch / "top.qed"
-    with vblock.create_image(str(top), "qed", MiB, backing_file="base.qcow2",
-                             backing_fmt="qcow2") as img:
+    with vblock.create_image(
+        str(top), "qed", MiB, backing_file="base.qcow2", backing_fmt="qcow2"
+    ) as img:
         img.write(CS, b"\x01" * CS)
     assert base.exists()
     assert _read_all(top) == _pattern(1, CS) + b"\x01" * CS + _pattern(2, CS) + bytes(MiB - 3 * CS)
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(st.dictionaries(st.integers(0, 31),
-                       st.one_of(st.binary(min_size=1, max_size=64).map(lambda b: (b * 128)[:4096]),
-                                 st.just(ZERO),
-                                 st.binary(min_size=1, max_size=16).map(
-                                     lambda b: ("compressed", (b * 256)[:4096]))),
-                       max_size=12),
-       st.sampled_from([0, 1]), st.integers(0, 127 * 1024), st.integers(1, 16 * 1024))
+@settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    st.dictionaries(
+        st.integers(0, 31),
+        st.one_of(
+            st.binary(min_size=1, max_size=64).map(lambda b: (b * 128)[:4096]),
+            st.just(ZERO),
+            st.binary(min_size=1, max_size=16).map(lambda b: ("compressed", (b * 256)[:4096])),
+        ),
+        max_size=12,
+    ),
+    st.sampled_from([0, 1]),
+    st.integers(0, 127 * 1024),
+    st.integers(1, 16 * 1024),
+)
 def test_any_layout_reads_as_its_model(scratch, clusters, ctype, offset, length):
     cs = 4096
     size = 32 * cs
-    path = _write(scratch / "p.qcow2", build(size, clusters, cluster_bits=12, compression_type=ctype))
+    path = _write(
+        scratch / "p.qcow2", build(size, clusters, cluster_bits=12, compression_type=ctype)
+    )
     length = min(length, size - offset)
     with vblock.open_image(str(path), read_only=True) as img:
         assert img.read(offset, length) == _model(size, clusters, cs)[offset : offset + length]
@@ -218,7 +253,9 @@ def _patched(scratch, offset, fmt_, value, **kw):
 @pytest.mark.parametrize("method,name", [(1, "AES"), (2, "LUKS")])
 def test_encrypted_images_are_refused(scratch, method, name):
     path = _patched(scratch, 32, ">I", method)
-    with pytest.raises(UnsupportedError, match=f"encrypted qcow2 images \\({name}\\) are not supported"):
+    with pytest.raises(
+        UnsupportedError, match=f"encrypted qcow2 images \\({name}\\) are not supported"
+    ):
         vblock.open_image(str(path), read_only=True)
 
 
@@ -228,23 +265,28 @@ def test_an_external_data_file_is_refused_for_now(scratch):
         vblock.open_image(str(path), read_only=True)
 
 
-@pytest.mark.parametrize("offset,fmt_,value,field,message", [
-    (4, ">I", 4, "version", "Unsupported qcow2 version 4"),
-    (20, ">I", 22, "cluster_bits", "Unsupported cluster size: 2^22"),
-    (100, ">I", 96, "header_length", "qcow2 header too short"),
-    (72, ">Q", 1 << 5, "incompatible_features", "Unknown incompatible feature: 20"),
-    (96, ">I", 7, "refcount_order", "may not exceed 64 bits"),
-    (56, ">I", 0, "refcount_table_clusters", "does not contain a reference count table"),
-    (56, ">I", 20, "refcount_table", "past the end of file"),
-    (56, ">I", 200, "refcount_table", "Reference count table too large"),
-    (36, ">I", 5 << 20, "l1_size", "Active L1 table too large"),
-    (40, ">Q", 0x1000000, "l1_table_offset", "past the end of file"),
-    (40, ">Q", 0x10200, "l1_table_offset", "offset invalid"),
-    (24, ">Q", 1 << 40, "l1_size", "L1 table is too small"),
-    (60, ">I", 70000, "nb_snapshots", "Snapshot table too large"),
-    (8, ">Q", 1 << 17, "backing_file_offset", "Invalid backing file offset"),
-])
-def test_corrupt_header_field_is_an_image_error_naming_it(scratch, offset, fmt_, value, field, message):
+@pytest.mark.parametrize(
+    "offset,fmt_,value,field,message",
+    [
+        (4, ">I", 4, "version", "Unsupported qcow2 version 4"),
+        (20, ">I", 22, "cluster_bits", "Unsupported cluster size: 2^22"),
+        (100, ">I", 96, "header_length", "qcow2 header too short"),
+        (72, ">Q", 1 << 5, "incompatible_features", "Unknown incompatible feature: 20"),
+        (96, ">I", 7, "refcount_order", "may not exceed 64 bits"),
+        (56, ">I", 0, "refcount_table_clusters", "does not contain a reference count table"),
+        (56, ">I", 20, "refcount_table", "past the end of file"),
+        (56, ">I", 200, "refcount_table", "Reference count table too large"),
+        (36, ">I", 5 << 20, "l1_size", "Active L1 table too large"),
+        (40, ">Q", 0x1000000, "l1_table_offset", "past the end of file"),
+        (40, ">Q", 0x10200, "l1_table_offset", "offset invalid"),
+        (24, ">Q", 1 << 40, "l1_size", "L1 table is too small"),
+        (60, ">I", 70000, "nb_snapshots", "Snapshot table too large"),
+        (8, ">Q", 1 << 17, "backing_file_offset", "Invalid backing file offset"),
+    ],
+)
+def test_corrupt_header_field_is_an_image_error_naming_it(
+    scratch, offset, fmt_, value, field, message
+):
     path = _patched(scratch, offset, fmt_, value)
     before = _sha(path)
     with pytest.raises(ImageError) as info:
@@ -314,14 +356,16 @@ def test_a_backing_file_that_is_the_image_itself_is_refused(scratch):
     assert info.value.field == "backing_file" and "loop" in info.value.message
 
 
-# -- check -------------------------------------------------------------------------------------------
+# -- check -----------------------------------------------------------------------------------------
 def _check(path):
     with vblock.open_image(str(path), read_only=True, no_backing=True) as img:
         return img.check()
 
 
 def test_check_of_a_consistent_image_is_clean(scratch):
-    path = _write(scratch / "d.qcow2", build(MiB, {0: _pattern(1, CS), 2: ("compressed", bytes(CS))}))
+    path = _write(
+        scratch / "d.qcow2", build(MiB, {0: _pattern(1, CS), 2: ("compressed", bytes(CS))})
+    )
     r = _check(path)
     assert (r["corruptions"], r["leaks"], r["check-errors"]) == (0, 0, 0)
     assert (r["allocated-clusters"], r["compressed-clusters"]) == (2, 1)

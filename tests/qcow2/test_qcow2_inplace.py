@@ -4,7 +4,8 @@ The crash-point suite runs each scripted conversion under the fault-injecting ho
 it after every write in turn; each crash is settled twice (unflushed writes dropped, kept or torn
 at random). Afterwards the file must be the original qcow2 or a QED, either reading byte-exact;
 running the conversion again, or (for a QED) opening it read-write, must leave a QED that reads
-byte-exact, checks clean and holds nothing unreferenced. A real SIGKILL of a converting process is tested the same way.
+byte-exact, checks clean and holds nothing unreferenced. A real SIGKILL of a converting process
+is tested the same way.
 """
 
 from __future__ import annotations
@@ -59,41 +60,68 @@ def _qed_clean(path):
 
 # -- scripted images ------------------------------------------------------------------------------
 def _compressed(d):
-    clusters = {0: _pattern(1, CS), 1: ("compressed", _pattern(2, CS)), 2: ZERO,
-                3: ("compressed", bytes(CS)), 5: _pattern(3, CS), 9: ("compressed", _pattern(4, CS))}
+    clusters = {
+        0: _pattern(1, CS),
+        1: ("compressed", _pattern(2, CS)),
+        2: ZERO,
+        3: ("compressed", bytes(CS)),
+        5: _pattern(3, CS),
+        9: ("compressed", _pattern(4, CS)),
+    }
     (d / "img.qcow2").write_bytes(build(64 * CS, clusters, cluster_bits=12).data)
 
 
 def _subclusters(d):
     (d / "base.raw").write_bytes(b"\x5a" * (40 * 16 * KiB))
     cs = 16 * KiB
-    clusters = {0: ("sub", _pattern(5, cs), 0x0000FFFF, 0xFF000000),  # data, backing, zeros
-                1: ("sub", _pattern(6, cs), 0xFFFFFFFF, 0),  # all data: stays in place
-                2: ("sub", bytes(cs), 0, 0xFFFFFFFF),  # all zeros
-                3: ("sub", _pattern(7, cs), 0, 0),  # allocated but all unallocated: backing
-                4: _pattern(8, cs), 6: ZERO}
-    (d / "img.qcow2").write_bytes(build(32 * cs, clusters, cluster_bits=14, extended_l2=True,
-                                        compression_type=1, backing="base.raw",
-                                        backing_fmt="raw").data)
+    clusters = {
+        0: ("sub", _pattern(5, cs), 0x0000FFFF, 0xFF000000),  # data, backing, zeros
+        1: ("sub", _pattern(6, cs), 0xFFFFFFFF, 0),  # all data: stays in place
+        2: ("sub", bytes(cs), 0, 0xFFFFFFFF),  # all zeros
+        3: ("sub", _pattern(7, cs), 0, 0),  # allocated but all unallocated: backing
+        4: _pattern(8, cs),
+        6: ZERO,
+    }
+    (d / "img.qcow2").write_bytes(
+        build(
+            32 * cs,
+            clusters,
+            cluster_bits=14,
+            extended_l2=True,
+            compression_type=1,
+            backing="base.raw",
+            backing_fmt="raw",
+        ).data
+    )
 
 
 def _backing(d):
     (d / "base.raw").write_bytes(b"\x71" * (48 * CS))  # shorter than the image
     clusters = {0: ZERO, 1: _pattern(9, CS), 7: _pattern(10, CS), 8: ZERO, 60: _pattern(11, CS)}
-    (d / "img.qcow2").write_bytes(build(64 * CS, clusters, cluster_bits=12, backing="base.raw",
-                                        backing_fmt="raw").data)
+    (d / "img.qcow2").write_bytes(
+        build(64 * CS, clusters, cluster_bits=12, backing="base.raw", backing_fmt="raw").data
+    )
 
 
 def _l2_boundaries(d):
     # 4 KiB clusters: a qcow2 L2 table maps 2 MiB, a QED one (table_size 4) 8 MiB
     per = 512
-    clusters = {per - 1: _pattern(12, CS), per: _pattern(13, CS), 4 * per - 1: _pattern(14, CS),
-                4 * per: ("compressed", _pattern(15, CS)), 9 * per + 3: _pattern(16, CS)}
+    clusters = {
+        per - 1: _pattern(12, CS),
+        per: _pattern(13, CS),
+        4 * per - 1: _pattern(14, CS),
+        4 * per: ("compressed", _pattern(15, CS)),
+        9 * per + 3: _pattern(16, CS),
+    }
     (d / "img.qcow2").write_bytes(build(20 * MiB, clusters, cluster_bits=12).data)
 
 
-SCRIPTS = {"compressed": _compressed, "subclusters": _subclusters, "backing": _backing,
-           "l2-boundaries": _l2_boundaries}
+SCRIPTS = {
+    "compressed": _compressed,
+    "subclusters": _subclusters,
+    "backing": _backing,
+    "l2-boundaries": _l2_boundaries,
+}
 
 
 @pytest.mark.parametrize("name", sorted(SCRIPTS))
@@ -147,7 +175,7 @@ def test_a_file_held_by_another_open_is_refused(scratch):
     assert _sha(path) == before
 
 
-# -- crash points ------------------------------------------------------------------------------------
+# -- crash points ----------------------------------------------------------------------------------
 def _writes_of_a_clean_run(directory):
     work = directory / "count"
     shutil.copytree(directory / "orig", work)
@@ -179,7 +207,9 @@ def _crash_and_recover(directory, crash_after, seed, expected):
             f.settle_crash(random.Random(seed))
             faults.FaultyHostFile.close(f)
     fmt, data = _guest(path)
-    assert data == expected, f"crash after write {crash_after} (seed {seed}): {fmt} reads differently"
+    assert data == expected, (
+        f"crash after write {crash_after} (seed {seed}): {fmt} reads differently"
+    )
     switched = fmt == "qed"
     if switched and seed % 2 == 0:
         # a read-write open repairs (need-check is set) and so finishes the conversion
@@ -208,12 +238,14 @@ def test_every_crash_point_leaves_the_qcow2_or_an_identical_qed(scratch, name):
             after_switch += _crash_and_recover(scratch, k, seed, expected)
             recoveries += 1
         points += 1
-    print(f"\n{name}: {points} crash points, {recoveries} settled crashes recovered "
-          f"({after_switch} after the switch)")
+    print(
+        f"\n{name}: {points} crash points, {recoveries} settled crashes recovered "
+        f"({after_switch} after the switch)"
+    )
     assert points == total and after_switch > 0
 
 
-# -- a real process, killed ----------------------------------------------------------------------------
+# -- a real process, killed ------------------------------------------------------------------------
 _CHILD = """
 import sys, time
 from vblock.block import inplace
@@ -234,8 +266,9 @@ def test_sigkill_mid_conversion_leaves_a_readable_image_that_finishes(scratch, d
     _l2_boundaries(scratch)
     path = scratch / "img.qcow2"
     _, expected = _guest(path)
-    child = subprocess.Popen([sys.executable, "-c", _CHILD, str(path)], stdout=subprocess.PIPE,
-                             text=True)
+    child = subprocess.Popen(
+        [sys.executable, "-c", _CHILD, str(path)], stdout=subprocess.PIPE, text=True
+    )
     assert child.stdout.readline().strip() == "ready"
     time.sleep(delay_ms / 1000)  # where the kill lands varies; every landing must be safe
     child.send_signal(signal.SIGKILL)

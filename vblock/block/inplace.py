@@ -83,7 +83,9 @@ def convert_in_place(path, drop_snapshots=False, progress=None, locking="auto") 
         if fmt_name == "qed":
             return reclaim(path, progress=progress, _locked=True)
         if fmt_name != "qcow2":
-            raise UnsupportedError(f"{path}: in-place conversion reads qcow2 images, not {fmt_name}")
+            raise UnsupportedError(
+                f"{path}: in-place conversion reads qcow2 images, not {fmt_name}"
+            )
         return _convert(path, drop_snapshots, progress)
     finally:
         if lock is not None:
@@ -92,7 +94,6 @@ def convert_in_place(path, drop_snapshots=False, progress=None, locking="auto") 
 
 def _convert(path, drop_snapshots, progress):
     import vblock
-    from vblock.drivers.qcow2 import format as q
     from vblock.drivers.qed import format as qf
     from vblock.hostio import open_host_file
 
@@ -104,18 +105,26 @@ def _convert(path, drop_snapshots, progress):
         if cs < qf.MIN_CLUSTER_SIZE:
             raise UnsupportedError(
                 f"{path}: cluster size {cs} is below QED's minimum of {qf.MIN_CLUSTER_SIZE}; an "
-                f"in-place conversion cannot address the data (convert to a new file instead)")
+                f"in-place conversion cannot address the data (convert to a new file instead)"
+            )
         if h.corrupt:
-            raise ImageError(path, "incompatible_features",
-                             "the image is marked corrupt; run qemu-img check -r all first")
+            raise ImageError(
+                path,
+                "incompatible_features",
+                "the image is marked corrupt; run qemu-img check -r all first",
+            )
         if drv.snapshots and not drop_snapshots:
             names = ", ".join(repr(s.name) for s in drv.snapshots)
-            raise UnsupportedError(f"{path}: the image has internal snapshots ({names}), which QED "
-                                   "cannot hold; pass --drop-snapshots to convert without them")
+            raise UnsupportedError(
+                f"{path}: the image has internal snapshots ({names}), which QED "
+                "cannot hold; pass --drop-snapshots to convert without them"
+            )
         size = h.virtual_size
         if not qf.image_size_valid(size, cs, TABLE_SIZE):
-            raise UnsupportedError(f"{path}: {size} bytes is too large for a QED image with "
-                                   f"{cs}-byte clusters and table_size {TABLE_SIZE}")
+            raise UnsupportedError(
+                f"{path}: {size} bytes is too large for a QED image with "
+                f"{cs}-byte clusters and table_size {TABLE_SIZE}"
+            )
         if h.backing_file_offset and h.backing_file_offset < qf.HEADER_SIZE:
             raise UnsupportedError(f"{path}: the backing file name overlaps the QED header")
         plan = _plan(img, drv, size, progress)
@@ -153,10 +162,16 @@ def _convert(path, drop_snapshots, progress):
             features |= qf.F_BACKING_FILE
             if h.backing_format == "raw":
                 features |= qf.F_BACKING_FORMAT_NO_PROBE
-        header = qf.Header(cluster_size=cs, table_size=TABLE_SIZE, header_size=1,
-                           features=features, l1_table_offset=l1_offset, image_size=size,
-                           backing_filename_offset=h.backing_file_offset if h.backing_file_offset else 0,
-                           backing_filename_size=h.backing_file_size if h.backing_file_offset else 0)
+        header = qf.Header(
+            cluster_size=cs,
+            table_size=TABLE_SIZE,
+            header_size=1,
+            features=features,
+            l1_table_offset=l1_offset,
+            image_size=size,
+            backing_filename_offset=h.backing_file_offset if h.backing_file_offset else 0,
+            backing_filename_size=h.backing_file_size if h.backing_file_offset else 0,
+        )
         sector = bytearray(w.read(0, SECTOR))
         header.pack_into(sector, 0)
         w.write(0, bytes(sector), "INPLACE_SWITCH")
@@ -234,7 +249,6 @@ def _plan(img, drv, size, progress) -> _Plan:
 def _entry_for(drv, q, entry, bitmap, has_backing, g):
     """The QED entry for one guest cluster: None (0, unallocated), 1 (zero), a host offset, or
     "copy" (materialize a new cluster)."""
-    cs = drv.cluster_size
     if entry & q.OFLAG_COMPRESSED:
         return "copy"
     host = entry & q.L2_OFFSET_MASK
@@ -246,11 +260,15 @@ def _entry_for(drv, q, entry, bitmap, has_backing, g):
         if kind in (q.ZERO_PLAIN, q.ZERO_ALLOC):
             return 1
         if kind is q.INVALID:
-            raise ImageError(drv.path, "l2_table", f"invalid L2 entry {entry:#x} for guest cluster {g}")
+            raise ImageError(
+                drv.path, "l2_table", f"invalid L2 entry {entry:#x} for guest cluster {g}"
+            )
         return None
     alloc, zero = bitmap & 0xFFFFFFFF, bitmap >> 32
     if (host and alloc & zero) or (not host and alloc):
-        raise ImageError(drv.path, "l2_table", f"invalid subcluster bitmap {bitmap:#x} for guest cluster {g}")
+        raise ImageError(
+            drv.path, "l2_table", f"invalid subcluster bitmap {bitmap:#x} for guest cluster {g}"
+        )
     full = 0xFFFFFFFF
     if host and alloc == full:
         _check_host(drv, host, g)
@@ -265,11 +283,17 @@ def _entry_for(drv, q, entry, bitmap, has_backing, g):
 def _check_host(drv, host, g):
     cs = drv.cluster_size
     if host % cs:
-        raise ImageError(drv.path, "l2_table", f"Cluster allocation offset {host:#x} unaligned "
-                                               f"(guest cluster {g})")
+        raise ImageError(
+            drv.path,
+            "l2_table",
+            f"Cluster allocation offset {host:#x} unaligned (guest cluster {g})",
+        )
     if host >= drv.file_size:
-        raise ImageError(drv.path, "l2_table", f"data cluster {host:#x} of guest cluster {g} lies "
-                                               "past the end of file")
+        raise ImageError(
+            drv.path,
+            "l2_table",
+            f"data cluster {host:#x} of guest cluster {g} lies past the end of file",
+        )
 
 
 # -- Phase C (drivers/qed/reclaim.py does the work) ------------------------------------------------

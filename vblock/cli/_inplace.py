@@ -13,11 +13,19 @@ from vblock.cli.status import ExitStatus
 
 
 def add_arguments(p):
-    p.add_argument("--in-place", dest="in_place", action="store_true",
-                   help="convert a qcow2 IMAGE into QED in the same file (only -O qed): data clusters "
-                        "stay where they are, only metadata is written")
-    p.add_argument("--drop-snapshots", dest="drop_snapshots", action="store_true",
-                   help="with --in-place: convert an image that has internal snapshots, losing them")
+    p.add_argument(
+        "--in-place",
+        dest="in_place",
+        action="store_true",
+        help="convert a qcow2 IMAGE into QED in the same file (only -O qed): data clusters "
+        "stay where they are, only metadata is written",
+    )
+    p.add_argument(
+        "--drop-snapshots",
+        dest="drop_snapshots",
+        action="store_true",
+        help="with --in-place: convert an image that has internal snapshots, losing them",
+    )
 
 
 def run(args, env):
@@ -27,8 +35,12 @@ def run(args, env):
         raise UsageError("vblock convert --in-place: only -O qed is supported")
     if args.dst is not None or args.src is None:
         raise UsageError("vblock convert --in-place takes exactly one IMAGE")
-    for flag, given in (("-B", args.backing), ("-o", args.options), ("-n", args.skip_create),
-                        ("-U", args.force_share)):
+    for flag, given in (
+        ("-B", args.backing),
+        ("-o", args.options),
+        ("-n", args.skip_create),
+        ("-U", args.force_share),
+    ):
         if given:
             raise UsageError(f"vblock convert --in-place: {flag} does not apply")
     if args.fmt not in (None, "qcow2", "qed"):
@@ -41,6 +53,8 @@ def run(args, env):
 
         stats = convert_in_place(args.src, drop_snapshots=args.drop_snapshots, progress=report)
     if not args.quiet:
-        env.err(f"{args.src}: converted to QED in place; {human_size(stats.bytes_written)} written "
-                f"({stats.clusters_materialized} clusters written out, {stats.clusters_moved} moved)")
+        env.err(
+            f"{args.src}: converted to QED in place; {human_size(stats.bytes_written)} written "
+            f"({stats.clusters_materialized} clusters written out, {stats.clusters_moved} moved)"
+        )
     return ExitStatus.SUCCESS

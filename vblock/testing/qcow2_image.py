@@ -42,10 +42,20 @@ def _compress(data: bytes, ctype: int) -> bytes:
     return zstandard.ZstdCompressor().compress(data)
 
 
-def build(size: int, clusters: dict | None = None, *, cluster_bits: int = 16, version: int = 3,
-          extended_l2: bool = False, compression_type: int = 0, backing: str | None = None,
-          backing_fmt: str | None = None, lazy_refcounts: bool = False, dirty: bool = False,
-          incompatible: int = 0) -> Built:
+def build(
+    size: int,
+    clusters: dict | None = None,
+    *,
+    cluster_bits: int = 16,
+    version: int = 3,
+    extended_l2: bool = False,
+    compression_type: int = 0,
+    backing: str | None = None,
+    backing_fmt: str | None = None,
+    lazy_refcounts: bool = False,
+    dirty: bool = False,
+    incompatible: int = 0,
+) -> Built:
     clusters = clusters or {}
     cs = 1 << cluster_bits
     esize = 16 if extended_l2 else 8
@@ -164,8 +174,22 @@ def build(size: int, clusters: dict | None = None, *, cluster_bits: int = 16, ve
     if dirty:
         incompat |= 1
     compat = 1 if lazy_refcounts else 0
-    hdr = struct.pack(">4sIQIIQIIQQIIQ", b"QFI\xfb", version, bfo, bfs, cluster_bits, size, 0,
-                      l1_size, l1_cluster * cs, rt_cluster * cs, 1, 0, 0)
+    hdr = struct.pack(
+        ">4sIQIIQIIQQIIQ",
+        b"QFI\xfb",
+        version,
+        bfo,
+        bfs,
+        cluster_bits,
+        size,
+        0,
+        l1_size,
+        l1_cluster * cs,
+        rt_cluster * cs,
+        1,
+        0,
+        0,
+    )
     if version >= 3:
         hdr += struct.pack(">QQQII", incompat, compat, 0, 4, hlen)
         hdr += bytes([compression_type]) + bytes(7)
@@ -188,7 +212,10 @@ def build(size: int, clusters: dict | None = None, *, cluster_bits: int = 16, ve
         struct.pack_into(f">{len(table)}Q", img, host * cs, *table)
     for c, blob in body.items():
         img[c * cs : (c + 1) * cs] = blob
-    layout = {"refcount_table": rt_cluster * cs, "refcount_blocks": rb_first * cs,
-              "l1_table": l1_cluster * cs,
-              "l2_tables": {i: host * cs for i, (host, _) in l2s.items()}}
+    layout = {
+        "refcount_table": rt_cluster * cs,
+        "refcount_blocks": rb_first * cs,
+        "l1_table": l1_cluster * cs,
+        "l2_tables": {i: host * cs for i, (host, _) in l2s.items()},
+    }
     return Built(bytes(img), layout)
