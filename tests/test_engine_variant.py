@@ -9,7 +9,7 @@ import sys
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-SUITES = ["tests/block", "tests/qed", "tests/virtio/test_virtio_stack.py", "tests/integrity/test_io_errors.py"]
+SUITES = ["tests/block", "tests/qed", "tests/virtio/test_stack.py", "tests/integrity/test_io_errors.py"]
 
 
 @pytest.mark.timeout(900)

@@ -24,6 +24,7 @@ def test_wheel_installs_and_imports_in_fresh_venv(tmp_path):
                    check=True, cwd=tmp_path)
     wheels = list(wheelhouse.glob("vblock-*.whl"))
     assert len(wheels) == 1
+    assert "vblock/py.typed" in zipfile.ZipFile(wheels[0]).namelist()  # PEP 561: typed package
     env_dir = tmp_path / "venv"
     venv.EnvBuilder(with_pip=True).create(env_dir)
     py = env_dir / "bin" / "python"
@@ -65,3 +66,4 @@ def test_sdist_carries_the_build_and_builds_a_wheel(tmp_path):
     compiled = sorted(n.split(".")[0] for n in names if n.endswith(".so"))
     assert compiled == ["vblock/_vbio", "vblock/virtio/_vring"]
     assert "vblock/drivers/qed/driver.py" in names
+    assert "vblock/py.typed" in names

@@ -1,6 +1,11 @@
 """vblock: a block-layer emulator with virtio-blk devices over raw and QED images."""
 
+from typing import TYPE_CHECKING
+
 __version__ = "0.1.0"
+
+if TYPE_CHECKING:  # what __getattr__ provides, for type checkers (the package ships py.typed)
+    from vblock.block import create_image, open_image
 
 
 def __getattr__(name):

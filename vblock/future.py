@@ -1,45 +1,76 @@
 """A small, thread-safe future: the completion object every vblock layer returns.
 
-It implements the part of ``concurrent.futures.Future`` that vblock's callers use (``result``,
-``exception``, ``done``, ``add_done_callback``, ``set_result``, ``set_exception``,
-``cancel``/``cancelled``) at a fraction of its cost: no condition variable is built unless a thread
-actually waits, which matters at tens of thousands of requests per second.
+It is a ``concurrent.futures.Future`` (a subclass), so it works everywhere the standard one does:
+``concurrent.futures.wait`` and ``as_completed``, ``asyncio.wrap_future``, and ``await fut``
+inside a coroutine (the coroutine resumes on its event loop's thread). It reimplements the
+methods vblock's callers use (``result``, ``exception``, ``done``, ``add_done_callback``,
+``set_result``, ``set_exception``, ``cancel``/``cancelled``) at a fraction of the standard
+class's cost: it builds no condition variable, lock or list per future; a thread that waits gets
+an event made on demand, and the standard waiters of ``wait`` / ``as_completed`` are kept in a
+list made on demand, under one lock shared by every future (``_condition`` is that lock, so the
+standard functions see a consistent state). That matters at tens of thousands of requests per
+second.
 
 Threads: a future may be completed from any thread (usually an engine's completion thread or a
 driver's pool thread). Callbacks run in the thread that completes the future, or immediately in the
 thread that adds them if the future is already done. A callback must not block; an exception it
-raises is logged and swallowed, as in ``concurrent.futures``.
+raises is logged and swallowed, as in ``concurrent.futures``. Requests are never withdrawn once
+submitted, so ``cancel()`` always returns False.
 """
 
 from __future__ import annotations
 
+import concurrent.futures as _cf
 import logging
 import threading
+from collections.abc import Callable, Generator, Sequence
+from concurrent.futures import CancelledError
+from concurrent.futures import TimeoutError as _FutureTimeout
+from concurrent.futures._base import FINISHED as _DONE
+from concurrent.futures._base import PENDING as _PENDING
+from typing import Any
 
 __all__ = ["Future", "completed", "failed", "CancelledError", "defer", "begin_completions",
            "end_completions", "forward", "resolve", "then", "settle", "followed_by", "join"]
 
-from concurrent.futures import CancelledError, TimeoutError as _FutureTimeout
-
 _log = logging.getLogger(__name__)
-_lock = threading.Lock()  # guards _state/_callbacks/_event of every Future; held for a few bytecodes
+# Guards _state/_callbacks/_event/_waiter_list of every Future; held for a few bytecodes.
+# Re-entrant because concurrent.futures.wait acquires the ``_condition`` of each future it is
+# given in turn, and here they are all this one lock.
+_lock = threading.RLock()
 
-_PENDING, _DONE = 0, 1
 _completing = threading.local()  # .deferred: {(fn, arg): None} while a batch of completions runs
 
 
-class Future:
-    __slots__ = ("_state", "_result", "_exc", "_callbacks", "_event")
+class Future(_cf.Future):
+    """The outcome of one operation, delivered once from any thread (see the module doc)."""
 
-    def __init__(self):
+    __slots__ = ("_state", "_result", "_exc", "_callbacks", "_event", "_waiter_list")
+
+    def __init__(self) -> None:
+        # The standard __init__ is not called: it builds a Condition per future.
         self._state = _PENDING
         self._result = None
         self._exc = None
         self._callbacks = None
         self._event = None
+        self._waiter_list = None
+
+    # What concurrent.futures.wait / as_completed use: the lock that guards ``_state`` and the
+    # list of waiters they install (both read and written only while holding it).
+    @property
+    def _condition(self):
+        return _lock
+
+    @property
+    def _waiters(self):
+        waiters = self._waiter_list
+        if waiters is None:
+            waiters = self._waiter_list = []
+        return waiters
 
     # -- producer side ---------------------------------------------------------------------------
-    def _finish(self, result, *, exc=None):
+    def _finish(self, result: Any, *, exc: BaseException | None = None) -> None:
         with _lock:
             if self._state is _DONE:
                 raise RuntimeError("future completed twice")
@@ -48,6 +79,12 @@ class Future:
             self._state = _DONE
             callbacks, self._callbacks = self._callbacks, None
             event = self._event
+            if self._waiter_list:
+                for waiter in self._waiter_list:
+                    if exc is None:
+                        waiter.add_result(self)
+                    else:
+                        waiter.add_exception(self)
         if event is not None:
             event.set()
         if callbacks:
@@ -59,24 +96,26 @@ class Future:
 
     set_result = _finish  # one call frame less on every request's completion
 
-    def set_exception(self, exc):
+    def set_exception(self, exc: BaseException | None) -> None:
         self._finish(None, exc=exc)
 
     # -- consumer side ---------------------------------------------------------------------------
-    def done(self):
+    def done(self) -> bool:
         return self._state is _DONE
 
-    def running(self):
+    def running(self) -> bool:
         return self._state is _PENDING
 
-    def cancel(self):
+    def cancel(self) -> bool:
         """Requests are never withdrawn once submitted; always ``False``."""
         return False
 
-    def cancelled(self):
+    def cancelled(self) -> bool:
         return False
 
-    def add_done_callback(self, fn):
+    def add_done_callback(self, fn: Callable[[Future], object]) -> None:
+        """Call ``fn(future)`` once it is done: on the thread that completes it, or at once on
+        this thread if it is done already. ``fn`` must not block."""
         with _lock:
             if self._state is _PENDING:
                 if self._callbacks is None:
@@ -101,27 +140,35 @@ class Future:
         if not event.wait(timeout):
             raise _FutureTimeout()
 
-    def result(self, timeout=None):
+    def result(self, timeout: float | None = None) -> Any:
         if self._state is not _DONE:
             self._wait(timeout)
         if self._exc is not None:
             raise self._exc
         return self._result
 
-    def exception(self, timeout=None):
+    def exception(self, timeout: float | None = None) -> BaseException | None:
         if self._state is not _DONE:
             self._wait(timeout)
         return self._exc
 
-    def __repr__(self):
-        if self._state is _PENDING:
+    def __await__(self) -> Generator[Any, None, Any]:
+        """``await fut`` in a coroutine: the result, or the exception raised."""
+        if self._state is _DONE:
+            return self.result()
+        import asyncio
+
+        return (yield from asyncio.wrap_future(self).__await__())
+
+    def __repr__(self) -> str:
+        if self._state is not _DONE:
             return "<Future pending>"
         if self._exc is not None:
             return f"<Future failed {self._exc!r}>"
         return f"<Future done {self._result!r}>"
 
 
-def completed(result=None):
+def completed(result: Any = None) -> Future:
     """A future that is already done with ``result``."""
     fut = Future()
     fut._state = _DONE
@@ -129,7 +176,7 @@ def completed(result=None):
     return fut
 
 
-def failed(exc):
+def failed(exc: BaseException) -> Future:
     """A future that is already done with the exception ``exc``."""
     fut = Future()
     fut._state = _DONE
@@ -140,7 +187,7 @@ def failed(exc):
 # -- once-per-batch work ----------------------------------------------------------------------------
 
 
-def defer(fn, arg):
+def defer(fn: Callable[[Any], object], arg: Any) -> None:
     """Run ``fn(arg)`` once the current batch of completions is over, or now outside one.
 
     An engine completes futures in batches on one of its threads (``begin_completions`` ...
@@ -156,12 +203,12 @@ def defer(fn, arg):
         pending[(fn, arg)] = None
 
 
-def begin_completions():
+def begin_completions() -> None:
     """The calling thread starts completing a batch of futures (see ``defer``)."""
     _completing.deferred = {}
 
 
-def end_completions():
+def end_completions() -> None:
     """The batch is over: run the deferred work (and what it defers in turn)."""
     pending = _completing.deferred
     while pending:
@@ -182,7 +229,7 @@ def end_completions():
 _SAME = object()
 
 
-def forward(src, dst, result=_SAME):
+def forward(src: Future, dst: Future, result: Any = _SAME) -> None:
     """Complete ``dst`` with the outcome of the completed ``src`` (its result replaced by
     ``result`` when given and ``src`` succeeded)."""
     exc = src._exc if src._state is _DONE else src.exception()
@@ -192,7 +239,7 @@ def forward(src, dst, result=_SAME):
         dst.set_result(src._result if result is _SAME else result)
 
 
-def resolve(out, fn, *args):
+def resolve(out: Future, fn: Callable[..., Any], *args: Any) -> None:
     """Complete ``out`` with ``fn(*args)``: its value, the outcome of the Future it returns, or the
     exception it raises."""
     try:
@@ -206,7 +253,7 @@ def resolve(out, fn, *args):
         out.set_result(value)
 
 
-def then(fut, fn, *args):
+def then(fut: Future, fn: Callable[..., Any], *args: Any) -> Future:
     """A future for ``fn(*args)`` (a value or a Future), run once ``fut`` succeeds; a failure of
     ``fut`` passes through and ``fn`` never runs."""
     out = Future()
@@ -221,7 +268,7 @@ def then(fut, fn, *args):
     return out
 
 
-def settle(fut, fn):
+def settle(fut: Future, fn: Callable[[Future], Any]) -> Future:
     """A future for ``fn(fut)`` run once ``fut`` completes, succeeded or not (``fn`` may recover
     from the failure, or re-raise it)."""
     out = Future()
@@ -229,7 +276,7 @@ def settle(fut, fn):
     return out
 
 
-def followed_by(fut, fn, result=_SAME):
+def followed_by(fut: Future, fn: Callable[[], Future], result: Any = _SAME) -> Future:
     """Once ``fut`` succeeds, start ``fn()`` (a Future, e.g. a flush); complete with ``fut``'s
     result (or ``result``) when that is done too. Write-then-flush for FUA."""
     out = Future()
@@ -250,7 +297,7 @@ def followed_by(fut, fn, result=_SAME):
     return out
 
 
-def join(futures, result=_SAME):
+def join(futures: Sequence[Future], result: Any = _SAME) -> Future:
     """One future for several: the first failure wins; otherwise ``result``, or by default the
     sum of the (integer) results. A single future is returned as it is when ``result`` is not
     given."""

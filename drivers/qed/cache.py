@@ -42,7 +42,7 @@ entries whose ``table`` is final (not ``LOADING``). Use stamps are approximate u
 costs at most an imperfect eviction choice.
 
 Above the cache, the driver remembers the host offsets of allocated clusters it found through
-``peek`` (``QedDriver._hosts``, bounded on its own): a hit never reaches the cache, so a table
+``peek`` (``QedState.hosts``, bounded on its own): a hit never reaches the cache, so a table
 whose clusters are all remembered ages here as if unused. Evicting it costs a reload only if a
 request needs the table itself (an allocation in it, a cluster not yet remembered).
 """

@@ -12,12 +12,22 @@ must zero, and the leaked clusters. Differences from QEMU (``reference/qed-forma
 Like QEMU: an invalid L1 or L2 entry is a corruption that repair zeroes (an L1 entry of 1 is
 invalid); a cluster referenced twice is a corruption repair cannot fix; a table whose clusters are
 already used is not descended; a table that fails to read is a check error.
+
+``check_image`` runs a scan over an open image (``state.QedState``) and, asked to, the repair.
+Contract: it runs on the caller's thread with no request in flight (the driver drains them
+first, and open runs it before any request), blocks on I/O, and takes ``QedState.lock`` only to
+drop the cached tables it rewrote. Write ordering: the need-check bit is set and flushed before
+the first table is rewritten, so a crash during repair leads to another repair; zeroed entries
+and moved clusters are flushed before the file is truncated; the bit is cleared (and flushed)
+only once a final scan finds no corruption.
 """
 
 from __future__ import annotations
 
+import errno
 from dataclasses import dataclass, field
 
+from . import compact
 from .format import ZERO_CLUSTER, Geometry
 
 
@@ -128,3 +138,71 @@ def leak_ranges(leaked, nclusters):
     if runs and runs[-1][0] + runs[-1][1] == nclusters:
         trailing = runs.pop()[0]
     return trailing, [tuple(r) for r in runs]
+
+
+def check_image(st, repair, needcheck, growth):
+    """qemu-img check's counters for the open image ``st`` (``Scan.as_dict``). With ``repair`` on
+    a read-write image: zero invalid entries, reclaim leaked clusters (fill interior ones from
+    the end of the file, truncate, punch holes for any left), clear need-check. ``needcheck`` and
+    ``growth`` are the image's ``needcheck.NeedCheck`` and ``growth.Growth``."""
+    geo = st.geo
+    h = st.header
+    s = scan(geo, h.l1_table_offset, h.image_size, st.l1, st.tio.read, st.file_size)
+    if not repair or st.read_only:
+        return s.as_dict(st.path)
+    corruptions_fixed = leaks_fixed = 0
+    if s.l1_fixes or s.l2_fixes:
+        needcheck.set_now()
+    for l2off, idxs in s.l2_fixes.items():
+        table = st.tio.read(l2off)
+        for i in idxs:
+            table[i] = 0
+        st.tio.write_whole(l2off, table, "L2_REPAIR")
+        corruptions_fixed += len(idxs)
+    if s.l1_fixes:
+        for i in s.l1_fixes:
+            st.l1[i] = 0
+        st.tio.write_whole(h.l1_table_offset, st.l1, "L1_REPAIR")
+        corruptions_fixed += len(s.l1_fixes)
+    with st.lock:
+        st.forget_hosts()
+    found = s
+    leaks_found = s.leaks
+    if s.leaked and s.corruptions == s.fixable:
+        # Fill interior leaks with the clusters at the end of the file (compact.py), so that
+        # nothing but a truncation is left to do.
+        needcheck.set_now()
+        compact.execute(st, s.leaked)
+        s = scan(geo, h.l1_table_offset, h.image_size, st.l1, st.tio.read, st.file_size)
+        if s.leaked and s.corruptions == s.fixable:  # holes no whole table fits in (reclaim.py)
+            from . import reclaim
+
+            reclaim.repair(st, growth)
+            h = st.header
+            s = scan(geo, h.l1_table_offset, h.image_size, st.l1, st.tio.read, st.file_size)
+    nclusters = st.file_size // geo.cluster_size
+    trailing, interior = leak_ranges(s.leaked, nclusters)
+    for start, count in interior:
+        try:
+            st.f.discard(start * geo.cluster_size, count * geo.cluster_size)
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.ENOTSUP):
+                raise
+    if trailing is not None:
+        st.f.flush()
+        st.file_size = trailing * geo.cluster_size
+        growth.cut(st.file_size)
+    st.f.flush()
+    leaks_fixed = leaks_found - sum(n for _, n in interior)  # punched ones stay leaks
+    if corruptions_fixed or leaks_fixed:
+        # double-check, as qemu-img does after a repair
+        after = scan(geo, h.l1_table_offset, h.image_size, st.l1, st.tio.read, st.file_size)
+    else:
+        after = s
+    if after.corruptions == 0 and after.check_errors == 0:
+        st.damaged = False
+        needcheck.clear_now()
+    result = after.as_dict(st.path, corruptions_fixed, leaks_fixed)
+    result["corruptions-found"] = found.corruptions
+    result["leaks-found"] = found.leaks
+    return result

@@ -17,11 +17,18 @@ lowest leak it returns the moves. The driver executes them in a crash-safe order
 
 A crash between steps leaves either the old or the new pointer, each to complete data; the
 need-check bit stays set during repair, so the next open repairs again.
+
+``execute`` carries out steps 1-4 on an open image (``state.QedState``); the repair in
+``check.py`` truncates afterwards. Contract: it runs on the repairing thread with no request in
+flight and the need-check bit already durable, blocks on I/O, and takes ``QedState.lock`` only
+to drop the cached tables it rewrote.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+from .format import ZERO_CLUSTER
 
 
 @dataclass
@@ -106,3 +113,53 @@ def _free_run(free, free_set, length, below):
         if run_len == length:
             return run_start
     return None
+
+
+def execute(st, leaked):
+    """Move clusters from the end of the image file into the ``leaked`` ones (sorted cluster
+    indexes), in the crash-safe order of the module docstring."""
+    geo = st.geo
+    cs = geo.cluster_size
+    lowest = leaked[0]
+    owners = {}
+    for l1i, l2off in enumerate(st.l1):
+        if not l2off:
+            continue
+        first = l2off // cs
+        if first + geo.table_size > lowest:
+            for k in range(geo.table_size):
+                owners[first + k] = ("table", l1i, first)
+        for l2i, entry in enumerate(st.tio.read(l2off)):
+            if entry > ZERO_CLUSTER and entry // cs >= lowest:
+                owners[entry // cs] = ("data", l2off, l2i)
+    moves = plan(leaked, st.file_size // cs, geo.table_size, owners.get)
+    if not moves.data and not moves.tables:
+        return
+    f = st.f
+    if moves.data:
+        buf = f.alloc(cs)
+        for src, dst, _, _ in moves.data:
+            f.pread(buf, src * cs)
+            f.pwrite(buf, dst * cs)
+        f.flush()
+        by_table = {}
+        for _, dst, l2off, l2i in moves.data:
+            by_table.setdefault(l2off, []).append((l2i, dst * cs))
+        for l2off, items in by_table.items():
+            table = st.tio.read(l2off)
+            for l2i, new in items:
+                table[l2i] = new
+            st.tio.write_whole(l2off, table, "L2_REPAIR")
+        f.flush()
+    if moves.tables:
+        buf = f.alloc(geo.table_bytes)
+        for src, dst, _ in moves.tables:
+            f.pread(buf, src * cs)
+            f.pwrite(buf, dst * cs)
+        f.flush()
+        for _, dst, l1i in moves.tables:
+            st.l1[l1i] = dst * cs
+        st.tio.write_whole(st.header.l1_table_offset, st.l1, "L1_REPAIR")
+        f.flush()
+    with st.lock:
+        st.forget_hosts()

@@ -251,12 +251,15 @@ def validate(data, file_length: int, path=None) -> Header:
     return h
 
 
-def backing_name(h: Header, header_area) -> str | None:
-    """The backing file name stored in ``header_area`` (bytes from file offset 0), or None."""
+def backing_name(h: Header, header_area, path=None) -> str | None:
+    """The backing file name stored in ``header_area`` (bytes from file offset 0), or None. A
+    name with a NUL byte names no file (the host refuses such paths): ``ImageError``."""
     if not h.features & F_BACKING_FILE:
         return None
     start = h.backing_filename_offset
     raw = bytes(header_area[start : start + h.backing_filename_size])
+    if b"\0" in raw:
+        raise _bad(path, "backing_filename", "QED backing filename contains a NUL byte")
     return raw.decode("utf-8", "surrogateescape")
 
 

@@ -190,27 +190,26 @@ def _move_data(w, cs, ts, entries, l1, l2, data, moves) -> int:
     return len(moves)
 
 
-def repair(drv):
-    """Reclaim inside an open QED driver's repair (need-check set, nothing in flight): compact,
-    then reload what the driver keeps of the header and the L1. Returns the clusters moved."""
-    from .cache import CLEAN, Entry
-
-    if drv.header.header_size != 1:
+def repair(st, growth):
+    """Reclaim inside an open image's repair (``check.check_image``; need-check set, nothing in
+    flight): compact, then reload what ``st`` (the ``QedState``) keeps of the header and the L1,
+    and tell ``growth`` the file's new length. Returns the clusters moved."""
+    if st.header.header_size != 1:
         return 0
-    w = Writer(drv.f)
+    w = Writer(st.f)
     moved, _ = reclaim_file(w, clear_need_check=False)
     head = w.read(0, fmt.HEADER_SIZE)
-    length = drv.f.size
+    length = st.f.size
     h = fmt.Header.unpack(head)
-    drv.header = h
-    drv.l1 = drv.tio.read(h.l1_table_offset)
-    drv.l1_entry = Entry(h.l1_table_offset, CLEAN)
-    drv.l1_entry.table = drv.l1
-    drv.file_size = drv.geo.round_down_to_cluster(length)
-    drv._file_length = length
-    if drv._head_area is not None:
-        drv._head_area[: fmt.HEADER_SIZE] = head
-    with drv.lock:
-        drv.cache.clear()
-        drv._hosts.clear()
+    with st.header_lock:
+        st.header = h
+        if st.head_area is not None:
+            st.head_area[: fmt.HEADER_SIZE] = head
+    st.l1[:] = st.tio.read(h.l1_table_offset)  # the same array, as QedState promises
+    st.l1_entry.offset = h.l1_table_offset
+    st.file_size = st.geo.round_down_to_cluster(length)
+    with growth.lock:
+        growth.file_length = length
+    with st.lock:
+        st.forget_hosts()
     return moved

@@ -63,7 +63,7 @@ def encode_slice(table, first: int, last: int, align: int, overlay=None) -> tupl
 class TableIO:
     """Reads tables and writes whole ones through the image's HostFile (blocking: pool threads,
     open and repair). Slice updates on the request path are submitted by the driver's table
-    writer (driver.py ``_write_batch``) with ``encode_slice``."""
+    writer (``writer.TableWriter``) with ``encode_slice``."""
 
     def __init__(self, hostfile, table_bytes: int, align: int, events=None):
         self.f = hostfile

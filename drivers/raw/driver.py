@@ -57,7 +57,7 @@ class RawDriver(BlockDriver):
         self._cache = options.cache
         self._unsafe = options.cache == "unsafe"
         # a character device takes neither holes nor zero ranges, nor knows where its data is
-        self._char_device = stat.S_ISCHR(os.fstat(f.fd).st_mode)
+        self._char_device = f.fd >= 0 and stat.S_ISCHR(os.fstat(f.fd).st_mode)  # fd -1: NBD
         self._unsafe = self._unsafe or self._char_device  # nothing to flush
         self._punch = not self._char_device  # False once the host said it cannot punch holes
         self._zero_range = not self._char_device  # False once the host said it cannot zero ranges
@@ -132,18 +132,18 @@ class RawDriver(BlockDriver):
 
     @classmethod
     def open(cls, path, options):
-        from vblock.hostio import HostFile
+        from vblock.hostio import open_host_file
 
         if not path:
             raise FileNotFoundError(errno.ENOENT, "raw images need a path", path)
         direct = options.cache == "none"
         engine = options.aio
-        f = HostFile(path, direct=direct, engine=engine, read_only=options.read_only)
+        f = open_host_file(path, direct=direct, engine=engine, read_only=options.read_only)
         if f.direct and f.size % f.alignment and not f.is_block_device:
             _log.warning("%s: size %d is not a multiple of the O_DIRECT alignment %d; using the page cache",
                          path, f.size, f.alignment)
             f.close()
-            f = HostFile(path, direct=False, engine=engine, read_only=options.read_only)
+            f = open_host_file(path, direct=False, engine=engine, read_only=options.read_only)
         return cls(path, f, options)
 
     # -- I/O ------------------------------------------------------------------------------------

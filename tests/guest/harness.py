@@ -1,3 +1,3 @@
-"""The VM machinery lives in ``vblock.bench.guest`` (the guest benchmark uses it too)."""
+"""The VM machinery lives in ``vblock.testing.vm`` (the guest benchmark uses it too)."""
 
-from vblock.bench.guest import MARK, Serve, artifacts, boot, cpio, initrd_for, missing, qemu_cmd  # noqa: F401
+from vblock.testing.vm import MARK, Serve, artifacts, boot, cpio, initrd_for, missing, qemu_cmd  # noqa: F401

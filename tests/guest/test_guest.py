@@ -17,8 +17,8 @@ import subprocess
 
 import pytest
 
-import harness
-from conftest import HOST_PATTERN, HOST_PATTERN_OFFSET, MiB, image_bytes, make_disk, qemu_img_check
+from tests.guest import harness
+from tests.guest.guest_helpers import HOST_PATTERN, HOST_PATTERN_OFFSET, MiB, image_bytes, make_disk, qemu_img_check
 
 pytestmark = pytest.mark.timeout(400)  # a test boots once or twice; each QEMU run has its own timeout
 

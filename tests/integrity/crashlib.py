@@ -15,7 +15,7 @@ import random
 import struct
 
 import vblock
-from qed_layout import referenced_bytes
+from tests.integrity.qed_layout import referenced_bytes
 from vblock.testing import faults
 
 SECTOR = 512

@@ -7,7 +7,7 @@ import random
 import pytest
 
 import vblock
-from qed_layout import referenced_bytes
+from tests.integrity.qed_layout import referenced_bytes
 from vblock.testing import faults
 
 CYCLES = 200

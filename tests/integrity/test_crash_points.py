@@ -5,7 +5,7 @@ import random
 
 import pytest
 
-from crashlib import count_write_points, crash_and_recover
+from tests.integrity.crashlib import count_write_points, crash_and_recover
 
 MiB = 1 << 20
 SIZE = 8 * MiB  # 4 KiB clusters, table_size 1: each L2 table maps 2 MiB

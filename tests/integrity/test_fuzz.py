@@ -1,5 +1,5 @@
-"""Bounded coverage-guided fuzzing of the hostile inputs (QED and qcow2 files, virtqueue contents), and
-replay of every input that ever found a bug."""
+"""Bounded coverage-guided fuzzing of the hostile inputs (QED and qcow2 files, virtqueue contents,
+NBD bytes), and replay of every input that ever found a bug."""
 
 import os
 import pathlib

@@ -8,7 +8,7 @@ import errno
 import pytest
 
 import vblock
-from crashlib import identify, pattern
+from tests.integrity.crashlib import identify, pattern
 from vblock.testing import faults
 from vblock.virtio import GuestMemory, VirtioBlk, VirtioMmio
 from vblock.virtio import spec as S

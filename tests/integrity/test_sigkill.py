@@ -10,10 +10,10 @@ import sys
 import pytest
 
 import vblock
-from crashlib import identify
-from writer import SIZE, plan
+from tests.integrity.crashlib import identify
+from tests.integrity.writer import SIZE, plan
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 KILLS = 50
 
 
@@ -25,9 +25,9 @@ def test_sigkill_50_times(scratch):
     # sector -> set of write ids it may hold; starts as zeros (id 0)
     history = []  # (seed, flushed count, total attempted lower bound)
     for run in range(1, KILLS + 1):
-        proc = subprocess.Popen([sys.executable, os.path.join(HERE, "writer.py"), path, str(run)],
-                                stdout=subprocess.PIPE, text=True, cwd=HERE,
-                                env={**os.environ, "PYTHONPATH": HERE})
+        proc = subprocess.Popen([sys.executable, "-m", "tests.integrity.writer", path, str(run)],
+                                stdout=subprocess.PIPE, text=True, cwd=ROOT,
+                                env={**os.environ, "PYTHONPATH": ROOT})
         flushed = 0
         wanted = rng.randint(0, 12)  # kill after this many flush reports (0: right after start-up)
         for _ in range(wanted):

@@ -6,7 +6,7 @@ import random
 import sys
 
 import vblock
-from crashlib import pattern
+from tests.integrity.crashlib import pattern
 
 SIZE = 8 << 20
 

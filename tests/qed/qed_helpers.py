@@ -5,6 +5,7 @@ import warnings
 
 import vblock
 from vblock.drivers.qed import format as fmt, tables
+from vblock.errors import QemuCompatibilityWarning
 
 KiB = 1024
 MiB = 1 << 20
@@ -14,7 +15,7 @@ def create(path, size, **opts):
     """Create a QED image and return it open (read-write); QEMU-compatibility warnings about
     table sizes are expected in tests and silenced here."""
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
+        warnings.simplefilter("ignore", QemuCompatibilityWarning)
         return vblock.create_image(str(path), "qed", size, **opts)
 
 

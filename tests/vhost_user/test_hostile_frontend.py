@@ -28,8 +28,7 @@ from vblock.vhost_user import protocol as P
 from vblock.vhost_user.protocol import Req
 from vblock.vhost_user.server import Server
 
-sys.path.insert(0, os.path.dirname(__file__))
-from frontend import (  # noqa: E402
+from tests.vhost_user.frontend import (
     LINUX_FEATURES,
     RAM_BYTES,
     T_IN,
@@ -198,6 +197,7 @@ class ServeProcess:
             self.proc.wait()
             raise AssertionError(f"vblock serve ignored {sig!r}: {''.join(self.log)}") from None
         self._drain.join(WAIT)
+        self.proc.stderr.close()
         assert code == 0, "".join(self.log)
         assert not os.path.exists(self.sock_path)
 
@@ -205,6 +205,8 @@ class ServeProcess:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
+        self._drain.join(WAIT)
+        self.proc.stderr.close()
 
 
 @pytest.fixture

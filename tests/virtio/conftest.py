@@ -2,7 +2,7 @@
 
 import pytest
 
-from virtio_helpers import FakeImage, Stack
+from tests.virtio.virtio_helpers import FakeImage, Stack
 
 
 @pytest.fixture

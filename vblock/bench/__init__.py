@@ -20,7 +20,7 @@ import tempfile
 import threading
 import time
 
-NAMES = ("host", "block", "qed", "virtio")
+NAMES = ("host", "block", "qed", "virtio", "nbd")
 
 
 @dataclasses.dataclass

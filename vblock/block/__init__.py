@@ -10,8 +10,14 @@ ram = vblock.open_image(None, format="memory", size=64 << 20)   # a RAM disk (no
 
 ``Image`` (``image.py``) checks requests and bounces unaligned ones; the driver operation table and
 its guarantees are in ``interface.py``; drivers are found through ``registry.py``, file formats
-recognised by their magic through ``probe.py`` (which knows formats no driver serves), and backing
-chains opened for the drivers by ``backing.py``.
+recognised by their magic through ``probe.py`` (which knows formats no driver serves), backing
+chains opened for the drivers by ``backing.py``, and one image copied into another by
+``convert.py`` (the engine of ``vblock convert``).
+
+NBD. ``path`` may be an NBD URI (``nbd+unix:///EXPORT?socket=PATH``, ``nbd://HOST:PORT/EXPORT``):
+the driver's host file is then a connection to the export (``vblock.nbd.client``). Such images
+are raw unless a format is given; other formats open only read-only; no image locks are taken
+(there is no local file to lock: the server guards its image).
 
 Image locks. Every open of an image that lives in a file (regular file, block or character
 device; not memory or null images) takes QEMU-compatible locks on it (the bytes and the fcntl
@@ -55,7 +61,7 @@ from vblock.block.interface import (
     Run,
 )
 from vblock.block.registry import available, get_driver, probe_format, register
-from vblock.errors import UnknownFormatError, UnknownOptionError
+from vblock.errors import UnknownFormatError, UnknownOptionError, UnsupportedError
 from vblock.hostio.lock import (
     LOCKING_MODES,
     PERM_ALL,
@@ -64,6 +70,7 @@ from vblock.hostio.lock import (
     PERM_WRITE,
     ImageLock,
 )
+from vblock.nbd.uri import is_nbd_uri
 
 __all__ = [
     "DATA",
@@ -117,8 +124,9 @@ def lock_permissions(read_only: bool, force_share: bool = False) -> tuple:
 
 
 def _lock(cls, path, read_only: bool, force_share: bool, locking: str):
-    """The ``ImageLock`` for an open of ``path`` by driver ``cls``, or None (no file, or off)."""
-    if not path or not cls.file_backed or locking == "off":
+    """The ``ImageLock`` for an open of ``path`` by driver ``cls``, or None (no file, an NBD URI,
+    or off)."""
+    if not path or not cls.file_backed or locking == "off" or is_nbd_uri(path):
         return None
     perm, shared = lock_permissions(read_only, force_share)
     return ImageLock(path, perm, shared, locking)
@@ -130,8 +138,21 @@ def _path(path):
     return os.fspath(path)
 
 
+def _nbd_format(uri, format, read_only):
+    """The format of an image on an NBD export: raw unless given (an export is a disk's bytes:
+    what a server exports is already the guest's view). Formats other than raw need a file that
+    grows to write, which an export is not: refused for read-write opens."""
+    if format is None or format == "raw":
+        return "raw"
+    if not read_only:
+        raise UnsupportedError(f"{uri}: a {format} image on an NBD export cannot be opened "
+                               f"read-write (it needs a file that grows; an export has a fixed "
+                               f"size): open it read-only, or put a local overlay on it")
+    return format
+
+
 def open_image(
-    path,
+    path: str | os.PathLike,
     format: str | None = None,
     read_only: bool = False,
     cache: str = "none",
@@ -165,6 +186,8 @@ def open_image(
     _choice("locking", locking, LOCKING_MODES)
     lock_permissions(bool(read_only), bool(force_share))  # refuses force_share with read-write
     path = _path(path)
+    if is_nbd_uri(path):
+        format = _nbd_format(path, format, bool(read_only))
     if format is None:
         if not path:
             raise UnknownFormatError("no path and no format: give format= (e.g. 'memory')")
@@ -193,8 +216,8 @@ def open_image(
         raise
 
 
-def create_image(path, fmt: str, size: int, force_share: bool = False, locking: str = "auto",
-                 **format_options) -> Image:
+def create_image(path: str | os.PathLike | None, fmt: str, size: int, force_share: bool = False,
+                 locking: str = "auto", **format_options) -> Image:
     """Create ``path`` as an empty ``fmt`` image of ``size`` bytes (overwriting it) and return it
     open for writing (cache "none" where the host allows it, else "writeback"). Format options are
     checked against the driver's ``create_options``. A memory image with no path is a fresh RAM disk.

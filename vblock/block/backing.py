@@ -4,8 +4,8 @@ A driver whose image names a backing file does not open it itself: it calls
 ``options.open_backing(self.path, name, fmt)`` (``OpenOptions.open_backing``), which comes here
 (or to the opener an embedder put in ``OpenOptions.backing_opener``). What this opener promises:
 
-* the name is resolved as QEMU resolves it (``backing_path``): an absolute name as it is, a
-  relative one against the directory of the image that names it;
+* the name is resolved as QEMU resolves it (``backing_path``): an absolute name or an NBD URI as
+  it is, a relative one against the directory of the image that names it;
 * the backing image is opened read-only, with the parent's cache and aio modes and its image-lock
   settings (``force_share``, ``locking``), probing its format unless the parent recorded one;
 * the loop check comes before the open, so a loop is reported as a loop and not as the lock
@@ -28,6 +28,7 @@ import os
 import threading
 
 from vblock.errors import BackingFileError, ImageError
+from vblock.nbd.uri import is_nbd_uri
 
 __all__ = ["backing_path", "open_backing", "opening"]
 
@@ -35,8 +36,9 @@ _chain = threading.local()  # .paths: realpaths of the images being opened in th
 
 
 def backing_path(parent: str, name: str) -> str:
-    """Where the backing file ``name`` that image ``parent`` stores lives."""
-    if os.path.isabs(name):
+    """Where the backing file ``name`` that image ``parent`` stores lives (an NBD URI is a
+    location of its own)."""
+    if os.path.isabs(name) or is_nbd_uri(name):
         return name
     return os.path.join(os.path.dirname(parent), name)
 

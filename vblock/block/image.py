@@ -20,12 +20,18 @@ from __future__ import annotations
 import errno
 import functools
 import threading
+from typing import TYPE_CHECKING, Any
 
 from vblock.block.bounce import BufferPool, RangeLock, address_of, aligned_buffer
 from vblock.block.interface import UNALLOCATED, ZERO, OpenOptions, Run
 from vblock.errors import ReadOnlyError
 from vblock.future import Future, completed, failed, forward, join, settle
 from vblock.hostio import buffers_aligned
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from vblock.hostio.lock import ImageLock
 
 __all__ = ["Image"]
 
@@ -136,7 +142,8 @@ class Image:
     until ``close``, or None). Use ``vblock.open_image`` / ``vblock.create_image`` to make one.
     """
 
-    def __init__(self, driver, format_name: str, options: OpenOptions, lock=None):
+    def __init__(self, driver: Any, format_name: str, options: OpenOptions,
+                 lock: ImageLock | None = None) -> None:
         self.driver = driver
         self.lock = lock
         self.format = format_name
@@ -168,7 +175,7 @@ class Image:
         return self._closed
 
     @property
-    def backing(self):
+    def backing(self) -> Image | None:
         """The open backing ``Image`` or None."""
         return self.driver.backing
 
@@ -212,7 +219,7 @@ class Image:
         return _aligned_views(views, a, self._mem_align)
 
     # -- asynchronous core ----------------------------------------------------------------------
-    def submit_read(self, offset: int, buffers) -> Future:
+    def submit_read(self, offset: int, buffers: Sequence[Any]) -> Future:
         """Read ``len(buffers)`` bytes at ``offset`` into the (writable) buffers; result: bytes read."""
         views, total = _views(buffers, True)
         if type(offset) is not int or offset < 0 or offset + total > self._size or self._closed:
@@ -235,7 +242,7 @@ class Image:
                 return self._drv_read(offset, views)
         return self._bounce_read(offset, views, total)
 
-    def submit_write(self, offset: int, buffers, fua: bool = False) -> Future:
+    def submit_write(self, offset: int, buffers: Sequence[Any], fua: bool = False) -> Future:
         """Write the buffers' bytes at ``offset``; result: bytes written. ``fua``: durable on completion."""
         if self._no_data:
             self._data_writable("write")
@@ -517,10 +524,10 @@ class Image:
         self.submit_read(offset, memoryview(buf)).result()
         return bytes(buf)
 
-    def readinto(self, offset: int, buffer) -> int:
+    def readinto(self, offset: int, buffer: Any) -> int:
         return self.submit_read(offset, buffer).result()
 
-    def write(self, offset: int, data, fua: bool = False) -> None:
+    def write(self, offset: int, data: Any, fua: bool = False) -> None:
         self.submit_write(offset, data, fua).result()
 
     def write_zeroes(self, offset: int, length: int, may_unmap: bool = False) -> None:
@@ -601,7 +608,7 @@ class Image:
             d["discard"] = "ignore"
         return d
 
-    def change_backing(self, name, fmt=None) -> None:
+    def change_backing(self, name: str | None, fmt: str | None = None) -> None:
         self._writable("change_backing")
         self.driver.change_backing(name, fmt)
 

@@ -100,10 +100,10 @@ class OpenOptions:
     locking: str = "auto"  # "auto" | "on" | "off"
 
     @property
-    def direct(self):
+    def direct(self) -> bool:
         return self.cache == "none"
 
-    def open_backing(self, parent: str, name: str, fmt: str | None = None):
+    def open_backing(self, parent: str, name: str, fmt: str | None = None) -> Any:
         """The backing ``Image`` named ``name`` by the image at ``parent`` (``fmt`` as recorded
         there, None to probe), opened read-only; None when opened with ``no_backing``. Raises
         ``ImageError`` (a loop in the chain, a corrupt backing file), ``BackingFileError`` (an

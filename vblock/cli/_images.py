@@ -13,9 +13,11 @@ import logging
 import os
 
 import vblock
+from vblock.block.backing import backing_path
 from vblock.block.interface import BlockDriver
 from vblock.block.registry import available, get_driver, probe_format
 from vblock.cli.output import UsageError, parse_size
+from vblock.nbd.uri import is_nbd_uri
 
 __all__ = ["open_image", "add_force_share", "parse_options", "wants_help", "options_help", "check_format",
            "check_creatable"]
@@ -65,6 +67,9 @@ def open_image(path, fmt=None, read_only=True, cache="writeback", no_backing=Fal
     ``vblock.open_image`` locks it (``ImageLockedError`` while another process holds a conflicting
     lock); ``force_share`` is ``-U``."""
     check_format(fmt)
+    if is_nbd_uri(path):  # a network export: no file to look at, raw unless told otherwise
+        return vblock.open_image(path, format=fmt, read_only=read_only, cache=cache,
+                                 no_backing=no_backing, force_share=force_share)
     if fmt not in ("memory", "null"):
         if not os.path.exists(path):
             raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), path)
@@ -76,6 +81,11 @@ def open_image(path, fmt=None, read_only=True, cache="writeback", no_backing=Fal
         fmt = _quiet_probe(path)
     return vblock.open_image(path, format=fmt, read_only=read_only, cache=cache, no_backing=no_backing,
                              force_share=force_share)
+
+
+def backing_location(image: str, name: str) -> str:
+    """Where the backing file ``name`` given for ``image`` lives (an NBD URI as it is)."""
+    return backing_path(os.path.abspath(image), name)
 
 
 def _quiet_probe(path) -> str:

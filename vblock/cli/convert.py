@@ -23,6 +23,9 @@ kernel writes the page cache back, a crash of the host may lose part of DST), ``
 (flushed before the rename: DST is durable when the command ends), or ``none`` (O_DIRECT, then
 flushed). With ``writeback`` the destination's writeback starts every 64 MiB as the copy goes, so
 the final flush finds little left to write. ``-T`` is the source's (default ``writeback``).
+
+This module parses the command line, places the destination and reports; the copy itself is
+``vblock.block.convert``'s (its docstring states the engine's contract).
 """
 
 from __future__ import annotations
@@ -30,22 +33,16 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import threading
 import time
 
 import vblock
-from vblock.block.interface import DATA, UNALLOCATED, ZERO
+from vblock.block import convert as engine
 from vblock.cli import _destination, _images, _inplace
 from vblock.cli.output import UsageError, human_size
 from vblock.cli.progress import Progress, progress_for
 from vblock.cli.status import ExitStatus
-from vblock.hostio import alloc_buffer
-from vblock.hostio.mapping import FileMapping, zero_granules
 
-CHUNK = 2 << 20  # bytes per read request
-WRITE_BEHIND = 64 << 20  # bytes copied between two starts of the destination's writeback
-WINDOW = 1 << 30  # bytes of block status asked at a time
-DEFAULT_DEPTH = 16
+DEFAULT_DEPTH = engine.DEFAULT_DEPTH
 
 
 def add_parser(sub, common):
@@ -69,202 +66,6 @@ def add_parser(sub, common):
     _inplace.add_arguments(p)
     p.add_argument("src", metavar="SRC", nargs="?")  # SRC and DST are optional for -o help only
     p.add_argument("dst", metavar="DST", nargs="?")
-
-
-class _Copier:
-    """Reads chunks of the source and writes their non-zero parts, ``depth`` chunks in flight.
-
-    With ``mapping`` (a ``FileMapping`` of a raw source) chunks are not read into buffers: the
-    writes take views of the mapping, so each byte is copied once (page cache to page cache)."""
-
-    def __init__(self, src, dst, depth, granule, mask_zeros, task, mapping=None):
-        self.src = src
-        self.dst = dst
-        self.granule = granule  # bytes: zero detection unit (the destination's cluster)
-        self.mask_zeros = mask_zeros  # write zeros explicitly (a backing file would show through)
-        self.task = task
-        self.mapping = mapping
-        self.slots = threading.Semaphore(depth)
-        self.buffers = [] if mapping is not None else [alloc_buffer(CHUNK) for _ in range(depth)]
-        self.lock = threading.Lock()
-        self.pending = 0
-        self.idle = threading.Event()
-        self.idle.set()
-        self.error = None
-        self.copied = 0  # bytes written as data
-        self.skipped = 0  # bytes of zeros found inside data
-
-    def _fail(self, exc):
-        with self.lock:
-            if self.error is None:
-                self.error = exc
-
-    def _start(self):
-        """Take a slot (blocks while ``depth`` chunks are in flight) and a buffer if reading."""
-        self.slots.acquire()
-        if self.error is not None:
-            self.slots.release()
-            raise self.error
-        with self.lock:
-            buf = self.buffers.pop() if self.buffers else None
-            self.pending += 1
-            self.idle.clear()
-        return buf
-
-    def _finish(self, buf, nbytes, offset=None):
-        if offset is not None and self.mapping is not None:
-            self.mapping.release(offset, nbytes)
-        with self.lock:
-            if buf is not None:
-                self.buffers.append(buf)
-            self.pending -= 1
-            if self.pending == 0:
-                self.idle.set()
-        self.task.advance(nbytes)
-        self.slots.release()
-
-    def copy(self, offset, length):
-        """Queue [offset, offset+length) (at most CHUNK bytes) for copying; blocks for a slot."""
-        buf = self._start()
-        if self.mapping is not None:
-            self._write_chunk(buf, self.mapping.view(offset, length), offset, length)
-            return
-        view = buf[:length]
-        try:
-            fut = self.src.submit_read(offset, view)
-        except BaseException:
-            self._finish(buf, 0)
-            raise
-        fut.add_done_callback(lambda f: self._read_done(f, buf, view, offset, length))
-
-    def zeroes(self, offset, length):
-        """Write zeros over [offset, offset+length) (only when masking a backing file)."""
-        buf = self._start()
-        try:
-            fut = self.dst.submit_write_zeroes(offset, length)
-        except BaseException:
-            self._finish(buf, 0)
-            raise
-        fut.add_done_callback(lambda f: self._written(f, buf, length))
-
-    def _read_done(self, fut, buf, view, offset, length):
-        exc = fut.exception()
-        if exc is not None:
-            self._fail(exc)
-            self._finish(buf, length)
-            return
-        self._write_chunk(buf, view, offset, length)
-
-    def _write_chunk(self, buf, view, offset, length):
-        """Write the chunk's data; the slot (and ``buf``) are given back when every write is done."""
-        try:
-            futs = self._write_parts(view, offset, length)
-        except BaseException as exc:
-            self._fail(exc)
-            self._finish(buf, length, offset)
-            return
-        if not futs:
-            self._finish(buf, length, offset)
-            return
-        state = [len(futs)]
-        lock = threading.Lock()
-
-        def one(f):
-            exc = f.exception()
-            if exc is not None:
-                self._fail(exc)
-            with lock:
-                state[0] -= 1
-                last = state[0] == 0
-            if last:
-                self._finish(buf, length, offset)
-
-        for f in futs:
-            f.add_done_callback(one)
-
-    def _written(self, fut, buf, length):
-        exc = fut.exception()
-        if exc is not None:
-            self._fail(exc)
-        self._finish(buf, length)
-
-    def _write_parts(self, view, offset, length):
-        """Submit writes for the non-zero granules of ``view`` (and write-zeroes for the zero ones
-        when masking); returns the futures."""
-        g = self.granule
-        copied = skipped = 0
-        futs = []
-        start = None  # start of the current non-zero stretch (relative)
-        zstart = None
-        pos = 0
-        for is_zero in zero_granules(view, g):
-            n = min(g, length - pos)
-            if is_zero:
-                if start is not None:
-                    futs.append(self.dst.submit_write(offset + start, view[start:pos]))
-                    copied += pos - start
-                    start = None
-                if zstart is None:
-                    zstart = pos
-                skipped += n
-            else:
-                if zstart is not None:
-                    if self.mask_zeros:
-                        futs.append(self.dst.submit_write_zeroes(offset + zstart, pos - zstart))
-                    zstart = None
-                if start is None:
-                    start = pos
-            pos += n
-        if start is not None:
-            futs.append(self.dst.submit_write(offset + start, view[start:length]))
-            copied += length - start
-        if zstart is not None and self.mask_zeros:
-            futs.append(self.dst.submit_write_zeroes(offset + zstart, length - zstart))
-        with self.lock:
-            self.copied += copied
-            self.skipped += skipped
-        return futs
-
-    def wait(self):
-        self.idle.wait()
-        if self.error is not None:
-            raise self.error
-
-
-def _plan(src, keep_backing, zero_init=True):
-    """Yield (offset, length, kind) runs to copy: kind DATA (read and copy) or ZERO (write zeros).
-    With ``keep_backing`` only the top layer is read and its ZERO runs are written (they hide the
-    backing file). Otherwise the whole chain is flattened, and its zeros are written only where the
-    destination does not read as zeros already (``zero_init`` False: a device, ``-n``)."""
-    size = src.size
-    pos = 0
-    while pos < size:
-        n = min(WINDOW, size - pos)
-        runs = src.driver.block_status(pos, n) if keep_backing else src.block_status(pos, n)
-        for r in runs:
-            if r.kind == DATA:
-                yield r.offset, r.length, DATA
-            elif r.kind == ZERO and (keep_backing or not zero_init):
-                yield r.offset, r.length, ZERO
-            elif r.kind == UNALLOCATED and not keep_backing and not zero_init:
-                yield r.offset, r.length, ZERO
-            else:
-                assert r.kind in (ZERO, UNALLOCATED)
-        pos += n
-
-
-def _mapping_of(src):
-    """A ``FileMapping`` of ``src`` when it is a raw regular file read through the page cache (its
-    bytes can then be written out without a read copy), else None."""
-    if src.format != "raw" or src.size == 0:
-        return None
-    f = src.driver.hostfile
-    if f.direct or f.is_block_device:
-        return None
-    try:
-        return FileMapping(f.path, src.size)
-    except OSError:
-        return None  # a file system that cannot map: read it instead
 
 
 def convert(src_path, dst_path, out_fmt, *, fmt=None, options=None, backing=None, backing_fmt=None,
@@ -309,37 +110,17 @@ def convert(src_path, dst_path, out_fmt, *, fmt=None, options=None, backing=None
                 if dst.size < src.size:  # -n (a device too small was refused at create)
                     raise ValueError(f"convert: {dst_path} is smaller ({dst.size} bytes) than the source "
                                      f"({src.size} bytes)")
-                granule = dst.info().get("cluster-size") or 4096
-                plan = list(_plan(src, bool(backing), dest.zero_init))
-                total = sum(n for _, n, _ in plan)
-                task = (progress or Progress()).task(f"converting {os.path.basename(src_path)}", total=total,
-                                                     unit="bytes")
-                mask = bool(backing) or not dest.zero_init  # zeros inside data are written too
-                copier = _Copier(src, dst, depth, granule, mask, task, _mapping_of(src))
-                # With -t writeback the copy ends in a flush: writing back as the copy goes keeps
-                # the disk busy meanwhile, instead of leaving all of it to that flush (converting
-                # 1 GiB: 0.9-2.3 s -> 0.6-0.85 s here; qemu-img -t writeback 0.92-0.97 s).
-                behind = WRITE_BEHIND if cache == "writeback" else None
-                since = 0
-                for off, length, kind in plan:
-                    end = off + length
-                    while off < end:
-                        n = min(CHUNK - off % CHUNK, end - off)
-                        if kind == DATA:
-                            copier.copy(off, n)
-                        else:
-                            copier.zeroes(off, n)
-                        off += n
-                        since += n
-                        if behind is not None and since >= behind:
-                            dst.start_writeback()
-                            since = 0
-                copier.wait()
-                if cache != "unsafe":
-                    dst.flush()
+
+                def track(total):  # the progress task, sized once the copy is planned
+                    task = (progress or Progress()).task(f"converting {os.path.basename(src_path)}",
+                                                         total=total, unit="bytes")
+                    return task.advance
+
+                stats = engine.convert(src, dst, keep_backing=bool(backing), zero_init=dest.zero_init,
+                                       depth=depth, progress=track)
             finally:
                 dst.close()
-    return {"size": size, "data": total, "copied": copier.copied, "zero-skipped": copier.skipped,
+    return {"size": size, "data": stats.planned, "copied": stats.copied, "zero-skipped": stats.zero_skipped,
             "seconds": time.perf_counter() - t0}
 
 

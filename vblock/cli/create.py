@@ -46,7 +46,7 @@ def run(args, env):
         raise UsageError("create: -F needs a backing file (-b)")
     size = parse_size(args.size) if args.size is not None else None
     if backing:
-        where = backing if os.path.isabs(backing) else os.path.join(os.path.dirname(os.path.abspath(args.file)), backing)
+        where = _images.backing_location(args.file, backing)
         with _images.open_image(where, backing_fmt) as b:
             backing_fmt = backing_fmt or b.format
             if size is None:

@@ -15,6 +15,7 @@ import time
 from vblock.cli import _images
 from vblock.cli.output import dump_json, human_size
 from vblock.cli.status import ExitStatus
+from vblock.nbd.uri import is_nbd_uri
 
 _QED_DIRTY_BYTE = 16  # features (u64 LE) at offset 16; QED_F_NEED_CHECK = 0x02
 _QED_F_NEED_CHECK = 0x02
@@ -44,7 +45,7 @@ def describe(img, filename) -> dict:
         d["cluster-size"] = raw["cluster-size"]
     if raw.get("actual-size") is not None:
         d["actual-size"] = raw["actual-size"]
-    elif img.path:
+    elif img.path and not is_nbd_uri(img.path):
         d["actual-size"] = os.stat(img.path).st_blocks * 512
     if "backing-filename" in raw:
         d["backing-filename"] = raw["backing-filename"]

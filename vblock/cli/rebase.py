@@ -13,6 +13,7 @@ import os
 from vblock.cli import _images
 from vblock.cli.output import UsageError
 from vblock.cli.status import ExitStatus
+from vblock.nbd.uri import is_nbd_uri
 
 
 def add_parser(sub, common):
@@ -32,11 +33,11 @@ def run(args, env):
     new = args.backing or None
     fmt = args.backing_fmt
     if new is not None:
-        where = new if os.path.isabs(new) else os.path.join(os.path.dirname(os.path.abspath(args.file)), new)
+        where = _images.backing_location(args.file, new)
         if fmt is None:  # probe now, so a raw backing file is recorded as raw (never probed again)
             with _images.open_image(where, no_backing=True) as b:
                 fmt = b.format
-        elif not os.path.exists(where):
+        elif not os.path.exists(where) and not is_nbd_uri(where):
             raise FileNotFoundError(2, "No such file or directory", where)
     # Only the header changes: the old backing file is never opened (it may be missing, which is
     # often why the image is rebased), nor the new one's chain.

@@ -4,7 +4,7 @@
 The main job: N queues x D requests in flight of random reads, writes, flushes, discards and
 write-zeroes through virtio-blk queues over a QED image made in a temporary directory (removed
 afterwards unless ``--keep``), or over the existing ``--image`` (never created). Every written sector is stamped and every read
-checked against a model of what may be there (``vblock.stress`` explains it); the image is then
+checked against a model of what may be there (``vblock.testing.stress`` explains it); the image is then
 reopened, re-read and checked. Exit 0 only when every read matched, every request succeeded and
 the check is clean: 2 on a data mismatch or a failed request (named with the host's errno, e.g.
 ENOSPC), the check's code (2 corruptions, 3 leaks) otherwise.
@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 
-from vblock import stress as engine
+from vblock.testing import stress as engine
 from vblock.cli import _images
 from vblock.cli.output import UsageError, human_size, parse_size, table
 from vblock.cli.progress import progress_for

@@ -73,7 +73,7 @@ _probe_lock = threading.Lock()
 _probe_result = None  # None until probed; then 0 or -errno
 
 
-def uring_available():
+def uring_available() -> int:
     """0 if io_uring works in this process (probed once), else the negative errno it failed with."""
     global _probe_result
     with _probe_lock:
@@ -145,7 +145,7 @@ def worker_cpus():
     return cpus if len(cpus) > 1 else []
 
 
-def resolve_engine(engine):
+def resolve_engine(engine: str) -> str:
     """The concrete engine name for ``engine`` ("auto" | "io_uring" | "threads")."""
     if engine not in ENGINES:
         raise ValueError(f"unknown engine {engine!r}: expected one of {', '.join(ENGINES)}")

@@ -19,9 +19,15 @@ import contextlib
 import logging
 import mmap
 import os
+from typing import TYPE_CHECKING, Any
 
 from ._binding import EBADF, EINVAL, ENXIO, check, ffi, host_error, lib
 from .engine import Engine, resolve_engine
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator, Sequence
+
+    from vblock.future import Future
 
 _log = logging.getLogger("vblock.hostio")
 
@@ -30,7 +36,7 @@ SEEK_DATA = lib.VBIO_SEEK_DATA
 SEEK_HOLE = lib.VBIO_SEEK_HOLE
 
 
-def alloc_buffer(length, alignment=PAGE):
+def alloc_buffer(length: int, alignment: int = PAGE) -> memoryview:
     """A zero-filled, ``alignment``-aligned, writable ``memoryview`` (format ``'B'``) of ``length``
     bytes, freed when the last reference to it goes away.
 
@@ -46,7 +52,7 @@ def alloc_buffer(length, alignment=PAGE):
     return m[skip:skip + length]
 
 
-def address_of(cbuf):
+def address_of(cbuf: Any) -> int:
     """Address of a ``ffi.from_buffer`` cdata, as an int."""
     return int(ffi.cast("uintptr_t", cbuf))
 
@@ -57,13 +63,13 @@ _CHAR_ARRAY = ffi.typeof("char[]")  # ctype objects: no type parsing per call
 _UINTPTR = ffi.typeof("uintptr_t")
 
 
-def buffer_address(view):
+def buffer_address(view: Any) -> int:
     """The address of the first byte of a contiguous buffer (read-only buffers included), for
     alignment decisions above this layer."""
     return int(_cast(_UINTPTR, _from_buffer(_CHAR_ARRAY, view, False)))
 
 
-def buffers_aligned(views, align, mem_align):
+def buffers_aligned(views: Sequence[Any], align: int, mem_align: int) -> bool:
     """Whether every buffer's length is a multiple of ``align`` and its address a multiple of
     ``mem_align``, checked by one native call (for requests of many buffers; one buffer is as
     cheap with ``buffer_address``)."""
@@ -84,7 +90,8 @@ class HostFile:
         threads: worker threads of the thread engine (requests it can run at once).
     """
 
-    def __init__(self, path, direct=True, engine="auto", read_only=False, create=False, threads=16):
+    def __init__(self, path: str | os.PathLike, direct: bool = True, engine: str = "auto",
+                 read_only: bool = False, create: bool = False, threads: int = 16) -> None:
         if direct not in (True, False, "try"):
             raise ValueError(f"direct must be True, False or 'try', got {direct!r}")
         self.path = os.fsdecode(path)
@@ -126,26 +133,26 @@ class HostFile:
 
     # -- properties -------------------------------------------------------------------------------
     @property
-    def engine(self):
+    def engine(self) -> str:
         """The engine serving this file: "io_uring" or "threads"."""
         return self._engine.kind
 
     @property
-    def fd(self):
+    def fd(self) -> int:
         return self._fd
 
     @property
-    def closed(self):
+    def closed(self) -> bool:
         return self._fd < 0
 
     @property
-    def size(self):
+    def size(self) -> int:
         """Current length of the file (or block device) in bytes."""
         out = ffi.new("int64_t *")
         check(lib.vbio_size(self._live_fd("stat"), out), "stat", self.path)
         return int(out[0])
 
-    def alloc(self, length):
+    def alloc(self, length: int) -> memoryview:
         """A zeroed buffer aligned for this file's direct I/O (page-aligned)."""
         return alloc_buffer(length, max(PAGE, self.mem_alignment))
 
@@ -186,18 +193,18 @@ class HostFile:
         return None
 
     # -- synchronous I/O --------------------------------------------------------------------------
-    def pread(self, buf, offset):
+    def pread(self, buf: Any, offset: int) -> int:
         """Read ``len(buf)`` bytes at ``offset`` into ``buf``; returns the count, short only at EOF."""
         return self.preadv([buf], offset)
 
-    def pwrite(self, buf, offset):
+    def pwrite(self, buf: Any, offset: int) -> int:
         """Write all of ``buf`` at ``offset``; returns the count."""
         return self.pwritev([buf], offset)
 
-    def preadv(self, buffers, offset):
+    def preadv(self, buffers: Sequence[Any], offset: int) -> int:
         return check(self._sync_rw(lib.vbio_preadv, buffers, True, offset, "read"), "read", self.path, offset)
 
-    def pwritev(self, buffers, offset):
+    def pwritev(self, buffers: Sequence[Any], offset: int) -> int:
         return check(self._sync_rw(lib.vbio_pwritev, buffers, False, offset, "write"), "write", self.path, offset)
 
     def _sync_rw(self, fn, buffers, writable, offset, op):
@@ -218,11 +225,11 @@ class HostFile:
             iov[i].iov_len = len(c)
         return iov
 
-    def flush(self):
+    def flush(self) -> None:
         """fdatasync: everything written before this call is durable when it returns."""
         check(lib.vbio_fdatasync(self._live_fd("flush")), "flush", self.path)
 
-    def start_writeback(self, offset=0, length=0):
+    def start_writeback(self, offset: int = 0, length: int = 0) -> None:
         """Start writing the page cache's dirty pages of [offset, offset+length) (length 0: to the
         end of the file) to the device, without waiting for them: a later ``flush`` has that much
         less to do. Not a durability promise; nothing to do for an O_DIRECT file."""
@@ -232,17 +239,17 @@ class HostFile:
         if not self.direct:
             check(lib.vbio_start_writeback(fd, offset, length), "start writeback", self.path, offset)
 
-    def discard(self, offset, length):
+    def discard(self, offset: int, length: int) -> None:
         """Punch a hole (keeping the size): the range reads zeros and its space returns to the
         file system. ``OSError(EOPNOTSUPP)`` where the file system cannot."""
         self._fallocate(lib.VBIO_FALLOC_PUNCH_HOLE | lib.VBIO_FALLOC_KEEP_SIZE, offset, length, "discard")
 
-    def zero_range(self, offset, length, unmap=False):
+    def zero_range(self, offset: int, length: int, unmap: bool = False) -> None:
         """Make the range read zeros: FALLOC_FL_ZERO_RANGE, or a punched hole with ``unmap``."""
         mode = (lib.VBIO_FALLOC_PUNCH_HOLE | lib.VBIO_FALLOC_KEEP_SIZE) if unmap else lib.VBIO_FALLOC_ZERO_RANGE
         self._fallocate(mode, offset, length, "zero range")
 
-    def allocate(self, offset, length):
+    def allocate(self, offset: int, length: int) -> None:
         """Give [offset, offset+length) disk blocks that read as zeros (fallocate mode 0), growing
         the file if the range ends past it. Writes into allocated blocks need no allocation by
         the file system on their way: an O_DIRECT write into a hole cannot be issued without
@@ -255,17 +262,17 @@ class HostFile:
             raise ValueError(f"{op} {self.path}: negative offset or length ({offset}, {length})")
         check(lib.vbio_fallocate(self._live_fd(op, offset), mode, offset, length), op, self.path, offset, length)
 
-    def truncate(self, size):
+    def truncate(self, size: int) -> None:
         """Set the file's length to ``size`` bytes."""
         if size < 0:
             raise ValueError(f"truncate {self.path}: negative size {size}")
         check(lib.vbio_ftruncate(self._live_fd("truncate", size), size), "truncate", self.path, size)
 
-    def seek_data(self, offset):
+    def seek_data(self, offset: int) -> int | None:
         """Offset of the first data byte at or after ``offset``, or None if there is none."""
         return self._seek(offset, SEEK_DATA)
 
-    def seek_hole(self, offset):
+    def seek_hole(self, offset: int) -> int | None:
         """Offset of the first hole at or after ``offset`` (the file's end counts as a hole)."""
         return self._seek(offset, SEEK_HOLE)
 
@@ -276,11 +283,11 @@ class HostFile:
         return check(ret, "seek", self.path, offset)
 
     # -- asynchronous I/O -------------------------------------------------------------------------
-    def submit_read(self, offset, buffers):
+    def submit_read(self, offset: int, buffers: Sequence[Any]) -> Future:
         """Read into ``buffers`` (filled in order) at ``offset``; future result: bytes read."""
         return self._submit_rw(False, offset, buffers, "read")
 
-    def submit_write(self, offset, buffers):
+    def submit_write(self, offset: int, buffers: Sequence[Any]) -> Future:
         """Write ``buffers`` (in order) at ``offset``; future result: bytes written."""
         return self._submit_rw(True, offset, buffers, "write")
 
@@ -309,19 +316,19 @@ class HostFile:
             raise ValueError(f"{op} {self.path}: {problem}")
         return fut
 
-    def submit_flush(self):
+    def submit_flush(self) -> Future:
         return self._engine.submit_simple(lib.VBIO_OP_FDATASYNC, self._live_fd("flush"))
 
-    def submit_discard(self, offset, length):
+    def submit_discard(self, offset: int, length: int) -> Future:
         mode = lib.VBIO_FALLOC_PUNCH_HOLE | lib.VBIO_FALLOC_KEEP_SIZE
         return self._engine.submit_simple(lib.VBIO_OP_FALLOCATE, self._live_fd("discard", offset), offset, length, mode)
 
-    def submit_zero_range(self, offset, length, unmap=False):
+    def submit_zero_range(self, offset: int, length: int, unmap: bool = False) -> Future:
         mode = (lib.VBIO_FALLOC_PUNCH_HOLE | lib.VBIO_FALLOC_KEEP_SIZE) if unmap else lib.VBIO_FALLOC_ZERO_RANGE
         return self._engine.submit_simple(lib.VBIO_OP_FALLOCATE, self._live_fd("zero range", offset), offset, length, mode)
 
     @contextlib.contextmanager
-    def batch(self):
+    def batch(self) -> Iterator[HostFile]:
         """Collect this thread's submissions and hand them to the kernel in one call at exit."""
         outer = self._engine.begin_batch()
         try:
@@ -330,18 +337,18 @@ class HostFile:
             if outer:
                 self._engine.end_batch()
 
-    def push(self):
+    def push(self) -> None:
         """Submit this thread's collected requests now (see ``Engine.push``); a no-op outside a
         batch or a completion callback."""
         if self._engine is not None:
             self._engine.push()
 
-    def inflight(self):
+    def inflight(self) -> int:
         """Requests submitted and not yet completed."""
         return self._engine.inflight() if self._engine else 0
 
     # -- lifetime ---------------------------------------------------------------------------------
-    def close(self):
+    def close(self) -> None:
         """Wait for in-flight requests, then close. Idempotent."""
         if self._engine is not None:
             self._engine.close()

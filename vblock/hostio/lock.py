@@ -107,7 +107,9 @@ class ImageLock:
     Attributes: ``path``, ``perm``, ``shared``, ``locking``, ``active`` (locks are held).
     """
 
-    def __init__(self, path, perm: int, shared: int, locking: str = "auto"):
+    def __init__(
+        self, path: str | os.PathLike, perm: int, shared: int, locking: str = "auto"
+    ) -> None:
         if locking not in LOCKING_MODES:
             raise ValueError(f"locking must be one of {', '.join(LOCKING_MODES)}, not {locking!r}")
         _check_mask(perm, "perm")

@@ -1,4 +1,5 @@
-"""Fuzz targets for what hostile input reaches: QED and qcow2 image files, virtqueue contents.
+"""Fuzz targets for what hostile input reaches: QED and qcow2 image files, virtqueue contents and
+the bytes an NBD client sends.
 
 Each target takes the fuzzer's bytes and must never raise anything but the documented errors;
 any other exception, a hang, or a write where none is allowed is a finding.
@@ -18,6 +19,11 @@ any other exception, a hang, or a write where none is allowed is a finding.
   of a virtio-blk queue over a RAM disk; the device must not raise, must not write guest memory
   outside the buffers the guest marked device-writable (and its used ring), and must end either
   serving or in DEVICE_NEEDS_RESET.
+* ``nbd_server``: the input is what a client sends to ``vblock.nbd.protocol.ServerConnection``,
+  from the greeting on (first byte even) or after a valid handshake with structured replies and
+  ``base:allocation`` (odd), whole or in pieces. The only error allowed is ``RemoteProtocolError``;
+  every command it lets through without an error lies inside the export and carries only flags
+  valid for it, and every reply the server builds for it must encode.
 
 Run ``python -m vblock.testing.fuzz TARGET [--seconds N] [--corpus DIR]``: coverage-guided with
 atheris (libFuzzer) when it is installed, otherwise with hypothesis' random bytes. Exit status 0
@@ -30,13 +36,14 @@ from __future__ import annotations
 import argparse
 import errno
 import os
+import struct
 import sys
 import tempfile
 import time
 
-TARGETS = ("qed_image", "virtqueue", "qcow2_image")
-#: the share of the bounded CI run (``VBLOCK_FUZZ_SECONDS``) each target gets
-BUDGET_SHARE = {"qed_image": 1.0, "virtqueue": 1.0, "qcow2_image": 0.5}
+TARGETS = ("qed_image", "virtqueue", "nbd_server", "qcow2_image")
+#: the share of the bounded CI run (``VBLOCK_FUZZ_SECONDS``) each target gets (default 1.0)
+BUDGET_SHARE = {"qcow2_image": 0.5}
 
 # -- qed_image --------------------------------------------------------------------------------------
 
@@ -263,6 +270,68 @@ def virtqueue(data: bytes) -> None:
     img.close()
 
 
+# -- nbd_server ----------------------------------------------------------------------------------
+
+_NBD_SIZE = 1 << 20
+
+
+def _nbd_handshake():
+    """Client bytes of a valid handshake (structured replies, base:allocation, GO "disk")."""
+    from vblock.nbd import protocol as P
+
+    return (struct.pack(">I", P.FLAG_FIXED_NEWSTYLE | P.FLAG_NO_ZEROES)
+            + P.encode_option(P.Opt.STRUCTURED_REPLY)
+            + P.encode_option(P.Opt.SET_META_CONTEXT, P.encode_meta_request("disk", [P.BASE_ALLOCATION]))
+            + P.encode_option(P.Opt.GO, P.encode_info_request("disk", (P.INFO_BLOCK_SIZE,))))
+
+
+def nbd_server(data: bytes) -> None:
+    from vblock.nbd import protocol as P
+
+    if not data:
+        return
+    mode, step, data = data[0], max(1, data[1] if len(data) > 1 else 1), data[2:]
+    conn = P.ServerConnection([P.Export("disk", _NBD_SIZE, read_only=bool(mode & 2))])
+    if mode & 1:
+        data = _nbd_handshake() + data
+    pieces = [data] if mode & 4 else [data[i : i + step] for i in range(0, len(data), step)]
+    try:
+        for piece in pieces + [b""]:
+            conn.receive_data(piece)
+            while True:
+                ev = conn.next_event()
+                conn.data_to_send()
+                if ev is P.NEED_DATA or ev is P.CLOSED:
+                    break
+                if isinstance(ev, P.Command):
+                    _check_nbd_command(conn, ev)
+                    if ev.fatal:
+                        return
+    except P.RemoteProtocolError:
+        if conn.state is not P.State.ERROR:
+            raise AssertionError("a protocol error left the connection out of ERROR") from None
+
+
+def _check_nbd_command(conn, cmd):
+    from vblock.nbd import protocol as P
+
+    if cmd.error:
+        conn.reply(cmd, cmd.error, cmd.message)
+        return
+    if cmd.flags & ~P._VALID_FLAGS[cmd.kind]:
+        raise AssertionError(f"flags {cmd.flags:#x} let through for {cmd.kind!r}")
+    if cmd.kind != P.Cmd.FLUSH and cmd.offset + cmd.length > _NBD_SIZE:
+        raise AssertionError(f"request [{cmd.offset}, +{cmd.length}) past the export let through")
+    if cmd.kind == P.Cmd.WRITE and len(cmd.data) != cmd.length:
+        raise AssertionError("WRITE payload of the wrong length")
+    if cmd.kind == P.Cmd.READ:
+        conn.reply_read(cmd, bytes(cmd.length))
+    elif cmd.kind == P.Cmd.BLOCK_STATUS:
+        conn.reply_block_status(cmd, [(cmd.length, 0)])
+    else:
+        conn.reply(cmd)
+
+
 # -- runners ----------------------------------------------------------------------------------------
 
 
@@ -273,11 +342,19 @@ def _target(name):
 
 
 def seed_inputs(name):
-    """Starting inputs: the valid seed image for qed_image; a well-formed request for virtqueue."""
+    """Starting inputs: the valid seed image for qed_image, a well-formed request for virtqueue,
+    a handshake and four requests for nbd_server."""
     if name == "qed_image":
         return [qed_seed()[1][: 4 * 4096]]
     if name == "qcow2_image":
         return [bytes([i]) + s[: 6 * 4096] for i, s in enumerate(qcow2_seeds()[1])]
+    if name == "nbd_server":
+        from vblock.nbd import protocol as P
+
+        reqs = (P.encode_request(P.Cmd.WRITE, 1, 512, 4) + b"abcd" + P.encode_request(P.Cmd.READ, 2, 0, 512)
+                + P.encode_request(P.Cmd.BLOCK_STATUS, 3, 0, 4096, P.CMD_FLAG_REQ_ONE)
+                + P.encode_request(P.Cmd.DISC, 4))
+        return [bytes([1, 7]) + reqs, bytes([0, 3]) + _nbd_handshake() + reqs]
     return [bytes([3]) + bytes(16 * _VQ_SIZE) + bytes([1, 0]) + bytes(2 * _VQ_SIZE - 2)]
 
 
@@ -350,6 +427,7 @@ def main(argv=None):
             import vblock.block  # noqa: F401
             import vblock.drivers.qcow2  # noqa: F401
             import vblock.drivers.qed  # noqa: F401
+            import vblock.nbd.protocol  # noqa: F401
             import vblock.virtio  # noqa: F401
         run_atheris(args.target, args.seconds, args.corpus)
         return 0

@@ -181,6 +181,7 @@ class Server:
         self._sel = selectors.DefaultSelector()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._stopping = False
+        self._calls = []  # functions call_soon() queued for the loop thread
         self._kicks = {}  # index -> fd
         self.connections = 0  # front-ends served so far
         self._lock = threading.Lock()
@@ -195,6 +196,20 @@ class Server:
             os.write(self._wake_w, b"x")
         except OSError:
             pass
+
+    def call_soon(self, fn):
+        """Run ``fn()`` on the loop's thread at its next wake-up (signal-handler safe: one list
+        append and one pipe write). ``vblock serve`` logs the device's counters this way."""
+        self._calls.append(fn)
+        try:
+            os.write(self._wake_w, b"x")
+        except OSError:
+            pass
+
+    def _woken(self):
+        _drain_pipe(self._wake_r)
+        while self._calls:
+            self._calls.pop(0)()
 
     @property
     def wakeup_fd(self):
@@ -225,7 +240,7 @@ class Server:
                 for key, _ in sel.select():
                     kind, _ = key.data
                     if kind == "wake":
-                        _drain_pipe(self._wake_r)
+                        self._woken()
                     elif kind == "listen":
                         self._accept()
                     if self._stopping:
@@ -286,7 +301,7 @@ class Server:
                         elif partial_at is None or partial_at[0] != proto.position:
                             partial_at = (proto.position, time.monotonic())
                     elif kind == "wake":
-                        _drain_pipe(self._wake_r)
+                        self._woken()
                     if self._stopping:
                         return
         finally:

@@ -36,6 +36,24 @@ DRIVER_OK, sends a config-change interrupt (2.1.2).
 Reset drops everything safely: queues in flight are retired (their late completions touch neither
 rings nor status bytes) and fresh queue state takes their place. Data a backend has already been
 asked to move still lands in guest memory, as DMA in flight would.
+
+Delivery. With ``deliver="callback"`` (the default) completions are published, and the used-buffer
+interrupt raised, on whatever thread completes them (a backend's completion or pool thread, or the
+kicking thread for requests that finish at once). With ``deliver="poll"`` requests still go to the
+image when the guest kicks, but nothing is published by itself: completions wait until the
+emulator calls :meth:`VirtioBlk.poll` on its own thread, which publishes them (used entries, then
+the interrupt) there; :meth:`VirtioBlk.fileno` is an eventfd that is readable while completions
+wait. Config-change interrupts (a resize, a broken ring) are raised at once in both modes.
+
+Counters. Every published request is counted by type (:meth:`VirtioBlk.stats`): one clock read per
+queue turn (when the device picks requests up) and one per published batch, and a few additions
+per request under the lock that publishes it, so counts are exact. Latency runs from the turn that
+picked a request up to the batch that published it, so it includes, in poll mode, the wait for
+``poll()``. Counts live for the device's life and survive resets.
+
+Snapshots. :meth:`VirtioBlk.save_state` captures the negotiated state and every queue's ring
+addresses and indices as plain values; ``VirtioBlk(..., state=saved)`` continues from it over the
+same guest memory (the rings themselves live there).
 """
 
 from __future__ import annotations
@@ -43,13 +61,18 @@ from __future__ import annotations
 import collections
 import functools
 import logging
+import os
 import threading
 import time
+import weakref
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from vblock.errors import GuestError
 from vblock.future import defer
 from vblock.virtio.blk_request import BlkRequest, RequestRules, finish, frame_reader, parse
 from vblock.virtio.chain import ChainError, RingError
+from vblock.virtio.memory import GuestMemory
 from vblock.virtio.packed import PackedQueue
 from vblock.virtio.queue import SplitQueue
 from vblock.virtio.spec import (
@@ -72,6 +95,7 @@ from vblock.virtio.spec import (
     VIRTIO_BLK_F_TOPOLOGY,
     VIRTIO_BLK_F_WRITE_ZEROES,
     VIRTIO_BLK_CONFIG_WRITEBACK_OFFSET,
+    VIRTIO_BLK_T_DISCARD,
     VIRTIO_BLK_T_FLUSH,
     VIRTIO_BLK_T_GET_ID,
     VIRTIO_BLK_T_IN,
@@ -86,10 +110,28 @@ from vblock.virtio.spec import (
     virtio_blk_config,
 )
 
+if TYPE_CHECKING:
+    from vblock.block import Image
+
 __all__ = ["VirtioBlk", "StatusError"]
 
 _log = logging.getLogger(__name__)
 _unpack16 = le16.unpack_from
+_now = time.perf_counter_ns
+
+DELIVERY_MODES = ("callback", "poll")
+
+# stats() keys, by request type; anything else counts as "unsupported".
+_KINDS = {
+    VIRTIO_BLK_T_IN: "read",
+    VIRTIO_BLK_T_OUT: "write",
+    VIRTIO_BLK_T_FLUSH: "flush",
+    VIRTIO_BLK_T_DISCARD: "discard",
+    VIRTIO_BLK_T_WRITE_ZEROES: "write_zeroes",
+    VIRTIO_BLK_T_GET_ID: "get_id",
+}
+STATS_KEYS = (*_KINDS.values(), "unsupported")
+_SAVED_STATE_VERSION = 1
 
 # Driver-owned status bits: current value -> the one value the next step may write (3.1.1).
 _STATUS_STEPS = {
@@ -111,25 +153,66 @@ class StatusError(GuestError):
 
 
 class _Request(BlkRequest):
-    """A request slot that knows its device, so a backend future can call straight back."""
+    """A request slot that knows its device, so a backend future can call straight back.
+    ``started``: the clock (ns) of the queue turn that picked it up."""
 
-    __slots__ = ("device",)
+    __slots__ = ("device", "started")
 
     def __init__(self, head, owner, device):
         super().__init__(head, owner)
         self.device = device
+        self.started = 0
 
     def backend_done(self, fut):
         self.device.complete(self, fut.exception())
+
+
+class _Counter:
+    """One request type's counts on one queue. Latencies go into a log-linear histogram: four
+    buckets per power of two of nanoseconds, so a percentile is exact to within a quarter of an
+    octave; ``max_ns`` is exact. Updated only under the queue's used-side lock."""
+
+    __slots__ = ("ops", "bytes", "errors", "max_ns", "hist")
+
+    def __init__(self):
+        self.ops = self.bytes = self.errors = self.max_ns = 0
+        self.hist = [0] * 256
+
+    def add(self, other):
+        self.ops += other.ops
+        self.bytes += other.bytes
+        self.errors += other.errors
+        self.max_ns = max(self.max_ns, other.max_ns)
+        self.hist = [a + b for a, b in zip(self.hist, other.hist)]
+
+    def _percentile_us(self, fraction):
+        rank = -(-self.ops * fraction // 1) or 1
+        seen = 0
+        for idx, n in enumerate(self.hist):
+            seen += n
+            if n and seen >= rank:
+                b, q = idx >> 2, idx & 3
+                return round(min((5 + q) << (b - 3), self.max_ns) / 1000, 1)  # bucket's top
+        return 0.0
+
+    def as_dict(self):
+        return {"ops": self.ops, "bytes": self.bytes, "errors": self.errors,
+                "p50": self._percentile_us(0.5), "p99": self._percentile_us(0.99),
+                "max": round(self.max_ns / 1000, 1)}
+
+
+def _new_counters():
+    """A queue's counters: request type code -> _Counter, and the one for everything else."""
+    return {t: _Counter() for t in _KINDS}, _Counter()
 
 
 class _DeviceQueue:
     """Per-virtqueue device state: the ring, one request slot per head, and the completion batch."""
 
     __slots__ = ("index", "ring", "read", "slots", "done", "lock", "draining", "queued", "dead", "popped",
-                 "published", "idle")
+                 "published", "idle", "counters", "other", "turn")
 
-    def __init__(self, index, size_max):
+    def __init__(self, index, size_max, counters):
         self.index = index
         self.popped = 0  # heads taken from the avail ring (drainer only)
         self.published = 0  # used entries published (under ``lock``)
@@ -142,23 +225,57 @@ class _DeviceQueue:
         self.draining = False
         self.queued = False
         self.dead = False
+        self.counters, self.other = counters  # kept across resets (see _new_counters)
+        self.turn = 0  # the clock at the start of the current turn (ns)
 
 
 class VirtioBlk:
     """A virtio-blk device over a ``vblock.block.Image``.
 
-    ``VirtioBlk(img, mem, num_queues=1, queue_size_max=256, serial="vblock0", read_only=None)``:
-    ``mem`` is the ``GuestMemory`` the queues live in; ``read_only`` None follows the image,
-    True offers VIRTIO_BLK_F_RO over any image.
+    ``VirtioBlk(img, mem, num_queues=1, queue_size_max=256, serial="vblock0", read_only=None,
+    deliver="callback", state=None, stats=True)``: ``img`` is an open image
+    (``vblock.open_image``); ``mem`` is the ``GuestMemory`` the queues live in; ``serial`` (str or
+    bytes) is cut to 20 bytes; ``read_only`` None follows the image, True offers VIRTIO_BLK_F_RO
+    over any image; ``deliver`` is ``"callback"`` or ``"poll"`` (see the module docstring);
+    ``state`` is a dict from :meth:`save_state` to continue from; ``stats=False`` keeps no
+    counters (only to measure what they cost). Bad arguments raise ``TypeError`` /
+    ``ValueError`` naming the argument.
     """
 
     device_id = VIRTIO_ID_BLOCK
 
-    def __init__(self, img, mem, num_queues=1, queue_size_max=256, serial="vblock0", read_only=None):
-        if not 1 <= num_queues <= 0xFFFF:
-            raise ValueError(f"num_queues {num_queues} out of 1..65535")
-        if queue_size_max < 1 or queue_size_max & (queue_size_max - 1) or queue_size_max > 32768:
+    def __init__(
+        self,
+        img: Image,
+        mem: GuestMemory,
+        num_queues: int = 1,
+        queue_size_max: int = 256,
+        serial: str | bytes = "vblock0",
+        read_only: bool | None = None,
+        *,
+        deliver: str = "callback",
+        state: dict | None = None,
+        stats: bool = True,
+    ) -> None:
+        for attr in ("submit_read", "submit_write", "submit_flush"):
+            if not callable(getattr(img, attr, None)):
+                raise TypeError(
+                    f"img must be an open image (vblock.open_image), not {type(img).__name__}"
+                )
+        if not isinstance(mem, GuestMemory):
+            raise TypeError(f"mem must be a vblock.virtio.GuestMemory, not {type(mem).__name__}")
+        _check_int("num_queues", num_queues, 1, 0xFFFF)
+        _check_int("queue_size_max", queue_size_max, 1, 32768)
+        if queue_size_max & (queue_size_max - 1):
             raise ValueError(f"queue_size_max {queue_size_max} is not a power of 2 in 1..32768")
+        if not isinstance(serial, (str, bytes, bytearray)):
+            raise TypeError(f"serial must be str or bytes, not {type(serial).__name__}")
+        if read_only is not None and not isinstance(read_only, bool):
+            raise TypeError(f"read_only must be None or a bool, not {type(read_only).__name__}")
+        if deliver not in DELIVERY_MODES:
+            raise ValueError(f"deliver must be 'callback' or 'poll', not {deliver!r}")
+        if state is not None and not isinstance(state, dict):
+            raise TypeError(f"state must be a dict from save_state(), not {type(state).__name__}")
         if read_only is None:
             read_only = bool(img.read_only)
         elif not read_only and img.read_only:
@@ -168,9 +285,18 @@ class VirtioBlk:
         self.num_queues = num_queues
         self.queue_size_max = queue_size_max
         self.read_only = bool(read_only)
-        serial = serial.encode() if isinstance(serial, str) else bytes(serial or b"")
+        serial = serial.encode() if isinstance(serial, str) else bytes(serial)
         self.serial = serial[:20]
         self.device_features = self._offered_features()
+        self.deliver = deliver
+        self._counting = bool(stats)
+        self._counters = [_new_counters() for _ in range(num_queues)]
+        self._poll_fd = None
+        self._poll_signalled = False  # poll mode: the eventfd holds a count (see poll)
+        self._poll_lock = threading.Lock()
+        if deliver == "poll":
+            self._poll_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+            self._closer = weakref.finalize(self, os.close, self._poll_fd)
         self._used_irq = self._config_irq = _ignore
         self._drain_lock = threading.Lock()
         self._drain_owner = None
@@ -178,10 +304,15 @@ class VirtioBlk:
         self.config_generation = 0
         self._queues = []
         self._reset_state()
+        if state is not None:
+            self._restore(state)
 
     # -- transport hooks ------------------------------------------------------------------------
-    def attach(self, used_irq, config_irq):
-        """Install the transport's interrupt hooks: ``used_irq(queue_index)``, ``config_irq()``."""
+    def attach(self, used_irq: Callable[[int], object], config_irq: Callable[[], object]) -> None:
+        """Install the transport's interrupt hooks: ``used_irq(queue_index)``, ``config_irq()``.
+        ``used_irq`` runs on the thread that publishes completions (see "Delivery" in the module
+        docstring); ``config_irq`` on the thread that noticed the change (a kick, a config read,
+        a resize through :meth:`update_capacity`)."""
         self._used_irq = used_irq
         self._config_irq = config_irq
 
@@ -206,22 +337,22 @@ class VirtioBlk:
             bits.append(VIRTIO_BLK_F_RO)
         return sum(1 << b for b in bits)
 
-    def set_driver_features(self, features):
+    def set_driver_features(self, features: int) -> None:
         """The driver's feature bits (all 64). Accepted only between DRIVER and FEATURES_OK."""
         drv = self._status & ~(DEVICE_NEEDS_RESET | FAILED)
         if drv != ACKNOWLEDGE | DRIVER:
             raise StatusError(f"driver features written in status {self._status:#x}")
         self.driver_features = features
 
-    def negotiated(self, bit):
+    def negotiated(self, bit: int) -> bool:
         return bool(self.driver_features >> bit & 1) and bool(self._status & FEATURES_OK)
 
     # -- status ---------------------------------------------------------------------------------
     @property
-    def status(self):
+    def status(self) -> int:
         return self._status
 
-    def set_status(self, value):
+    def set_status(self, value: int) -> None:
         """A driver's status write. 0 resets; otherwise one step of ``_STATUS_STEPS`` or FAILED.
         Raises ``StatusError`` (status unchanged) for anything else."""
         if value == 0:
@@ -272,7 +403,7 @@ class VirtioBlk:
                 self._bind_reader(dq)
         return True
 
-    def reset(self):
+    def reset(self) -> None:
         """Return to the initial state. Requests in flight are dropped safely (see module doc)."""
         me = threading.get_ident()
         if self._drain_owner == me:
@@ -303,7 +434,9 @@ class VirtioBlk:
             max_write_zeroes_seg=MAX_SEGMENTS,
             serial=self.serial,
         )
-        self._queues = [_DeviceQueue(i, self.queue_size_max) for i in range(self.num_queues)]
+        self._queues = [
+            _DeviceQueue(i, self.queue_size_max, self._counters[i]) for i in range(self.num_queues)
+        ]
 
     def _set_needs_reset(self, reason):
         _log.warning("virtio-blk: device needs reset: %s", reason)
@@ -313,12 +446,12 @@ class VirtioBlk:
             self._config_irq()  # 2.1.2: MUST send a config change notification
 
     # -- queues ---------------------------------------------------------------------------------
-    def queue(self, index):
+    def queue(self, index: int) -> SplitQueue | PackedQueue:
         """The ring state (``SplitQueue``, or ``PackedQueue`` once RING_PACKED is negotiated) of
         queue ``index``: transports write size and addresses into it."""
         return self._queues[index].ring
 
-    def set_queue_ready(self, index, ready):
+    def set_queue_ready(self, index: int, ready: bool) -> None:
         """Enable (check, resolve rings, start at index 0) or disable queue ``index``. Raises
         ``RingError`` when the queue cannot be enabled (it stays not ready)."""
         dq = self._queues[index]
@@ -339,7 +472,7 @@ class VirtioBlk:
         if not q.packed:
             dq.read = frame_reader(self.mem, q.desc_table, q.size, self._indirect, self.queue_size_max, self._rules)
 
-    def notify(self, index):
+    def notify(self, index: int) -> None:
         """An available-buffer notification for queue ``index`` (any thread)."""
         if self._status & (DRIVER_OK | DEVICE_NEEDS_RESET | FAILED) != DRIVER_OK:
             return  # 2.1.2: no buffers are used before DRIVER_OK, nor after a fatal error
@@ -381,6 +514,8 @@ class VirtioBlk:
         if self.image.size >> SECTOR_SHIFT != self._rules.capacity_sectors:
             self.update_capacity()  # the image was resized under us: follow it (5.2.4)
         dq.draining = True
+        if self._counting:
+            dq.turn = _now()
         try:
             q.disable_notification()
             if q.packed:
@@ -392,7 +527,10 @@ class VirtioBlk:
         finally:
             dq.draining = False
             if dq.done:
-                self._flush(dq)
+                if self._poll_fd is None:
+                    self._flush(dq)
+                else:
+                    self._completions_wait()
 
     def _drain_split(self, dq, q):
         budget = size = q.size
@@ -463,16 +601,18 @@ class VirtioBlk:
         if req.busy:
             raise RingError(f"head {head} made available again while in flight")
         req.ndesc = ndesc
+        req.started = dq.turn
         if read is None:
-            dq.done.append((head, 0, ndesc))  # an unparseable frame still returns its head (used len 0)
+            self._returned(dq, head, ndesc)  # an unparseable frame still returns its head
             return
+        req.type = -1  # until parsed: a frame refused before its header counts as unsupported
         try:
             read(req)
         except RingError:
             raise  # the ring itself is broken: the caller sets DEVICE_NEEDS_RESET
         except ChainError as exc:
             _log.debug("virtio-blk: queue %d head %d: %s", dq.index, head, exc)
-            dq.done.append((head, 0, ndesc))
+            self._returned(dq, head, ndesc)
             return
         except GuestError as exc:
             req.busy = True
@@ -532,52 +672,107 @@ class VirtioBlk:
         except Exception as exc:
             self.complete(req, exc)
 
-    def complete(self, req, outcome):
+    def _returned(self, dq, head, ndesc):
+        """Queue the used entry of a chain that had no status byte to answer in (used len 0)."""
+        if self._counting:
+            dq.done.append((head, 0, ndesc, -1, 0, True, dq.turn))
+        else:
+            dq.done.append((head, 0, ndesc))
+
+    def complete(self, req: BlkRequest, outcome: BaseException | None) -> None:
         """Finish ``req`` with ``outcome`` (None or an exception) from any thread."""
         dq = req.owner
         if dq.dead:  # reset since: drop (no status byte, no used entry)
             req.busy = False
             return
         used = finish(req, outcome)
+        if self._counting:
+            t = req.type
+            if outcome is not None:
+                nbytes = 0  # refused or failed: count no data as moved
+            elif t == VIRTIO_BLK_T_IN or t == VIRTIO_BLK_T_OUT:
+                nbytes = req.length
+            elif req.segments:
+                nbytes = sum(seg[1] for seg in req.segments)
+            else:
+                nbytes = 0
+            entry = (req.head, used, req.ndesc, t, nbytes, outcome is not None, req.started)
+        else:
+            entry = (req.head, used, req.ndesc)
         req.data = req.segments = None
         req.busy = False
-        dq.done.append((req.head, used, req.ndesc))
-        if not dq.draining:
+        dq.done.append(entry)
+        if self._poll_fd is not None:
+            if not self._poll_signalled:
+                # Once per batch of backend completions, after the last: the poller wakes to a
+                # whole batch, and not while this thread still holds the GIL running callbacks.
+                defer(_signal_poll, self)
+        elif not dq.draining:
             # Once per batch of backend completions: one used-index store, one interrupt.
             defer(self._flush, dq)
+
+    def _completions_wait(self):
+        """Poll mode: make the eventfd readable (once until the next ``poll``)."""
+        with self._poll_lock:
+            if self._poll_signalled or not self._closer.alive:  # signalled, or closed
+                return
+            os.eventfd_write(self._poll_fd, 1)
+            self._poll_signalled = True
 
     def _flush(self, dq):
         """Publish every queued completion of ``dq``: one used-index store, at most one interrupt.
         Whoever holds the queue's lock publishes for everyone; a thread that finds it taken
-        leaves its entry in ``done`` for the holder, which re-checks after releasing."""
+        leaves its entry in ``done`` for the holder, which re-checks after releasing.
+        Returns the number of used entries this call published."""
         done = dq.done
         q = dq.ring
         lock = dq.lock
+        total = 0
         while done:
             if not lock.acquire(False):
-                return
+                return total
             try:
                 if dq.dead:
                     done.clear()
-                    return
+                    return total
                 add_used = q.add_used
                 pop = done.popleft
                 n = 0
-                while done:
-                    add_used(*pop())
-                    n += 1
+                if self._counting:
+                    now = _now()
+                    counters, other = dq.counters, dq.other
+                    while done:
+                        head, used, ndesc, t, nbytes, err, started = pop()
+                        add_used(head, used, ndesc)
+                        n += 1
+                        c = counters.get(t, other)
+                        c.ops += 1
+                        c.bytes += nbytes
+                        if err:
+                            c.errors += 1
+                        lat = (now - started) | 8  # at least 8 ns: the bucket formula needs 4 bits
+                        if lat > c.max_ns:
+                            c.max_ns = lat
+                        b = lat.bit_length()
+                        c.hist[b << 2 | (lat >> (b - 3)) & 3] += 1
+                else:
+                    while done:
+                        add_used(*pop())
+                        n += 1
                 q.publish_used()
                 irq = q.needs_notification() and not self._status & FAILED
                 dq.published += n
+                total += n
                 if dq.idle is not None and dq.published == dq.popped:
                     dq.idle.set()
             finally:
                 lock.release()
             if irq:
                 self._used_irq(dq.index)
+        return total
 
     # -- config space (5.2.4) ---------------------------------------------------------------------
-    def config_bytes(self):
+    def config_bytes(self) -> bytes:
         """The 96-byte little-endian ``struct virtio_blk_config``."""
         r = self._rules
         return virtio_blk_config.pack(
@@ -604,7 +799,7 @@ class VirtioBlk:
             0,
         )
 
-    def read_config(self, offset, size):
+    def read_config(self, offset: int, size: int) -> int:
         if self.image.size >> SECTOR_SHIFT != self._rules.capacity_sectors:
             self.update_capacity()
         cfg = self.config_bytes()
@@ -612,14 +807,14 @@ class VirtioBlk:
             return 0
         return int.from_bytes(cfg[offset : offset + size], "little")
 
-    def write_config(self, offset, size, value):
+    def write_config(self, offset: int, size: int, value: int) -> None:
         """Only ``writeback`` is writable, and only with CONFIG_WCE negotiated (5.2.4)."""
         if offset == VIRTIO_BLK_CONFIG_WRITEBACK_OFFSET and size == 1 and self._wce:
             self._writeback = bool(value & 1)
             return
         raise GuestError(f"config write of {size} bytes at {offset:#x} ignored")
 
-    def update_capacity(self):
+    def update_capacity(self) -> None:
         """Re-read the image size (after a resize): capacity follows, the config generation moves
         and a config-change interrupt goes out once the driver is up (5.2.6.2 MAY/SHOULD). The
         device also notices a new size by itself at its next queue turn or config read."""
@@ -629,7 +824,7 @@ class VirtioBlk:
             self._config_irq()
 
     # -- hooks for transports that own memory and rings (vhost-user) ------------------------------
-    def set_memory(self, mem):
+    def set_memory(self, mem: GuestMemory) -> None:
         """Replace guest memory (vhost-user SET_MEM_TABLE): ready queues re-resolve their rings
         at the same guest addresses and keep their indices. Raises ``RingError`` (memory
         unchanged) if a ready queue's rings are not inside ``mem``."""
@@ -642,7 +837,7 @@ class VirtioBlk:
                 dq.ring.rebind(mem)
                 self._bind_reader(dq)
 
-    def wait_idle(self, index=None, timeout=None):
+    def wait_idle(self, index: int | None = None, timeout: float | None = None) -> bool:
         """Wait until queue ``index`` (default: every queue) has every head it took from the
         avail ring back on the used ring. Returns False on timeout. Call it from a thread that
         is not the one completing requests."""
@@ -660,14 +855,169 @@ class VirtioBlk:
                 dq.idle = None
         return True
 
+    # -- poll delivery ---------------------------------------------------------------------------
+    def poll(self) -> int:
+        """Publish what has completed (used ring entries, then the interrupt, per queue) on the
+        calling thread, and empty the eventfd; returns the number of used entries published.
+        With ``deliver="callback"`` completions publish themselves and this returns 0."""
+        if self._poll_fd is None:
+            return 0
+        # The flag is true exactly while the eventfd holds a count (both change under the lock).
+        # Empty it before publishing: a completion queued before is published below, one queued
+        # after signals again.
+        if self._poll_signalled:
+            with self._poll_lock:
+                if self._poll_signalled:
+                    os.eventfd_read(self._poll_fd)
+                    self._poll_signalled = False
+        total = 0
+        for dq in self._queues:
+            if dq.done:
+                total += self._flush(dq)
+        return total
+
+    def fileno(self) -> int:
+        """Poll mode: an eventfd that is readable while completions wait for :meth:`poll` (for
+        the emulator's event loop; :meth:`poll` empties it). ``ValueError`` in callback mode."""
+        if self._poll_fd is None:
+            raise ValueError("fileno() needs VirtioBlk(..., deliver='poll')")
+        return self._poll_fd
+
+    def close(self) -> None:
+        """Release the poll-mode eventfd (also released when the device is garbage collected)."""
+        if self._poll_fd is not None:
+            with self._poll_lock:  # no completion writes to the number once it is closed
+                self._closer()
+                self._poll_signalled = False
+
+    # -- counters --------------------------------------------------------------------------------
+    def stats(self) -> dict[str, Any]:
+        """Counters for the device's life (they survive resets), keyed by request type: ``read``,
+        ``write``, ``flush``, ``discard``, ``write_zeroes``, ``get_id`` and ``unsupported`` (any
+        other type, and chains refused before their type could be read). Each holds ``ops``
+        (virtio requests published), ``bytes`` (data bytes moved, or covered by discard /
+        write-zeroes segments, by requests that succeeded; 0 for flush and get_id), ``errors``
+        (answered with a status other than OK, or returned without one) and latency in
+        microseconds, ``p50``, ``p99`` (each the top of its histogram bucket, within a quarter of
+        an octave) and ``max``.
+        ``queues`` holds the same dict per queue. A snapshot: safe from any thread; a request
+        being published meanwhile may or may not be in it. All zero with ``stats=False``."""
+        per_queue = []
+        total = {kind: _Counter() for kind in STATS_KEYS}
+        for counters, other in self._counters:
+            entry = {}
+            for kind, c in [*((_KINDS[t], c) for t, c in counters.items()), ("unsupported", other)]:
+                snap = _Counter()
+                snap.add(c)
+                total[kind].add(snap)
+                entry[kind] = snap.as_dict()
+            per_queue.append(entry)
+        out: dict[str, Any] = {kind: c.as_dict() for kind, c in total.items()}
+        out["queues"] = per_queue
+        return out
+
+    # -- snapshots -------------------------------------------------------------------------------
+    def save_state(self) -> dict[str, Any]:
+        """The device's state as JSON-serialisable plain values: features, status, config
+        generation and write-cache mode, and per queue its ring addresses, size, indices,
+        enabled flag and event-index state. Guest memory (rings, buffers) is the emulator's to
+        save. Transport registers (``VirtioMmio``'s InterruptStatus, selectors) are not part of
+        it.
+
+        Raises ``RuntimeError`` while requests are in flight or completions wait to be
+        published. To quiesce: stop the vCPUs so nothing more is kicked, then wait for the
+        device to go idle - ``dev.wait_idle()`` with ``deliver="callback"``, or call
+        ``dev.poll()`` until ``dev.in_flight()`` is 0 and ``poll()`` returns 0 with
+        ``deliver="poll"`` - and save."""
+        if not self._drain_lock.acquire(False):
+            raise RuntimeError("cannot save the device state during a queue drain: quiesce first")
+        try:
+            busy = sum(dq.popped - dq.published for dq in self._queues if not dq.dead)
+            if busy:
+                raise RuntimeError(
+                    f"cannot save the device state with {busy} requests in flight: stop the vCPUs,"
+                    " then wait_idle() (callback delivery) or poll() until idle (poll delivery)")
+            queues = []
+            for dq in self._queues:
+                q = dq.ring
+                fields = _PACKED_FIELDS if q.packed else _SPLIT_FIELDS
+                queues.append({"packed": q.packed, **{name: getattr(q, name) for name in fields}})
+            return {
+                "version": _SAVED_STATE_VERSION,
+                "num_queues": self.num_queues,
+                "queue_size_max": self.queue_size_max,
+                "device_features": self.device_features,
+                "driver_features": self.driver_features,
+                "status": self._status,
+                "config_generation": self.config_generation,
+                "writeback": self._writeback,
+                "queues": queues,
+            }
+        finally:
+            self._drain_lock.release()
+
+    def _restore(self, state):
+        """Continue from ``save_state()``'s dict (a fresh device, over the same guest memory)."""
+        try:
+            if state["version"] != _SAVED_STATE_VERSION:
+                raise ValueError(f"state version {state['version']!r} is not 1")
+            for name in ("num_queues", "queue_size_max", "device_features"):
+                if state[name] != getattr(self, name):
+                    mine = getattr(self, name)
+                    raise ValueError(f"state has {name} {state[name]:#x}, this device {mine:#x}")
+            if len(state["queues"]) != self.num_queues:
+                raise ValueError(f"state has {len(state['queues'])} queues, not {self.num_queues}")
+            status = state["status"]
+            self.driver_features = state["driver_features"]
+            if status & FEATURES_OK and not self._accept_features():
+                raise ValueError(f"state's driver features {self.driver_features:#x} are refused")
+            self._status = status
+            self.config_generation = state["config_generation"]
+            self._writeback = bool(state["writeback"])
+            for index, saved in enumerate(state["queues"]):
+                q = self._queues[index].ring
+                if bool(saved["packed"]) != q.packed:
+                    raise ValueError(f"state's queue {index} ring type does not match its features")
+                q.size = saved["size"]
+                q.desc_addr, q.driver_addr, q.device_addr = (
+                    saved["desc_addr"], saved["driver_addr"], saved["device_addr"])
+                if saved["ready"]:
+                    self.set_queue_ready(index, True)  # RingError if the rings are not in memory
+                    for name in _PACKED_FIELDS if q.packed else _SPLIT_FIELDS:
+                        if name not in _RING_CONFIG:
+                            setattr(q, name, saved[name])
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"state is not a dict from save_state(): {exc!r}") from None
+        except GuestError as exc:
+            raise ValueError(f"state does not fit this guest memory: {exc}") from None
+
     # -- introspection ---------------------------------------------------------------------------
-    def in_flight(self):
+    def in_flight(self) -> int:
         """Requests submitted to the backend and not yet completed, over all queues."""
         return sum(r.busy for dq in self._queues for r in dq.slots)
 
 
 def _ignore(*_args):
     pass
+
+
+def _signal_poll(dev):
+    dev._completions_wait()
+
+
+def _check_int(name, value, low, high):
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, not {type(value).__name__}")
+    if not low <= value <= high:
+        raise ValueError(f"{name} {value} out of {low}..{high}")
+
+
+# What save_state keeps of each ring; the first five are its configuration, the rest its indices
+# and event-index state.
+_RING_CONFIG = ("size", "desc_addr", "driver_addr", "device_addr", "ready")
+_SPLIT_FIELDS = (*_RING_CONFIG, "event_idx", "next_avail", "next_used", "signalled_used")
+_PACKED_FIELDS = (*_RING_CONFIG, "event_idx", "next_avail", "avail_wrap", "avail_pos", "next_used",
+                  "used_wrap", "used_pos", "signalled_pos")
 
 
 def _parse_into(chain, rules, req):

@@ -14,12 +14,20 @@ descriptor, publish any head, set the available index to anything, and read used
 Memory layout: the driver owns a window of guest memory (``arena_base``, ``arena_size``) and
 allocates rings, per-head header/status slots, indirect tables and data buffers from it with a
 small size-class allocator. It is not thread-safe: drive it from one thread (interrupts, which
-arrive on the device's completion threads, only set an event).
+arrive on the device's completion threads, only acknowledge and set an event).
+
+Interrupts: the driver listens with ``VirtioMmio.add_interrupt_listener``, so the ``interrupt`` and
+``irq_level`` callbacks an emulator gave the transport stay in place; as the guest, it reads
+InterruptStatus and acknowledges it. ``Driver(..., interrupts=False)`` polls instead: ``wait``
+reaps the used ring without waiting for an interrupt (with a device in ``deliver="poll"`` mode it
+also plays the emulator's loop and calls the device's ``poll()``).
 """
 
 from __future__ import annotations
 
+import select
 import threading
+import time
 
 from vblock.virtio import spec as S
 from vblock.virtio.spec import (
@@ -401,7 +409,9 @@ class Driver:
     ``packed``: negotiate VIRTIO_F_RING_PACKED (packed virtqueues);
     ``arena_base`` / ``arena_size``: the guest memory window the driver may use (default: all of
     the first region). ``features``: if given, exactly the feature bits to request (instead of
-    everything this driver knows that the device offers).
+    everything this driver knows that the device offers). ``interrupts``: take completions on
+    interrupt (True) or by polling the used ring (False). Bad arguments raise ``TypeError`` /
+    ``ValueError`` naming the argument.
     """
 
     def __init__(
@@ -419,6 +429,21 @@ class Driver:
         interrupts=True,
         packed=False,
     ):
+        from vblock.virtio.memory import GuestMemory
+
+        for attr in ("read", "write", "add_interrupt_listener"):
+            if not callable(getattr(mmio, attr, None)):
+                raise TypeError(f"mmio must be a VirtioMmio, not {type(mmio).__name__}")
+        if not isinstance(mem, GuestMemory):
+            raise TypeError(f"mem must be a vblock.virtio.GuestMemory, not {type(mem).__name__}")
+        if not _int_in(num_queues, 1, 0xFFFF):
+            raise ValueError(f"num_queues must be an int in 1..65535, not {num_queues!r}")
+        if queue_size is not None and not _int_in(queue_size, 1, 32768):
+            raise ValueError(f"queue_size must be None or an int in 1..32768, not {queue_size!r}")
+        flags = dict(event_idx=event_idx, indirect=indirect, interrupts=interrupts, packed=packed)
+        for name, value in flags.items():
+            if not isinstance(value, bool):
+                raise TypeError(f"{name} must be a bool, not {type(value).__name__}")
         self.mmio = mmio
         self.mem = mem
         self.event_idx = event_idx
@@ -438,8 +463,9 @@ class Driver:
         self._irq = threading.Event()
         self.interrupts = 0
         self.config_interrupts = 0
+        self.uses_interrupts = interrupts
         if interrupts:
-            mmio.interrupt = self._on_interrupt
+            mmio.add_interrupt_listener(self._on_interrupt)
         self.features = 0
 
     # -- registers ------------------------------------------------------------------------------
@@ -749,9 +775,28 @@ class Driver:
     def in_flight(self):
         return sum(len(q.inflight) for q in self.queues)
 
+    def _idle(self, deadline):
+        """Between two reaps: wait for an interrupt, or (polling) for the device to have
+        completions, publishing them if it delivers by poll. False once ``deadline`` passed."""
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return False
+        dev = getattr(self.mmio, "device", None)
+        if getattr(dev, "deliver", "callback") == "poll":  # the emulator's loop: wait, then publish
+            if not dev.poll():
+                select.select([dev.fileno()], [], [], min(left, 1.0))
+                dev.poll()
+            return True
+        if self.uses_interrupts:
+            return self._irq.wait(left)
+        time.sleep(0)  # a polling guest spins on the used ring; let the completing threads run
+        return True
+
     def wait(self, reqs=None, timeout=WAIT_TIMEOUT):
-        """Reap until every request in ``reqs`` (default: all in flight) is done."""
+        """Reap until every request in ``reqs`` (default: all in flight) is done: on interrupt,
+        or polling the used ring with ``interrupts=False``."""
         irq = self._irq
+        deadline = time.monotonic() + timeout
         while True:
             irq.clear()
             self.reap()
@@ -760,19 +805,20 @@ class Driver:
                     return
             elif all(r.done for r in reqs):
                 return
-            if not irq.wait(timeout):
-                raise DriverError("timed out waiting for an interrupt")
+            if not self._idle(deadline):
+                raise DriverError("timed out waiting for completions")
 
     def wait_any(self, timeout=WAIT_TIMEOUT):
         """Reap at least one completion (or return at once if some are already published)."""
         irq = self._irq
+        deadline = time.monotonic() + timeout
         while True:
             irq.clear()
             done = self.reap()
             if done or not self.in_flight():
                 return done
-            if not irq.wait(timeout):
-                raise DriverError("timed out waiting for an interrupt")
+            if not self._idle(deadline):
+                raise DriverError("timed out waiting for completions")
 
     # -- synchronous helpers ----------------------------------------------------------------------
     def _run(self, type_, sector=0, **kw):
@@ -801,6 +847,10 @@ class Driver:
 
     def write_zeroes(self, segments, **kw):
         return self._run(S.VIRTIO_BLK_T_WRITE_ZEROES, 0, data=encode_segments(segments), **kw).status
+
+
+def _int_in(value, low, high):
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
 
 
 def encode_segments(segments):

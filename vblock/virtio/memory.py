@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import bisect
 import mmap
+from collections.abc import Iterable
+from typing import Any
 
 from vblock.errors import GuestError
 
@@ -31,21 +33,47 @@ class GuestMemoryError(GuestError):
     """A guest-physical range lies outside guest memory, spans a gap, or wraps past 2^64."""
 
 
+_ACCEPTS = ("GuestMemory takes a list of (guest_phys_base, buffer) pairs of writable buffers, "
+            "e.g. GuestMemory([(0, ram)]) with ram an mmap or bytearray the emulator owns")
+
+
 class GuestMemory:
     """Guest RAM as a set of regions.
 
-    ``GuestMemory([(guest_phys_base, buffer), ...])`` wraps an emulator's own buffers (anything
-    supporting the buffer protocol; writable for device writes); ``GuestMemory.anonymous(size)``
-    makes page-aligned, ``mmap``-backed RAM at guest-physical 0. Regions must not overlap.
+    ``GuestMemory([(guest_phys_base, buffer), ...])`` wraps an emulator's own buffers: each a
+    writable, contiguous buffer (an ``mmap`` or ``bytearray`` the emulator owns is the normal
+    case; anything with the writable buffer protocol will do), placed at a non-negative
+    guest-physical base. The emulator keeps using the same buffers: the device reads and writes
+    them in place, without copies, and keeps them alive. ``GuestMemory.anonymous(size)`` makes
+    page-aligned, ``mmap``-backed RAM at guest-physical 0. Regions must not overlap. Anything
+    else raises ``TypeError`` / ``ValueError`` saying what is accepted.
     """
 
     __slots__ = ("_bases", "_ends", "_views", "_base0", "_end0", "_view0", "_keep", "size")
 
-    def __init__(self, regions):
+    def __init__(self, regions: Iterable[tuple[int, Any]]) -> None:
         spans = []
         keep = []
-        for base, buffer in regions:
-            view = memoryview(buffer)
+        if isinstance(regions, (bytes, bytearray, memoryview, mmap.mmap)) or not hasattr(
+            regions, "__iter__"
+        ):
+            raise TypeError(f"{_ACCEPTS}; got {type(regions).__name__}")
+        for i, pair in enumerate(regions):
+            if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+                raise TypeError(f"{_ACCEPTS}; region {i} is {type(pair).__name__}, not a pair")
+            base, buffer = pair
+            if isinstance(base, bool) or not isinstance(base, int):
+                raise TypeError(f"{_ACCEPTS}; region {i} base is {type(base).__name__}, not an int")
+            try:
+                view = memoryview(buffer)
+            except TypeError:
+                raise TypeError(f"{_ACCEPTS}; region {i} buffer is {type(buffer).__name__}, "
+                                "which has no buffer protocol") from None
+            if view.readonly:
+                kind = type(buffer).__name__
+                raise TypeError(f"{_ACCEPTS}; region {i} buffer ({kind}) is read-only")
+            if not view.contiguous:
+                raise ValueError(f"{_ACCEPTS}; region {i} buffer is not contiguous")
             if view.format != "B" or view.ndim != 1:
                 view = view.cast("B")
             if base < 0 or base + len(view) > _U64_LIMIT:
@@ -68,16 +96,16 @@ class GuestMemory:
         self.size = sum(len(v) for v in self._views)
 
     @classmethod
-    def anonymous(cls, size, base=0):
+    def anonymous(cls, size: int, base: int = 0) -> GuestMemory:
         """``size`` bytes of zeroed, page-aligned anonymous memory at guest-physical ``base``."""
         return cls([(base, mmap.mmap(-1, size))])
 
     @property
-    def regions(self):
+    def regions(self) -> list[tuple[int, memoryview]]:
         """``[(guest_phys_base, memoryview), ...]`` sorted by address."""
         return list(zip(self._bases, self._views))
 
-    def view(self, addr, length):
+    def view(self, addr: int, length: int) -> memoryview:
         """A zero-copy view of ``[addr, addr + length)``; ``GuestMemoryError`` if not all inside
         one region or if the range wraps 2^64."""
         end = addr + length
@@ -97,18 +125,18 @@ class GuestMemory:
             return self._views[i][off : off + length]
         raise GuestMemoryError(f"guest range {addr:#x}+{length:#x} is not inside guest memory")
 
-    def contains(self, addr, length):
+    def contains(self, addr: int, length: int) -> bool:
         try:
             self.view(addr, length)
         except GuestMemoryError:
             return False
         return True
 
-    def read(self, addr, length):
+    def read(self, addr: int, length: int) -> bytes:
         """A bytes copy of guest memory (for tests and drivers; the device uses ``view``)."""
         return bytes(self.view(addr, length))
 
-    def write(self, addr, data):
+    def write(self, addr: int, data: Any) -> None:
         """Copy ``data`` into guest memory at ``addr``."""
         data = memoryview(data).cast("B")
         self.view(addr, len(data))[:] = data

@@ -191,6 +191,7 @@ VIRTIO_MMIO_SHM_BASE_HIGH = 0x0BC
 VIRTIO_MMIO_QUEUE_RESET = 0x0C0
 VIRTIO_MMIO_CONFIG_GENERATION = 0x0FC
 VIRTIO_MMIO_CONFIG = 0x100
+VIRTIO_MMIO_WINDOW = 0x200  # bytes mapped per device (Linux: virtio_mmio.device=512@...)
 
 VIRTIO_MMIO_INT_VRING = 1  # InterruptStatus bit 0: used buffer notification
 VIRTIO_MMIO_INT_CONFIG = 2  # bit 1: configuration change
