@@ -174,6 +174,12 @@ def check_image(st, repair, needcheck, growth):
         needcheck.set_now()
         compact.execute(st, s.leaked)
         s = scan(geo, h.l1_table_offset, h.image_size, st.l1, st.tio.read, st.file_size)
+        if s.leaked and s.corruptions == s.fixable:  # holes no whole table fits in (reclaim.py)
+            from . import reclaim
+
+            reclaim.repair(st, growth)
+            h = st.header
+            s = scan(geo, h.l1_table_offset, h.image_size, st.l1, st.tio.read, st.file_size)
     nclusters = st.file_size // geo.cluster_size
     trailing, interior = leak_ranges(s.leaked, nclusters)
     for start, count in interior:

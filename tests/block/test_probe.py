@@ -47,7 +47,7 @@ def test_hand_made_file_is_an_unknown_format_error_naming_it(scratch, name):
         registry.probe_format(str(path))
     fmt = foreign.FORMAT_OF[name]
     assert info.value.format == fmt
-    assert str(info.value) == (f"{path}: image format {fmt!r} is not supported (vblock reads raw, qed); "
+    assert str(info.value) == (f"{path}: image format {fmt!r} is not supported (vblock reads raw, qcow2, qed); "
                                "convert it with qemu-img convert -O qed")
     with pytest.raises(UnknownFormatError):
         vblock.open_image(path)
@@ -116,7 +116,7 @@ def test_an_unknown_format_name_is_an_error_with_that_format():
 
 
 def test_qcow_versions_outside_1_to_3_are_not_claimed():
-    head = bytearray(foreign.sample("qcow2")[:512])
+    head = bytearray(foreign.sample("qcow")[:512])
     head[4:8] = (9).to_bytes(4, "big")
     assert probe.identify(bytes(head)) is None
 
@@ -141,9 +141,9 @@ def test_a_driver_that_probes_the_file_wins_over_the_table(scratch):
 
         @classmethod
         def probe(cls, head, path):
-            return 50 if head.startswith(b"QFI\xfb") else 0
+            return 50 if head.startswith(b"KDMV") else 0
 
-    path = _write(scratch / "d.qcow2", foreign.sample("qcow2"))
+    path = _write(scratch / "d.vmdk", foreign.sample("vmdk"))
     registry.register("claims", Claims)
     try:
         assert registry.probe_format(str(path)) == "claims"

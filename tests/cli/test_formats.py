@@ -23,7 +23,8 @@ from vblock.testing import foreign
 
 MiB = 1 << 20
 CS = 64 << 10
-UNSUPPORTED = "image format 'qcow2' is not supported (vblock reads raw, qed); convert it with qemu-img convert -O qed"
+UNSUPPORTED = ("image format 'vmdk' is not supported (vblock reads raw, qcow2, qed); "
+               "convert it with qemu-img convert -O qed")
 
 needs_qemu_img = pytest.mark.skipif(shutil.which("qemu-img") is None,
                                     reason="qemu-img not installed (apt-get install qemu-utils)")
@@ -44,92 +45,92 @@ def _one_line(r, *fragments, status=(1,)):
 
 
 @pytest.fixture
-def qcow2(scratch):
-    """A hand-made qcow2 header (no qemu-img needed) and its checksum."""
-    path = scratch / "disk.qcow2"
-    path.write_bytes(foreign.sample("qcow2"))
+def foreign_image(scratch):
+    """A hand-made vmdk header (a format with no driver; no qemu-img needed) and its checksum."""
+    path = scratch / "disk.vmdk"
+    path.write_bytes(foreign.sample("vmdk"))
     return path, _sha(path)
 
 
 # -- foreign formats: every verb refuses, nothing changes -------------------------------------------
-def test_info_refuses_a_foreign_format(qcow2):
-    path, before = qcow2
+def test_info_refuses_a_foreign_format(foreign_image):
+    path, before = foreign_image
     line = _one_line(run_cli("info", path))
     assert line == f"vblock: error: {path}: {UNSUPPORTED}"
     assert _sha(path) == before
 
 
-def test_info_json_refuses_a_foreign_format(qcow2):
-    path, before = qcow2
+def test_info_json_refuses_a_foreign_format(foreign_image):
+    path, before = foreign_image
     _one_line(run_cli("info", "--output=json", path), UNSUPPORTED)
     assert _sha(path) == before
 
 
-def test_convert_refuses_a_foreign_format_and_creates_nothing(qcow2, scratch):
-    path, before = qcow2
+def test_convert_refuses_a_foreign_format_and_creates_nothing(foreign_image, scratch):
+    path, before = foreign_image
     _one_line(run_cli("convert", "-O", "raw", path, scratch / "out.raw"), str(path), UNSUPPORTED)
     assert _sha(path) == before
-    assert sorted(os.listdir(scratch)) == ["disk.qcow2"]
+    assert sorted(os.listdir(scratch)) == ["disk.vmdk"]
 
 
-def test_compare_refuses_a_foreign_format(qcow2, scratch):
-    path, before = qcow2
+def test_compare_refuses_a_foreign_format(foreign_image, scratch):
+    path, before = foreign_image
     other = scratch / "other.raw"
-    other.write_bytes(bytes(len(foreign.sample("qcow2"))))
+    other.write_bytes(bytes(len(foreign.sample("vmdk"))))
     # compare's error status is 1 today; with qemu-img's codes (issue 19) errors are 2
     _one_line(run_cli("compare", other, path), str(path), UNSUPPORTED, status=(1, 2))
     assert _sha(path) == before
 
 
-def test_map_refuses_a_foreign_format(qcow2):
-    path, before = qcow2
+def test_map_refuses_a_foreign_format(foreign_image):
+    path, before = foreign_image
     _one_line(run_cli("map", path), str(path), UNSUPPORTED)
     assert _sha(path) == before
 
 
-def test_check_refuses_a_foreign_format(qcow2):
-    path, before = qcow2
+def test_check_refuses_a_foreign_format(foreign_image):
+    path, before = foreign_image
     _one_line(run_cli("check", path), str(path), UNSUPPORTED)
     assert _sha(path) == before
 
 
-def test_check_repair_refuses_a_foreign_format(qcow2):
-    path, before = qcow2
+def test_check_repair_refuses_a_foreign_format(foreign_image):
+    path, before = foreign_image
     _one_line(run_cli("check", "-r", "all", path), str(path), UNSUPPORTED)
     assert _sha(path) == before
 
 
-def test_stress_image_refuses_a_foreign_format(qcow2):
-    path, before = qcow2
+def test_stress_image_refuses_a_foreign_format(foreign_image):
+    path, before = foreign_image
     _one_line(run_cli("stress", "--image", path, "--duration", "0.1", "--seed", "1"), str(path), UNSUPPORTED)
     assert _sha(path) == before
 
 
-def test_serve_refuses_a_foreign_format_before_listening(qcow2, scratch):
-    path, before = qcow2
+def test_serve_refuses_a_foreign_format_before_listening(foreign_image, scratch):
+    path, before = foreign_image
     sock = scratch / "vhost.sock"
     _one_line(run_cli("serve", "--vhost-user", sock, path), str(path), UNSUPPORTED)
     assert _sha(path) == before
     assert not sock.exists()
 
 
-def test_resize_refuses_a_foreign_format(qcow2):
-    path, before = qcow2
+def test_resize_refuses_a_foreign_format(foreign_image):
+    path, before = foreign_image
     r = run_cli("resize", path, "+1M")
     _one_line(r, str(path), UNSUPPORTED)
     assert _sha(path) == before
 
 
-def test_info_with_explicit_raw_shows_a_foreign_file_as_raw(qcow2):
-    path, before = qcow2
+def test_info_with_explicit_raw_shows_a_foreign_file_as_raw(foreign_image):
+    path, before = foreign_image
     r = run_cli("info", "-f", "raw", path)
     assert r.rc == 0, r.err
     assert "file format: raw" in r.out.splitlines()
     assert _sha(path) == before
 
 
-def test_convert_with_explicit_raw_copies_a_foreign_file_byte_for_byte(qcow2, scratch):
-    path, before = qcow2
+def test_convert_with_explicit_raw_copies_a_foreign_file_byte_for_byte(foreign_image, scratch):
+    path, before = foreign_image
     r = run_cli("convert", "-f", "raw", "-O", "raw", path, scratch / "copy.raw")
     assert r.rc == 0, r.err
     assert _sha(scratch / "copy.raw") == before == _sha(path)

@@ -1,5 +1,12 @@
 """``vblock bench convert``: ``vblock convert`` against ``qemu-img convert -O qed``, same run, same file.
 
+Three sources (``--rows``): ``raw`` (below), ``qcow2`` (the same 4 GiB / 1 GiB layout, made a qcow2
+by qemu-img: ``vblock convert -f qcow2 -O qed`` against ``qemu-img convert -f qcow2 -O qed``, both
+``-t unsafe``) and ``inplace`` (an 8 GiB qcow2 holding 2 GiB of data: ``vblock convert --in-place
+-O qed``, durable by design, against the durable copy ``qemu-img convert -t writeback -f qcow2 -O
+qed``; each round converts a fresh copy of the qcow2, made untimed; the row's ``MB/s`` column is
+then the bytes the in-place conversion wrote, in MB, since it writes metadata only).
+
 The source is a 4 GiB sparse raw file holding 1 GiB of random data (256 extents of 4 MiB, one every
 16 MiB). Both tools run as commands (process start-up included) in back-to-back pairs, the order
 alternating from round to round, each run after a ``sync`` (so neither pays for the other's dirty
@@ -107,7 +114,115 @@ def _verify(src, dst):
     subprocess.run(["qemu-img", "compare", "-q", "-f", "raw", "-F", "qed", src, dst], check=True)
 
 
-def run(rounds=5, size=SIZE, data=DATA, verify=True):
+def _pair_rows(label, pattern, qcmd, run_v, rounds, data, verify):
+    tq, tv, ratios = [], [], []
+    for r in range(rounds):
+        if r % 2:
+            v = run_v()
+            q = _timed(qcmd)
+        else:
+            q = _timed(qcmd)
+            v = run_v()
+        tq.append(q)
+        tv.append(v)
+        ratios.append(q / v)
+        if verify:
+            verify()
+    q, v = statistics.median(tq), statistics.median(tv)
+    chunks = data / CHUNK
+    row = Row("convert", label, pattern, CHUNK, 16, chunks / v, data / v / 1e6)
+    row.against("qemu-img convert", chunks / q, ratio=statistics.median(ratios))
+    row.seconds, row.peer_seconds = v, q
+    row.best_seconds, row.peer_best_seconds = min(tv), min(tq)
+    return row
+
+
+def _qcow2_source(tmp, raw, name):
+    path = os.path.join(tmp, name)
+    subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", raw, path], check=True)
+    return path
+
+
+def run_qcow2(tmp, rounds, verify, size=SIZE, data=DATA):
+    """qcow2 -> QED copies, vblock against qemu-img."""
+    raw = os.path.join(tmp, "src.raw")
+    make_source(raw, size, data)
+    src = _qcow2_source(tmp, raw, "src.qcow2")
+    os.unlink(raw)
+    with open(src, "rb") as f:
+        while f.read(16 << 20):
+            pass
+    dq, dv = os.path.join(tmp, "q.qed"), os.path.join(tmp, "v.qed")
+    vcmd = _vblock_cmd() + ["convert", "-q", "-f", "qcow2", "-O", "qed", src, dv]
+    qcmd = ["qemu-img", "convert", "-f", "qcow2", "-O", "qed", src, dq]
+
+    def check():
+        subprocess.run(["qemu-img", "check", "-q", dv], check=True)
+        subprocess.run(["qemu-img", "compare", "-q", "-f", "qcow2", "-F", "qed", src, dv], check=True)
+
+    row = _pair_rows("qcow2 default (unsafe)", f"qcow2 {size >> 30}G/{data >> 30}G data -> qed",
+                     qcmd, lambda: _timed(vcmd), rounds, data, check if verify else None)
+    for p in (src, dq, dv):
+        if os.path.exists(p):
+            os.unlink(p)
+    return row
+
+
+def run_inplace(tmp, rounds, verify, size=2 * SIZE, data=2 * DATA):
+    """In place (durable by design) against a durable qemu-img copy; reports bytes written."""
+    raw = os.path.join(tmp, "src.raw")
+    make_source(raw, size, data)
+    orig = _qcow2_source(tmp, raw, "orig.qcow2")
+    os.unlink(raw)
+    work, dq = os.path.join(tmp, "work.qcow2"), os.path.join(tmp, "q.qed")
+    written = []
+
+    def run_v():
+        if os.path.exists(work):
+            os.unlink(work)
+        subprocess.run(["cp", "--sparse=always", orig, work], check=True)
+        os.sync()
+        t0 = time.perf_counter()
+        p = subprocess.run(_vblock_cmd() + ["convert", "--in-place", "-O", "qed", work], check=True,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        elapsed = time.perf_counter() - t0
+        written.append(p.stderr)
+        return elapsed
+
+    qcmd = ["qemu-img", "convert", "-t", "writeback", "-f", "qcow2", "-O", "qed", orig, dq]
+
+    def check():
+        subprocess.run(["qemu-img", "compare", "-q", "-f", "qcow2", "-F", "qed", orig, work],
+                       check=True)
+
+    row = _pair_rows("in place vs writeback copy", f"qcow2 {size >> 30}G/{data >> 30}G data -> qed",
+                     qcmd, run_v, rounds, data, check if verify else None)
+    row.written = written[-1].strip() if written else ""
+    for p in (orig, work, dq):
+        if os.path.exists(p):
+            os.unlink(p)
+    return row
+
+
+def run(rounds=5, size=SIZE, data=DATA, verify=True, which=("raw",)):
+    """Rows for the sources in ``which``; the in-place source is twice ``size`` and ``data``."""
+    rows = []
+    if shutil.which("qemu-img") is None:
+        raise RuntimeError("qemu-img is not installed (apt-get install qemu-utils)")
+    if "raw" in which:
+        rows += run_raw(rounds, size, data, verify)
+    for name, fn, scale in (("qcow2", run_qcow2, 1), ("inplace", run_inplace, 2)):
+        if name in which:
+            tmp = bench_dir()
+            try:
+                _compile_package()
+                rows.append(fn(tmp, rounds, verify, size=scale * size, data=scale * data))
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+    return rows
+
+
+def run_raw(rounds=5, size=SIZE, data=DATA, verify=True):
     if shutil.which("qemu-img") is None:
         raise RuntimeError("qemu-img is not installed (apt-get install qemu-utils)")
     tmp = bench_dir()
@@ -161,12 +276,16 @@ def main(argv=None):
     ap.add_argument("--json", action="store_true", help="one JSON object per row")
     ap.add_argument("--rounds", type=int, default=5, help="pairs of runs per pairing (default 5)")
     ap.add_argument("--no-verify", action="store_true", help="skip qemu-img check/compare of the results")
+    ap.add_argument("--rows", default="raw,qcow2,inplace",
+                    help="sources to convert, comma-separated: raw, qcow2, inplace (default all)")
     args = ap.parse_args(argv)
-    rows = run(rounds=args.rounds, verify=not args.no_verify)
+    which = tuple(w.strip() for w in args.rows.split(",") if w.strip())
+    rows = run(rounds=args.rounds, verify=not args.no_verify, which=which)
     report(rows, as_json=args.json)
     if not args.json:
         for r in rows:
             print(f"convert ({r.engine}): median vblock {r.seconds:.2f} s, qemu-img {r.peer_seconds:.2f} s; "
                   f"best vblock {r.best_seconds:.2f} s, qemu-img {r.peer_best_seconds:.2f} s; "
-                  f"median pair time ratio vblock/qemu-img {1 / r.ratio:.2f}x")
+                  f"median pair time ratio vblock/qemu-img {1 / r.ratio:.2f}x"
+                  + (f"; {r.written}" if getattr(r, "written", "") else ""))
     return 0

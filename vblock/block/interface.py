@@ -53,7 +53,9 @@ class Run(NamedTuple):
     """A run of guest bytes with one allocation state.
 
     ``offset``/``length`` in bytes of the guest (virtual) disk; ``kind`` one of DATA, ZERO,
-    UNALLOCATED; ``host_offset`` the byte offset in the image file for DATA runs (else None);
+    UNALLOCATED; ``host_offset`` the byte offset in the image file for DATA runs (None where the
+    data has no place of its own, as a compressed qcow2 cluster), and for ZERO or UNALLOCATED runs
+    whose host clusters stay reserved (qcow2's preallocated zero clusters), else None;
     ``depth`` 0 for this image, 1 for its backing file, and so on (set by ``Image.block_status``).
     """
 

@@ -18,11 +18,11 @@ from vblock.cli.status import ExitStatus, check_status
 from vblock.errors import UnsupportedError
 
 _ALWAYS = ("total-clusters", "check-errors", "filename", "format")
-_WHEN_SET = ("allocated-clusters", "fragmented-clusters", "leaks", "corruptions", "leaks-fixed",
-             "corruptions-fixed")
+_WHEN_SET = ("image-end-offset", "allocated-clusters", "fragmented-clusters", "compressed-clusters",
+             "leaks", "corruptions", "leaks-fixed", "corruptions-fixed")
 _ORDER = ("image-end-offset", "total-clusters", "check-errors", "leaks", "leaks-fixed",
-          "allocated-clusters", "filename", "format", "fragmented-clusters", "corruptions",
-          "corruptions-fixed")
+          "allocated-clusters", "filename", "format", "fragmented-clusters", "compressed-clusters",
+          "corruptions", "corruptions-fixed")
 
 
 def add_parser(sub, common):
@@ -85,8 +85,12 @@ def _human(result: dict, repaired: bool) -> list:
     if total:
         alloc = result.get("allocated-clusters", 0)
         frag = result.get("fragmented-clusters", 0)
+        comp = result.get("compressed-clusters", 0)
         lines.append(f"{alloc}/{total} = {100.0 * alloc / total:.2f}% allocated, "
-                     f"{100.0 * frag / alloc if alloc else 0:.2f}% fragmented, 0.00% compressed clusters")
+                     f"{100.0 * frag / alloc if alloc else 0:.2f}% fragmented, "
+                     f"{100.0 * comp / alloc if alloc else 0:.2f}% compressed clusters")
+    if result.get("image-end-offset"):
+        lines.append(f"Image end offset: {result['image-end-offset']}")
     return lines
 
 

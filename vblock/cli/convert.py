@@ -37,7 +37,7 @@ import time
 
 import vblock
 from vblock.block import convert as engine
-from vblock.cli import _destination, _images
+from vblock.cli import _destination, _images, _inplace
 from vblock.cli.output import UsageError, human_size
 from vblock.cli.progress import Progress, progress_for
 from vblock.cli.status import ExitStatus
@@ -63,6 +63,7 @@ def add_parser(sub, common):
     p.add_argument("-m", dest="depth", type=int, default=DEFAULT_DEPTH, metavar="N",
                    help=f"requests in flight (default {DEFAULT_DEPTH})")
     _images.add_force_share(p, "the source")
+    _inplace.add_arguments(p)
     p.add_argument("src", metavar="SRC", nargs="?")  # SRC and DST are optional for -o help only
     p.add_argument("dst", metavar="DST", nargs="?")
 
@@ -124,6 +125,8 @@ def convert(src_path, dst_path, out_fmt, *, fmt=None, options=None, backing=None
 
 
 def run(args, env):
+    if args.in_place:
+        return _inplace.run(args, env)
     if _images.wants_help(args.options):
         env.out(_images.options_help(_images.check_creatable(args.out_fmt)))
         return ExitStatus.SUCCESS

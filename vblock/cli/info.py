@@ -10,6 +10,7 @@ shown all the same.
 from __future__ import annotations
 
 import os
+import time
 
 from vblock.cli import _images
 from vblock.cli.output import dump_json, human_size
@@ -52,6 +53,10 @@ def describe(img, filename) -> dict:
             d["full-backing-filename"] = raw["full-backing-filename"]
         if raw.get("backing-filename-format"):
             d["backing-filename-format"] = raw["backing-filename-format"]
+    if "snapshots" in raw:
+        d["snapshots"] = raw["snapshots"]
+    if "format-specific" in raw:
+        d["format-specific"] = raw["format-specific"]
     d["dirty-flag"] = _dirty_from_header(img.path) if img.format == "qed" else bool(raw.get("dirty-flag", False))
     return d
 
@@ -82,8 +87,23 @@ def _human(d, table_size=None) -> str:
         lines.append(f"backing file: {name}" + (f" (actual path: {full})" if full and full != name else ""))
         if "backing-filename-format" in d:
             lines.append(f"backing file format: {d['backing-filename-format']}")
+    if d.get("snapshots"):
+        lines.append("Snapshot list:")
+        lines.append(f"{'ID':<8}{'TAG':<24}{'VM SIZE':>8}{'DATE':>21}{'VM CLOCK':>16}")
+        for sn in d["snapshots"]:
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(sn["date-sec"]))
+            secs = sn["vm-clock-sec"]
+            clock = f"{secs // 3600:04d}:{secs // 60 % 60:02d}:{secs % 60:02d}.{sn['vm-clock-nsec'] // 1000000:03d}"
+            lines.append(f"{sn['id']:<8}{sn['name']:<24}{human_size(sn['vm-state-size']):>8}"
+                         f"{when:>21}{clock:>16}")
     if d["format"] == "qed":
         lines.append(f"dirty flag: {'yes' if d['dirty-flag'] else 'no'}")
+    spec = d.get("format-specific")
+    if spec:
+        lines.append("Format specific information:")
+        for key, value in spec["data"].items():
+            shown = str(value).lower() if isinstance(value, bool) else value
+            lines.append(f"    {key.replace('-', ' ')}: {shown}")
     return "\n".join(lines)
 
 

@@ -10,6 +10,9 @@ after a warning that names both files.
 
 from __future__ import annotations
 
+import errno
+import os
+
 from vblock.block.interface import DATA, UNALLOCATED, ZERO
 from vblock.cli import _images
 from vblock.cli.status import ExitStatus
@@ -32,13 +35,24 @@ def _layer(img, start, length, depth):
     dicts with qemu-img map's keys plus ``file``."""
     for run in img.driver.block_status(start, length):
         if run.kind == DATA:
-            yield {"start": run.offset, "length": run.length, "depth": depth, "present": True,
-                   "zero": False, "data": True, "offset": run.host_offset, "file": img.path}
+            e = {"start": run.offset, "length": run.length, "depth": depth, "present": True,
+                 "zero": False, "data": True, "file": img.path}
+            if run.host_offset is None:  # compressed data has no place of its own
+                yield e
+            else:
+                e["offset"] = run.host_offset
+                if getattr(img.driver, "reports_host_holes", False):
+                    yield from _split_holes(e)
+                else:
+                    yield e
         elif run.kind == ZERO:
             e = {"start": run.offset, "length": run.length, "depth": depth, "present": True,
                  "zero": True, "data": False}
             if img.format == "raw":  # a hole in a raw file still has its place in the file
                 e["offset"] = run.offset
+                e["file"] = img.path
+            elif run.host_offset is not None:  # a zero cluster that keeps its host cluster
+                e["offset"] = run.host_offset
                 e["file"] = img.path
             yield e
         else:
@@ -52,6 +66,45 @@ def _layer(img, start, length, depth):
             if inside < run.length:
                 yield {"start": run.offset + inside, "length": run.length - inside, "depth": depth,
                        "present": False, "zero": True, "data": False}
+
+
+def _split_holes(e):
+    """``e`` (data at ``offset`` in a file) split where the file has holes: a hole reads as
+    zeros, so QEMU's map reports those parts ``zero`` as well as ``data``. Past the end of the
+    file nothing is split."""
+    try:
+        fd = os.open(e["file"], os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        yield e
+        return
+    try:
+        end_of_file = os.fstat(fd).st_size
+        pos, end = e["offset"], e["offset"] + e["length"]
+        inside = min(end, end_of_file)
+        while pos < inside:
+            try:
+                data = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError as exc:
+                if exc.errno != errno.ENXIO:
+                    raise
+                data = inside
+            if data > pos:
+                n = min(data, inside) - pos
+                yield {**e, "start": e["start"] + pos - e["offset"], "length": n, "offset": pos,
+                       "zero": True}
+                pos += n
+                continue
+            hole = min(os.lseek(fd, pos, os.SEEK_HOLE), inside)
+            yield {**e, "start": e["start"] + pos - e["offset"], "length": hole - pos, "offset": pos}
+            pos = hole
+        if pos < end:
+            yield {**e, "start": e["start"] + pos - e["offset"], "length": end - pos, "offset": pos}
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP):
+            raise
+        yield e  # no SEEK_DATA here: all data
+    finally:
+        os.close(fd)
 
 
 def _mergeable(a, b) -> bool:

@@ -89,7 +89,6 @@ def _dmg():
 
 _MAKERS = {
     "qcow": lambda: _qcow(1),
-    "qcow2": lambda: _qcow(3),
     "vmdk": _vmdk,
     "vmdk-descriptor": _vmdk_descriptor,
     "vdi": _vdi,
@@ -116,7 +115,6 @@ def sample(fmt: str) -> bytes:
 #: sample name -> (qemu-img format, extra ``qemu-img create`` arguments) for a real image of it
 QEMU_IMG_CREATE = {
     "qcow": ("qcow", []),
-    "qcow2": ("qcow2", []),
     "vmdk": ("vmdk", []),
     "vmdk-descriptor": ("vmdk", ["-o", "subformat=monolithicFlat"]),
     "vdi": ("vdi", []),

@@ -1,5 +1,5 @@
-"""Fuzz targets for what hostile input reaches: QED image files, virtqueue contents and the bytes
-an NBD client sends.
+"""Fuzz targets for what hostile input reaches: QED and qcow2 image files, virtqueue contents and
+the bytes an NBD client sends.
 
 Each target takes the fuzzer's bytes and must never raise anything but the documented errors;
 any other exception, a hang, or a write where none is allowed is a finding.
@@ -9,6 +9,12 @@ any other exception, a hang, or a write where none is allowed is a finding.
   (automatic repair when need-check is set), check, repair, check again. Allowed errors:
   ``ImageError`` (corruption named by field), ``UnsupportedError``, and ``OSError`` for a backing
   file that cannot be opened. The file must never grow past its starting length.
+* ``qcow2_image``: the input's first byte picks a small valid qcow2 seed (4 KiB clusters with
+  deflate-compressed, zero and data clusters over a raw backing file; or 16 KiB clusters with
+  extended L2 and zstd), the rest overlays its first bytes: open read-only, read the first
+  4 MiB, map, info and check it. A read-write open must be refused. Allowed errors as for
+  ``qed_image``, and ``UnknownFormatError`` for a backing format no driver serves; the file
+  must never change.
 * ``virtqueue``: the input becomes a descriptor table, the available ring and the request headers
   of a virtio-blk queue over a RAM disk; the device must not raise, must not write guest memory
   outside the buffers the guest marked device-writable (and its used ring), and must end either
@@ -35,7 +41,9 @@ import sys
 import tempfile
 import time
 
-TARGETS = ("qed_image", "virtqueue", "nbd_server")
+TARGETS = ("qed_image", "virtqueue", "nbd_server", "qcow2_image")
+#: the share of the bounded CI run (``VBLOCK_FUZZ_SECONDS``) each target gets (default 1.0)
+BUDGET_SHARE = {"qcow2_image": 0.5}
 
 # -- qed_image --------------------------------------------------------------------------------------
 
@@ -118,6 +126,85 @@ def qed_image(data: bytes) -> None:
         # The one write above may allocate a data cluster and an L2 table; nothing else may grow.
         if grown > 2 * 4096 + 4096:
             raise AssertionError(f"image grew by {grown} bytes")
+    finally:
+        os.unlink(path)
+
+
+# -- qcow2_image ------------------------------------------------------------------------------------
+
+_QCOW2_SEEDS = {}
+
+
+def qcow2_seeds():
+    """Two small valid qcow2 images over one raw backing file; returns (directory, [bytes])."""
+    if "seeds" in _QCOW2_SEEDS:
+        return _QCOW2_SEEDS["seeds"]
+    from vblock.testing.qcow2_image import ZERO, build
+
+    d = tempfile.mkdtemp(prefix="vblock-fuzz-qcow2-")
+    with open(os.path.join(d, "base.raw"), "wb") as f:
+        f.write(bytes([0x5A]) * 65536)
+    cs = 4096
+    first = build(4 << 20, {0: b"\x11" * cs, 1: ("compressed", b"\x22" * cs), 2: ZERO,
+                            3: ("compressed", bytes(range(256)) * 16), 600: b"\x33" * cs},
+                  cluster_bits=12, backing="base.raw", backing_fmt="raw").data
+    sc = 16384 // 32
+    second = build(1 << 20, {0: ("sub", b"\x44" * 16384, 0xFFFF, 0xFF0000), 1: ZERO,
+                             2: ("compressed", b"\x55" * 16384), 40: b"\x66" * 16384},
+                   cluster_bits=14, extended_l2=True, compression_type=1,
+                   backing="base.raw", backing_fmt="raw").data
+    assert sc == 512
+    _QCOW2_SEEDS["seeds"] = (d, [first, second])
+    return _QCOW2_SEEDS["seeds"]
+
+
+def _allowed_qcow2_error(exc):
+    from vblock.errors import UnknownFormatError
+
+    # a backing format name that no driver serves is the image's own words, not a finding
+    return _allowed_open_error(exc) or isinstance(exc, UnknownFormatError)
+
+
+def qcow2_image(data: bytes) -> None:
+    import vblock
+
+    seed_dir, seeds = qcow2_seeds()
+    seed = seeds[data[0] % len(seeds)] if data else seeds[0]
+    body = bytes(data[1:])
+    image = body[: len(seed)] + seed[len(body):]
+    path = os.path.join(seed_dir, f"fuzz-{os.getpid()}.qcow2")
+    with open(path, "wb") as f:
+        f.write(image)
+    try:
+        try:
+            img = vblock.open_image(path, format="qcow2", read_only=True, cache="writeback")
+        except Exception as exc:  # noqa: BLE001 - classified below
+            if _allowed_qcow2_error(exc):
+                return
+            raise
+        with img:
+            size = img.size
+            for off in range(0, min(size, 4 << 20), 1 << 20):
+                try:
+                    img.read(off, min(1 << 20, size - off))
+                except Exception as exc:  # noqa: BLE001
+                    if not _allowed_qcow2_error(exc):
+                        raise
+            for fn in (lambda: img.driver.block_status(0, min(size, 1 << 30)), img.info, img.check):
+                try:
+                    fn()
+                except Exception as exc:  # noqa: BLE001
+                    if not _allowed_qcow2_error(exc):
+                        raise
+        try:
+            vblock.open_image(path, format="qcow2").close()
+            raise AssertionError("a read-write open of a qcow2 image was not refused")
+        except Exception as exc:  # noqa: BLE001
+            if not _allowed_qcow2_error(exc):
+                raise
+        with open(path, "rb") as f:
+            if f.read() != image:
+                raise AssertionError("the qcow2 image changed")
     finally:
         os.unlink(path)
 
@@ -259,6 +346,8 @@ def seed_inputs(name):
     a handshake and four requests for nbd_server."""
     if name == "qed_image":
         return [qed_seed()[1][: 4 * 4096]]
+    if name == "qcow2_image":
+        return [bytes([i]) + s[: 6 * 4096] for i, s in enumerate(qcow2_seeds()[1])]
     if name == "nbd_server":
         from vblock.nbd import protocol as P
 
@@ -337,6 +426,7 @@ def main(argv=None):
     if engine == "atheris":
         with atheris.instrument_imports(include=["vblock"]):
             import vblock.block  # noqa: F401
+            import vblock.drivers.qcow2  # noqa: F401
             import vblock.drivers.qed  # noqa: F401
             import vblock.nbd.protocol  # noqa: F401
             import vblock.virtio  # noqa: F401
