@@ -28,10 +28,9 @@ import threading
 from array import array
 from concurrent.futures import ThreadPoolExecutor
 
-from vblock.drivers.qed.cache import L2Cache, wait_loaded
-
 from vblock.block.backing import backing_path
 from vblock.block.interface import DATA, UNALLOCATED, ZERO, BlockDriver, Limits, Run
+from vblock.drivers.qed.cache import L2Cache, wait_loaded
 from vblock.errors import ImageError, UnsupportedError
 from vblock.future import Future, completed, failed, join, resolve
 from vblock.hostio import open_host_file

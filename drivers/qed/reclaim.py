@@ -133,10 +133,10 @@ def reclaim_file(w, progress=None, clear_need_check=True):
         pending.append((key, tables[key], dest))
     l2_moves = [m for m in pending if m[0] is not None]
     if l2_moves:
-        for key, first, dest in l2_moves:
+        for _key, first, dest in l2_moves:
             w.write(dest * cs, w.read(first * cs, tbytes), "RECLAIM_TABLE_COPY")
         w.flush()
-        for key, first, dest in l2_moves:
+        for key, _first, dest in l2_moves:
             l1[key] = dest * cs
             w.write(l1_off + key * 8, struct.pack("<Q", dest * cs), "RECLAIM_L2_MOVE")
             tables[key] = dest

@@ -224,7 +224,7 @@ def virtqueue(data: bytes) -> None:
     img = vblock.open_image(None, format="memory", size=1 << 20)
     mem = GuestMemory.anonymous(_VQ_MEM)
     dev = VirtioBlk(img, mem, queue_size_max=_VQ_SIZE)
-    drv = Driver(VirtioMmio(dev), mem, indirect=bool(data[:1]) and data[0] & 1, event_idx=bool(data[:1]) and data[0] & 2)
+    drv = Driver(VirtioMmio(dev), mem, indirect=bool(data[:1] and data[0] & 1), event_idx=bool(data[:1] and data[0] & 2))
     drv.start()
     dq = drv.queues[0]
     buf = drv.allocator.alloc(8192)  # the area descriptors may point into

@@ -208,7 +208,7 @@ def build(
         struct.pack_into(f">{per_block}H", img, (rb_first + b) * cs, *block)
     struct.pack_into(f">{len(rt)}Q", img, rt_cluster * cs, *rt)
     struct.pack_into(f">{l1_size}Q", img, l1_cluster * cs, *l1)
-    for i, (host, table) in l2s.items():
+    for host, table in l2s.values():
         struct.pack_into(f">{len(table)}Q", img, host * cs, *table)
     for c, blob in body.items():
         img[c * cs : (c + 1) * cs] = blob
