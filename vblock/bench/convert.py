@@ -33,7 +33,7 @@ import subprocess
 import sys
 import time
 
-from vblock.bench import Row, bench_dir, report
+from vblock.bench import Row, bench_dir, interleaved, report
 
 SIZE = 4 << 30
 DATA = 1 << 30
@@ -115,19 +115,9 @@ def _verify(src, dst):
 
 
 def _pair_rows(label, pattern, qcmd, run_v, rounds, data, verify):
-    tq, tv, ratios = [], [], []
-    for r in range(rounds):
-        if r % 2:
-            v = run_v()
-            q = _timed(qcmd)
-        else:
-            q = _timed(qcmd)
-            v = run_v()
-        tq.append(q)
-        tv.append(v)
-        ratios.append(q / v)
-        if verify:
-            verify()
+    pairs = interleaved(rounds, run_v, lambda: _timed(qcmd), after=verify or None)
+    tv, tq = [p[0] for p in pairs], [p[1] for p in pairs]
+    ratios = [q / v for v, q in pairs]  # times: above 1, vblock took less
     q, v = statistics.median(tq), statistics.median(tv)
     chunks = data / CHUNK
     row = Row("convert", label, pattern, CHUNK, 16, chunks / v, data / v / 1e6)
@@ -244,28 +234,10 @@ def run_raw(rounds=5, size=SIZE, data=DATA, verify=True):
             ("in-process, unsafe", qemu, lambda: _in_process(src, dv)),
         )
         for label, qcmd, vcmd in pairs:
-            tq, tv, ratios = [], [], []
-            run_v = vcmd if callable(vcmd) else (lambda: _timed(vcmd))
-            for r in range(rounds):
-                if r % 2:
-                    v = run_v()
-                    q = _timed(qcmd)
-                else:
-                    q = _timed(qcmd)
-                    v = run_v()
-                tq.append(q)
-                tv.append(v)
-                ratios.append(q / v)
-                if verify:
-                    _verify(src, dv)
-            q, v = statistics.median(tq), statistics.median(tv)
-            chunks = data / CHUNK
-            row = Row("convert", label, f"raw {size >> 30}G/{data >> 30}G data -> qed", CHUNK, 16,
-                      chunks / v, data / v / 1e6)
-            row.against("qemu-img convert", chunks / q, ratio=statistics.median(ratios))
-            row.seconds, row.peer_seconds = v, q
-            row.best_seconds, row.peer_best_seconds = min(tv), min(tq)
-            rows.append(row)
+            run_v = vcmd if callable(vcmd) else (lambda vcmd=vcmd: _timed(vcmd))
+            check = (lambda: _verify(src, dv)) if verify else None
+            rows.append(_pair_rows(label, f"raw {size >> 30}G/{data >> 30}G data -> qed", qcmd,
+                                   run_v, rounds, data, check))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return rows
