@@ -30,16 +30,20 @@ class TestClient:
 
     def __init__(self, path, export="", structured=True):
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.connect(str(path))
         self.proto = P.ClientConnection(export, structured=structured)
         self.ready = None
         self._cookie = 0
-        while self.ready is None:
-            ev = self._event()
-            if isinstance(ev, P.Refused):
-                self.ready = ev
-            elif isinstance(ev, P.Ready):
-                self.ready = ev
+        try:
+            self.sock.connect(str(path))
+            while self.ready is None:
+                ev = self._event()
+                if isinstance(ev, P.Refused):
+                    self.ready = ev
+                elif isinstance(ev, P.Ready):
+                    self.ready = ev
+        except BaseException:
+            self.sock.close()
+            raise
 
     def _event(self):
         while True:
@@ -95,3 +99,9 @@ class TestClient:
 
     def close(self):
         self.sock.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

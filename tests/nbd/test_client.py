@@ -287,20 +287,20 @@ def test_serve_an_nbd_uri_again(served, base, scratch):
     """``vblock serve``'s image may itself be a URI (a relay)."""
     _, _, uri = served(base, read_only=True)
     sock2 = scratch / "relay.sock"
-    proc = subprocess.Popen(
+    with subprocess.Popen(  # leaving the block closes the stderr pipe and reaps the process
         [sys.executable, "-m", "vblock.cli.main", "serve", "--nbd", str(sock2), "--read-only", uri],
         stderr=subprocess.PIPE,
         text=True,
-    )
-    try:
-        assert "on nbd" in proc.stderr.readline()
-        with vblock.open_image(f"nbd+unix:///?socket={sock2}") as img, open(base, "rb") as src:
-            assert img.read(0, 4096) == src.read(4096)
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(60) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    ) as proc:
+        try:
+            assert "on nbd" in proc.stderr.readline()
+            with vblock.open_image(f"nbd+unix:///?socket={sock2}") as img, open(base, "rb") as src:
+                assert img.read(0, 4096) == src.read(4096)
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(60) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
 
 
 # -- interop as a client: qemu-nbd and nbdkit ------------------------------------------------------
@@ -334,8 +334,9 @@ def daemons():
         except ProcessLookupError:
             pass
     for proc in procs:
-        proc.stdin.close()
+        proc.stdin.close()  # cat ends, and nbdkit with it
         proc.wait(60)
+        proc.stdout.close()
 
 
 def test_convert_from_qemu_nbd_is_exact_and_sparse(daemons, base, scratch):

@@ -32,14 +32,13 @@ def raw(scratch):
 
 def test_read_write_flush_through_the_block_layer(served, raw):
     _, sock, _ = served(raw)
-    c = TestClient(sock)
-    assert c.ready.export.size == 4 * MiB
-    assert c.read(3, 5) == bytes(range(3, 8))
-    assert c.write(1000, b"hello", flags=P.CMD_FLAG_FUA).error == 0
-    c.send(Cmd.FLUSH)
-    assert c.reply().error == 0
-    assert c.read(998, 9) == bytes([230, 231]) + b"hello" + bytes([237, 238])
-    c.close()
+    with TestClient(sock) as c:
+        assert c.ready.export.size == 4 * MiB
+        assert c.read(3, 5) == bytes(range(3, 8))
+        assert c.write(1000, b"hello", flags=P.CMD_FLAG_FUA).error == 0
+        c.send(Cmd.FLUSH)
+        assert c.reply().error == 0
+        assert c.read(998, 9) == bytes([230, 231]) + b"hello" + bytes([237, 238])
     with open(raw, "rb") as f:
         f.seek(1000)
         assert f.read(5) == b"hello"
@@ -47,91 +46,87 @@ def test_read_write_flush_through_the_block_layer(served, raw):
 
 def test_many_requests_in_flight_all_answered(served, raw):
     _, sock, _ = served(raw)
-    c = TestClient(sock)
-    bufs = {}
-    for i in range(32):
-        buf = bytearray(4096)
-        bufs[c.send(Cmd.READ, i * 4096, 4096, buffer=buf)] = (i, buf)
-    done = {c.reply().cookie for _ in range(32)}
+    with TestClient(sock) as c:
+        bufs = {}
+        for i in range(32):
+            buf = bytearray(4096)
+            bufs[c.send(Cmd.READ, i * 4096, 4096, buffer=buf)] = (i, buf)
+        done = {c.reply().cookie for _ in range(32)}
     assert done == set(bufs)
     assert all(bytes(buf) == bytes(range(256)) * 16 for _, buf in bufs.values())
 
 
 def test_block_status_reports_data_and_holes(served, raw):
     _, sock, _ = served(raw)
-    c = TestClient(sock)
-    c.send(Cmd.BLOCK_STATUS, 0, 4 * MiB)
-    ev = c.reply()
+    with TestClient(sock) as c:
+        c.send(Cmd.BLOCK_STATUS, 0, 4 * MiB)
+        ev = c.reply()
     assert ev.extents == {1: ((MiB, 0), (3 * MiB, P.STATE_HOLE | P.STATE_ZERO))}
 
 
 def test_trim_and_write_zeroes_read_back_zeros(served, raw):
     _, sock, _ = served(raw)
-    c = TestClient(sock)
-    c.send(Cmd.WRITE_ZEROES, 100, 200, P.CMD_FLAG_NO_HOLE)
-    assert c.reply().error == 0
-    c.send(Cmd.TRIM, 65536, 65536)
-    assert c.reply().error == 0
-    assert c.read(99, 202) == bytes([99]) + bytes(200) + bytes([44])
-    assert c.read(65536, 65536) == bytes(65536)
+    with TestClient(sock) as c:
+        c.send(Cmd.WRITE_ZEROES, 100, 200, P.CMD_FLAG_NO_HOLE)
+        assert c.reply().error == 0
+        c.send(Cmd.TRIM, 65536, 65536)
+        assert c.reply().error == 0
+        assert c.read(99, 202) == bytes([99]) + bytes(200) + bytes([44])
+        assert c.read(65536, 65536) == bytes(65536)
 
 
 def test_read_only_export_refuses_writes_with_eperm(served, raw):
     before = sha(raw)
     _, sock, _ = served(raw, read_only=True)
-    c = TestClient(sock)
-    assert c.ready.flags & P.TF_READ_ONLY
-    assert c.write(0, b"x").error == P.NBD_EPERM
-    assert c.read(0, 4) == bytes(range(4))
-    c.close()
+    with TestClient(sock) as c:
+        assert c.ready.flags & P.TF_READ_ONLY
+        assert c.write(0, b"x").error == P.NBD_EPERM
+        assert c.read(0, 4) == bytes(range(4))
     assert sha(raw) == before
 
 
 def test_export_name_is_served_and_others_refused(served, raw):
     _, sock, _ = served(raw, export_name="disk0")
-    c = TestClient(sock, export="nope")
-    assert isinstance(c.ready, P.Refused) and c.ready.reply_type == P.ERR_UNKNOWN
-    assert "export 'nope' not present" in c.ready.message
-    c.close()
-    c = TestClient(sock, export="disk0")
-    assert c.read(0, 2) == b"\0\1"
+    with TestClient(sock, export="nope") as c:
+        assert isinstance(c.ready, P.Refused) and c.ready.reply_type == P.ERR_UNKNOWN
+        assert "export 'nope' not present" in c.ready.message
+    with TestClient(sock, export="disk0") as c:
+        assert c.read(0, 2) == b"\0\1"
 
 
 def test_two_clients_at_once_share_one_image(served, raw):
     _, sock, _ = served(raw, shared=2)
-    a, b = TestClient(sock), TestClient(sock)
-    assert a.ready.flags & P.TF_CAN_MULTI_CONN and b.ready.flags & P.TF_CAN_MULTI_CONN
-    assert a.write(4096, b"from a").error == 0
-    a.send(Cmd.FLUSH)
-    assert a.reply().error == 0
-    assert b.read(4096, 6) == b"from a"
+    with TestClient(sock) as a, TestClient(sock) as b:
+        assert a.ready.flags & P.TF_CAN_MULTI_CONN and b.ready.flags & P.TF_CAN_MULTI_CONN
+        assert a.write(4096, b"from a").error == 0
+        a.send(Cmd.FLUSH)
+        assert a.reply().error == 0
+        assert b.read(4096, 6) == b"from a"
 
 
 def test_single_connection_export_has_no_multi_conn(served, raw):
     _, sock, _ = served(raw)
-    assert not TestClient(sock).ready.flags & P.TF_CAN_MULTI_CONN
+    with TestClient(sock) as c:
+        assert not c.ready.flags & P.TF_CAN_MULTI_CONN
 
 
 # -- hostile clients: one named test each ----------------------------------------------------------
 def test_client_disconnecting_mid_write_leaves_the_image_and_server_intact(served, raw):
     before = sha(raw)
     _, sock, _ = served(raw)
-    c = TestClient(sock)
-    c.sock.sendall(P.encode_request(Cmd.WRITE, 1, 0, 8192) + b"\xee" * 4000)
-    c.close()
-    d = TestClient(sock)  # served once the first connection is gone (shared=1)
-    assert d.read(0, 4) == bytes(range(4))
-    d.close()
+    with TestClient(sock) as c:
+        c.sock.sendall(P.encode_request(Cmd.WRITE, 1, 0, 8192) + b"\xee" * 4000)
+    with TestClient(sock) as d:  # served once the first connection is gone (shared=1)
+        assert d.read(0, 4) == bytes(range(4))
     assert sha(raw) == before
 
 
 def test_garbage_after_the_handshake_closes_that_connection_only(served, raw):
     before = sha(raw)
     _, sock, _ = served(raw, shared=2)
-    other = TestClient(sock)
-    c = TestClient(sock)
-    assert c.raw(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" + bytes(64)) == b""
-    assert other.read(0, 4) == bytes(range(4))
+    with TestClient(sock) as other, TestClient(sock) as c:
+        assert c.raw(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" + bytes(64)) == b""
+        assert other.read(0, 4) == bytes(range(4))
     assert sha(raw) == before
 
 
@@ -139,75 +134,78 @@ def test_garbage_instead_of_a_handshake_closes_the_connection(served, raw):
     import socket as s
 
     _, sock, _ = served(raw)
-    c = s.socket(s.AF_UNIX, s.SOCK_STREAM)
-    c.connect(str(sock))
-    c.recv(18)
-    c.sendall(b"\xff" * 100)
-    c.settimeout(30)
-    assert c.recv(100) == b""
-    assert TestClient(sock).read(0, 1) == b"\0"
+    with s.socket(s.AF_UNIX, s.SOCK_STREAM) as c:
+        c.connect(str(sock))
+        c.recv(18)
+        c.sendall(b"\xff" * 100)
+        c.settimeout(30)
+        assert c.recv(100) == b""
+    with TestClient(sock) as c:
+        assert c.read(0, 1) == b"\0"
 
 
 def test_huge_read_length_is_einval_and_the_connection_lives(served, raw):
     _, sock, _ = served(raw)
-    c = TestClient(sock)
-    c.send(Cmd.READ, 0, (32 * MiB) + 1, buffer=bytearray(32 * MiB + 1))
-    ev = c.reply()
-    assert ev.error == P.NBD_EINVAL and "over the maximum" in ev.message
-    assert c.read(0, 2) == b"\0\1"
+    with TestClient(sock) as c:
+        c.send(Cmd.READ, 0, (32 * MiB) + 1, buffer=bytearray(32 * MiB + 1))
+        ev = c.reply()
+        assert ev.error == P.NBD_EINVAL and "over the maximum" in ev.message
+        assert c.read(0, 2) == b"\0\1"
 
 
 def test_huge_write_length_is_einval_then_closed(served, raw):
     before = sha(raw)
     _, sock, _ = served(raw)
-    c = TestClient(sock)
-    c.sock.sendall(P.encode_request(Cmd.WRITE, 77, 0, 64 * MiB) + b"\xee" * 1000)
-    c.expect(77)
-    ev = c.reply()
-    assert (ev.cookie, ev.error) == (77, P.NBD_EINVAL)
-    assert c.recv_all() == b""
+    with TestClient(sock) as c:
+        c.sock.sendall(P.encode_request(Cmd.WRITE, 77, 0, 64 * MiB) + b"\xee" * 1000)
+        c.expect(77)
+        ev = c.reply()
+        assert (ev.cookie, ev.error) == (77, P.NBD_EINVAL)
+        assert c.recv_all() == b""
     assert sha(raw) == before
 
 
 def test_write_past_the_end_is_refused_and_nothing_grows(served, raw):
     _, sock, _ = served(raw)
-    c = TestClient(sock)
-    assert c.write(4 * MiB - 2, b"abcd").error == P.NBD_ENOSPC
+    with TestClient(sock) as c:
+        assert c.write(4 * MiB - 2, b"abcd").error == P.NBD_ENOSPC
     assert os.path.getsize(raw) == 4 * MiB
 
 
 def test_unknown_command_is_einval_and_the_connection_lives(served, raw):
     _, sock, _ = served(raw)
-    c = TestClient(sock)
-    c.sock.sendall(P.encode_request(9, 500, 0, 33 * MiB))
-    c.expect(500)
-    ev = c.reply()
-    assert (ev.cookie, ev.error) == (500, P.NBD_EINVAL) and "invalid request type 9" in ev.message
-    assert c.read(0, 1) == b"\0"
+    with TestClient(sock) as c:
+        c.sock.sendall(P.encode_request(9, 500, 0, 33 * MiB))
+        c.expect(500)
+        ev = c.reply()
+        assert (ev.cookie, ev.error) == (500, P.NBD_EINVAL)
+        assert "invalid request type 9" in ev.message
+        assert c.read(0, 1) == b"\0"
 
 
 def test_eof_in_the_handshake_is_harmless(served, raw):
     import socket as s
 
     _, sock, _ = served(raw)
-    c = s.socket(s.AF_UNIX, s.SOCK_STREAM)
-    c.connect(str(sock))
-    c.recv(18)
-    c.sendall(b"\0\0")
-    c.close()
-    assert TestClient(sock).read(0, 1) == b"\0"
+    with s.socket(s.AF_UNIX, s.SOCK_STREAM) as c:
+        c.connect(str(sock))
+        c.recv(18)
+        c.sendall(b"\0\0")
+    with TestClient(sock) as c:
+        assert c.read(0, 1) == b"\0"
 
 
 def test_client_silent_in_the_handshake_is_dropped_and_the_slot_freed(served, raw):
     import socket as s
 
     _, sock, _ = served(raw, handshake_timeout=2)
-    c = s.socket(s.AF_UNIX, s.SOCK_STREAM)
-    c.connect(str(sock))
-    assert len(c.recv(18)) == 18
-    c.settimeout(60)
-    assert c.recv(100) == b""  # the server closed: it waits for no handshake forever
-    assert TestClient(sock).read(0, 1) == b"\0"  # shared=1: the slot is free again
+    with s.socket(s.AF_UNIX, s.SOCK_STREAM) as c:
+        c.connect(str(sock))
+        assert len(c.recv(18)) == 18
+        c.settimeout(60)
+        assert c.recv(100) == b""  # the server closed: it waits for no handshake forever
+        with TestClient(sock) as again:
+            assert again.read(0, 1) == b"\0"  # shared=1: the slot is free again
 
 
 # -- the CLI: locks while served, SIGTERM drains and leaves QED clean ------------------------------
@@ -215,25 +213,24 @@ def test_serve_nbd_sigterm_leaves_qed_clean_and_locked_while_served(scratch):
     path = scratch / "d.qed"
     vblock.create_image(str(path), "qed", 8 * MiB).close()
     sock = scratch / "s.sock"
-    proc = subprocess.Popen(
+    with subprocess.Popen(  # leaving the block closes the stderr pipe and reaps the process
         [sys.executable, "-m", "vblock.cli.main", "serve", "--nbd", str(sock), str(path)],
         stderr=subprocess.PIPE,
         text=True,
-    )
-    try:
-        line = proc.stderr.readline()
-        assert "on nbd" in line
-        c = TestClient(sock)
-        assert c.write(12345, b"kept").error == 0
-        with pytest.raises(vblock.errors.ImageLockedError):
-            vblock.open_image(str(path), read_only=True)
-        proc.send_signal(signal.SIGTERM)  # with the client still connected
-        assert proc.wait(60) == 0
-        assert c.recv_all() == b""
-        c.close()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    ) as proc:
+        try:
+            line = proc.stderr.readline()
+            assert "on nbd" in line
+            with TestClient(sock) as c:
+                assert c.write(12345, b"kept").error == 0
+                with pytest.raises(vblock.errors.ImageLockedError):
+                    vblock.open_image(str(path), read_only=True)
+                proc.send_signal(signal.SIGTERM)  # with the client still connected
+                assert proc.wait(60) == 0
+                assert c.recv_all() == b""
+        finally:
+            if proc.poll() is None:
+                proc.kill()
     assert not sock.exists()
     with open(path, "rb") as f:
         assert struct.unpack_from("<Q", f.read(64), 16)[0] & QED_F_NEED_CHECK == 0
@@ -355,10 +352,10 @@ def test_nbdinfo_map_shows_data_and_holes(served, raw):
 def test_qemu_io_two_clients_at_once(served, raw):
     need("qemu-io")
     _, sock, uri = served(raw, shared=2)
-    held = TestClient(sock)  # the first connection stays open while qemu-io works
-    r = qemu_io(uri, "write -P 0x77 2048 512", "read -P 0x77 2048 512")
-    assert r.returncode == 0 and "verification failed" not in r.stdout, r.stdout + r.stderr
-    assert held.read(2048, 512) == b"\x77" * 512
+    with TestClient(sock) as held:  # the first connection stays open while qemu-io works
+        r = qemu_io(uri, "write -P 0x77 2048 512", "read -P 0x77 2048 512")
+        assert r.returncode == 0 and "verification failed" not in r.stdout, r.stdout + r.stderr
+        assert held.read(2048, 512) == b"\x77" * 512
 
 
 def test_qemu_io_export_name_and_unknown_export(served, raw):

@@ -93,8 +93,8 @@ class NbdFile:
         self.path = uri
         self.address = parse_uri(uri)
         self.read_only = bool(read_only)
-        self._sock = connect(self.address, timeout)
         self._proto = P.ClientConnection(self.address.export)
+        self._sock = connect(self.address, timeout)
         self._send_lock = threading.Lock()
         self._lock = threading.Lock()  # guards _futures, _cookie, _dead
         self._idle = threading.Condition(self._lock)
@@ -122,7 +122,11 @@ class NbdFile:
         self._sender = None
         self._stop_sender = False
         self._thread = threading.Thread(target=self._receive, name=f"nbd-client {uri}", daemon=True)
-        self._thread.start()
+        try:
+            self._thread.start()
+        except BaseException:
+            self._sock.close()
+            raise
         self._receiver = self._thread.ident
 
     # -- handshake ---------------------------------------------------------------------------------

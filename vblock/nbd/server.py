@@ -329,7 +329,12 @@ class Server:
         self._lock = threading.Lock()
         self._stopping = False
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self.listener = listen(self.address)
+        try:
+            self.listener = listen(self.address)
+        except BaseException:
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+            raise
         if self.address.socket is None:  # the port really bound (port 0 asks for any free one)
             self.address = dataclasses.replace(self.address, port=self.listener.getsockname()[1])
 
@@ -394,21 +399,32 @@ class Server:
         except OSError as exc:
             _log.warning("nbd: accept failed: %s", exc)
             return
-        if sock.family in (socket.AF_INET, socket.AF_INET6):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        # Replies are sent from the threads that complete requests: a client that stops reading
-        # must not hold them for long. A send that makes no progress for send_timeout seconds
-        # fails, and the connection is dropped (the socket stays blocking for receives).
-        secs = self.send_timeout
-        sock.setsockopt(
-            socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", int(secs), int(secs % 1 * 1e6))
-        )
-        self.connections += 1
-        conn = _Connection(self, sock, self.connections)
-        with self._lock:
-            self._live.add(conn)
-        _log.info("nbd: client %d connected", conn.number)
-        conn.thread.start()
+        conn = None
+        try:
+            if sock.family in (socket.AF_INET, socket.AF_INET6):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            # Replies are sent from the threads that complete requests: a client that stops
+            # reading must not hold them for long. A send that makes no progress for send_timeout
+            # seconds fails, and the connection is dropped (the socket stays blocking for
+            # receives).
+            secs = self.send_timeout
+            sock.setsockopt(
+                socket.SOL_SOCKET,
+                socket.SO_SNDTIMEO,
+                struct.pack("ll", int(secs), int(secs % 1 * 1e6)),
+            )
+            self.connections += 1
+            conn = _Connection(self, sock, self.connections)
+            with self._lock:
+                self._live.add(conn)
+            _log.info("nbd: client %d connected", conn.number)
+            conn.thread.start()
+        except Exception as exc:  # the connection never got its thread: nobody else closes it
+            _log.warning("nbd: cannot serve a new client: %s", exc)
+            if conn is not None:
+                with self._lock:
+                    self._live.discard(conn)
+            sock.close()
 
     def _close_listener(self):
         if self.listener is None:
