@@ -11,8 +11,9 @@ mmio.read(offset, size) -> int; mmio.write(offset, size, value)   # offset < VIR
 dev.stats(); dev.save_state(); VirtioBlk(img, mem, state=saved)
 ```
 
-Which thread calls each callback is said in ``vblock.virtio.mmio`` and ``vblock.virtio.blk``;
-``docs/examples/unicorn_virtio.py`` shows a CPU emulator driving a device.
+Which thread calls each callback is said in ``vblock.virtio.mmio``, ``vblock.virtio.blk`` and
+``vblock.virtio.blk_datapath``; ``docs/examples/unicorn_virtio.py`` shows a CPU emulator driving
+a device.
 """
 
 from vblock.virtio.blk import VirtioBlk
