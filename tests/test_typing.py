@@ -21,13 +21,18 @@ def _public(modname):
         if inspect.isclass(obj):
             if issubclass(obj, BaseException) or not obj.__module__.startswith("vblock"):
                 continue
-            for attr, value in vars(obj).items():
-                if attr.startswith("_") and attr != "__init__":
+            seen = set()
+            for klass in obj.__mro__:  # the class's own methods and those of its vblock bases
+                if not klass.__module__.startswith("vblock"):
                     continue
-                if isinstance(value, property):
-                    value = value.fget
-                if inspect.isfunction(value):
-                    yield f"{modname}.{name}.{attr}", value
+                for attr, value in vars(klass).items():
+                    if attr in seen or (attr.startswith("_") and attr != "__init__"):
+                        continue
+                    seen.add(attr)
+                    if isinstance(value, property):
+                        value = value.fget
+                    if inspect.isfunction(value):
+                        yield f"{modname}.{name}.{attr}", value
         elif inspect.isfunction(obj) and obj.__module__.startswith("vblock"):
             yield f"{modname}.{name}", obj
 
