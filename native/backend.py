@@ -16,6 +16,7 @@ only after the same test with it. A missing class fails here, naming the cause.
 
 Everything else is plain build_meta.
 """
+
 import os
 
 from setuptools import build_meta as _meta

@@ -4,6 +4,7 @@ files (one subsystem each; vbio_internal.h is what they share).
 Run by setuptools through native/setup_hook.py; `python native/build_vbio.py` compiles in place for
 quick experiments.
 """
+
 import os
 
 from cffi import FFI

@@ -2,6 +2,7 @@
 
 Run by setuptools through native/setup_hook.py; `python native/build_vring.py` compiles in place.
 """
+
 import os
 
 from cffi import FFI

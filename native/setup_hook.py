@@ -3,6 +3,7 @@ Metadata lives in pyproject.toml.
 
 Run from the project root by native/backend.py (paths below are relative to it).
 """
+
 import glob
 
 from setuptools import find_packages, setup

@@ -60,7 +60,9 @@ def test_then_runs_only_after_success_and_forwards_futures():
 
 
 def test_settle_may_recover_from_a_failure():
-    out = settle(failed(OSError(95, "unsupported")), lambda f: "fallback" if f.exception() else "ok")
+    out = settle(
+        failed(OSError(95, "unsupported")), lambda f: "fallback" if f.exception() else "ok"
+    )
     assert out.result() == "fallback"
 
 

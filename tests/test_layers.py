@@ -68,14 +68,23 @@ def test_nothing_below_the_cli_imports_the_cli_benchmarks_or_test_harnesses(fold
     assert found == {}
 
 
-@pytest.mark.parametrize("source, upward", [
-    ("import vblock.cli.main", ["vblock.cli.main"]),
-    ("from vblock import testing", ["vblock.testing"]),
-    ("def f():\n    from vblock.bench import convert", ["vblock.bench", "vblock.bench.convert"]),
-    ("from ..cli import output", ["vblock.cli", "vblock.cli.output"]),
-    ("import importlib\nimportlib.import_module('vblock.testing.faults')", ["vblock.testing.faults"]),
-    ("from vblock.block import convert\nfrom . import image", []),
-])
+@pytest.mark.parametrize(
+    "source, upward",
+    [
+        ("import vblock.cli.main", ["vblock.cli.main"]),
+        ("from vblock import testing", ["vblock.testing"]),
+        (
+            "def f():\n    from vblock.bench import convert",
+            ["vblock.bench", "vblock.bench.convert"],
+        ),
+        ("from ..cli import output", ["vblock.cli", "vblock.cli.output"]),
+        (
+            "import importlib\nimportlib.import_module('vblock.testing.faults')",
+            ["vblock.testing.faults"],
+        ),
+        ("from vblock.block import convert\nfrom . import image", []),
+    ],
+)
 def test_the_import_scan_sees_each_way_of_importing_upward(source, upward):
     """The scan itself, on the forms a layer breach can take (in a module ``vblock.block.x``)."""
     assert _upward(imported_names(source, "vblock.block.x", False)) == upward

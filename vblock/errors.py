@@ -109,4 +109,3 @@ class QemuCompatibilityWarning(UserWarning):
     """vblock made or opened something QEMU's own driver cannot use, or uses badly (a QED image
     with table_size 1, which QEMU refuses to open, or >= 8, which QEMU corrupts on large writes).
     vblock itself serves such images correctly; the warning is for images meant for QEMU too."""
-

@@ -30,8 +30,21 @@ from concurrent.futures._base import FINISHED as _DONE
 from concurrent.futures._base import PENDING as _PENDING
 from typing import Any
 
-__all__ = ["Future", "completed", "failed", "CancelledError", "defer", "begin_completions",
-           "end_completions", "forward", "resolve", "then", "settle", "followed_by", "join"]
+__all__ = [
+    "Future",
+    "completed",
+    "failed",
+    "CancelledError",
+    "defer",
+    "begin_completions",
+    "end_completions",
+    "forward",
+    "resolve",
+    "then",
+    "settle",
+    "followed_by",
+    "join",
+]
 
 _log = logging.getLogger(__name__)
 # Guards _state/_callbacks/_event/_waiter_list of every Future; held for a few bytecodes.

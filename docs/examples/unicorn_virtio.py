@@ -219,9 +219,14 @@ def run(image_path, fmt=None, deliver="callback"):
         uc = Uc(UC_ARCH_X86, UC_MODE_64)
         ram_ptr = ctypes.addressof(ctypes.c_char.from_buffer(ram))
         uc.mem_map_ptr(RAM_BASE, RAM_SIZE, UC_PROT_ALL, ram_ptr)
-        uc.mmio_map(MMIO_BASE, 0x1000,
-                    lambda _uc, offset, size, _ud: mmio.read(offset, size), None,
-                    lambda _uc, offset, size, value, _ud: mmio.write(offset, size, value), None)
+        uc.mmio_map(
+            MMIO_BASE,
+            0x1000,
+            lambda _uc, offset, size, _ud: mmio.read(offset, size),
+            None,
+            lambda _uc, offset, size, value, _ud: mmio.write(offset, size, value),
+            None,
+        )
         assert VIRTIO_MMIO_WINDOW <= 0x1000
 
         def on_interrupt(uc, intno, _ud):
@@ -245,8 +250,13 @@ def run(image_path, fmt=None, deliver="callback"):
     finally:
         img.close()
     return {
-        "write": status[0], "flush": status[1], "read": status[2], "get_id": status[3],
-        "matched": status[4] == 0, "bring_up_failed": bool(status[5]), "serial": serial,
+        "write": status[0],
+        "flush": status[1],
+        "read": status[2],
+        "get_id": status[3],
+        "matched": status[4] == 0,
+        "bring_up_failed": bool(status[5]),
+        "serial": serial,
         "requests": {k: v["ops"] for k, v in stats.items() if k != "queues" and v["ops"]},
     }
 

@@ -52,7 +52,9 @@ class NullDriver(BlockDriver):
     @classmethod
     def open(cls, path, options):
         opts = options.driver_options
-        return cls(path, opts.get("size", 1 << 30), options.read_only, opts.get("read_zeroes", True))
+        return cls(
+            path, opts.get("size", 1 << 30), options.read_only, opts.get("read_zeroes", True)
+        )
 
     def submit_read(self, offset, buffers):
         total = 0

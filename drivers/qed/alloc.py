@@ -134,7 +134,6 @@ def plan(geo: Geometry, file_size: int, pos: int, length: int, zero: bool, need_
     return Plan(pos, length, cluster_start, nclusters, host, l2_offset, file_size)
 
 
-
 class Allocator:
     """Carries out allocation plans for one image: claims clusters, writes data, queues the table
     updates, and ends each allocation (see the module docstring for the order and the locks)."""
@@ -332,8 +331,11 @@ class Allocator:
         try:
             self.growth.extend(p.host_offset + p.nclusters * geo.cluster_size)
             start, iov, fills = self.layout(p, buffers, kind)
-            reads = [r for r in (st.read_backing(pos, [buf], len(buf)) for pos, buf in fills)
-                     if r is not None]
+            reads = [
+                r
+                for r in (st.read_backing(pos, [buf], len(buf)) for pos, buf in fills)
+                if r is not None
+            ]
         except BaseException as exc:
             finish(exc)
             return out
@@ -393,8 +395,19 @@ class WriteBackAllocation:
     The two completions (data, table) may arrive on any I/O completion thread, in either order;
     they meet under ``QedState.lock``."""
 
-    __slots__ = ("alloc", "p", "entry", "entries", "done", "out", "length", "left", "data_error",
-                 "table_error", "written")
+    __slots__ = (
+        "alloc",
+        "p",
+        "entry",
+        "entries",
+        "done",
+        "out",
+        "length",
+        "left",
+        "data_error",
+        "table_error",
+        "written",
+    )
 
     def __init__(self, alloc, p, entry, done, out, length):
         self.alloc = alloc

@@ -77,8 +77,19 @@ class IllegalTransition(RuntimeError):
 
 
 class Entry:
-    __slots__ = ("offset", "table", "state", "holders", "loaded", "last_use", "queued",
-                 "waiters", "new", "l1_index", "hidden")
+    __slots__ = (
+        "offset",
+        "table",
+        "state",
+        "holders",
+        "loaded",
+        "last_use",
+        "queued",
+        "waiters",
+        "new",
+        "l1_index",
+        "hidden",
+    )
 
     def __init__(self, offset, state):
         self.offset = offset  # bytes: where the table lives in the image file
@@ -128,7 +139,9 @@ class L2Cache:
         try:
             nxt = TRANSITIONS[(current, event)]
         except KeyError:
-            raise IllegalTransition(f"L2 table {entry!r}: event {event!r} in state {current!r}") from None
+            raise IllegalTransition(
+                f"L2 table {entry!r}: event {event!r} in state {current!r}"
+            ) from None
         if entry is not None:
             entry.state = nxt
         return nxt

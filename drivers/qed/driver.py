@@ -99,8 +99,10 @@ class QedDriver(BlockDriver):
         except FileNotFoundError:
             mode = 0
         if stat.S_ISBLK(mode) or stat.S_ISCHR(mode):
-            raise UnsupportedError(f"{path}: a QED image cannot be made on a device: QED allocates clusters "
-                                   "at the end of its file, which a device cannot grow (use raw)")
+            raise UnsupportedError(
+                f"{path}: a QED image cannot be made on a device: QED allocates clusters "
+                "at the end of its file, which a device cannot grow (use raw)"
+            )
         cs = options.get("cluster_size", fmt.DEFAULT_CLUSTER_SIZE)
         ts = options.get("table_size", fmt.DEFAULT_TABLE_SIZE)
         backing = options.get("backing_file") or None
@@ -110,8 +112,11 @@ class QedDriver(BlockDriver):
         except ValueError as exc:
             raise ValueError(f"{path}: {exc}") from None
         if ts == 1:
-            warnings.warn(f"{path}: QEMU cannot open QED images with table_size 1",
-                          QemuCompatibilityWarning, stacklevel=2)
+            warnings.warn(
+                f"{path}: QEMU cannot open QED images with table_size 1",
+                QemuCompatibilityWarning,
+                stacklevel=2,
+            )
         elif ts >= 8:
             warnings.warn(
                 f"{path}: QEMU corrupts QED images with table_size >= 8 on large writes",
@@ -180,8 +185,14 @@ class QedDriver(BlockDriver):
             write_zeroes_alignment=h.cluster_size,
         )
         st = self.state = QedState(
-            self.path, f, h, geo, read_only=self.read_only, unsafe=self.options.cache == "unsafe",
-            align=align, meta_align=meta_align,
+            self.path,
+            f,
+            h,
+            geo,
+            read_only=self.read_only,
+            unsafe=self.options.cache == "unsafe",
+            align=align,
+            meta_align=meta_align,
             # The header block(s) rewritten when the header changes: the first `meta_align` bytes.
             head_area=bytearray(head[:meta_align]) if meta_align <= 4096 else None,
             file_size=geo.round_down_to_cluster(length),
@@ -203,8 +214,9 @@ class QedDriver(BlockDriver):
             self._open_backing()
         if not self.read_only:
             if h.autoclear_features & ~fmt.AUTOCLEAR_FEATURE_MASK:
-                header.write(st, autoclear_features=h.autoclear_features
-                             & fmt.AUTOCLEAR_FEATURE_MASK)
+                header.write(
+                    st, autoclear_features=h.autoclear_features & fmt.AUTOCLEAR_FEATURE_MASK
+                )
                 f.flush()
             # A partial trailing cluster: nothing references it and new clusters overwrite it,
             # so drop it now; the space past the end of file then reads as zeros.
@@ -212,7 +224,8 @@ class QedDriver(BlockDriver):
         # Pool threads start on demand, often from a completion callback, and a thread inherits the
         # CPUs of the one that starts it: a thread-engine worker may be kept to one CPU just then.
         self.pool = ThreadPoolExecutor(
-            max_workers=dopts.get("pool_size", DEFAULT_POOL_SIZE), thread_name_prefix="qed",
+            max_workers=dopts.get("pool_size", DEFAULT_POOL_SIZE),
+            thread_name_prefix="qed",
             initializer=float_thread,
         )
         if not self.read_only and st.header.need_check:
@@ -266,8 +279,11 @@ class QedDriver(BlockDriver):
                     self.cache.hold(entry)
                 return entry
             if not self.geo.table_offset_valid(l2off, st.file_size):
-                raise ImageError(self.path, "l1_table",
-                                 f"L1 entry {l1_index} holds an invalid L2 table offset {l2off:#x}")
+                raise ImageError(
+                    self.path,
+                    "l1_table",
+                    f"L1 entry {l1_index} holds an invalid L2 table offset {l2off:#x}",
+                )
             entry, must_load = self.cache.acquire(l2off)
         if must_load:
             try:
@@ -335,8 +351,9 @@ class QedDriver(BlockDriver):
 
     def _read_slow(self, offset, buffers, length):
         runs = []
-        for _pos, kind, n, host in lookup.runs(self.geo, self._table_or_none, offset, length,
-                                              self.state.file_size):
+        for _pos, kind, n, host in lookup.runs(
+            self.geo, self._table_or_none, offset, length, self.state.file_size
+        ):
             runs.append((kind, n, host))
         return self._read_runs(offset, buffers, runs, length)
 
@@ -412,8 +429,9 @@ class QedDriver(BlockDriver):
                         if zero:
                             futs.append(self._f.submit_zero_range(host, n))
                         else:
-                            futs.append(self._f.submit_write(
-                                host, slice_views(buffers, pos - offset, n)))
+                            futs.append(
+                                self._f.submit_write(host, slice_views(buffers, pos - offset, n))
+                            )
                         pos += n
                         continue
                     if zero and kind is lookup.ZERO:
@@ -474,8 +492,9 @@ class QedDriver(BlockDriver):
         if a >= b:
             return None
         futs = []
-        for _pos, kind, n, host in lookup.runs(self.geo, self._table_or_none, a, b - a,
-                                              self.state.file_size):
+        for _pos, kind, n, host in lookup.runs(
+            self.geo, self._table_or_none, a, b - a, self.state.file_size
+        ):
             if kind is lookup.FOUND:
                 futs.append(self._f.submit_discard(host, n))
         try:
@@ -489,14 +508,19 @@ class QedDriver(BlockDriver):
     def block_status(self, offset, length):
         out = []
         kinds = {lookup.FOUND: DATA, lookup.ZERO: ZERO, lookup.UNALLOCATED: UNALLOCATED}
-        for pos, kind, n, host in lookup.runs(self.geo, self._table_or_none, offset, length,
-                                              self.state.file_size):
+        for pos, kind, n, host in lookup.runs(
+            self.geo, self._table_or_none, offset, length, self.state.file_size
+        ):
             if kind is lookup.INVALID:
                 raise self.state.invalid(pos, host)
             k = kinds[kind]
             last = out[-1] if out else None
-            if (last is not None and last.kind == k and last.offset + last.length == pos
-                    and (k != DATA or last.host_offset + last.length == host)):
+            if (
+                last is not None
+                and last.kind == k
+                and last.offset + last.length == pos
+                and (k != DATA or last.host_offset + last.length == host)
+            ):
                 out[-1] = last._replace(length=last.length + n)  # runs split by L2 boundaries
             else:
                 out.append(Run(pos, n, k, host if k == DATA else None))
@@ -525,8 +549,11 @@ class QedDriver(BlockDriver):
             d["backing-filename"] = self.backing_filename
             if h.features & fmt.F_BACKING_FORMAT_NO_PROBE:
                 d["backing-filename-format"] = "raw"
-            d["full-backing-filename"] = (self.backing.path if self.backing is not None
-                                          else backing_path(self.path, self.backing_filename))
+            d["full-backing-filename"] = (
+                self.backing.path
+                if self.backing is not None
+                else backing_path(self.path, self.backing_filename)
+            )
         return d
 
     def change_backing(self, name, fmt_name=None):

@@ -227,9 +227,7 @@ def validate(data, file_length: int, path=None) -> Header:
     if h.magic != MAGIC:
         raise _bad(path, "magic", "Image not in QED format")
     if h.features & ~FEATURE_MASK:
-        raise _bad(
-            path, "features", f"Unsupported QED features: {h.features & ~FEATURE_MASK:#x}"
-        )
+        raise _bad(path, "features", f"Unsupported QED features: {h.features & ~FEATURE_MASK:#x}")
     if not cluster_size_valid(h.cluster_size):
         raise _bad(path, "cluster_size", "QED cluster size is invalid")
     file_size = file_length & ~(h.cluster_size - 1)  # the allocation pointer (§2 step 5)

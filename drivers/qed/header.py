@@ -52,8 +52,11 @@ def write_backing_name(st, raw, fmt_name):
             features |= fmt.F_BACKING_FILE
             if fmt_name == "raw":
                 features |= fmt.F_BACKING_FORMAT_NO_PROBE
-        new = h.with_(features=features, backing_filename_offset=fmt.HEADER_SIZE,
-                      backing_filename_size=len(raw))
+        new = h.with_(
+            features=features,
+            backing_filename_offset=fmt.HEADER_SIZE,
+            backing_filename_size=len(raw),
+        )
         f = st.f
         size = -(-(fmt.HEADER_SIZE + len(raw)) // st.meta_align) * st.meta_align
         area = f.alloc(size)

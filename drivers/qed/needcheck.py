@@ -51,8 +51,7 @@ class IdleTimer:
             idle = self.deadline is None
             self.deadline = time.monotonic() + self.timeout
             if self.thread is None:
-                self.thread = threading.Thread(target=self._run, name="qed-need-check",
-                                               daemon=True)
+                self.thread = threading.Thread(target=self._run, name="qed-need-check", daemon=True)
                 self.thread.start()
             if idle:  # a waiting thread with a deadline wakes by itself and sees the new one
                 self.cond.notify()
@@ -129,8 +128,12 @@ class NeedCheck:
         """Clear the bit when no allocation is in flight (the idle timer's action)."""
         st = self.st
         with st.lock:
-            if (st.allocs_in_flight or st.need_check_change is not None
-                    or not st.header.need_check or st.damaged):
+            if (
+                st.allocs_in_flight
+                or st.need_check_change is not None
+                or not st.header.need_check
+                or st.damaged
+            ):
                 return
             fut = st.need_check_change = Future()
         err = None

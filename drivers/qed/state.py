@@ -55,14 +55,52 @@ class QedState:
     """One open image's shared state (see the module docstring for each field and its lock)."""
 
     __slots__ = (
-        "path", "read_only", "unsafe", "f", "geo", "align", "meta_align", "header", "head_area",
-        "backing", "events", "tio", "l1", "l1_entry", "lock", "cache", "hosts", "hosts_max",
-        "file_size", "pending", "creating", "allocs_in_flight", "damaged", "inflight",
-        "inflight_cond", "unwritten", "meta_error", "need_check_change", "header_lock",
+        "path",
+        "read_only",
+        "unsafe",
+        "f",
+        "geo",
+        "align",
+        "meta_align",
+        "header",
+        "head_area",
+        "backing",
+        "events",
+        "tio",
+        "l1",
+        "l1_entry",
+        "lock",
+        "cache",
+        "hosts",
+        "hosts_max",
+        "file_size",
+        "pending",
+        "creating",
+        "allocs_in_flight",
+        "damaged",
+        "inflight",
+        "inflight_cond",
+        "unwritten",
+        "meta_error",
+        "need_check_change",
+        "header_lock",
     )
 
-    def __init__(self, path, f, header, geo, *, read_only, unsafe, align, meta_align, head_area,
-                 file_size, l2_cache_size):
+    def __init__(
+        self,
+        path,
+        f,
+        header,
+        geo,
+        *,
+        read_only,
+        unsafe,
+        align,
+        meta_align,
+        head_area,
+        file_size,
+        l2_cache_size,
+    ):
         """Reads the L1 table (blocking): the state of an image is complete once it is built."""
         self.path = path
         self.read_only = read_only
@@ -165,8 +203,9 @@ class QedState:
 
     def invalid(self, pos, host):
         """QEMU answers EINVAL; we name the structure at fault (the request still fails)."""
-        return ImageError(self.path, "l2_table",
-                          f"invalid cluster offset {host:#x} for guest offset {pos}")
+        return ImageError(
+            self.path, "l2_table", f"invalid cluster offset {host:#x} for guest offset {pos}"
+        )
 
     def read_backing(self, pos, views, n):
         """Read [pos, pos+n) from the backing image into ``views``; zeros past its end. Returns

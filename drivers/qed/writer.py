@@ -108,8 +108,9 @@ class TableWriter:
                 fut = f.submit_write(entry.offset, [buf])
                 fut = then(fut, self._after_new_table, entry)
             else:
-                off, data = tables.encode_slice(entry.table, min(batch), max(batch) + 1,
-                                                st.meta_align, overlay)
+                off, data = tables.encode_slice(
+                    entry.table, min(batch), max(batch) + 1, st.meta_align, overlay
+                )
                 buf = self._meta_buffer(data)
                 st.event(event)
                 fut = f.submit_write(entry.offset + off, [buf])
@@ -128,8 +129,13 @@ class TableWriter:
         if st.unsafe:
             return self.update(st.l1_entry, {entry.l1_index: entry.offset}, "L1_UPDATE")
         st.event("L2_FLUSH")
-        return then(st.f.submit_flush(), self.update, st.l1_entry,
-                    {entry.l1_index: entry.offset}, "L1_UPDATE")
+        return then(
+            st.f.submit_flush(),
+            self.update,
+            st.l1_entry,
+            {entry.l1_index: entry.offset},
+            "L1_UPDATE",
+        )
 
     def _meta_buffer(self, data):
         """An aligned buffer holding ``data``, from a free list (allocating aligned memory costs

@@ -47,7 +47,9 @@ def _preallocation(value) -> str:
 class RawDriver(BlockDriver):
     format_name = "raw"
     create_options = {"preallocation": _preallocation}
-    create_option_help = {"preallocation": "preallocation mode: off (sparse), falloc (reserve blocks) or full (write zeros)"}
+    create_option_help = {
+        "preallocation": "preallocation mode: off (sparse), falloc (reserve blocks) or full (write zeros)"
+    }
     open_options = {}
 
     def __init__(self, path, hostfile, options):
@@ -118,7 +120,9 @@ class RawDriver(BlockDriver):
         try:
             held = os.lseek(fd, 0, os.SEEK_END)
             if held < size:
-                raise ValueError(f"{path}: the device holds {held} bytes, fewer than the image's {size}")
+                raise ValueError(
+                    f"{path}: the device holds {held} bytes, fewer than the image's {size}"
+                )
             if mode == "full" and size:
                 os.lseek(fd, 0, os.SEEK_SET)
                 _write_zeros(fd, size)
@@ -140,8 +144,12 @@ class RawDriver(BlockDriver):
         engine = options.aio
         f = open_host_file(path, direct=direct, engine=engine, read_only=options.read_only)
         if f.direct and f.size % f.alignment and not f.is_block_device:
-            _log.warning("%s: size %d is not a multiple of the O_DIRECT alignment %d; using the page cache",
-                         path, f.size, f.alignment)
+            _log.warning(
+                "%s: size %d is not a multiple of the O_DIRECT alignment %d; using the page cache",
+                path,
+                f.size,
+                f.alignment,
+            )
             f.close()
             f = open_host_file(path, direct=False, engine=engine, read_only=options.read_only)
         return cls(path, f, options)

@@ -9,14 +9,28 @@ from vblock.bench import block, report
 
 def test_block_bench_rows_have_the_host_bench_keys():
     rows = block.run(
-        duration=0.1, depths=(2,), engines=("threads",), cases=(("randwrite", 8192),), size=8 << 20, rounds=2
+        duration=0.1,
+        depths=(2,),
+        engines=("threads",),
+        cases=(("randwrite", 8192),),
+        size=8 << 20,
+        rounds=2,
     )
     assert len(rows) == 1
     out = io.StringIO()
     report(rows, as_json=True, out=out)
     row = json.loads(out.getvalue())
     assert list(row) == [
-        "layer", "engine", "pattern", "block_size", "depth", "iops", "mbps", "peer", "peer_iops", "ratio",
+        "layer",
+        "engine",
+        "pattern",
+        "block_size",
+        "depth",
+        "iops",
+        "mbps",
+        "peer",
+        "peer_iops",
+        "ratio",
     ]
     assert row["layer"] == "block" and row["engine"] == "threads" and row["depth"] == 2
     assert row["peer"] == "hostfile threads"
@@ -33,7 +47,12 @@ def test_block_bench_main_parses_its_options(capsys, monkeypatch):
         return []
 
     monkeypatch.setattr(block, "run", fake_run)
-    assert block.main(["--depth", "4", "--engine", "io_uring", "--pattern", "randread", "--duration", "1"]) == 0
+    assert (
+        block.main(
+            ["--depth", "4", "--engine", "io_uring", "--pattern", "randread", "--duration", "1"]
+        )
+        == 0
+    )
     assert seen["depths"] == (4,) and seen["engines"] == ("io_uring",)
     assert seen["cases"] == (("randread", 4096),) and seen["duration"] == 1.0
 

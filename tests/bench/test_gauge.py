@@ -7,8 +7,10 @@ import pytest
 
 from vblock.bench import host, wake_round_trip
 
-two_cpus = pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2 or wake_round_trip(10) is None,
-                              reason="needs two CPUs that threads may be pinned to")
+two_cpus = pytest.mark.skipif(
+    len(os.sched_getaffinity(0)) < 2 or wake_round_trip(10) is None,
+    reason="needs two CPUs that threads may be pinned to",
+)
 
 
 @two_cpus

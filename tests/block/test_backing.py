@@ -77,8 +77,11 @@ def test_no_backing_read_write_refuses_data_writes_and_changes_nothing(scratch):
     top = _orphan(scratch)
     before = _sha(top)
     with vblock.open_image(top, no_backing=True) as img:
-        for op in (lambda: img.write(CS, b"\1" * 4096), lambda: img.write_zeroes(0, CS),
-                   lambda: img.discard(0, CS)):
+        for op in (
+            lambda: img.write(CS, b"\1" * 4096),
+            lambda: img.write_zeroes(0, CS),
+            lambda: img.discard(0, CS),
+        ):
             with pytest.raises(ReadOnlyError, match="without its backing chain"):
                 op()
     assert _sha(top) == before
@@ -102,8 +105,9 @@ def test_drivers_get_the_backing_file_through_the_opener_in_open_options(scratch
 
     def opener(parent, name, fmt, options):
         calls.append((parent, name, fmt, options.read_only))
-        return vblock.open_image(backing_path(parent, name), format=fmt, read_only=True,
-                                 cache="writeback")
+        return vblock.open_image(
+            backing_path(parent, name), format=fmt, read_only=True, cache="writeback"
+        )
 
     cls = vblock.block.get_driver("qed")
     drv = cls.open(str(top), OpenOptions(read_only=True, cache="writeback", backing_opener=opener))

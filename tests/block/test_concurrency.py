@@ -131,9 +131,13 @@ def laggy():
 
 
 @pytest.mark.parametrize(
-    "config,aligned_share,region", CASES, ids=["raw-none", "memory", "raw-none-mixed-aligned", "laggy-mixed-aligned"]
+    "config,aligned_share,region",
+    CASES,
+    ids=["raw-none", "memory", "raw-none-mixed-aligned", "laggy-mixed-aligned"],
 )
-def test_overlapping_unaligned_writes_never_tear_a_sector(scratch, laggy, config, aligned_share, region):
+def test_overlapping_unaligned_writes_never_tear_a_sector(
+    scratch, laggy, config, aligned_share, region
+):
     plan = _plan(aligned_share=aligned_share, region=region)
     cover = [set() for _ in range(region)]
     for mine in plan:
@@ -213,4 +217,6 @@ def test_checker_catches_a_lost_write():
     # write 1 completed before write 2 was submitted, yet 1 shows over 2: write 2 was lost
     late = bytes([1] * 300) + bytes(212)
     assert _check(0, late, cover, visible_all=True) is None
-    assert _check(0, late, cover, visible_all=True, precedes=lambda a, b: (a, b) == (1, 2)) is not None
+    assert (
+        _check(0, late, cover, visible_all=True, precedes=lambda a, b: (a, b) == (1, 2)) is not None
+    )

@@ -45,7 +45,9 @@ def test_convert_makes_the_destination_read_as_the_source(layout, zero_init, dep
         stats = engine.convert(src, dst, zero_init=zero_init, depth=depth)
         assert dst.read(0, len(data)) == data
     zeros = layout.count(None) * G
-    assert stats == engine.ConvertStats(planned=len(data), copied=len(data) - zeros, zero_skipped=zeros)
+    assert stats == engine.ConvertStats(
+        planned=len(data), copied=len(data) - zeros, zero_skipped=zeros
+    )
 
 
 def test_convert_reports_the_planned_bytes_once_then_every_byte_done():
@@ -64,7 +66,9 @@ def test_convert_reports_the_planned_bytes_once_then_every_byte_done():
 
 
 @pytest.mark.parametrize("cache, flushes", [("unsafe", 0), ("writeback", 1), ("none", 1)])
-def test_convert_flushes_the_destination_unless_its_cache_mode_is_unsafe(scratch, monkeypatch, cache, flushes):
+def test_convert_flushes_the_destination_unless_its_cache_mode_is_unsafe(
+    scratch, monkeypatch, cache, flushes
+):
     calls = []
     real = Image.flush
     monkeypatch.setattr(Image, "flush", lambda self: (calls.append(self.path), real(self))[1])
@@ -85,13 +89,19 @@ def test_convert_refuses_a_smaller_destination_before_writing_to_it(scratch):
     before = sha(path)
     with memory(MiB) as src, vblock.open_image(str(path), format="raw", cache="writeback") as dst:
         src.write(0, os.urandom(MiB))
-        with pytest.raises(ValueError, match=r"small\.raw is smaller \(1044480 bytes\) than the source \(1048576"):
+        with pytest.raises(
+            ValueError, match=r"small\.raw is smaller \(1044480 bytes\) than the source \(1048576"
+        ):
             engine.convert(src, dst)
     assert sha(path) == before
 
 
 def test_convert_refuses_a_depth_below_one():
-    with memory(G) as src, memory(G) as dst, pytest.raises(ValueError, match="depth must be at least 1"):
+    with (
+        memory(G) as src,
+        memory(G) as dst,
+        pytest.raises(ValueError, match="depth must be at least 1"),
+    ):
         engine.convert(src, dst, depth=0)
 
 
@@ -106,7 +116,11 @@ def test_convert_raises_the_first_write_error_after_every_request_completed():
 
         def full(offset, data):
             submitted.append(offset)
-            fut = failed(OSError(errno.ENOSPC, "No space left on device")) if offset else real(offset, data)
+            fut = (
+                failed(OSError(errno.ENOSPC, "No space left on device"))
+                if offset
+                else real(offset, data)
+            )
             fut.add_done_callback(lambda f: completed.append(offset))
             return fut
 

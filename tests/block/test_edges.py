@@ -37,7 +37,11 @@ BAD_REQUESTS = [
     ("resize to a negative size", lambda img: img.resize(-1), ValueError),
     ("resize to an unaligned size", lambda img: img.resize(SIZE + 1), ValueError),
     ("read into bytes", lambda img: img.submit_read(0, [b"x" * 512]), TypeError),
-    ("read into a strided view", lambda img: img.submit_read(0, memoryview(bytearray(1024))[::2]), ValueError),
+    (
+        "read into a strided view",
+        lambda img: img.submit_read(0, memoryview(bytearray(1024))[::2]),
+        ValueError,
+    ),
     ("block_status past the end", lambda img: img.block_status(0, SIZE + 1), ValueError),
 ]
 

@@ -272,7 +272,13 @@ def test_raw_write_zeroes_falls_back_to_writing_zeros(scratch, monkeypatch):
             img.write_zeroes(1000, 20000)
             assert img.info()["write-zeroes"] == "write"
             img.write_zeroes(30000, 100)  # now without asking the host
-            expect = b"\x66" * 1000 + bytes(20000) + b"\x66" * 9000 + bytes(100) + b"\x66" * (65536 - 30100)
+            expect = (
+                b"\x66" * 1000
+                + bytes(20000)
+                + b"\x66" * 9000
+                + bytes(100)
+                + b"\x66" * (65536 - 30100)
+            )
             assert img.read(0, 65536) == expect
         with open(path, "wb") as f:
             f.write(b"\x66" * 65536)

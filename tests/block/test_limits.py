@@ -161,7 +161,9 @@ def loop_device(scratch):
     with open(backing, "wb") as f:
         f.truncate(4 << 20)
     try:
-        dev = subprocess.run(["losetup", "-f", "--show", backing], check=True, capture_output=True, text=True).stdout.strip()
+        dev = subprocess.run(
+            ["losetup", "-f", "--show", backing], check=True, capture_output=True, text=True
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError) as exc:
         pytest.skip(f"losetup failed: {exc}")
     try:

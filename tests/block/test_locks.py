@@ -57,11 +57,18 @@ def raw(scratch):
 
 def open_raw(path, mode, **kw):
     """mode: "rw", "ro" or "ro-U" (read-only with force_share)."""
-    return vblock.open_image(path, format="raw", cache="writeback", read_only=mode != "rw",
-                             force_share=mode == "ro-U", **kw)
+    return vblock.open_image(
+        path,
+        format="raw",
+        cache="writeback",
+        read_only=mode != "rw",
+        force_share=mode == "ro-U",
+        **kw,
+    )
 
 
 # -- bytes held by each kind of open ----------------------------------------------------------------
+
 
 def test_read_write_open_holds_qemu_rw_bytes(raw):
     with open_raw(raw, "rw"):
@@ -106,8 +113,10 @@ def test_locks_are_dropped_when_the_open_fails(scratch):
 
 
 def test_memory_and_null_images_take_no_locks():
-    with vblock.open_image(None, format="memory", size=SIZE) as m, \
-            vblock.open_image(None, format="null", size=SIZE) as n:
+    with (
+        vblock.open_image(None, format="memory", size=SIZE) as m,
+        vblock.open_image(None, format="null", size=SIZE) as n,
+    ):
         assert m.lock is None and n.lock is None
 
 
@@ -145,8 +154,10 @@ def test_second_read_write_open_names_the_lock_and_the_holder(raw):
     with open_raw(raw, "rw"):
         with pytest.raises(ImageLockedError) as info:
             open_raw(raw, "rw")
-    assert str(info.value) == (f'{raw}: failed to get "write" lock: another process (or another '
-                               f"open in this one) is using the image")
+    assert str(info.value) == (
+        f'{raw}: failed to get "write" lock: another process (or another '
+        f"open in this one) is using the image"
+    )
     assert info.value.lock == '"write"' and info.value.path == raw and info.value.pid == -1
 
 
@@ -165,8 +176,10 @@ def test_classic_lock_holder_is_named_by_pid(raw):
         with pytest.raises(ImageLockedError) as info:
             open_raw(raw, "ro")
     assert info.value.pid == os.getpid()
-    assert str(info.value) == (f"{raw}: failed to lock byte 201: process {os.getpid()} holds a "
-                               f"conflicting lock on the image")
+    assert str(info.value) == (
+        f"{raw}: failed to lock byte 201: process {os.getpid()} holds a "
+        f"conflicting lock on the image"
+    )
 
 
 def test_force_share_with_read_write_is_a_value_error(raw):
@@ -190,6 +203,7 @@ def test_unknown_locking_mode_is_refused(raw):
 
 
 # -- locking="off" / "on" / "auto" --------------------------------------------------------------------
+
 
 def test_locking_off_takes_no_locks(raw):
     with open_raw(raw, "rw", locking="off") as img:
@@ -238,6 +252,7 @@ def test_locking_auto_still_reports_a_real_host_failure(raw, monkeypatch):
 
 
 # -- backing files and creation -----------------------------------------------------------------------
+
 
 @pytest.fixture
 def overlay(scratch, raw):
@@ -298,6 +313,7 @@ def test_create_image_holds_the_new_image_open_with_rw_locks(scratch):
 
 
 # -- devices ----------------------------------------------------------------------------------------
+
 
 @pytest.fixture
 def loop_device(raw):

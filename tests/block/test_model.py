@@ -167,7 +167,11 @@ _settings = settings(
     max_examples=int(os.environ.get("VBLOCK_MODEL_EXAMPLES", "25")),
     stateful_step_count=25,
     deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much, HealthCheck.data_too_large],
+    suppress_health_check=[
+        HealthCheck.too_slow,
+        HealthCheck.filter_too_much,
+        HealthCheck.data_too_large,
+    ],
 )
 
 

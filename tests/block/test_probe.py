@@ -19,8 +19,9 @@ from vblock.block.interface import BlockDriver
 from vblock.errors import UnknownFormatError
 from vblock.testing import foreign
 
-needs_qemu_img = pytest.mark.skipif(shutil.which("qemu-img") is None,
-                                    reason="qemu-img not installed (apt-get install qemu-utils)")
+needs_qemu_img = pytest.mark.skipif(
+    shutil.which("qemu-img") is None, reason="qemu-img not installed (apt-get install qemu-utils)"
+)
 
 
 def _sha(path):
@@ -36,7 +37,10 @@ def _write(path, data):
 @pytest.mark.parametrize("name", foreign.FORMATS)
 def test_hand_made_header_is_identified(name):
     data = foreign.sample(name)
-    assert probe.identify(data[: registry.PROBE_BYTES], data[-probe.TAIL_BYTES:]) == foreign.FORMAT_OF[name]
+    assert (
+        probe.identify(data[: registry.PROBE_BYTES], data[-probe.TAIL_BYTES :])
+        == foreign.FORMAT_OF[name]
+    )
 
 
 @pytest.mark.parametrize("name", foreign.FORMATS)
@@ -47,8 +51,10 @@ def test_hand_made_file_is_an_unknown_format_error_naming_it(scratch, name):
         registry.probe_format(str(path))
     fmt = foreign.FORMAT_OF[name]
     assert info.value.format == fmt
-    assert str(info.value) == (f"{path}: image format {fmt!r} is not supported (vblock reads raw, qcow2, qed); "
-                               "convert it with qemu-img convert -O qed")
+    assert str(info.value) == (
+        f"{path}: image format {fmt!r} is not supported (vblock reads raw, qcow2, qed); "
+        "convert it with qemu-img convert -O qed"
+    )
     with pytest.raises(UnknownFormatError):
         vblock.open_image(path)
     with pytest.raises(UnknownFormatError):
@@ -156,8 +162,10 @@ def test_identify_never_raises(head, tail):
     assert probe.identify(head, tail) in (None, *(name for name, _ in probe.MAGICS))
 
 
-@given(st.sampled_from([n for n in foreign.FORMATS if n not in ("vpc-fixed", "dmg")]),
-       st.binary(max_size=256))
+@given(
+    st.sampled_from([n for n in foreign.FORMATS if n not in ("vpc-fixed", "dmg")]),
+    st.binary(max_size=256),
+)
 def test_whatever_follows_a_header_the_format_is_the_same(name, junk):
     head = foreign.sample(name)[:1024] + junk
     assert probe.identify(head, junk[-512:]) == foreign.FORMAT_OF[name]
@@ -169,8 +177,11 @@ def test_whatever_follows_a_header_the_format_is_the_same(name, junk):
 def test_qemu_img_image_is_an_unknown_format_error_naming_it(scratch, name):
     fmt, extra = foreign.QEMU_IMG_CREATE[name]
     path = scratch / f"disk.{name}"
-    p = subprocess.run(["qemu-img", "create", "-q", "-f", fmt, *extra, str(path), "1M"],
-                       capture_output=True, text=True)
+    p = subprocess.run(
+        ["qemu-img", "create", "-q", "-f", fmt, *extra, str(path), "1M"],
+        capture_output=True,
+        text=True,
+    )
     if p.returncode != 0:
         pytest.skip(f"this qemu-img cannot create {name}: {p.stderr.strip()}")
     before = _sha(path)

@@ -151,7 +151,9 @@ def test_entry_point_plugin_is_found_and_opens(tmp_path, monkeypatch, fresh_regi
     dist = tmp_path / "vblock_fakedisk-1.0.dist-info"
     dist.mkdir()
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: vblock-fakedisk\nVersion: 1.0\n")
-    (dist / "entry_points.txt").write_text("[vblock.drivers]\nfakedisk = vblock_fakedisk:FakeDisk\n")
+    (dist / "entry_points.txt").write_text(
+        "[vblock.drivers]\nfakedisk = vblock_fakedisk:FakeDisk\n"
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     fresh_registry.refresh()
 
@@ -195,7 +197,8 @@ def _dist(where, dirname, entry_points):
     d.mkdir(parents=True)
     name = dirname.split("-")[0].split(".")[0]
     (d / ("METADATA" if dirname.endswith(".dist-info") else "PKG-INFO")).write_text(
-        f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\n")
+        f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\n"
+    )
     if entry_points is not None:
         (d / "entry_points.txt").write_text(entry_points)
 
@@ -206,9 +209,12 @@ def test_the_path_scan_finds_what_importlib_metadata_finds(tmp_path, monkeypatch
     from importlib import metadata
 
     first, second = tmp_path / "first", tmp_path / "second"
-    _dist(first, "vblock_one-1.0.dist-info",
-          "# a comment\n[console_scripts]\none = x:y\n\n[vblock.drivers]\none = pkg_one.mod:Driver\n"
-          "# another comment\ntwo = pkg_two:Outer.Inner [extra]\n")
+    _dist(
+        first,
+        "vblock_one-1.0.dist-info",
+        "# a comment\n[console_scripts]\none = x:y\n\n[vblock.drivers]\none = pkg_one.mod:Driver\n"
+        "# another comment\ntwo = pkg_two:Outer.Inner [extra]\n",
+    )
     _dist(first, "Vblock.Three-2.0.dist-info", "[vblock.drivers]\nthree=pkg_three:D\n")
     _dist(first, "vblock_egg.egg-info", "[vblock.drivers]\negg = pkg_egg:D\n")
     _dist(first, "vblock_none-1.0.dist-info", None)
@@ -216,7 +222,9 @@ def test_the_path_scan_finds_what_importlib_metadata_finds(tmp_path, monkeypatch
     monkeypatch.syspath_prepend(str(second))
     monkeypatch.syspath_prepend(str(first))
     ours = sorted((ep.name, ep.value) for ep in registry._path_entry_points())
-    theirs = sorted((ep.name, ep.value) for ep in metadata.entry_points(group=registry.ENTRY_POINT_GROUP))
+    theirs = sorted(
+        (ep.name, ep.value) for ep in metadata.entry_points(group=registry.ENTRY_POINT_GROUP)
+    )
     assert ours == theirs
     assert ("one", "pkg_one.mod:Driver") in ours and ("egg", "pkg_egg:D") in ours
     assert "shadowed" not in dict(ours)
@@ -227,18 +235,27 @@ def test_an_entry_point_from_the_path_scan_loads_dotted_attributes(tmp_path, mon
     monkeypatch.syspath_prepend(str(tmp_path))
     import pkg_dotted
 
-    assert registry._EntryPoint("x", "pkg_dotted:Outer.Inner [extra]").load() is pkg_dotted.Outer.Inner
+    assert (
+        registry._EntryPoint("x", "pkg_dotted:Outer.Inner [extra]").load() is pkg_dotted.Outer.Inner
+    )
     assert registry._EntryPoint("x", "pkg_dotted").load() is pkg_dotted
     assert registry._EntryPoint("x", "pkg_dotted [extra]").load() is pkg_dotted
 
 
-def test_a_zip_on_the_path_leaves_the_scan_to_importlib_metadata(tmp_path, monkeypatch, fresh_registry):
+def test_a_zip_on_the_path_leaves_the_scan_to_importlib_metadata(
+    tmp_path, monkeypatch, fresh_registry
+):
     import zipfile
 
     archive = tmp_path / "plugins.zip"
     with zipfile.ZipFile(archive, "w") as z:
-        z.writestr("vblock_zipped-1.0.dist-info/METADATA", "Metadata-Version: 2.1\nName: vblock-zipped\nVersion: 1.0\n")
-        z.writestr("vblock_zipped-1.0.dist-info/entry_points.txt", "[vblock.drivers]\nzipped = nowhere:D\n")
+        z.writestr(
+            "vblock_zipped-1.0.dist-info/METADATA",
+            "Metadata-Version: 2.1\nName: vblock-zipped\nVersion: 1.0\n",
+        )
+        z.writestr(
+            "vblock_zipped-1.0.dist-info/entry_points.txt", "[vblock.drivers]\nzipped = nowhere:D\n"
+        )
     monkeypatch.syspath_prepend(str(archive))
     assert registry._path_entry_points() is None
     fresh_registry.refresh()
@@ -246,19 +263,26 @@ def test_a_zip_on_the_path_leaves_the_scan_to_importlib_metadata(tmp_path, monke
 
 
 @pytest.mark.parametrize("case", ["undecodable", "malformed", "egg"])
-def test_what_the_scan_cannot_read_as_importlib_metadata_does_goes_to_it(tmp_path, monkeypatch, fresh_registry,
-                                                                          caplog, case):
+def test_what_the_scan_cannot_read_as_importlib_metadata_does_goes_to_it(
+    tmp_path, monkeypatch, fresh_registry, caplog, case
+):
     """A file that is not UTF-8 or holds a line that is not ``name = value`` (importlib.metadata
     refuses both: a warning, no plug-ins, as before the scan), and an ``.egg`` directory on the
     path (whose EGG-INFO only it reads: its plug-in is found)."""
     if case == "egg":
         egg = tmp_path / "vblock_egged-1.0-py3.11.egg"
         (egg / "EGG-INFO").mkdir(parents=True)
-        (egg / "EGG-INFO" / "PKG-INFO").write_text("Metadata-Version: 2.1\nName: vblock-egged\nVersion: 1.0\n")
+        (egg / "EGG-INFO" / "PKG-INFO").write_text(
+            "Metadata-Version: 2.1\nName: vblock-egged\nVersion: 1.0\n"
+        )
         (egg / "EGG-INFO" / "entry_points.txt").write_text("[vblock.drivers]\negged = nowhere:D\n")
         monkeypatch.syspath_prepend(str(egg))
     else:
-        text = b"[vblock.drivers]\nbad = \xff\xfe:D\n" if case == "undecodable" else b"[other]\nno equals sign\n"
+        text = (
+            b"[vblock.drivers]\nbad = \xff\xfe:D\n"
+            if case == "undecodable"
+            else b"[other]\nno equals sign\n"
+        )
         _dist(tmp_path, "vblock_bad-1.0.dist-info", None)
         (tmp_path / "vblock_bad-1.0.dist-info" / "entry_points.txt").write_bytes(text)
         monkeypatch.syspath_prepend(str(tmp_path))
@@ -280,7 +304,11 @@ def test_probing_a_raw_file_does_not_import_importlib_metadata(tmp_path):
 
     raw = tmp_path / "disk.raw"
     raw.write_bytes(b"\x5a" * 4096)
-    code = (f"import sys, vblock.block.registry as r; assert r.probe_format({str(raw)!r}) == 'raw';"
-            "print('importlib.metadata' in sys.modules)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    code = (
+        f"import sys, vblock.block.registry as r; assert r.probe_format({str(raw)!r}) == 'raw';"
+        "print('importlib.metadata' in sys.modules)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
     assert out.strip() == "False"

@@ -15,8 +15,10 @@ import pytest
 from vblock.cli.main import main
 from vblock.cli.output import Environment
 
-needs_qemu = pytest.mark.skipif(shutil.which("qemu-img") is None or shutil.which("qemu-io") is None,
-                                reason="qemu-img / qemu-io not installed (apt-get install qemu-utils)")
+needs_qemu = pytest.mark.skipif(
+    shutil.which("qemu-img") is None or shutil.which("qemu-io") is None,
+    reason="qemu-img / qemu-io not installed (apt-get install qemu-utils)",
+)
 
 
 @dataclasses.dataclass
@@ -45,10 +47,17 @@ def run_cli(*argv, cwd=None) -> Result:
 
 def run_cmd(*argv, cwd=None, timeout=120) -> Result:
     """``python -m vblock ARGV`` as a separate process."""
-    p = subprocess.run([sys.executable, "-m", "vblock", *map(str, argv)], cwd=cwd, capture_output=True,
-                       text=True, timeout=timeout)
+    p = subprocess.run(
+        [sys.executable, "-m", "vblock", *map(str, argv)],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     return Result(p.returncode, p.stdout, p.stderr)
 
 
 def qemu(*argv, cwd=None, check=True):
-    return subprocess.run([str(a) for a in argv], cwd=cwd, capture_output=True, text=True, check=check)
+    return subprocess.run(
+        [str(a) for a in argv], cwd=cwd, capture_output=True, text=True, check=check
+    )

@@ -9,10 +9,21 @@ from vblock.cli import output
 from vblock.cli.status import ExitStatus, check_status
 
 
-@pytest.mark.parametrize("text, value", [
-    ("4096", 4096), ("64k", 64 << 10), ("64K", 64 << 10), ("512M", 512 << 20), ("10G", 10 << 30),
-    ("1.5G", 3 << 29), ("2GiB", 2 << 30), ("1T", 1 << 40), ("0", 0), ("100b", 100),
-])
+@pytest.mark.parametrize(
+    "text, value",
+    [
+        ("4096", 4096),
+        ("64k", 64 << 10),
+        ("64K", 64 << 10),
+        ("512M", 512 << 20),
+        ("10G", 10 << 30),
+        ("1.5G", 3 << 29),
+        ("2GiB", 2 << 30),
+        ("1T", 1 << 40),
+        ("0", 0),
+        ("100b", 100),
+    ],
+)
 def test_parse_size_accepts_qemu_img_sizes(text, value):
     assert output.parse_size(text) == value
 
@@ -24,15 +35,28 @@ def test_parse_size_rejects_with_the_text_named(text):
     assert repr(text) in str(exc.value)
 
 
-@pytest.mark.parametrize("n, text", [(0, "0 B"), (1023, "1023 B"), (593920, "580 KiB"),
-                                     (33554432, "32 MiB"), (3 << 29, "1.5 GiB"), (1000 << 20, "1000 MiB")])
+@pytest.mark.parametrize(
+    "n, text",
+    [
+        (0, "0 B"),
+        (1023, "1023 B"),
+        (593920, "580 KiB"),
+        (33554432, "32 MiB"),
+        (3 << 29, "1.5 GiB"),
+        (1000 << 20, "1000 MiB"),
+    ],
+)
 def test_human_size_matches_qemu_img_style(n, text):
     assert output.human_size(n) == text
 
 
 def test_check_status_maps_results_to_qemu_img_codes():
     assert check_status({"check-errors": 0, "corruptions": 0, "leaks": 0}) == ExitStatus.SUCCESS
-    assert check_status({"check-errors": 0, "corruptions": 1, "leaks": 4}) == ExitStatus.CORRUPTIONS == 2
+    assert (
+        check_status({"check-errors": 0, "corruptions": 1, "leaks": 4})
+        == ExitStatus.CORRUPTIONS
+        == 2
+    )
     assert check_status({"check-errors": 0, "corruptions": 0, "leaks": 4}) == ExitStatus.LEAKS == 3
     assert check_status({"check-errors": 1, "corruptions": 1, "leaks": 0}) == ExitStatus.ERROR == 1
 
@@ -46,7 +70,18 @@ def test_no_command_is_a_usage_error():
 def test_help_lists_every_command_and_exits_0():
     r = run_cli("--help")
     assert r.rc == 0
-    for verb in ("create", "info", "check", "map", "convert", "compare", "resize", "rebase", "bench", "stress"):
+    for verb in (
+        "create",
+        "info",
+        "check",
+        "map",
+        "convert",
+        "compare",
+        "resize",
+        "rebase",
+        "bench",
+        "stress",
+    ):
         assert verb in r.out
 
 
@@ -105,4 +140,6 @@ def test_an_unexpected_exception_is_one_line_naming_it(monkeypatch, tmp_path):
     monkeypatch.setattr(info, "run", broken)
     r = run_cli("info", tmp_path / "x")
     assert r.rc == 1
-    assert r.err_lines == ["vblock: error: internal error: ZeroDivisionError: boom (run with --debug for the traceback)"]
+    assert r.err_lines == [
+        "vblock: error: internal error: ZeroDivisionError: boom (run with --debug for the traceback)"
+    ]

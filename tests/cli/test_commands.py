@@ -50,14 +50,18 @@ def test_bench_host_runs_through_the_dispatcher():
     r = run_cmd("bench", "host", "--duration", "0.05", "--no-peer", "--json", "-q", timeout=300)
     assert r.rc == 0, r.err
     rows = [json.loads(line) for line in r.out.splitlines()]
-    assert rows and {row["layer"] for row in rows} == {"host"} and all(row["iops"] > 0 for row in rows)
+    assert (
+        rows and {row["layer"] for row in rows} == {"host"} and all(row["iops"] > 0 for row in rows)
+    )
     from vblock.bench import wake_round_trip
 
     if wake_round_trip(10) is not None:  # the machine gauge goes to stderr, off the JSON lines
         assert "cross-CPU wake-up round trip" in r.err
 
 
-@pytest.mark.skipif(shutil.which("qemu-img") is None, reason="qemu-img not installed (apt-get install qemu-utils)")
+@pytest.mark.skipif(
+    shutil.which("qemu-img") is None, reason="qemu-img not installed (apt-get install qemu-utils)"
+)
 def test_bench_convert_pairs_both_tools_and_verifies_the_result():
     """A small source, one pair per pairing: every pairing gives a row with both tools' times, and
     each vblock result passed qemu-img check and compare (run() raises otherwise)."""
@@ -78,8 +82,12 @@ def test_a_closed_pipe_ends_the_command_quietly(scratch):
     r, w = os.pipe()
     os.close(r)
     try:
-        p = subprocess.run([sys.executable, "-m", "vblock", "map", "--output=json", str(scratch / "d.qed")],
-                           stdout=w, stderr=subprocess.PIPE, timeout=60)
+        p = subprocess.run(
+            [sys.executable, "-m", "vblock", "map", "--output=json", str(scratch / "d.qed")],
+            stdout=w,
+            stderr=subprocess.PIPE,
+            timeout=60,
+        )
     finally:
         os.close(w)
     assert p.returncode == 1
@@ -109,13 +117,21 @@ def test_the_quick_exit_flushes_a_long_output_and_keeps_the_status(scratch):
             img.write(i * 2 * 4096, b"\x01" * 4096)  # every other cluster: 2048 data runs
     out = scratch / "map.json"
     with open(out, "wb") as f:
-        p = subprocess.run([sys.executable, "-m", "vblock", "map", "--output=json", path], stdout=f,
-                           stderr=subprocess.PIPE, timeout=120)
+        p = subprocess.run(
+            [sys.executable, "-m", "vblock", "map", "--output=json", path],
+            stdout=f,
+            stderr=subprocess.PIPE,
+            timeout=120,
+        )
     assert p.returncode == 0 and p.stderr == b""
     entries = json.loads(out.read_text())
     assert sum(1 for e in entries if e["data"]) == 2048
     other = str(scratch / "other.qed")
     vblock.create_image(other, "qed", 64 * MiB).close()
-    p = subprocess.run([sys.executable, "-m", "vblock", "compare", path, other], capture_output=True,
-                       text=True, timeout=120)
+    p = subprocess.run(
+        [sys.executable, "-m", "vblock", "compare", path, other],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert p.returncode == 1 and p.stdout == "Content mismatch at offset 0!\n"

@@ -47,11 +47,11 @@ def raw_source(path, size=2 * MiB, hole=(MiB, MiB // 2), zeros=(MiB // 4, 64 << 
     zeros written at ``zeros`` (offset, length each); returns what it reads as."""
     data = bytearray(os.urandom(size))
     for off, n in (hole, zeros):
-        data[off:off + n] = bytes(n)
+        data[off : off + n] = bytes(n)
     with open(path, "wb") as f:
-        f.write(data[:hole[0]])
+        f.write(data[: hole[0]])
         f.seek(hole[0] + hole[1])
-        f.write(data[hole[0] + hole[1]:])
+        f.write(data[hole[0] + hole[1] :])
     return bytes(data)
 
 
@@ -257,7 +257,9 @@ def test_convert_n_writes_into_an_existing_qed_image(scratch):
 
 def test_convert_n_without_a_destination_creates_nothing(scratch):
     raw_source(scratch / "src.raw")
-    r = run_cli("convert", "-n", "-f", "raw", "-O", "raw", scratch / "src.raw", scratch / "none.raw")
+    r = run_cli(
+        "convert", "-n", "-f", "raw", "-O", "raw", scratch / "src.raw", scratch / "none.raw"
+    )
     one_error_line(r, "none.raw", "-n writes into an existing image")
     assert os.listdir(scratch) == ["src.raw"]
 
@@ -323,7 +325,9 @@ def test_a_warning_while_creating_names_the_given_file(scratch):
     r = run_cli("create", "-f", "qed", "-o", "table_size=1", scratch / "t1.qed", "1M")
     assert r.rc == 0, r.err
     warnings = [ln for ln in r.err_lines if ln.startswith("vblock: warning: ")]
-    assert warnings == [f"vblock: warning: {scratch / 't1.qed'}: QEMU cannot open QED images with table_size 1"]
+    assert warnings == [
+        f"vblock: warning: {scratch / 't1.qed'}: QEMU cannot open QED images with table_size 1"
+    ]
 
 
 def test_a_fifo_destination_is_refused(scratch):

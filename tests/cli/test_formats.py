@@ -23,11 +23,14 @@ from vblock.testing import foreign
 
 MiB = 1 << 20
 CS = 64 << 10
-UNSUPPORTED = ("image format 'vmdk' is not supported (vblock reads raw, qcow2, qed); "
-               "convert it with qemu-img convert -O qed")
+UNSUPPORTED = (
+    "image format 'vmdk' is not supported (vblock reads raw, qcow2, qed); "
+    "convert it with qemu-img convert -O qed"
+)
 
-needs_qemu_img = pytest.mark.skipif(shutil.which("qemu-img") is None,
-                                    reason="qemu-img not installed (apt-get install qemu-utils)")
+needs_qemu_img = pytest.mark.skipif(
+    shutil.which("qemu-img") is None, reason="qemu-img not installed (apt-get install qemu-utils)"
+)
 
 
 def _sha(path):
@@ -102,7 +105,11 @@ def test_check_repair_refuses_a_foreign_format(foreign_image):
 
 def test_stress_image_refuses_a_foreign_format(foreign_image):
     path, before = foreign_image
-    _one_line(run_cli("stress", "--image", path, "--duration", "0.1", "--seed", "1"), str(path), UNSUPPORTED)
+    _one_line(
+        run_cli("stress", "--image", path, "--duration", "0.1", "--seed", "1"),
+        str(path),
+        UNSUPPORTED,
+    )
     assert _sha(path) == before
 
 
@@ -150,14 +157,19 @@ def test_info_names_each_hand_made_foreign_format(scratch, name):
 def test_info_and_stress_refuse_each_qemu_img_format(scratch, name):
     fmt, extra = foreign.QEMU_IMG_CREATE[name]
     path = scratch / f"disk.{name}"
-    p = subprocess.run(["qemu-img", "create", "-q", "-f", fmt, *extra, str(path), "1M"],
-                       capture_output=True, text=True)
+    p = subprocess.run(
+        ["qemu-img", "create", "-q", "-f", fmt, *extra, str(path), "1M"],
+        capture_output=True,
+        text=True,
+    )
     if p.returncode != 0:
         pytest.skip(f"this qemu-img cannot create {name}: {p.stderr.strip()}")
     before = _sha(path)
     _one_line(run_cli("info", path), str(path), f"image format '{fmt}' is not supported")
-    _one_line(run_cli("stress", "--image", path, "--duration", "0.1", "--seed", "1"),
-              f"image format '{fmt}' is not supported")
+    _one_line(
+        run_cli("stress", "--image", path, "--duration", "0.1", "--seed", "1"),
+        f"image format '{fmt}' is not supported",
+    )
     assert _sha(path) == before
 
 
@@ -185,7 +197,9 @@ def orphan(scratch):
     """top.qed over base.raw (raw recorded), with data in its first cluster; base.raw removed."""
     (scratch / "base.raw").write_bytes(b"\x05" * MiB)
     top = scratch / "top.qed"
-    with vblock.create_image(str(top), "qed", MiB, backing_file="base.raw", backing_fmt="raw") as img:
+    with vblock.create_image(
+        str(top), "qed", MiB, backing_file="base.raw", backing_fmt="raw"
+    ) as img:
         img.write(0, b"\x07" * CS)
     (scratch / "base.raw").unlink()
     return top, _sha(top)
@@ -242,10 +256,14 @@ def test_map_an_image_whose_backing_file_is_missing_shows_its_own_allocation(orp
     top, before = orphan
     r = run_cli("map", "--output=json", top)
     assert r.rc == 0
-    assert r.err_lines == [f"vblock: warning: {top}: {MISSING}; showing {top}'s own allocation only"]
+    assert r.err_lines == [
+        f"vblock: warning: {top}: {MISSING}; showing {top}'s own allocation only"
+    ]
     entries = json.loads(r.out)
     assert [(e["start"], e["length"], e["depth"], e["present"], e["data"]) for e in entries] == [
-        (0, CS, 0, True, True), (CS, MiB - CS, 0, False, False)]
+        (0, CS, 0, True, True),
+        (CS, MiB - CS, 0, False, False),
+    ]
     assert _sha(top) == before
 
 

@@ -46,7 +46,12 @@ def test_create_qed_with_options(scratch):
     r = run_cli("create", "-f", "qed", "-o", "cluster_size=4k,table_size=2", p, "10M")
     assert r.rc == 0, r.err
     with vblock.open_image(str(p), read_only=True) as img:
-        assert (img.format, img.size, img.info()["cluster-size"], img.info()["table-size"]) == ("qed", 10 * MiB, 4096, 2)
+        assert (img.format, img.size, img.info()["cluster-size"], img.info()["table-size"]) == (
+            "qed",
+            10 * MiB,
+            4096,
+            2,
+        )
     assert not [n for n in os.listdir(scratch) if n.endswith(".tmp")]
 
 
@@ -62,15 +67,21 @@ def test_create_with_backing_takes_its_size_and_records_raw(scratch):
         assert img.read(MiB, 4) == b"\x11" * 4
 
 
-@pytest.mark.parametrize("argv, fragments", [
-    (["create", "-f", "qed", "{d}/x.qed", "10Q"], ["invalid size '10Q'"]),
-    (["create", "-f", "qcow9", "{d}/x.qed", "1G"], ["unknown format 'qcow9'"]),
-    (["create", "-f", "qed", "-b", "nothere.raw", "-F", "raw", "{d}/x.qed", "1G"], ["nothere.raw", "No such file"]),
-    (["create", "-f", "qed", "-o", "cluster_size=3000", "{d}/x.qed", "1G"], ["cluster"]),
-    (["create", "-f", "qed", "-o", "bogus=1", "{d}/x.qed", "1G"], ["bogus"]),
-    (["create", "-f", "qed", "{d}/no/such/dir/x.qed", "1G"], ["no such directory"]),
-    (["create", "-f", "qed", "{d}/x.qed"], ["size is required"]),
-])
+@pytest.mark.parametrize(
+    "argv, fragments",
+    [
+        (["create", "-f", "qed", "{d}/x.qed", "10Q"], ["invalid size '10Q'"]),
+        (["create", "-f", "qcow9", "{d}/x.qed", "1G"], ["unknown format 'qcow9'"]),
+        (
+            ["create", "-f", "qed", "-b", "nothere.raw", "-F", "raw", "{d}/x.qed", "1G"],
+            ["nothere.raw", "No such file"],
+        ),
+        (["create", "-f", "qed", "-o", "cluster_size=3000", "{d}/x.qed", "1G"], ["cluster"]),
+        (["create", "-f", "qed", "-o", "bogus=1", "{d}/x.qed", "1G"], ["bogus"]),
+        (["create", "-f", "qed", "{d}/no/such/dir/x.qed", "1G"], ["no such directory"]),
+        (["create", "-f", "qed", "{d}/x.qed"], ["size is required"]),
+    ],
+)
 def test_create_bad_inputs_leave_nothing_behind(scratch, argv, fragments):
     r = run_cli(*[a.format(d=scratch) for a in argv])
     one_error_line(r, *fragments)
@@ -164,7 +175,9 @@ def test_check_clean_leaks_and_corruptions_exit_codes(scratch):
     assert r.rc == 0
     first, stats = r.out.splitlines()
     assert first == "No errors were found on the image."
-    assert stats.startswith("2/256 = 0.78% allocated, ") and stats.endswith("% fragmented, 0.00% compressed clusters")
+    assert stats.startswith("2/256 = 0.78% allocated, ") and stats.endswith(
+        "% fragmented, 0.00% compressed clusters"
+    )
     with open(p, "r+b") as f:  # one unreferenced cluster at the end: a leak
         f.truncate(os.path.getsize(p) + CS)
     r = run_cli("check", "--output=json", p)
@@ -195,7 +208,10 @@ def test_map_json_and_human(scratch):
     p = make_qed(scratch / "m.qed", writes=[(2 * MiB, b"\x07" * CS)])
     entries = json.loads(run_cli("map", "--output=json", p).out)
     assert [(e["start"], e["length"], e["data"], e["present"]) for e in entries] == [
-        (0, 2 * MiB, False, False), (2 * MiB, CS, True, True), (2 * MiB + CS, 14 * MiB - CS, False, False)]
+        (0, 2 * MiB, False, False),
+        (2 * MiB, CS, True, True),
+        (2 * MiB + CS, 14 * MiB - CS, False, False),
+    ]
     assert entries[1]["offset"] % CS == 0 and "offset" not in entries[0]
     human = run_cli("map", p).out.splitlines()
     assert human[0].split() == ["Offset", "Length", "Mapped", "to", "File"]
@@ -291,8 +307,9 @@ def test_convert_skips_zero_clusters_inside_data(scratch):
 
 
 @pytest.mark.parametrize("src_cache, mapped", [("writeback", True), ("none", False)])
-def test_convert_writes_a_raw_source_from_its_mapping_unless_read_direct(scratch, monkeypatch,
-                                                                         src_cache, mapped):
+def test_convert_writes_a_raw_source_from_its_mapping_unless_read_direct(
+    scratch, monkeypatch, src_cache, mapped
+):
     """A raw source read through the page cache is mapped, and the writes take views of the
     mapping (no read copy); with -T none it is read into buffers. Both skip zero clusters."""
     from vblock.block.image import Image
@@ -300,7 +317,9 @@ def test_convert_writes_a_raw_source_from_its_mapping_unless_read_direct(scratch
 
     reads = []
     real = Image.submit_read
-    monkeypatch.setattr(Image, "submit_read", lambda self, *a: (reads.append(a[0]), real(self, *a))[1])
+    monkeypatch.setattr(
+        Image, "submit_read", lambda self, *a: (reads.append(a[0]), real(self, *a))[1]
+    )
     src = scratch / "m.raw"
     data = os.urandom(3 * MiB) + bytes(2 * CS) + os.urandom(CS + 512)
     src.write_bytes(data)
@@ -341,13 +360,22 @@ def test_convert_fails_cleanly_when_the_mapped_source_shrinks(scratch, monkeypat
 def test_convert_flattens_or_keeps_the_backing_file(scratch):
     base = scratch / "base.raw"
     base.write_bytes(b"\xbb" * (2 * MiB))
-    top = make_qed(scratch / "top.qed", 2 * MiB, writes=[(CS, b"\x77" * CS)], backing="base.raw", backing_fmt="raw")
+    top = make_qed(
+        scratch / "top.qed",
+        2 * MiB,
+        writes=[(CS, b"\x77" * CS)],
+        backing="base.raw",
+        backing_fmt="raw",
+    )
     with vblock.open_image(str(top), read_only=True) as img:
         expect = img.read(0, img.size)
     assert run_cli("convert", "-O", "qed", top, scratch / "flat.qed").rc == 0
     with vblock.open_image(str(scratch / "flat.qed"), read_only=True) as img:
         assert img.backing is None and img.read(0, img.size) == expect
-    assert run_cli("convert", "-O", "qed", "-B", "base.raw", "-F", "raw", top, scratch / "thin.qed").rc == 0
+    assert (
+        run_cli("convert", "-O", "qed", "-B", "base.raw", "-F", "raw", top, scratch / "thin.qed").rc
+        == 0
+    )
     with vblock.open_image(str(scratch / "thin.qed"), read_only=True) as img:
         assert img.info()["backing-filename"] == "base.raw"
         assert img.read(0, img.size) == expect
@@ -365,7 +393,9 @@ def test_convert_failure_leaves_no_destination(scratch):
 
 
 @pytest.mark.parametrize("cache, starts", [("writeback", 4), ("unsafe", 0), ("none", 0)])
-def test_convert_writes_back_as_it_copies_only_when_it_will_flush(scratch, monkeypatch, cache, starts):
+def test_convert_writes_back_as_it_copies_only_when_it_will_flush(
+    scratch, monkeypatch, cache, starts
+):
     """-t writeback starts the destination's writeback every WRITE_BEHIND bytes copied, so the
     final flush finds little left; unsafe never flushes and none bypasses the page cache."""
     from vblock.block import convert as engine
@@ -375,7 +405,9 @@ def test_convert_writes_back_as_it_copies_only_when_it_will_flush(scratch, monke
     monkeypatch.setattr(engine, "WRITE_BEHIND", 2 * MiB)
     calls = []
     real = Image.start_writeback
-    monkeypatch.setattr(Image, "start_writeback", lambda self: (calls.append(self.path), real(self))[1])
+    monkeypatch.setattr(
+        Image, "start_writeback", lambda self: (calls.append(self.path), real(self))[1]
+    )
     src = scratch / "w.raw"
     data = os.urandom(8 * MiB + CS)
     src.write_bytes(data)
@@ -407,16 +439,26 @@ def test_convert_flushes_only_when_asked_as_qemu_img_does(scratch, monkeypatch):
 
 
 def test_convert_bad_inputs(scratch):
-    one_error_line(run_cli("convert", "-O", "qed", scratch / "none.raw", scratch / "o.qed"), "none.raw")
+    one_error_line(
+        run_cli("convert", "-O", "qed", scratch / "none.raw", scratch / "o.qed"), "none.raw"
+    )
     (scratch / "s.raw").write_bytes(bytes(MiB))
-    one_error_line(run_cli("convert", "-O", "vhdx", scratch / "s.raw", scratch / "o"), "unknown format 'vhdx'")
-    one_error_line(run_cli("convert", "-f", "raw", "-O", "qed", scratch / "s.raw", scratch / "s.raw"), "is the source")
+    one_error_line(
+        run_cli("convert", "-O", "vhdx", scratch / "s.raw", scratch / "o"), "unknown format 'vhdx'"
+    )
+    one_error_line(
+        run_cli("convert", "-f", "raw", "-O", "qed", scratch / "s.raw", scratch / "s.raw"),
+        "is the source",
+    )
     assert sorted(os.listdir(scratch)) == ["s.raw"]
 
 
 def test_convert_an_odd_sized_raw_file_rounds_qed_up_to_a_sector(scratch):
     (scratch / "odd.raw").write_bytes(b"abc")
-    assert run_cli("convert", "-f", "raw", "-O", "qed", scratch / "odd.raw", scratch / "odd.qed").rc == 0
+    assert (
+        run_cli("convert", "-f", "raw", "-O", "qed", scratch / "odd.raw", scratch / "odd.qed").rc
+        == 0
+    )
     with vblock.open_image(str(scratch / "odd.qed"), read_only=True) as img:
         assert img.size == 512 and img.read(0, 512) == b"abc" + bytes(509)
     assert run_cli("compare", "-f", "raw", scratch / "odd.raw", scratch / "odd.qed").rc == 0

@@ -96,8 +96,10 @@ def test_check_repair_with_force_share_is_a_usage_error(qed):
     before = digest(qed)
     r = run_cli("check", "-r", "all", "-U", qed)
     assert r.rc == 1
-    assert r.err_lines == ["vblock: error: check: -U/--force-share cannot be used with -r "
-                           "(a repair writes to the image)"]
+    assert r.err_lines == [
+        "vblock: error: check: -U/--force-share cannot be used with -r "
+        "(a repair writes to the image)"
+    ]
     assert digest(qed) == before
 
 

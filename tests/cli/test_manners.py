@@ -83,7 +83,9 @@ def test_compare_a_block_status_failure_exits_3(pair, monkeypatch):
         raise OSError(errno.EIO, "Input/output error", "a.raw")
 
     monkeypatch.setattr(Image, "block_status", broken)
-    one_error_line(run_cli("compare", "-f", "raw", "-F", "raw", *pair), 3, "a.raw: Input/output error")
+    one_error_line(
+        run_cli("compare", "-f", "raw", "-F", "raw", *pair), 3, "a.raw: Input/output error"
+    )
 
 
 def test_compare_a_read_failure_exits_4(pair, monkeypatch):
@@ -91,7 +93,9 @@ def test_compare_a_read_failure_exits_4(pair, monkeypatch):
         raise OSError(errno.EIO, "Input/output error", "b.raw")
 
     monkeypatch.setattr(Image, "read", broken)
-    one_error_line(run_cli("compare", "-f", "raw", "-F", "raw", *pair), 4, "b.raw: Input/output error")
+    one_error_line(
+        run_cli("compare", "-f", "raw", "-F", "raw", *pair), 4, "b.raw: Input/output error"
+    )
 
 
 def test_compare_exit_codes_reach_the_shell(pair):
@@ -127,7 +131,12 @@ def test_create_o_help_lists_the_formats_create_options(scratch):
     assert r.rc == 0 and r.err == ""
     lines = r.out.splitlines()
     assert lines[0] == "Supported options:"
-    assert [ln.split("=")[0].strip() for ln in lines[1:]] == ["backing_file", "backing_fmt", "cluster_size", "table_size"]
+    assert [ln.split("=")[0].strip() for ln in lines[1:]] == [
+        "backing_file",
+        "backing_fmt",
+        "cluster_size",
+        "table_size",
+    ]
     assert "cluster_size=<size>" in r.out and "table_size=<num>" in r.out
     assert os.listdir(scratch) == []
 
@@ -143,7 +152,9 @@ def test_convert_o_help_lists_the_destination_formats_options(scratch):
 @pytest.mark.parametrize("fmt", ["null", "memory"])
 def test_create_refuses_a_format_that_makes_no_file(scratch, fmt):
     r = run_cli("create", "-f", fmt, scratch / "x.img", "1M")
-    one_error_line(r, 1, f"format '{fmt}' makes no image file", "formats that can be created: qed, raw")
+    one_error_line(
+        r, 1, f"format '{fmt}' makes no image file", "formats that can be created: qed, raw"
+    )
     assert os.listdir(scratch) == []
 
 
@@ -213,14 +224,26 @@ def nospace_format():
 def test_stress_names_the_host_errno_of_a_failed_request(scratch, nospace_format):
     p = scratch / "full.raw"
     p.write_bytes(bytes(4 * MiB))
-    r = run_cli("stress", "--image", p, "--format", nospace_format, "--duration", "0.3", "--seed", "3",
-                "--output=json")
+    r = run_cli(
+        "stress",
+        "--image",
+        p,
+        "--format",
+        nospace_format,
+        "--duration",
+        "0.3",
+        "--seed",
+        "3",
+        "--output=json",
+    )
     assert r.rc == 2, r.err
     rep = json.loads(r.out)
     assert rep["error-count"] > 0
     write_errors = [e for e in rep["errors"] if e.startswith("write ")]
-    assert write_errors and all(e.endswith("failed with status IOERR (ENOSPC: No space left on device)")
-                                for e in write_errors), rep["errors"]
+    assert write_errors and all(
+        e.endswith("failed with status IOERR (ENOSPC: No space left on device)")
+        for e in write_errors
+    ), rep["errors"]
     assert any("(ENOSPC: No space left on device)" in ln for ln in r.err_lines)
 
 

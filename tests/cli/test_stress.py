@@ -17,14 +17,31 @@ from vblock.testing import stress
 
 
 def test_short_stress_run_passes_and_verifies_blocks(scratch):
-    r = run_cmd("stress", "--duration", "1", "--size", "16M", "--queues", "2", "--depth", "8",
-                "--seed", "7", "--output=json", "--keep", cwd=scratch)
+    r = run_cmd(
+        "stress",
+        "--duration",
+        "1",
+        "--size",
+        "16M",
+        "--queues",
+        "2",
+        "--depth",
+        "8",
+        "--seed",
+        "7",
+        "--output=json",
+        "--keep",
+        cwd=scratch,
+    )
     assert r.rc == 0, r.err
     rep = json.loads(r.out)
     assert rep["ok"] is True and rep["seed"] == 7 and (rep["queues"], rep["depth"]) == (2, 8)
     assert rep["verified-blocks"] > 0 and rep["stamped-blocks"] > 0 and rep["swept-blocks"] > 0
     assert rep["mismatch-count"] == 0 and rep["error-count"] == 0
-    assert set(rep["ops"]) == {"read", "write", "flush", "discard", "write-zeroes"} and min(rep["ops"].values()) > 0
+    assert (
+        set(rep["ops"]) == {"read", "write", "flush", "discard", "write-zeroes"}
+        and min(rep["ops"].values()) > 0
+    )
     assert rep["check"]["corruptions"] == 0 and rep["check"]["leaks"] == 0
     assert rep["kept"] is True and os.path.exists(rep["image"])
     try:
@@ -35,9 +52,23 @@ def test_short_stress_run_passes_and_verifies_blocks(scratch):
 
 
 def test_stress_removes_its_temporary_directory_and_prints_a_summary():
-    r = run_cli("stress", "--duration", "0.3", "--size", "8M", "--queues", "1", "--depth", "4", "--seed", "1")
+    r = run_cli(
+        "stress",
+        "--duration",
+        "0.3",
+        "--size",
+        "8M",
+        "--queues",
+        "1",
+        "--depth",
+        "4",
+        "--seed",
+        "1",
+    )
     assert r.rc == 0, r.err
-    rows = dict(line.split(None, 1) if " " in line else (line, "") for line in r.out.splitlines()[2:])
+    rows = dict(
+        line.split(None, 1) if " " in line else (line, "") for line in r.out.splitlines()[2:]
+    )
     assert rows["result"] == "PASS" and rows["mismatches"] == "0"
     image = next(line for line in r.out.splitlines() if line.startswith("image")).split()[1]
     assert image.endswith("stress.qed") and not os.path.exists(os.path.dirname(image))
@@ -65,20 +96,34 @@ def test_a_backend_that_flips_a_byte_fails_the_run_and_is_named(flipraw):
 def test_stress_over_an_existing_image_verifies_only_what_it_wrote(scratch):
     p = scratch / "given.raw"
     p.write_bytes(os.urandom(2 << 20))
-    r = run_cli("stress", "--image", p, "--format", "raw", "--duration", "0.3", "--seed", "2", "--output=json")
+    r = run_cli(
+        "stress",
+        "--image",
+        p,
+        "--format",
+        "raw",
+        "--duration",
+        "0.3",
+        "--seed",
+        "2",
+        "--output=json",
+    )
     assert r.rc == 0, r.err
     rep = json.loads(r.out)
     assert rep["image"] == str(p) and rep["check"] is None and os.path.exists(p)
     assert rep["unverified-blocks"] > 0 and rep["verified-blocks"] > 0
 
 
-@pytest.mark.parametrize("argv, fragment", [
-    (["--size", "10Q"], "invalid size '10Q'"),
-    (["--format", "qcow7"], "unknown format 'qcow7'"),
-    (["--queues", "0"], "must be at least 1"),
-    (["--duration", "soon"], "invalid duration"),
-    (["--image", "/nonexistent/dir/x.qed"], "/nonexistent/dir/x.qed"),
-])
+@pytest.mark.parametrize(
+    "argv, fragment",
+    [
+        (["--size", "10Q"], "invalid size '10Q'"),
+        (["--format", "qcow7"], "unknown format 'qcow7'"),
+        (["--queues", "0"], "must be at least 1"),
+        (["--duration", "soon"], "invalid duration"),
+        (["--image", "/nonexistent/dir/x.qed"], "/nonexistent/dir/x.qed"),
+    ],
+)
 def test_stress_bad_inputs(argv, fragment):
     r = run_cli("stress", *argv)
     assert r.rc == 1 and len(r.err_lines) == 1 and fragment in r.err, r.err
@@ -93,7 +138,10 @@ def test_stamps_name_their_generation_and_catch_any_changed_byte():
     assert "another run" in stress.read_sector(data, 0, 8192, 0x9999)
     bad = bytearray(data)
     bad[300] ^= 1
-    assert stress.read_sector(bad, 0, 8192, 0x1234) == f"generation 42 with byte 8492 changed ({data[300] ^ 1:#04x} instead of {data[300]:#04x}): checksum fails"
+    assert (
+        stress.read_sector(bad, 0, 8192, 0x1234)
+        == f"generation 42 with byte 8492 changed ({data[300] ^ 1:#04x} instead of {data[300]:#04x}): checksum fails"
+    )
     assert stress.read_sector(bytes(512), 0, 0, 1) == stress.ZERO
     junk = bytearray(512)
     junk[100] = 7

@@ -23,7 +23,9 @@ def make_disk(directory, fmt, host_pattern=True, name="disk"):
     if fmt == "raw":
         return raw
     qed = os.path.join(directory, name + ".qed")
-    subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qed", raw, qed], check=True, capture_output=True)
+    subprocess.run(
+        ["qemu-img", "convert", "-f", "raw", "-O", "qed", raw, qed], check=True, capture_output=True
+    )
     os.unlink(raw)
     return qed
 
@@ -34,7 +36,9 @@ def image_bytes(path, fmt):
         with open(path, "rb") as f:
             return f.read()
     out = path + ".out.raw"
-    subprocess.run(["qemu-img", "convert", "-f", fmt, "-O", "raw", path, out], check=True, capture_output=True)
+    subprocess.run(
+        ["qemu-img", "convert", "-f", fmt, "-O", "raw", path, out], check=True, capture_output=True
+    )
     try:
         with open(out, "rb") as f:
             return f.read()

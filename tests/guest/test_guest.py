@@ -27,7 +27,9 @@ from tests.guest.guest_helpers import (
     qemu_img_check,
 )
 
-pytestmark = pytest.mark.timeout(400)  # a test boots once or twice; each QEMU run has its own timeout
+pytestmark = pytest.mark.timeout(
+    400
+)  # a test boots once or twice; each QEMU run has its own timeout
 
 FORMATS = ["raw", "qed"]
 QED_F_NEED_CHECK = 0x2  # QED header features bit 1
@@ -42,7 +44,14 @@ def serve_and_boot(gdir, image, fmt, script, serve_args=(), queues=1, smp=1, on_
     sock = os.path.join(gdir, "vblock.sock")
     srv = harness.Serve(sock, image, "-f", fmt, *serve_args)
     try:
-        m = harness.boot(sock, script, gdir, queues=queues, smp=smp, on_line=on_line and (lambda ln: on_line(ln, srv)))
+        m = harness.boot(
+            sock,
+            script,
+            gdir,
+            queues=queues,
+            smp=smp,
+            on_line=on_line and (lambda ln: on_line(ln, srv)),
+        )
     finally:
         rc, log = srv.stop()
     m["_serve_rc"], m["_serve_log"] = rc, log
@@ -51,7 +60,9 @@ def serve_and_boot(gdir, image, fmt, script, serve_args=(), queues=1, smp=1, on_
 
 
 def assert_ran(m):
-    assert m.get("done") == "1" and m.get("exit") == "0", m["_console"][-3000:] + "\n--- serve:\n" + m["_serve_log"]
+    assert m.get("done") == "1" and m.get("exit") == "0", (
+        m["_console"][-3000:] + "\n--- serve:\n" + m["_serve_log"]
+    )
     assert m["_serve_rc"] == 0, m["_serve_log"]
 
 
@@ -70,7 +81,9 @@ cmp -s /tmp/pat /tmp/back && echo "VBG readback=OK" || echo "VBG readback=MISMAT
     assert_ran(m)
     assert m["serial"] == "VBLOCK-GUEST-1"
     # q35: SeaBIOS drives the disk first (no EVENT_IDX), then Linux restarts it with EVENT_IDX
-    ups = [int(f, 16) for f in re.findall(r"device up with features (0x[0-9a-f]+)", m["_serve_log"])]
+    ups = [
+        int(f, 16) for f in re.findall(r"device up with features (0x[0-9a-f]+)", m["_serve_log"])
+    ]
     assert len(ups) >= 2 and not ups[0] >> 29 & 1 and ups[-1] >> 29 & 1, m["_serve_log"]
     assert "ring 0 stopped at avail index" in m["_serve_log"]
     assert m["hostpat"] == sha(HOST_PATTERN)
@@ -104,7 +117,10 @@ echo "VBG sum=$(sha256sum /tmp/r | cut -c1-64)"
         assert m["_flushes"] == 0
 
 
-@pytest.mark.skipif(not (shutil.which("e2fsck") and shutil.which("debugfs")), reason="needs e2fsprogs (e2fsck, debugfs)")
+@pytest.mark.skipif(
+    not (shutil.which("e2fsck") and shutil.which("debugfs")),
+    reason="needs e2fsprogs (e2fsck, debugfs)",
+)
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_guest_ext2_file_system(gdir, fmt):
     img = make_disk(gdir, fmt, host_pattern=False)
@@ -130,7 +146,9 @@ umount /mnt || exit 5
     assert fsck.returncode == 0, fsck.stdout + fsck.stderr
     for name, key in (("/f1", "f1"), ("/f2", "f2"), ("/dir/f3", "dir_f3")):
         out = os.path.join(gdir, key + ".out")
-        subprocess.run(["debugfs", "-R", f"dump {name} {out}", raw], check=True, capture_output=True)
+        subprocess.run(
+            ["debugfs", "-R", f"dump {name} {out}", raw], check=True, capture_output=True
+        )
         with open(out, "rb") as f:
             assert sha(f.read()) == m[key], name
 
@@ -185,7 +203,9 @@ echo "VBG rb=$(dd if=/dev/vda bs=65536 skip=128 count=64 iflag=direct 2>/dev/nul
     assert_ran(m)
     assert m["hwq"] == "2"
     kicks = re.search(r"kicks per queue (\d+)/(\d+)", m["_serve_log"])
-    assert kicks and int(kicks.group(1)) > 0 and int(kicks.group(2)) > 0, m["_serve_log"]  # both rings worked
+    assert kicks and int(kicks.group(1)) > 0 and int(kicks.group(2)) > 0, m[
+        "_serve_log"
+    ]  # both rings worked
     assert m["ra"] == m["a"] and m["rb"] == m["b"]
     assert qemu_img_check(img, fmt)[0] == 0
     data = image_bytes(img, fmt)

@@ -15,9 +15,11 @@ def test_version_matches_package():
 
 # vbio.h's copies of kernel numbers beside the kernel's own, which the shim exports as the C
 # compiler read them from <linux/falloc.h> and <unistd.h> (native/build_vbio.py, KERNEL_CDEF).
-FALLOCATE_MODES = [("VBIO_FALLOC_KEEP_SIZE", "FALLOC_FL_KEEP_SIZE"),
-                   ("VBIO_FALLOC_PUNCH_HOLE", "FALLOC_FL_PUNCH_HOLE"),
-                   ("VBIO_FALLOC_ZERO_RANGE", "FALLOC_FL_ZERO_RANGE")]
+FALLOCATE_MODES = [
+    ("VBIO_FALLOC_KEEP_SIZE", "FALLOC_FL_KEEP_SIZE"),
+    ("VBIO_FALLOC_PUNCH_HOLE", "FALLOC_FL_PUNCH_HOLE"),
+    ("VBIO_FALLOC_ZERO_RANGE", "FALLOC_FL_ZERO_RANGE"),
+]
 
 
 @pytest.mark.parametrize("ours, kernels", FALLOCATE_MODES)
@@ -25,8 +27,9 @@ def test_fallocate_constants_are_the_kernels(ours, kernels):
     assert getattr(lib, ours) == getattr(lib, kernels)
 
 
-@pytest.mark.parametrize("ours, kernels",
-                         [("VBIO_SEEK_DATA", "SEEK_DATA"), ("VBIO_SEEK_HOLE", "SEEK_HOLE")])
+@pytest.mark.parametrize(
+    "ours, kernels", [("VBIO_SEEK_DATA", "SEEK_DATA"), ("VBIO_SEEK_HOLE", "SEEK_HOLE")]
+)
 def test_seek_whence_constants_are_the_kernels(ours, kernels):
     assert getattr(lib, ours) == getattr(lib, kernels) == getattr(os, kernels)
 

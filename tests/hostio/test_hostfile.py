@@ -57,10 +57,12 @@ def _random_workload(f, seed, n_ops=300):
             assert f.submit_write(offset, bufs).result(timeout=30) == len(data)
         else:
             assert f.pwritev(bufs, offset) == len(data)
-        ref[offset:offset + len(data)] = data
+        ref[offset : offset + len(data)] = data
         if rng.random() < 0.3:
             rd = [f.alloc(s) for s in sizes]
-            futures.append((offset, rd, f.submit_read(offset, rd), bytes(ref[offset:offset + len(data)])))
+            futures.append(
+                (offset, rd, f.submit_read(offset, rd), bytes(ref[offset : offset + len(data)]))
+            )
     for pending in futures:
         _check_read(*pending)
     return ref
@@ -106,7 +108,7 @@ def test_misaligned_requests_raise_before_io(image, engine):
             f.submit_write(1, [good])
         with pytest.raises(ValueError, match="length"):
             f.pwrite(f.alloc(a + 1), 0)
-        unaligned = memoryview(alloc_buffer(2 * a + 4096))[1:1 + a]
+        unaligned = memoryview(alloc_buffer(2 * a + 4096))[1 : 1 + a]
         with pytest.raises(ValueError, match="address"):
             f.submit_read(0, [unaligned])
         assert f.inflight() == 0
@@ -124,7 +126,7 @@ def test_misaligned_buffer_of_a_scattered_request_is_named(image, engine, count)
         pages = [big[2 * i * a : 2 * i * a + a] for i in range(count)]
         for i, p in enumerate(pages):
             p[:] = bytes([i + 1]) * a
-        shifted = pages[:count - 1] + [big[1 : 1 + a]]
+        shifted = pages[: count - 1] + [big[1 : 1 + a]]
         with pytest.raises(ValueError, match=f"buffer {count - 1} address"):
             f.submit_write(0, shifted)
         odd = pages[:1] + [pages[1][: a // 2]] + pages[2:]
@@ -148,7 +150,9 @@ def test_buffers_aligned_checks_every_length_and_address():
     big = alloc_buffer(64 * 4096)
     pages = [big[i * 8192 : i * 8192 + 4096] for i in range(8)]
     assert buffers_aligned(pages, 4096, 4096)
-    assert not buffers_aligned(pages[:7] + [big[-4096 - 512 : -512]], 4096, 4096)  # address 512 off a page
+    assert not buffers_aligned(
+        pages[:7] + [big[-4096 - 512 : -512]], 4096, 4096
+    )  # address 512 off a page
     assert buffers_aligned(pages[:7] + [big[-4096 - 512 : -512]], 512, 512)
     assert not buffers_aligned(pages[:3] + [pages[3][:2048]] + pages[4:], 4096, 1)  # a short length
     assert buffers_aligned([], 4096, 4096)
@@ -257,6 +261,7 @@ def test_start_writeback(image, direct):
         assert bytes(rd) == b"\x3c" * 65536
     # the shim really asks the kernel (sync_file_range), which checks its arguments
     from vblock.hostio._binding import lib
+
     assert lib.vbio_start_writeback(-1, 0, 0) == -errno.EBADF
     fd = os.open(image, os.O_RDONLY)
     try:
@@ -433,7 +438,9 @@ def test_a_file_left_open_at_exit_finishes_its_requests(image, engine):
     for _ in range(8):
         os.truncate(image, 0)
         os.truncate(image, FILE_SIZE)
-        r = subprocess.run([sys.executable, "-c", _LEFT_OPEN, image, engine], capture_output=True, timeout=60)
+        r = subprocess.run(
+            [sys.executable, "-c", _LEFT_OPEN, image, engine], capture_output=True, timeout=60
+        )
         assert r.returncode == 0, r.stderr.decode()[-2000:]
         with open(image, "rb") as f:
             assert f.read(64 * 65536) == b"\x5a" * (64 * 65536)
@@ -522,8 +529,8 @@ def test_uring_polled_ring_keeps_every_byte(image, poll_depth, spin_us, monkeypa
         assert f.inflight() == 0
     with open(image, "rb") as raw:
         data = raw.read()
-    assert data[:len(chained)] == chained
-    assert data[len(chained):] == bytes(ref[len(chained):])
+    assert data[: len(chained)] == chained
+    assert data[len(chained) :] == bytes(ref[len(chained) :])
 
 
 @pytest.mark.parametrize("spin_us", ["0", "100"])

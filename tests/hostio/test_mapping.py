@@ -17,11 +17,14 @@ PAGE = 4096
 
 
 def _reference(data, granule):
-    return bytes(int(not any(data[i:i + granule])) for i in range(0, len(data), granule))
+    return bytes(int(not any(data[i : i + granule])) for i in range(0, len(data), granule))
 
 
-@given(st.lists(st.tuples(st.booleans(), st.integers(1, 300)), max_size=12),
-       st.sampled_from([1, 7, 8, 16, 64, 512, 4096]), st.integers(0, 255))
+@given(
+    st.lists(st.tuples(st.booleans(), st.integers(1, 300)), max_size=12),
+    st.sampled_from([1, 7, 8, 16, 64, 512, 4096]),
+    st.integers(0, 255),
+)
 def test_zero_granules_matches_a_byte_by_byte_scan(runs, granule, fill):
     """Runs of zeros and of data (whose first or last byte alone may be non-zero) in any
     granule size, the last granule short."""
@@ -46,7 +49,7 @@ def test_views_are_the_files_bytes_in_place(scratch):
     path.write_bytes(data)
     with FileMapping(path, len(data)) as m:
         v = m.view(2 * PAGE, 2 * PAGE)
-        assert v.readonly and bytes(v) == data[2 * PAGE:4 * PAGE]
+        assert v.readonly and bytes(v) == data[2 * PAGE : 4 * PAGE]
         assert zero_granules(m.view(0, len(data)), PAGE) == b"\x01\x01\x01\x00\x01"
         with open(path, "r+b") as f:  # a shared mapping: later changes to the file show
             f.seek(0)

@@ -27,7 +27,7 @@ _TAG = struct.Struct("<qq")
 def pattern(wid, sector):
     """512 bytes that identify write ``wid`` at absolute ``sector``."""
     head = _TAG.pack(wid, sector)
-    return (head * (SECTOR // len(head)))
+    return head * (SECTOR // len(head))
 
 
 def backing_pattern(sector):
@@ -184,7 +184,7 @@ def crash_and_recover(directory, steps, size, crash_after, seed, backing=False):
         vsize = img2.size
         data = img2.read(0, vsize)
     for s in range(min(vsize, len(model.stable) * SECTOR) // SECTOR):
-        got = identify(data[s * SECTOR:(s + 1) * SECTOR], s)
+        got = identify(data[s * SECTOR : (s + 1) * SECTOR], s)
         if got not in model.allowed_after_crash(s):
             findings["bad_sectors"].append((s, got, sorted(model.allowed_after_crash(s))))
     used = referenced_bytes(path)

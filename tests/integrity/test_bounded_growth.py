@@ -32,8 +32,12 @@ def test_crash_loop_growth_is_bounded(scratch, backing):
         plan = faults.FaultPlan(crash_after=rng.randint(0, 3 * batch), only=["img.qed"])
         with faults.install(plan):
             img = vblock.open_image(path, format="qed", need_check_timeout=0)
-            futs = [img.submit_write(rng.randrange(SIZE // 4096) * 4096, [bytes([cycle % 251 + 1]) * 4096])
-                    for _ in range(batch)]
+            futs = [
+                img.submit_write(
+                    rng.randrange(SIZE // 4096) * 4096, [bytes([cycle % 251 + 1]) * 4096]
+                )
+                for _ in range(batch)
+            ]
             for fu in futs:
                 try:
                     fu.result(timeout=60)

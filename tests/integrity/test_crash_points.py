@@ -12,39 +12,68 @@ SIZE = 8 * MiB  # 4 KiB clusters, table_size 1: each L2 table maps 2 MiB
 
 WORKLOADS = {
     "alloc_across_l2_boundary": [
-        ("write", 2 * MiB - 8192, 16384), ("flush",),
-        ("write", 4 * MiB - 4096, 8192), ("write", 512, 1024),
+        ("write", 2 * MiB - 8192, 16384),
+        ("flush",),
+        ("write", 4 * MiB - 4096, 8192),
+        ("write", 512, 1024),
     ],
     "new_l2_tables": [
-        ("write", 0, 4096), ("write", 2 * MiB, 4096), ("flush",),
-        ("write", 4 * MiB + 512, 512), ("write", 6 * MiB, 12288), ("flush",),
+        ("write", 0, 4096),
+        ("write", 2 * MiB, 4096),
+        ("flush",),
+        ("write", 4 * MiB + 512, 512),
+        ("write", 6 * MiB, 12288),
+        ("flush",),
         ("write", 6 * MiB + 4096, 4096),
     ],
     "write_zeroes": [
-        ("write", 0, 32768), ("flush",),
-        ("zeroes", 4096, 8192), ("zeroes", 40960, 8192), ("zeroes", 1024, 1024),
-        ("flush",), ("write", 8192, 512),
+        ("write", 0, 32768),
+        ("flush",),
+        ("zeroes", 4096, 8192),
+        ("zeroes", 40960, 8192),
+        ("zeroes", 1024, 1024),
+        ("flush",),
+        ("write", 8192, 512),
     ],
     "discard": [
-        ("write", 0, 65536), ("flush",), ("discard", 8192, 16384), ("write", 12288, 512), ("flush",),
+        ("write", 0, 65536),
+        ("flush",),
+        ("discard", 8192, 16384),
+        ("write", 12288, 512),
+        ("flush",),
         ("discard", 0, 4096),
     ],
     "concurrent": [
         ("group", [("write", i * 12288 % (3 * MiB), 8192) for i in range(12)]),
         ("flush",),
-        ("group", [("write", 4096, 4096), ("write", 6144, 4096), ("write", 2 * MiB + 512, 1024),
-                   ("write", 5 * MiB, 8192), ("zeroes", 16384, 4096)]),
+        (
+            "group",
+            [
+                ("write", 4096, 4096),
+                ("write", 6144, 4096),
+                ("write", 2 * MiB + 512, 1024),
+                ("write", 5 * MiB, 8192),
+                ("zeroes", 16384, 4096),
+            ],
+        ),
     ],
     "resize": [
-        ("write", SIZE - 4096, 4096), ("flush",), ("resize", SIZE + 2 * MiB),
-        ("write", SIZE + MiB, 8192), ("flush",), ("write", SIZE + MiB + 4096, 512),
+        ("write", SIZE - 4096, 4096),
+        ("flush",),
+        ("resize", SIZE + 2 * MiB),
+        ("write", SIZE + MiB, 8192),
+        ("flush",),
+        ("write", SIZE + MiB + 4096, 512),
     ],
 }
 
 BACKING_WORKLOADS = {
     "backing_copy_on_write": [
-        ("write", 1024, 512), ("flush",),
-        ("write", 4096 + 2048, 1024), ("write", 2 * MiB + 512, 4096), ("flush",),
+        ("write", 1024, 512),
+        ("flush",),
+        ("write", 4096 + 2048, 1024),
+        ("write", 2 * MiB + 512, 4096),
+        ("flush",),
         ("write", 3 * MiB, 512),
     ],
 }
@@ -65,7 +94,12 @@ def _large_random_workload(seed=2026, n=60):
         elif r < 0.25:
             steps.append(("discard", off, length))
         elif r < 0.4:
-            steps.append(("group", [("write", rng.randrange(SIZE // 512 - 64) * 512, 4096) for _ in range(4)]))
+            steps.append(
+                (
+                    "group",
+                    [("write", rng.randrange(SIZE // 512 - 64) * 512, 4096) for _ in range(4)],
+                )
+            )
         else:
             steps.append(("write", off, length))
     return steps
@@ -79,19 +113,33 @@ def _crash_everywhere(scratch, name, steps, backing, points_to_try=None):
     count_dir.mkdir()
     points = count_write_points(str(count_dir), steps, SIZE, backing)
     assert points > 3
-    tried = range(points + 1) if points_to_try is None else sorted(
-        random.Random(points).sample(range(points + 1), points_to_try))
+    tried = (
+        range(points + 1)
+        if points_to_try is None
+        else sorted(random.Random(points).sample(range(points + 1), points_to_try))
+    )
     failures = []
     for k in tried:
         for seed in range(SEEDS_PER_POINT):
             d = scratch / f"crash{k}-{seed}"
             d.mkdir()
-            found = crash_and_recover(str(d), steps, SIZE, crash_after=k, seed=k * 7919 + seed,
-                                      backing=backing)
+            found = crash_and_recover(
+                str(d), steps, SIZE, crash_after=k, seed=k * 7919 + seed, backing=backing
+            )
             if found["bad_sectors"] or found["corruptions"] or found["leaks"] or found["oversize"]:
-                failures.append((k, seed, found["corruptions"], found["leaks"], found["oversize"],
-                                 found["bad_sectors"][:3]))
-    assert failures == [], f"{name}: {len(failures)} of {len(tried)} crash points failed: {failures[:5]}"
+                failures.append(
+                    (
+                        k,
+                        seed,
+                        found["corruptions"],
+                        found["leaks"],
+                        found["oversize"],
+                        found["bad_sectors"][:3],
+                    )
+                )
+    assert failures == [], (
+        f"{name}: {len(failures)} of {len(tried)} crash points failed: {failures[:5]}"
+    )
 
 
 @pytest.mark.parametrize("name", sorted(WORKLOADS) + sorted(BACKING_WORKLOADS))

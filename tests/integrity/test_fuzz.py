@@ -28,9 +28,20 @@ def test_regressions_replay_cleanly(target):
 def test_bounded_fuzz_run_finds_nothing(target, tmp_path):
     seconds = SECONDS * fuzz.BUDGET_SHARE.get(target, 1.0)
     proc = subprocess.run(
-        [sys.executable, "-m", "vblock.testing.fuzz", target, "--seconds", str(seconds),
-         "--corpus", str(tmp_path / "corpus")],
-        cwd=tmp_path, capture_output=True, text=True, timeout=SECONDS * 3 + 60,
+        [
+            sys.executable,
+            "-m",
+            "vblock.testing.fuzz",
+            target,
+            "--seconds",
+            str(seconds),
+            "--corpus",
+            str(tmp_path / "corpus"),
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=SECONDS * 3 + 60,
     )
     crashes = list(tmp_path.glob("crash-*"))
     assert proc.returncode == 0 and not crashes, proc.stdout[-3000:] + proc.stderr[-3000:]

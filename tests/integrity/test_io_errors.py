@@ -42,10 +42,10 @@ def _verify(path, acked):
     with vblock.open_image(path, format="qed") as img:  # read-write: repairs if need-check is set
         res = img.check()
         assert (res["corruptions"], res["leaks"], res["check-errors"]) == (0, 0, 0), res
-        for (wid, offset, length) in acked:
+        for wid, offset, length in acked:
             got = img.read(offset, length)
             for i in range(length // 512):
-                assert identify(got[i * 512:(i + 1) * 512], offset // 512 + i) == wid
+                assert identify(got[i * 512 : (i + 1) * 512], offset // 512 + i) == wid
 
 
 @pytest.mark.parametrize("err", [errno.EIO, errno.ENOSPC])
@@ -103,8 +103,10 @@ def test_device_reports_ioerr_and_keeps_serving(scratch):
         assert drv.write(32, _data(3, 16384, 4096)) == S.VIRTIO_BLK_S_OK
         # IOERR for the request, or (acknowledged once its data landed: write-back) for the flush
         flushed = drv.flush()
-        assert (second, flushed) in ((S.VIRTIO_BLK_S_IOERR, S.VIRTIO_BLK_S_OK),
-                                     (S.VIRTIO_BLK_S_OK, S.VIRTIO_BLK_S_IOERR))
+        assert (second, flushed) in (
+            (S.VIRTIO_BLK_S_IOERR, S.VIRTIO_BLK_S_OK),
+            (S.VIRTIO_BLK_S_OK, S.VIRTIO_BLK_S_IOERR),
+        )
         status, data = drv.read(32, 4096)
         assert status == S.VIRTIO_BLK_S_OK and bytes(data) == _data(3, 16384, 4096)
         _close(img, failed=flushed != S.VIRTIO_BLK_S_OK)

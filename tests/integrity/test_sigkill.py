@@ -25,9 +25,13 @@ def test_sigkill_50_times(scratch):
     # sector -> set of write ids it may hold; starts as zeros (id 0)
     history = []  # (seed, flushed count, total attempted lower bound)
     for run in range(1, KILLS + 1):
-        proc = subprocess.Popen([sys.executable, "-m", "tests.integrity.writer", path, str(run)],
-                                stdout=subprocess.PIPE, text=True, cwd=ROOT,
-                                env={**os.environ, "PYTHONPATH": ROOT})
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "tests.integrity.writer", path, str(run)],
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+            env={**os.environ, "PYTHONPATH": ROOT},
+        )
         flushed = 0
         wanted = rng.randint(0, 12)  # kill after this many flush reports (0: right after start-up)
         for _ in range(wanted):
@@ -68,5 +72,5 @@ def _verify(img, history):
                     later.setdefault(s, set()).add(wid)
     content = img.read(0, SIZE)
     for s, (_, _, wids) in newest.items():
-        got = identify(content[s * 512:(s + 1) * 512], s)
+        got = identify(content[s * 512 : (s + 1) * 512], s)
         assert got in wids or got in later.get(s, ()), (s, got, wids)

@@ -24,9 +24,15 @@ QEMU_IMG = shutil.which("qemu-img")
 QEMU_IO = shutil.which("qemu-io")
 QEMU_NBD = shutil.which("qemu-nbd")
 pytestmark = pytest.mark.interop
-needs_qemu_io = pytest.mark.skipif(QEMU_IO is None, reason="qemu-io not installed (apt install qemu-utils)")
-needs_qemu_img = pytest.mark.skipif(QEMU_IMG is None, reason="qemu-img not installed (apt install qemu-utils)")
-needs_qemu_nbd = pytest.mark.skipif(QEMU_NBD is None, reason="qemu-nbd not installed (apt install qemu-utils)")
+needs_qemu_io = pytest.mark.skipif(
+    QEMU_IO is None, reason="qemu-io not installed (apt install qemu-utils)"
+)
+needs_qemu_img = pytest.mark.skipif(
+    QEMU_IMG is None, reason="qemu-img not installed (apt install qemu-utils)"
+)
+needs_qemu_nbd = pytest.mark.skipif(
+    QEMU_NBD is None, reason="qemu-nbd not installed (apt install qemu-utils)"
+)
 
 SIZE = 1 << 20
 PROMPT = b"qemu-io> "
@@ -68,12 +74,18 @@ class QemuIo:
     """``qemu-io ARGS PATH`` running interactively, holding the image until ``close``."""
 
     def __init__(self, path, *args):
-        self.proc = subprocess.Popen([QEMU_IO, *args, path], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            [QEMU_IO, *args, path],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
         self.output = _read_until(self.proc.stdout, PROMPT)
         if PROMPT not in self.output:
             self.close()
-            raise AssertionError(f"qemu-io did not open {path}: {self.output.decode(errors='replace')}")
+            raise AssertionError(
+                f"qemu-io did not open {path}: {self.output.decode(errors='replace')}"
+            )
 
     def close(self):
         if self.proc.poll() is None:
@@ -95,8 +107,12 @@ class QemuNbd:
     def __init__(self, path, tmpdir, *args):
         self.pid_file = os.path.join(tmpdir, "nbd.pid")
         sock = os.path.join(tmpdir, "nbd.sock")
-        r = subprocess.run([QEMU_NBD, "--fork", f"--pid-file={self.pid_file}", f"--socket={sock}",
-                            *args, path], capture_output=True, text=True, timeout=60)
+        r = subprocess.run(
+            [QEMU_NBD, "--fork", f"--pid-file={self.pid_file}", f"--socket={sock}", *args, path],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         self.returncode, self.stderr = r.returncode, r.stderr
         self.pid = None
         if r.returncode == 0:
@@ -127,11 +143,16 @@ def qemu(*args):
 
 
 def vblock_cmd(*args, timeout=120):
-    return subprocess.run([sys.executable, "-m", "vblock", *map(str, args)], capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "vblock", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 # -- QEMU holds, vblock asks ------------------------------------------------------------------------
+
 
 @needs_qemu_io
 def test_vblock_read_write_refused_while_qemu_io_writes(raw):
@@ -171,8 +192,9 @@ def test_vblock_info_refused_while_qemu_io_writes(raw):
     with QemuIo(raw, "-f", "raw"):
         r = vblock_cmd("info", "-f", "raw", raw)
     assert r.returncode == 1
-    assert r.stderr.splitlines() == [f'vblock: error: {raw}: failed to get shared "write" lock: '
-                                     f"{HELD_BY_ANOTHER}"]
+    assert r.stderr.splitlines() == [
+        f'vblock: error: {raw}: failed to get shared "write" lock: {HELD_BY_ANOTHER}'
+    ]
 
 
 @needs_qemu_io
@@ -231,6 +253,7 @@ def test_vblock_read_only_refused_beside_qemu_nbd_read_write(raw, scratch):
 
 
 # -- vblock holds, QEMU asks ------------------------------------------------------------------------
+
 
 @needs_qemu_io
 def test_qemu_io_write_refused_while_vblock_writes(raw):
@@ -306,17 +329,22 @@ def test_qemu_nbd_read_only_refused_while_vblock_writes(raw, scratch):
 
 # -- vblock serve -----------------------------------------------------------------------------------
 
+
 class Serve:
     """``vblock serve`` on an image, until ``close`` (SIGTERM); ready once it says "on SOCKET"."""
 
     def __init__(self, image, sock):
-        self.proc = subprocess.Popen([sys.executable, "-m", "vblock", "serve", "--vhost-user", sock,
-                                      "-f", "raw", image], stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "vblock", "serve", "--vhost-user", sock, "-f", "raw", image],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
         self.said = _read_until(self.proc.stderr, f" on {sock}\n".encode())
         if f" on {sock}\n".encode() not in self.said:
             self.close()
-            raise AssertionError(f"vblock serve did not start: {self.said.decode(errors='replace')}")
+            raise AssertionError(
+                f"vblock serve did not start: {self.said.decode(errors='replace')}"
+            )
 
     def close(self):
         if self.proc.poll() is None:
@@ -338,8 +366,9 @@ def test_serve_holds_its_image_locked(raw, scratch):
             vblock.open_image(raw, format="raw", read_only=True)
         second = vblock_cmd("serve", "--vhost-user", scratch / "two.sock", "-f", "raw", raw)
         assert second.returncode == 1
-        assert second.stderr.splitlines() == [f'vblock: error: {raw}: failed to get "write" lock: '
-                                              f"{HELD_BY_ANOTHER}"]
+        assert second.stderr.splitlines() == [
+            f'vblock: error: {raw}: failed to get "write" lock: {HELD_BY_ANOTHER}'
+        ]
         assert not (scratch / "two.sock").exists()
         if QEMU_IO is not None:
             r = qemu(QEMU_IO, "-f", "raw", "-c", "write -P 0x5a 0 512", raw)

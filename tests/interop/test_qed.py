@@ -14,8 +14,9 @@ QEMU_IMG = shutil.which("qemu-img")
 QEMU_IO = shutil.which("qemu-io")
 pytestmark = [
     pytest.mark.interop,
-    pytest.mark.skipif(not (QEMU_IMG and QEMU_IO),
-                       reason="qemu-img/qemu-io not installed (apt install qemu-utils)"),
+    pytest.mark.skipif(
+        not (QEMU_IMG and QEMU_IO), reason="qemu-img/qemu-io not installed (apt install qemu-utils)"
+    ),
 ]
 
 
@@ -73,8 +74,15 @@ def test_qemu_written_images_read_back_exactly(scratch, cs, ts, backing):
     size = 8 * MiB
     p = scratch / "q.qed"
     ref = bytearray(size)
-    create_args = [QEMU_IMG, "create", "-q", "-f", "qed", "-o",
-                   f"cluster_size={cs},table_size={ts}"]
+    create_args = [
+        QEMU_IMG,
+        "create",
+        "-q",
+        "-f",
+        "qed",
+        "-o",
+        f"cluster_size={cs},table_size={ts}",
+    ]
     if backing == "raw":
         with open(scratch / "b.raw", "wb") as f:
             f.write(pattern(0x5A, 3 * MiB + 512))
@@ -169,8 +177,9 @@ def test_vblock_written_images_pass_qemu_check_and_compare(scratch, cs, ts, back
     assert result.get("corruptions", 0) == 0 and result.get("leaks", 0) == 0
     with open(scratch / "ref.raw", "wb") as f:
         f.write(ref)
-    r = run(QEMU_IMG, "compare", "-f", "qed", "-F", "raw", str(p), str(scratch / "ref.raw"),
-            check=False)
+    r = run(
+        QEMU_IMG, "compare", "-f", "qed", "-F", "raw", str(p), str(scratch / "ref.raw"), check=False
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     assert ours == layer0_kinds(p, len(ref), cs)
 

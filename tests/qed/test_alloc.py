@@ -14,8 +14,13 @@ from vblock.future import Future
 G = fmt.Geometry(4096, 2)
 
 
-@given(st.integers(0, G.l2_span // 512 - 1), st.integers(1, 64), st.integers(3, 1000),
-       st.booleans(), st.booleans())
+@given(
+    st.integers(0, G.l2_span // 512 - 1),
+    st.integers(1, 64),
+    st.integers(3, 1000),
+    st.booleans(),
+    st.booleans(),
+)
 def test_plan(sector, nsectors, file_clusters, zero, need_table):
     pos = sector * 512
     length = min(nsectors * 512, G.l2_span - pos)
@@ -123,8 +128,9 @@ def test_next_batch_is_written_before_the_finished_batch_completes_its_requests(
     next write must not wait for them."""
     drv, entry = held
     writes_seen = []
-    drv.writer.update(entry, {10: 4096 * 40}, "L2_UPDATE",
-                      lambda err: writes_seen.append(len(drv.f.writes)))
+    drv.writer.update(
+        entry, {10: 4096 * 40}, "L2_UPDATE", lambda err: writes_seen.append(len(drv.f.writes))
+    )
     drv.writer.update(entry, {11: 4096 * 41}, "L2_UPDATE", lambda err: None)  # queued behind it
     drv.f.writes[0][2].set_result(4096)
     assert writes_seen == [2]  # the second write was out when the first batch's callback ran
@@ -287,6 +293,7 @@ def test_failed_table_write_after_the_acknowledgement_fails_every_later_flush(he
 
 def fmt_entries(raw):
     from vblock.drivers.qed import tables
+
     return tables.decode(raw)
 
 

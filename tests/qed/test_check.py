@@ -84,6 +84,15 @@ def test_leak_ranges():
 
 def test_as_dict_uses_qemu_names():
     d = check.Scan(total_clusters=4).as_dict("x.qed")
-    assert {"check-errors", "corruptions", "leaks", "corruptions-fixed", "leaks-fixed",
-            "total-clusters", "allocated-clusters", "fragmented-clusters", "filename",
-            "format"} <= set(d)
+    assert {
+        "check-errors",
+        "corruptions",
+        "leaks",
+        "corruptions-fixed",
+        "leaks-fixed",
+        "total-clusters",
+        "allocated-clusters",
+        "fragmented-clusters",
+        "filename",
+        "format",
+    } <= set(d)

@@ -71,7 +71,7 @@ def test_sixteen_threads(scratch, cache_size, backing):
                 for i in range(8):
                     if ((s + i) * SECTOR) % (2 << 20) >= half:
                         continue  # the zeroer's half: checked at the end
-                    got = _decode(data[i * SECTOR:(i + 1) * SECTOR])
+                    got = _decode(data[i * SECTOR : (i + 1) * SECTOR])
                     if got == "torn" or (got is not None and got[0] != owner_of[s + i]):
                         errors.append(AssertionError(f"sector {s + i}: {got}"))
         except Exception as exc:  # pragma: no cover
@@ -94,16 +94,16 @@ def test_sixteen_threads(scratch, cache_size, backing):
                 if op < 0.4:
                     data = bytes([seq % 250 + 1]) * n
                     img.write(off, data)
-                    model[off:off + n] = data
+                    model[off : off + n] = data
                     allocated.update(range(c, c + n // 4096))
                 elif op < 0.7:
                     img.write_zeroes(off, n)
-                    model[off:off + n] = bytes(n)
+                    model[off : off + n] = bytes(n)
                 else:
                     img.discard(off, n)
                     for k in range(c, c + n // 4096):
                         if k in allocated:
-                            model[k * 4096:(k + 1) * 4096] = bytes(4096)
+                            model[k * 4096 : (k + 1) * 4096] = bytes(4096)
         except Exception as exc:  # pragma: no cover
             errors.append(exc)
 
@@ -121,9 +121,9 @@ def test_sixteen_threads(scratch, cache_size, backing):
         data = image.read(0, size)
         for s in range(nsectors):
             if (s * SECTOR) % (2 << 20) >= half:
-                assert data[s * SECTOR:(s + 1) * SECTOR] == model[s * SECTOR:(s + 1) * SECTOR]
+                assert data[s * SECTOR : (s + 1) * SECTOR] == model[s * SECTOR : (s + 1) * SECTOR]
                 continue
-            got = _decode(data[s * SECTOR:(s + 1) * SECTOR])
+            got = _decode(data[s * SECTOR : (s + 1) * SECTOR])
             want = None if s not in last else (owner_of[s], last[s])
             assert got == want, f"sector {s}"
 

@@ -175,7 +175,9 @@ def test_iotest_116_invalid_headers(scratch, how, field):
     assert _bytes(p) == before
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(seed=st.integers(0, 2**32 - 1), hits=st.integers(1, 6))
 def test_random_metadata_damage(scratch, seed, hits):
     src = scratch / "pristine.qed"

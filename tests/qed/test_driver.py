@@ -79,8 +79,9 @@ def test_table_size_one_opens(scratch):
 
 def test_table_size_8_warns(scratch):
     with pytest.warns(QemuCompatibilityWarning, match="table_size >= 8"):
-        vblock.create_image(str(scratch / "ts8.qed"), "qed", 1 * MiB, cluster_size=4096,
-                            table_size=8).close()
+        vblock.create_image(
+            str(scratch / "ts8.qed"), "qed", 1 * MiB, cluster_size=4096, table_size=8
+        ).close()
 
 
 def test_multi_run_read_merges_contiguous_clusters(scratch):
@@ -121,7 +122,9 @@ def test_backing_raw_reads_and_cow(scratch):
     _raw_backing(scratch / "base.raw", 100 * KiB, 0x00)
     img = reopen(scratch / "o.qed")
     # copied-up clusters no longer depend on the backing file
-    assert img.read(0, 64 * KiB) == pattern(0x5A, 8 * KiB) + pattern(0xEE, 4 * KiB) + pattern(0x5A, 52 * KiB)
+    assert img.read(0, 64 * KiB) == pattern(0x5A, 8 * KiB) + pattern(0xEE, 4 * KiB) + pattern(
+        0x5A, 52 * KiB
+    )
     assert img.read(64 * KiB, 8 * KiB) == pattern(0xDD, 4 * KiB) + pattern(0x5A, 4 * KiB)
     assert img.read(100 * KiB, 4 * KiB) == bytes(4 * KiB)
     img.close()
@@ -133,8 +136,7 @@ def test_backing_qed_probed_and_relative(scratch):
     base = create(sub / "base.qed", 4 * MiB, cluster_size=4096, table_size=2)
     base.write(0, pattern(0x42, 1 * MiB))
     base.close()
-    top = create(sub / "top.qed", 4 * MiB, cluster_size=4096, table_size=2,
-                 backing_file="base.qed")
+    top = create(sub / "top.qed", 4 * MiB, cluster_size=4096, table_size=2, backing_file="base.qed")
     assert header(sub / "top.qed").features == fmt.F_BACKING_FILE
     top.write(4096, pattern(0x43, 4096))
     assert top.read(0, 4096) == pattern(0x42, 4096)
@@ -153,12 +155,24 @@ def test_backing_qed_probed_and_relative(scratch):
 
 def test_backing_chain_of_three(scratch):
     _raw_backing(scratch / "l0.raw", 1 * MiB, 1)
-    a = create(scratch / "l1.qed", 1 * MiB, cluster_size=4096, table_size=2,
-               backing_file="l0.raw", backing_fmt="raw")
+    a = create(
+        scratch / "l1.qed",
+        1 * MiB,
+        cluster_size=4096,
+        table_size=2,
+        backing_file="l0.raw",
+        backing_fmt="raw",
+    )
     a.write(4096, pattern(2, 4096))
     a.close()
-    b = create(scratch / "l2.qed", 1 * MiB, cluster_size=4096, table_size=2,
-               backing_file="l1.qed", backing_fmt="qed")
+    b = create(
+        scratch / "l2.qed",
+        1 * MiB,
+        cluster_size=4096,
+        table_size=2,
+        backing_file="l1.qed",
+        backing_fmt="qed",
+    )
     b.write(8192, pattern(3, 4096))
     assert b.read(0, 12288) == pattern(1, 4096) + pattern(2, 4096) + pattern(3, 4096)
     runs = b.block_status(0, 12288)
@@ -208,8 +222,14 @@ def test_change_backing(scratch):
 
 def test_write_zeroes_aligned_makes_zero_clusters_hiding_backing(scratch):
     _raw_backing(scratch / "zb.raw", 1 * MiB, 0x77)
-    img = create(scratch / "z.qed", 1 * MiB, cluster_size=4096, table_size=2,
-                 backing_file="zb.raw", backing_fmt="raw")
+    img = create(
+        scratch / "z.qed",
+        1 * MiB,
+        cluster_size=4096,
+        table_size=2,
+        backing_file="zb.raw",
+        backing_fmt="raw",
+    )
     img.write_zeroes(8192, 8192)
     assert img.read(8192, 8192) == bytes(8192)
     assert img.read(0, 8192) == pattern(0x77, 8192)
@@ -226,8 +246,14 @@ def test_write_zeroes_aligned_makes_zero_clusters_hiding_backing(scratch):
 
 def test_write_zeroes_unaligned_head_and_tail_are_data(scratch):
     _raw_backing(scratch / "zb.raw", 1 * MiB, 0x77)
-    img = create(scratch / "z.qed", 1 * MiB, cluster_size=4096, table_size=2,
-                 backing_file="zb.raw", backing_fmt="raw")
+    img = create(
+        scratch / "z.qed",
+        1 * MiB,
+        cluster_size=4096,
+        table_size=2,
+        backing_file="zb.raw",
+        backing_fmt="raw",
+    )
     img.write_zeroes(4096 + 512, 3 * 4096)
     assert img.read(4096, 512) == pattern(0x77, 512)
     assert img.read(4096 + 512, 3 * 4096) == bytes(3 * 4096)
@@ -298,13 +324,25 @@ def test_need_check_set_flushed_before_first_allocation_and_cleared_on_close(scr
 
 def test_durable_order_with_backing(scratch):
     _raw_backing(scratch / "ob.raw", 64 * KiB, 1)
-    img = create(scratch / "o.qed", 1 * MiB, cluster_size=4096, table_size=2,
-                 backing_file="ob.raw", backing_fmt="raw")
+    img = create(
+        scratch / "o.qed",
+        1 * MiB,
+        cluster_size=4096,
+        table_size=2,
+        backing_file="ob.raw",
+        backing_fmt="raw",
+    )
     rec = Recorder(img)
     img.write(0, pattern(2, 512))
     # need-check first (set with a backing file too, unlike QEMU), then QEMU's order
-    assert rec.names == ["HEADER_UPDATE", "DATA_WRITE", "DATA_FLUSH", "L2_ALLOC", "L2_FLUSH",
-                         "L1_UPDATE"]
+    assert rec.names == [
+        "HEADER_UPDATE",
+        "DATA_WRITE",
+        "DATA_FLUSH",
+        "L2_ALLOC",
+        "L2_FLUSH",
+        "L1_UPDATE",
+    ]
     rec.names.clear()
     img.write(8192, pattern(2, 512))  # same table: slice update, no new table
     assert rec.names == ["DATA_WRITE", "DATA_FLUSH", "L2_UPDATE"]
@@ -335,6 +373,7 @@ def test_open_with_need_check_repairs_read_write_only(scratch):
     # corrupt: an L2 entry past the end of file, and mark the image dirty
     l1 = read_table(p, 4096)
     from tests.qed.qed_helpers import poke_header, poke_u64
+
     poke_u64(p, l1[0] + 8 * 5, 1 << 30)
     poke_header(p, features=fmt.F_NEED_CHECK)
     ro = reopen(p, read_only=True)
@@ -353,6 +392,7 @@ def test_autoclear_cleared_compat_kept(scratch):
     p = scratch / "f.qed"
     create(p, 1 * MiB).close()
     from tests.qed.qed_helpers import poke_header
+
     poke_header(p, compat_features=0x10, autoclear_features=0x20)
     reopen(p, read_only=True).close()
     assert header(p).autoclear_features == 0x20
@@ -369,7 +409,9 @@ def test_info(scratch):
     img.close()
 
 
-@pytest.mark.parametrize("step, length", [("allocating", 4096), ("in place", 4096), ("in place", 8192)])
+@pytest.mark.parametrize(
+    "step, length", [("allocating", 4096), ("in place", 4096), ("in place", 8192)]
+)
 def test_fua_write_survives_a_power_cut_right_after_it(scratch, step, length):
     """A FUA write is durable when it completes: the host then loses every write not yet
     flushed (none may be kept), and the data still reads back after repair. Covers the three

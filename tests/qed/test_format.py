@@ -44,12 +44,27 @@ def test_non_raw_backing_format_is_probed_later():
 @given(
     st.builds(
         fmt.Header,
-        **{name: st.integers(0, 2**32 - 1) for name in ("magic", "cluster_size", "table_size",
-                                                        "header_size", "backing_filename_offset",
-                                                        "backing_filename_size")},
-        **{name: st.integers(0, 2**64 - 1) for name in ("features", "compat_features",
-                                                        "autoclear_features", "l1_table_offset",
-                                                        "image_size")},
+        **{
+            name: st.integers(0, 2**32 - 1)
+            for name in (
+                "magic",
+                "cluster_size",
+                "table_size",
+                "header_size",
+                "backing_filename_offset",
+                "backing_filename_size",
+            )
+        },
+        **{
+            name: st.integers(0, 2**64 - 1)
+            for name in (
+                "features",
+                "compat_features",
+                "autoclear_features",
+                "l1_table_offset",
+                "image_size",
+            )
+        },
     )
 )
 def test_header_round_trip(h):
@@ -66,8 +81,16 @@ def test_header_unpack_needs_64_bytes():
 
 @pytest.mark.parametrize(
     "cs,ts,expect",
-    [(4096, 1, 1 << 30), (4096, 4, 16 << 30), (4096, 16, 256 << 30), (65536, 4, 64 << 40),
-     (65536, 16, 1 << 50), (2 << 20, 16, 0), (4 << 20, 4, 0), (64 << 20, 1, 0)],
+    [
+        (4096, 1, 1 << 30),
+        (4096, 4, 16 << 30),
+        (4096, 16, 256 << 30),
+        (65536, 4, 64 << 40),
+        (65536, 16, 1 << 50),
+        (2 << 20, 16, 0),
+        (4 << 20, 4, 0),
+        (64 << 20, 1, 0),
+    ],
 )
 def test_max_image_size_wraps_like_qemu(cs, ts, expect):
     assert fmt.max_image_size(cs, ts) == expect
@@ -173,13 +196,15 @@ def test_validate_header_size_too_large():
 
 
 def test_validate_backing_name_bounds():
-    h = GOOD.with_(features=fmt.F_BACKING_FILE, backing_filename_offset=65000,
-                   backing_filename_size=600)
+    h = GOOD.with_(
+        features=fmt.F_BACKING_FILE, backing_filename_offset=65000, backing_filename_size=600
+    )
     with pytest.raises(ImageError) as info:
         _validate(h)
     assert info.value.field == "backing_filename_offset"
-    h = GOOD.with_(features=fmt.F_BACKING_FILE, backing_filename_offset=64,
-                   backing_filename_size=5000)
+    h = GOOD.with_(
+        features=fmt.F_BACKING_FILE, backing_filename_offset=64, backing_filename_size=5000
+    )
     with pytest.raises(ImageError) as info:
         _validate(h)
     assert info.value.field == "backing_filename_size"

@@ -63,8 +63,14 @@ def test_027_sub_cluster_write_zero_fills_the_cluster(scratch):
 
 def test_028_backing_file_smaller_than_the_image(scratch):
     _raw(scratch / "small.raw", pattern(0x42, 100 * KiB + 512))
-    img = create(scratch / "big.qed", 1 * MiB, cluster_size=4096, table_size=2,
-                 backing_file="small.raw", backing_fmt="raw")
+    img = create(
+        scratch / "big.qed",
+        1 * MiB,
+        cluster_size=4096,
+        table_size=2,
+        backing_file="small.raw",
+        backing_fmt="raw",
+    )
     end = 100 * KiB + 512
     assert img.read(end - 4096, 8192) == pattern(0x42, 4096) + bytes(4096)
     cl = end // 4096 * 4096  # the cluster holding the backing file's end
@@ -77,8 +83,14 @@ def test_028_backing_file_smaller_than_the_image(scratch):
 
 def test_034_write_zeroes_with_backing(scratch):
     _raw(scratch / "b.raw", pattern(0x11, 1 * MiB))
-    img = create(scratch / "z.qed", 1 * MiB, cluster_size=4096, table_size=2,
-                 backing_file="b.raw", backing_fmt="raw")
+    img = create(
+        scratch / "z.qed",
+        1 * MiB,
+        cluster_size=4096,
+        table_size=2,
+        backing_file="b.raw",
+        backing_fmt="raw",
+    )
     img.write_zeroes(0, 8192)  # aligned: zero clusters
     img.write_zeroes(8192 + 512, 1024)  # unaligned: data, backing kept around it
     assert [r.kind for r in img.driver.block_status(0, 12288)] == ["zero", "data"]
@@ -93,8 +105,14 @@ def test_034_write_zeroes_with_backing(scratch):
 def test_037_cow_from_backing_at_512_byte_granularity(scratch, start_sector, nsectors):
     base = bytes((i // 512) & 0xFF for i in range(64 * KiB))
     _raw(scratch / "b.raw", base)
-    img = create(scratch / "c.qed", 64 * KiB, cluster_size=4096, table_size=2,
-                 backing_file="b.raw", backing_fmt="raw")
+    img = create(
+        scratch / "c.qed",
+        64 * KiB,
+        cluster_size=4096,
+        table_size=2,
+        backing_file="b.raw",
+        backing_fmt="raw",
+    )
     off, n = start_sector * 512, nsectors * 512
     img.write(off, pattern(0xFF, n))
     expect = bytearray(base)
@@ -110,8 +128,14 @@ def test_037_cow_from_backing_at_512_byte_granularity(scratch, start_sector, nse
 def test_038_concurrent_cow_into_one_cluster(scratch, warm):
     base = bytes((i // 512) & 0xFF for i in range(512 * KiB))
     _raw(scratch / "b.raw", base)
-    img = create(scratch / "c.qed", 512 * KiB, cluster_size=65536, table_size=2,
-                 backing_file="b.raw", backing_fmt="raw")
+    img = create(
+        scratch / "c.qed",
+        512 * KiB,
+        cluster_size=65536,
+        table_size=2,
+        backing_file="b.raw",
+        backing_fmt="raw",
+    )
     expect = bytearray(base)
     if warm:  # need-check set and table cached: the batch below allocates without the pool
         img.write(256 * KiB, pattern(0x7F, 4096))

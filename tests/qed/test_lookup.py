@@ -19,7 +19,10 @@ def _table(entries):
 
 def test_l1_miss_is_unallocated_to_region_end():
     assert lookup.find_run(G, None, 4096, 10 << 20, FILE) == (
-        lookup.UNALLOCATED, (2 << 20) - 4096, None)
+        lookup.UNALLOCATED,
+        (2 << 20) - 4096,
+        None,
+    )
 
 
 def test_contiguous_found_run_merges():
@@ -44,9 +47,13 @@ def test_invalid_first_entry():
     assert lookup.find_run(G, t2, 0, 4096, FILE)[0] == lookup.FOUND
 
 
-@given(st.dictionaries(st.integers(0, 511), st.sampled_from([0, 1, 8192, 12288, 16384, 4097]),
-                       max_size=40),
-       st.integers(0, (2 << 20) - 512), st.integers(1, 4 << 20))
+@given(
+    st.dictionaries(
+        st.integers(0, 511), st.sampled_from([0, 1, 8192, 12288, 16384, 4097]), max_size=40
+    ),
+    st.integers(0, (2 << 20) - 512),
+    st.integers(1, 4 << 20),
+)
 def test_runs_tile_the_range_and_agree_with_entries(entries, pos, length):
     pos = pos // 512 * 512
     t = _table(entries)

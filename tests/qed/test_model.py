@@ -62,20 +62,20 @@ def make_machine(backing, cache_size):
         def write(self, off, n, byte):
             n = min(n, self.size - off)
             self.img.write(off, bytes([byte]) * n)
-            self.model[off:off + n] = bytes([byte]) * n
+            self.model[off : off + n] = bytes([byte]) * n
             for c in self._clusters(off, n):
                 self.state[c] = "D"
 
         @rule(off=_offsets(), n=st.integers(1, 40).map(lambda k: k * 512))
         def read(self, off, n):
             n = min(n, self.size - off)
-            assert self.img.read(off, n) == bytes(self.model[off:off + n])
+            assert self.img.read(off, n) == bytes(self.model[off : off + n])
 
         @rule(off=_offsets(), n=st.integers(1, 24).map(lambda k: k * 512))
         def write_zeroes(self, off, n):
             n = min(n, self.size - off)
             self.img.write_zeroes(off, n)
-            self.model[off:off + n] = bytes(n)
+            self.model[off : off + n] = bytes(n)
             a, b = -(-off // CS), (off + n) // CS
             for c in self._clusters(off, n):
                 if a <= c < b:
@@ -89,7 +89,7 @@ def make_machine(backing, cache_size):
             self.img.discard(off, n)
             for c in range(-(-off // CS), (off + n) // CS):
                 if self.state.get(c) == "D":  # whole allocated clusters: hole punched
-                    self.model[c * CS:(c + 1) * CS] = bytes(CS)
+                    self.model[c * CS : (c + 1) * CS] = bytes(CS)
 
         @rule()
         def flush(self):
@@ -114,7 +114,9 @@ def make_machine(backing, cache_size):
                 assert self.img.size == self.size
 
     QedModel.TestCase.settings = settings(
-        max_examples=int(os.environ.get("QED_MODEL_EXAMPLES", 25)), stateful_step_count=25, deadline=None,
+        max_examples=int(os.environ.get("QED_MODEL_EXAMPLES", 25)),
+        stateful_step_count=25,
+        deadline=None,
         suppress_health_check=[HealthCheck.too_slow],
     )
     return QedModel

@@ -28,8 +28,10 @@ def test_slice_bounds_cover_and_align(first, span, align):
     assert (end * 8) % eff == 0 or end == entries
 
 
-@given(st.lists(u64, min_size=512, max_size=512), st.dictionaries(st.integers(0, 511), u64,
-                                                                    min_size=1, max_size=8))
+@given(
+    st.lists(u64, min_size=512, max_size=512),
+    st.dictionaries(st.integers(0, 511), u64, min_size=1, max_size=8),
+)
 def test_encode_slice_applies_overlay_without_touching_table(values, overlay):
     table = tables.decode(tables.encode(values))
     first, last = min(overlay), max(overlay) + 1

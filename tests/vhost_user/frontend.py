@@ -33,8 +33,19 @@ F_INDIRECT = 1 << 28
 F_FLUSH = 1 << 9
 F_MQ = 1 << 12
 F_CONFIG_WCE = 1 << 11
-SEABIOS_FEATURES = F_VERSION_1 | F_PROTOCOL | 0x46  # SIZE_MAX, SEG_MAX, BLK_SIZE (reference: 0x140000046)
-LINUX_FEATURES = SEABIOS_FEATURES | F_EVENT_IDX | F_INDIRECT | F_FLUSH | F_CONFIG_WCE | (1 << 10) | (1 << 13) | (1 << 14)
+SEABIOS_FEATURES = (
+    F_VERSION_1 | F_PROTOCOL | 0x46
+)  # SIZE_MAX, SEG_MAX, BLK_SIZE (reference: 0x140000046)
+LINUX_FEATURES = (
+    SEABIOS_FEATURES
+    | F_EVENT_IDX
+    | F_INDIRECT
+    | F_FLUSH
+    | F_CONFIG_WCE
+    | (1 << 10)
+    | (1 << 13)
+    | (1 << 14)
+)
 
 T_IN, T_OUT, T_FLUSH = 0, 1, 4
 DESC_F_NEXT, DESC_F_WRITE = 1, 2
@@ -68,9 +79,15 @@ class Frontend:
 
     # -- messages ---------------------------------------------------------------------------------
     def send(self, code, value=None, fds=(), flags=P.VERSION, raw=None):
-        payload = raw if raw is not None else (P.encode_value(code, value) if value is not None else b"")
+        payload = (
+            raw if raw is not None else (P.encode_value(code, value) if value is not None else b"")
+        )
         msg = P.encode(code, payload, flags)
-        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack(f"{len(fds)}i", *fds))] if fds else []
+        anc = (
+            [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack(f"{len(fds)}i", *fds))]
+            if fds
+            else []
+        )
         self.sock.sendmsg([msg], anc)
 
     def recv_reply(self, code):
@@ -114,7 +131,11 @@ class Frontend:
         self.send(Req.SET_PROTOCOL_FEATURES, want)
         self.protocol_features = want
         queues = self.get_u64(Req.GET_QUEUE_NUM) if want & 1 << P.PROTOCOL_F_MQ else 1
-        slots = self.get_u64(Req.GET_MAX_MEM_SLOTS) if want >> P.PROTOCOL_F_CONFIGURE_MEM_SLOTS & 1 else None
+        slots = (
+            self.get_u64(Req.GET_MAX_MEM_SLOTS)
+            if want >> P.PROTOCOL_F_CONFIGURE_MEM_SLOTS & 1
+            else None
+        )
         self.request(Req.SET_OWNER)
         assert self.get_u64(Req.GET_FEATURES) == feats
         return feats, pf, queues, slots
@@ -147,8 +168,12 @@ class Frontend:
         self.request(Req.SET_VRING_CALL, index, fds=(ring.call,))
         self.request(Req.SET_VRING_NUM, (index, ring.size))
         self.request(Req.SET_VRING_BASE, (index, base))
-        self.request(Req.SET_VRING_ADDR, P.VringAddr(index, 0, UVA_BASE + ring.desc, UVA_BASE + ring.used,
-                                                     UVA_BASE + ring.avail, 0))
+        self.request(
+            Req.SET_VRING_ADDR,
+            P.VringAddr(
+                index, 0, UVA_BASE + ring.desc, UVA_BASE + ring.used, UVA_BASE + ring.avail, 0
+            ),
+        )
         self.request(Req.SET_VRING_KICK, index, fds=(ring.kick,))
         if enable:
             self.request(Req.SET_VRING_ENABLE, (index, 1))
@@ -178,7 +203,9 @@ class GuestRing:
         self.call = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self.avail_idx = 0
         self.last_used = 0
-        self.bufs = [fe.alloc(4096 + 65536 + 64, 4096) for _ in range(size // 3)]  # per head: hdr, data, status
+        self.bufs = [
+            fe.alloc(4096 + 65536 + 64, 4096) for _ in range(size // 3)
+        ]  # per head: hdr, data, status
         self.free = list(range(size // 3))
         self.pending = {}
 
@@ -198,15 +225,30 @@ class GuestRing:
         if type_ == T_OUT:
             self.fe.ram[buf : buf + n] = data
         self.fe.ram[status] = 0xFF
-        return self._post(head, [(hdr, 16, 0)] + ([(buf, n, DESC_F_WRITE if type_ == T_IN else 0)] if n else [])
-                          + [(status, 1, DESC_F_WRITE)], type_, buf, n, status)
+        return self._post(
+            head,
+            [(hdr, 16, 0)]
+            + ([(buf, n, DESC_F_WRITE if type_ == T_IN else 0)] if n else [])
+            + [(status, 1, DESC_F_WRITE)],
+            type_,
+            buf,
+            n,
+            status,
+        )
 
     def _post(self, head, descs, type_, buf, n, status):
         # heads are 0 .. size/3 - 1; head h chains table entries h, h + size/3, h + 2 * size/3
         idxs = [head + self.size // 3 * k for k in range(len(descs))]
         for j, (addr, length, flags) in enumerate(descs):
             nxt = idxs[j + 1] if j + 1 < len(descs) else 0
-            self._w("<QIHH", self.desc + 16 * idxs[j], addr, length, flags | (DESC_F_NEXT if j + 1 < len(descs) else 0), nxt)
+            self._w(
+                "<QIHH",
+                self.desc + 16 * idxs[j],
+                addr,
+                length,
+                flags | (DESC_F_NEXT if j + 1 < len(descs) else 0),
+                nxt,
+            )
         slot = self.avail_idx % self.size
         self._w("<H", self.avail + 4 + 2 * slot, head)
         self.avail_idx = (self.avail_idx + 1) & 0xFFFF

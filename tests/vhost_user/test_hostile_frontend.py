@@ -163,8 +163,19 @@ class ServeProcess:
     def __init__(self, scratch, image):
         self.sock_path = str(scratch / "serve.sock")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "vblock.cli.main", "serve", "-f", "raw", "--vhost-user", self.sock_path, image],
-            stderr=subprocess.PIPE)
+            [
+                sys.executable,
+                "-m",
+                "vblock.cli.main",
+                "serve",
+                "-f",
+                "raw",
+                "--vhost-user",
+                self.sock_path,
+                image,
+            ],
+            stderr=subprocess.PIPE,
+        )
         self.log = []
         err = self.proc.stderr
         ready = select.select([err], [], [], WAIT)[0]
@@ -308,23 +319,35 @@ def test_add_mem_reg_of_a_shrinkable_memfd_is_refused(hostile):
     fe.connect()
     fd = sealed_memfd("more-ram", 1 << 20, seals=0)
     try:
-        assert fe.request(Req.ADD_MEM_REG, P.MemRegion(64 << 20, 1 << 20, 0x7E00_0000_0000, 0), fds=(fd,)) == 1
+        assert (
+            fe.request(
+                Req.ADD_MEM_REG, P.MemRegion(64 << 20, 1 << 20, 0x7E00_0000_0000, 0), fds=(fd,)
+            )
+            == 1
+        )
     finally:
         os.close(fd)
     hostile.end(fe)
 
 
 # -- degenerate regions ---------------------------------------------------------------------------
-@pytest.mark.parametrize("regions", [
-    pytest.param([(0, 0, UVA_BASE, 0)], id="size-zero"),
-    pytest.param([(0, 1 << 20, UVA_BASE, 0), (0x80000, 1 << 20, UVA_BASE + (4 << 20), 1 << 20)],
-                 id="overlapping-guest-ranges"),
-    pytest.param([(0, 1 << 20, UVA_BASE, 0), (4 << 20, 1 << 20, UVA_BASE + 0x80000, 1 << 20)],
-                 id="overlapping-user-ranges"),
-    pytest.param([(0, 1 << 20, U64 - 4096, 0)], id="user-range-wraps"),
-    pytest.param([(U64 - 4096, 1 << 20, UVA_BASE, 0)], id="guest-range-wraps"),
-    pytest.param([(0, 1 << 20, UVA_BASE, U64 - 4096)], id="file-offset-wraps"),
-])
+@pytest.mark.parametrize(
+    "regions",
+    [
+        pytest.param([(0, 0, UVA_BASE, 0)], id="size-zero"),
+        pytest.param(
+            [(0, 1 << 20, UVA_BASE, 0), (0x80000, 1 << 20, UVA_BASE + (4 << 20), 1 << 20)],
+            id="overlapping-guest-ranges",
+        ),
+        pytest.param(
+            [(0, 1 << 20, UVA_BASE, 0), (4 << 20, 1 << 20, UVA_BASE + 0x80000, 1 << 20)],
+            id="overlapping-user-ranges",
+        ),
+        pytest.param([(0, 1 << 20, U64 - 4096, 0)], id="user-range-wraps"),
+        pytest.param([(U64 - 4096, 1 << 20, UVA_BASE, 0)], id="guest-range-wraps"),
+        pytest.param([(0, 1 << 20, UVA_BASE, U64 - 4096)], id="file-offset-wraps"),
+    ],
+)
 def test_degenerate_memory_table_is_refused(hostile, regions):
     fe = hostile.session()
     fe.connect()
@@ -416,11 +439,14 @@ def test_saturated_blocking_call_eventfd_never_blocks_the_server(hostile):
 
 
 # -- config space ---------------------------------------------------------------------------------
-@pytest.mark.parametrize("offset,size", [
-    pytest.param(0xFFFFFF00, 256, id="offset-near-4GiB"),
-    pytest.param(0xFFFFFFFF, 1, id="last-offset"),
-    pytest.param(250, 10, id="ends-past-the-space"),
-])
+@pytest.mark.parametrize(
+    "offset,size",
+    [
+        pytest.param(0xFFFFFF00, 256, id="offset-near-4GiB"),
+        pytest.param(0xFFFFFFFF, 1, id="last-offset"),
+        pytest.param(250, 10, id="ends-past-the-space"),
+    ],
+)
 def test_get_config_outside_the_config_space_is_refused(hostile, offset, size):
     fe = hostile.session()
     fe.connect()
@@ -454,7 +480,9 @@ def test_kick_fd_at_end_of_file_stops_the_ring_instead_of_spinning(hostile):
         assert _readable(err)  # the front-end hears of it on the err fd
         assert 0 not in hostile.server._kicks  # no longer watched: the loop does not spin on it
         assert fe.get_u64(Req.GET_FEATURES)
-        ring.kick = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)  # a new kick fd revives the ring
+        ring.kick = os.eventfd(
+            0, os.EFD_NONBLOCK | os.EFD_CLOEXEC
+        )  # a new kick fd revives the ring
         assert fe.request(Req.SET_VRING_KICK, 0, fds=(ring.kick,)) == 0
         assert ring.run(T_OUT, PROBE, data=PROBE_DATA)[0] == 0
         assert fe.stop_ring(0) == 1
@@ -480,10 +508,13 @@ def test_kick_fd_that_cannot_be_watched_is_refused(hostile, scratch):
 
 
 # -- a front-end that stops half-way -------------------------------------------------------------
-@pytest.mark.parametrize("cut", [
-    pytest.param(5, id="inside-the-header"),
-    pytest.param(P.HEADER.size + 3, id="inside-the-payload"),
-])
+@pytest.mark.parametrize(
+    "cut",
+    [
+        pytest.param(5, id="inside-the-header"),
+        pytest.param(P.HEADER.size + 3, id="inside-the-payload"),
+    ],
+)
 def test_half_sent_message_is_dropped_after_the_idle_timeout(hostile, cut):
     fe = hostile.session()
     fe.connect()
@@ -569,9 +600,17 @@ def _state_ring_running(serve):
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-@pytest.mark.parametrize("state", [_state_idle, _state_half_message, _state_replies_unread,
-                                   _state_saturated_call_fd, _state_ring_running],
-                         ids=["idle", "half-message", "replies-unread", "saturated-call-fd", "ring-running"])
+@pytest.mark.parametrize(
+    "state",
+    [
+        _state_idle,
+        _state_half_message,
+        _state_replies_unread,
+        _state_saturated_call_fd,
+        _state_ring_running,
+    ],
+    ids=["idle", "half-message", "replies-unread", "saturated-call-fd", "ring-running"],
+)
 def test_signal_ends_serve_in_every_state(serve, scratch, image, state, sig):
     before = _digest(image, _PROBE_RANGE)
     fe = state(serve)

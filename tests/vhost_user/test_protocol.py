@@ -33,7 +33,11 @@ CASES = [
     (Req.SET_PROTOCOL_FEATURES, PF, PF),
     (Req.SET_VRING_NUM, (1, 128), (1, 128)),
     (Req.SET_VRING_BASE, (0, 7), (0, 7)),
-    (Req.SET_VRING_ADDR, VringAddr(0, 0, 0x1000, 0x3000, 0x2000, 0), VringAddr(0, 0, 0x1000, 0x3000, 0x2000, 0)),
+    (
+        Req.SET_VRING_ADDR,
+        VringAddr(0, 0, 0x1000, 0x3000, 0x2000, 0),
+        VringAddr(0, 0, 0x1000, 0x3000, 0x2000, 0),
+    ),
     (Req.SET_VRING_ENABLE, (0, 1), (0, 1)),
     (Req.GET_CONFIG, ConfigSpace(0, 4, 0, b"\1\2\3\4"), ConfigSpace(0, 4, 0, b"\1\2\3\4")),
     (Req.SET_MEM_TABLE, (), ()),
@@ -132,22 +136,26 @@ def test_fds_with_a_message_split_over_reads():
     os.close(w)
 
 
-@pytest.mark.parametrize("data,match", [
-    (P.HEADER.pack(Req.GET_FEATURES, 0x2, 0), "version"),
-    (P.HEADER.pack(Req.GET_FEATURES, P.VERSION | P.FLAG_REPLY, 0), "reply"),
-    (P.HEADER.pack(Req.SET_FEATURES, P.VERSION, 5000), "payload of 5000"),
-    (P.encode(Req.SET_FEATURES, b"\0" * 4), "expected 8"),
-    (P.encode(Req.SET_VRING_NUM, P.vring_state.pack(2, 8)), "ring 2 out of"),
-    (P.encode(Req.SET_VRING_NUM, P.vring_state.pack(0, 100)), "not a power of 2"),
-    (P.encode(Req.SET_VRING_ENABLE, P.vring_state.pack(0, 2)), "not 0 or 1"),
-    (P.encode(Req.SET_FEATURES, P.u64.pack(1 << 40)), "never offered"),
-    (P.encode(Req.SET_PROTOCOL_FEATURES, P.u64.pack(1 << 12)), "never offered"),
-    (P.encode(Req.SET_VRING_CALL, P.u64.pack(0)), "expected 1 fd"),
-    (P.encode(Req.SET_VRING_CALL, P.u64.pack(0x200)), "reserved bits"),
-    (P.encode(Req.SET_MEM_TABLE, P.mem_table_head.pack(9, 0)), "at most 8"),
-    (P.encode(Req.SET_MEM_TABLE, P.mem_table_head.pack(1, 0)), "need 40 bytes"),
-    (P.encode(Req.GET_CONFIG, P.config_head.pack(0, 300, 0)), "does not fit"),
-], ids=lambda v: v if isinstance(v, str) else None)
+@pytest.mark.parametrize(
+    "data,match",
+    [
+        (P.HEADER.pack(Req.GET_FEATURES, 0x2, 0), "version"),
+        (P.HEADER.pack(Req.GET_FEATURES, P.VERSION | P.FLAG_REPLY, 0), "reply"),
+        (P.HEADER.pack(Req.SET_FEATURES, P.VERSION, 5000), "payload of 5000"),
+        (P.encode(Req.SET_FEATURES, b"\0" * 4), "expected 8"),
+        (P.encode(Req.SET_VRING_NUM, P.vring_state.pack(2, 8)), "ring 2 out of"),
+        (P.encode(Req.SET_VRING_NUM, P.vring_state.pack(0, 100)), "not a power of 2"),
+        (P.encode(Req.SET_VRING_ENABLE, P.vring_state.pack(0, 2)), "not 0 or 1"),
+        (P.encode(Req.SET_FEATURES, P.u64.pack(1 << 40)), "never offered"),
+        (P.encode(Req.SET_PROTOCOL_FEATURES, P.u64.pack(1 << 12)), "never offered"),
+        (P.encode(Req.SET_VRING_CALL, P.u64.pack(0)), "expected 1 fd"),
+        (P.encode(Req.SET_VRING_CALL, P.u64.pack(0x200)), "reserved bits"),
+        (P.encode(Req.SET_MEM_TABLE, P.mem_table_head.pack(9, 0)), "at most 8"),
+        (P.encode(Req.SET_MEM_TABLE, P.mem_table_head.pack(1, 0)), "need 40 bytes"),
+        (P.encode(Req.GET_CONFIG, P.config_head.pack(0, 300, 0)), "does not fit"),
+    ],
+    ids=lambda v: v if isinstance(v, str) else None,
+)
 def test_remote_errors_name_the_request_and_end_the_connection(data, match):
     c = conn()
     c.receive_data(data)
@@ -182,7 +190,9 @@ def test_unknown_requests_are_events_and_refused_as_the_protocol_says():
     assert c.refuse(ev) == b""  # no ack asked for: say nothing
     ev2 = c.next_event()
     assert c.refuse(ev2) == b""  # REPLY_ACK not negotiated yet: still nothing
-    c.receive_data(msg(Req.SET_PROTOCOL_FEATURES, PF) + P.encode(99, b"", P.VERSION | P.FLAG_NEED_REPLY))
+    c.receive_data(
+        msg(Req.SET_PROTOCOL_FEATURES, PF) + P.encode(99, b"", P.VERSION | P.FLAG_NEED_REPLY)
+    )
     c.next_event()
     ev3 = c.next_event()
     assert c.refuse(ev3) == P.encode(99, P.u64.pack(1), P.VERSION | P.FLAG_REPLY)
@@ -190,14 +200,24 @@ def test_unknown_requests_are_events_and_refused_as_the_protocol_says():
 
 def test_replies_and_acks():
     c = conn()
-    c.receive_data(msg(Req.GET_FEATURES) + msg(Req.SET_PROTOCOL_FEATURES, PF)
-                   + msg(Req.SET_OWNER, None, P.VERSION | P.FLAG_NEED_REPLY) + msg(Req.GET_VRING_BASE, (1, 0)))
+    c.receive_data(
+        msg(Req.GET_FEATURES)
+        + msg(Req.SET_PROTOCOL_FEATURES, PF)
+        + msg(Req.SET_OWNER, None, P.VERSION | P.FLAG_NEED_REPLY)
+        + msg(Req.GET_VRING_BASE, (1, 0))
+    )
     ev = c.next_event()
-    assert c.respond(ev, 0x1234) == P.encode(Req.GET_FEATURES, P.u64.pack(0x1234), P.VERSION | P.FLAG_REPLY)
+    assert c.respond(ev, 0x1234) == P.encode(
+        Req.GET_FEATURES, P.u64.pack(0x1234), P.VERSION | P.FLAG_REPLY
+    )
     assert c.respond(c.next_event()) == b""  # SET_PROTOCOL_FEATURES: no reply
-    assert c.respond(c.next_event()) == P.encode(Req.SET_OWNER, P.u64.pack(0), P.VERSION | P.FLAG_REPLY)
+    assert c.respond(c.next_event()) == P.encode(
+        Req.SET_OWNER, P.u64.pack(0), P.VERSION | P.FLAG_REPLY
+    )
     ev = c.next_event()
-    assert c.respond(ev, (1, 42)) == P.encode(Req.GET_VRING_BASE, P.vring_state.pack(1, 42), P.VERSION | P.FLAG_REPLY)
+    assert c.respond(ev, (1, 42)) == P.encode(
+        Req.GET_VRING_BASE, P.vring_state.pack(1, 42), P.VERSION | P.FLAG_REPLY
+    )
     assert c.session.rings[1].base == 42
     with pytest.raises(LocalProtocolError):
         c.respond(ev)  # a GET without a value
@@ -237,13 +257,23 @@ def test_ring_state_table_start_stop_and_illegal_moves():
 
 def test_every_ring_transition_in_the_table_is_reachable_and_others_refused():
     for state in RingState:
-        for code in (Req.SET_VRING_NUM, Req.SET_VRING_BASE, Req.SET_VRING_ADDR, Req.SET_VRING_KICK,
-                     Req.GET_VRING_BASE, Req.SET_VRING_CALL, Req.SET_VRING_ERR, Req.SET_VRING_ENABLE):
+        for code in (
+            Req.SET_VRING_NUM,
+            Req.SET_VRING_BASE,
+            Req.SET_VRING_ADDR,
+            Req.SET_VRING_KICK,
+            Req.GET_VRING_BASE,
+            Req.SET_VRING_CALL,
+            Req.SET_VRING_ERR,
+            Req.SET_VRING_ENABLE,
+        ):
             ring = P.Ring(0, state=state)
             if (state, code) in P._RING_TRANSITIONS:
                 assert P.Session._step(ring, code) is P._RING_TRANSITIONS[(state, code)]
             else:
-                with pytest.raises(RemoteProtocolError, match=f"{code.name} on ring 0 while {state.value}"):
+                with pytest.raises(
+                    RemoteProtocolError, match=f"{code.name} on ring 0 while {state.value}"
+                ):
                     P.Session._step(ring, code)
 
 

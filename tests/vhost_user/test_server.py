@@ -85,7 +85,9 @@ def test_connect_sequence_answers_as_qemu_expects(served):
     feats, pf, queues, slots = fe.connect()
     assert feats >> 32 & 1 and feats >> P.VHOST_USER_F_PROTOCOL_FEATURES & 1
     assert feats & F_EVENT_IDX and feats >> 28 & 1  # EVENT_IDX and INDIRECT_DESC offered
-    assert not feats >> 34 & 1  # RING_PACKED: not served over vhost-user (GET/SET_VRING_BASE differ)
+    assert (
+        not feats >> 34 & 1
+    )  # RING_PACKED: not served over vhost-user (GET/SET_VRING_BASE differ)
     assert pf >> P.PROTOCOL_F_CONFIG & 1  # mandatory for QEMU
     assert pf >> P.PROTOCOL_F_REPLY_ACK & 1 and pf >> P.PROTOCOL_F_MQ & 1
     assert queues == 1 and slots == 32
@@ -190,7 +192,9 @@ def test_unknown_request_is_refused_and_the_session_goes_on(served):
     assert P.u64.unpack(fe.recv_reply(99))[0] == 1  # REPLY_ACK: failed
     fe.send(Req.SET_LOG_BASE, raw=b"\0" * 16, flags=P.VERSION | P.FLAG_NEED_REPLY)
     assert P.u64.unpack(fe.recv_reply(Req.SET_LOG_BASE))[0] == 1
-    assert fe.request(Req.SET_CONFIG, P.ConfigSpace(0, 8, 0, bytes(8))) == 1  # capacity is read-only
+    assert (
+        fe.request(Req.SET_CONFIG, P.ConfigSpace(0, 8, 0, bytes(8))) == 1
+    )  # capacity is read-only
     assert fe.get_u64(Req.GET_QUEUE_NUM) == 1
     served.finish()
 
@@ -272,8 +276,10 @@ def test_serve_signal_drains_flushes_and_clears_qed_need_check(scratch, sig):
     vblock.create_image(path, "qed", 64 << 20).close()
     sock_path = str(scratch / "serve.sock")
     log = open(scratch / "serve.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "vblock.cli.main", "serve", "--vhost-user", sock_path, path],
-                            stderr=log)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vblock.cli.main", "serve", "--vhost-user", sock_path, path],
+        stderr=log,
+    )
     try:
         deadline = time.monotonic() + 30
         while not os.path.exists(sock_path):
@@ -311,8 +317,9 @@ def test_serve_logs_the_device_counters_on_sigusr1_and_at_exit(scratch):
     vblock.create_image(path, "raw", DISK).close()
     sock_path = str(scratch / "serve.sock")
     argv = ["serve", "--vhost-user", sock_path, "-f", "raw", path]
-    proc = subprocess.Popen([sys.executable, "-m", "vblock.cli.main", *argv],
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vblock.cli.main", *argv], stderr=subprocess.PIPE, text=True
+    )
     try:
         assert "on " + sock_path in proc.stderr.readline()  # printed once the socket listens
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -350,7 +357,8 @@ def test_stats_lines_name_each_type_seen_or_say_none():
     write = {**zero, "ops": 2, "bytes": 8192, "p50": 40.0, "p99": 90.5, "max": 91.0}
     stats = {"read": zero, "write": write, "queues": []}
     assert stats_lines(stats) == [
-        "write: 2 requests, 8192 bytes, 0 errors, latency p50 40.0 us, p99 90.5 us, max 91.0 us"]
+        "write: 2 requests, 8192 bytes, 0 errors, latency p50 40.0 us, p99 90.5 us, max 91.0 us"
+    ]
     assert stats_lines({"read": zero, "queues": []}) == ["no requests served"]
 
 
@@ -432,7 +440,9 @@ def test_the_reference_sequence_with_q35_memory_layout(served, image):
             assert fe.request(Req.SET_FEATURES, features) == 0  # sent twice, as QEMU does
             if features == SEABIOS_FEATURES:
                 low = P.MemRegion(0, 0xA0000, 0x7F00_0000_0000, 0)
-                high = P.MemRegion(0xC0000, len(fe.ram) - 0xC0000, 0x7F00_0000_0000 + 0xC0000, 0xC0000)
+                high = P.MemRegion(
+                    0xC0000, len(fe.ram) - 0xC0000, 0x7F00_0000_0000 + 0xC0000, 0xC0000
+                )
                 assert fe.add_mem_reg(low) == 0 and fe.add_mem_reg(high) == 0
                 fe._next_alloc = 0x100000  # the guest's rings and buffers live above 1 MiB
             ring = fe.start_ring(0, features, size=32)
@@ -453,4 +463,7 @@ def test_the_backend_installs_real_fences():
 
     install_fences()
     assert (queue.acquire_fence, queue.release_fence, queue.full_fence) == (
-        _binding.fence_acquire, _binding.fence_release, _binding.fence_full)
+        _binding.fence_acquire,
+        _binding.fence_release,
+        _binding.fence_full,
+    )

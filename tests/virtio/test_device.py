@@ -58,7 +58,10 @@ def test_failed_may_be_set_any_time_and_stops_service():
 
 
 def test_features_ok_refused_without_version_1_or_with_unoffered_bits():
-    for feats in (1 << S.VIRTIO_BLK_F_FLUSH, (1 << S.VIRTIO_F_VERSION_1) | (1 << S.VIRTIO_F_IN_ORDER)):
+    for feats in (
+        1 << S.VIRTIO_BLK_F_FLUSH,
+        (1 << S.VIRTIO_F_VERSION_1) | (1 << S.VIRTIO_F_IN_ORDER),
+    ):
         dev = _dev()
         dev.set_status(A)
         dev.set_status(A | D)
@@ -77,10 +80,19 @@ def test_offered_features():
     dev = _dev()
     offered = {b for b in range(64) if dev.device_features >> b & 1}
     assert offered == {
-        S.VIRTIO_F_VERSION_1, S.VIRTIO_F_INDIRECT_DESC, S.VIRTIO_F_EVENT_IDX, S.VIRTIO_F_RING_PACKED,
+        S.VIRTIO_F_VERSION_1,
+        S.VIRTIO_F_INDIRECT_DESC,
+        S.VIRTIO_F_EVENT_IDX,
+        S.VIRTIO_F_RING_PACKED,
         S.VIRTIO_BLK_F_SIZE_MAX,
-        S.VIRTIO_BLK_F_SEG_MAX, S.VIRTIO_BLK_F_BLK_SIZE, S.VIRTIO_BLK_F_TOPOLOGY, S.VIRTIO_BLK_F_FLUSH,
-        S.VIRTIO_BLK_F_CONFIG_WCE, S.VIRTIO_BLK_F_MQ, S.VIRTIO_BLK_F_DISCARD, S.VIRTIO_BLK_F_WRITE_ZEROES,
+        S.VIRTIO_BLK_F_SEG_MAX,
+        S.VIRTIO_BLK_F_BLK_SIZE,
+        S.VIRTIO_BLK_F_TOPOLOGY,
+        S.VIRTIO_BLK_F_FLUSH,
+        S.VIRTIO_BLK_F_CONFIG_WCE,
+        S.VIRTIO_BLK_F_MQ,
+        S.VIRTIO_BLK_F_DISCARD,
+        S.VIRTIO_BLK_F_WRITE_ZEROES,
     }
     ro = VirtioBlk(FakeImage(read_only=True), GuestMemory.anonymous(4096))
     assert ro.read_only and ro.device_features >> S.VIRTIO_BLK_F_RO & 1
@@ -248,8 +260,10 @@ def test_multi_segment_discard_and_write_zeroes():
     assert st.drv.write_zeroes([(0, 2, 0), (16, 1, 1)]) == 0
     assert st.drv.discard([(32, 8, 0), (64, 8, 0)]) == 0
     assert st.img.ops == [
-        ("write_zeroes", 0, 1024, False), ("write_zeroes", 8192, 512, True),
-        ("discard", 16384, 4096, None), ("discard", 32768, 4096, None),
+        ("write_zeroes", 0, 1024, False),
+        ("write_zeroes", 8192, 512, True),
+        ("discard", 16384, 4096, None),
+        ("discard", 32768, 4096, None),
     ]
     assert st.img.data[:1024] == bytes(1024) and st.img.data[1024:1025] == b"\x01"
     assert st.drv.discard([(0, 1, 0)] * 33) == S.VIRTIO_BLK_S_IOERR  # more than max_discard_seg
@@ -257,7 +271,10 @@ def test_multi_segment_discard_and_write_zeroes():
 
 @pytest.mark.parametrize(
     "exc,status",
-    [(OSError(errno.EIO, "io"), S.VIRTIO_BLK_S_IOERR), (UnsupportedError("no"), S.VIRTIO_BLK_S_UNSUPP)],
+    [
+        (OSError(errno.EIO, "io"), S.VIRTIO_BLK_S_IOERR),
+        (UnsupportedError("no"), S.VIRTIO_BLK_S_UNSUPP),
+    ],
 )
 def test_backend_failures_become_status(exc, status):
     st = Stack(FakeImage())
@@ -341,8 +358,12 @@ def test_bounded_turns_let_another_queue_in():
     one turn (queue size chains) of queue 0, queue 1 is served."""
     st = Stack(FakeImage(), num_queues=2, queue_size=8, queue_size_max=8)
     g0, g1 = Guest(st, 0), Guest(st, 1)
-    h0 = g0.chain([(g0.header(OUT, 0), 16, 0), (g0.buf(512, b"0" * 512), 512, 0), (g0.status(), 1, W)])
-    h1 = g1.chain([(g1.header(OUT, 1000), 16, 0), (g1.buf(512, b"1" * 512), 512, 0), (g1.status(), 1, W)])
+    h0 = g0.chain(
+        [(g0.header(OUT, 0), 16, 0), (g0.buf(512, b"0" * 512), 512, 0), (g0.status(), 1, W)]
+    )
+    h1 = g1.chain(
+        [(g1.header(OUT, 1000), 16, 0), (g1.buf(512, b"1" * 512), 512, 0), (g1.status(), 1, W)]
+    )
     orig = st.img.submit_write
     refills = []
 
@@ -374,7 +395,9 @@ def test_reset_with_requests_in_flight_drops_them_safely():
     drv.reset()
     assert st.dev.status == 0 and st.mmio.interrupt_status == 0
     st.img.complete()  # late completions after reset
-    assert st.mem.read(drv.queues[0].used_addr, S.used_ring_bytes(drv.queues[0].size)) == used_before
+    assert (
+        st.mem.read(drv.queues[0].used_addr, S.used_ring_bytes(drv.queues[0].size)) == used_before
+    )
     assert all(st.mem.read(r.status_addr, 1) == b"\xff" for r in reqs)  # no status written
     st.img.defer = False
     drv.start()

@@ -30,10 +30,14 @@ def test_allocator_classes_alignment_and_reuse():
 def test_layouts_reach_the_device_as_the_same_request(pieces, merge, indirect):
     st = Stack(FakeImage(), indirect=True)
     data = bytes(range(256)) * 4
-    req = st.drv.submit(S.VIRTIO_BLK_T_OUT, 2, data=data, pieces=pieces, merge=merge, indirect=indirect)
+    req = st.drv.submit(
+        S.VIRTIO_BLK_T_OUT, 2, data=data, pieces=pieces, merge=merge, indirect=indirect
+    )
     st.drv.wait([req])
     assert req.status == 0 and st.img.data[1024:2048] == data
-    r = st.drv._run(S.VIRTIO_BLK_T_IN, 2, read_len=1024, pieces=pieces, merge=merge, indirect=indirect)
+    r = st.drv._run(
+        S.VIRTIO_BLK_T_IN, 2, read_len=1024, pieces=pieces, merge=merge, indirect=indirect
+    )
     assert (r.status, r.data, r.used_len) == (0, data, 1025)
     nd = 1 if indirect else (len(pieces) if isinstance(pieces, list) else pieces) + 2 - merge
     assert len(r.descs) == nd
@@ -78,7 +82,9 @@ def test_post_fast_path_matches_submit():
     r = drv.post(S.VIRTIO_BLK_T_IN, 0, buf, 4096)
     from vblock.virtio.driver import Request
 
-    assert all(hasattr(r, name) for name in Request.__slots__)  # post() skips __init__: it sets every field
+    assert all(
+        hasattr(r, name) for name in Request.__slots__
+    )  # post() skips __init__: it sets every field
     drv.kick()
     drv.wait([r])
     assert (r.status, r.used_len) == (0, 4097) and st.mem.read(buf, 4096) == bytes(4096)

@@ -31,8 +31,13 @@ def _readable(fd):
 # -- interrupts -----------------------------------------------------------------------------------
 def test_level_goes_high_on_the_first_interrupt_and_low_inside_the_ack():
     calls = []
-    st = Stack(FakeImage(), interrupts=False, event_idx=False,
-               interrupt=lambda: calls.append("edge"), irq_level=lambda level: calls.append(level))
+    st = Stack(
+        FakeImage(),
+        interrupts=False,
+        event_idx=False,
+        interrupt=lambda: calls.append("edge"),
+        irq_level=lambda level: calls.append(level),
+    )
     st.drv.submit(OUT, 0, data=b"a" * 512)
     st.drv.submit(OUT, 8, data=b"b" * 512)
     assert calls == [True, "edge", "edge"]  # high once; each interrupt is still an edge
@@ -268,24 +273,36 @@ def test_restore_refuses_a_state_of_another_shape():
 
 
 # -- strict registers -----------------------------------------------------------------------------
-@pytest.mark.parametrize("access", [
-    ("read", 0x0FF, 4),  # no register there
-    ("read", S.VIRTIO_MMIO_MAGIC_VALUE, 2),  # bad width
-    ("read", S.VIRTIO_MMIO_QUEUE_NOTIFY, 4),  # write-only
-    ("read", S.VIRTIO_MMIO_CONFIG + 0x60, 4),  # past the config space
-    ("write", S.VIRTIO_MMIO_MAGIC_VALUE, 4, 1),  # read-only
-    ("write", S.VIRTIO_MMIO_STATUS, 2, 1),  # bad width
-    ("write", S.VIRTIO_MMIO_STATUS, 4, S.DRIVER_OK),  # a status step the spec forbids
-    ("write", S.VIRTIO_MMIO_QUEUE_NOTIFY, 4, 7),  # no such queue
-], ids=["offset", "read-width", "write-only", "config-end", "read-only", "write-width", "status",
-        "notify"])
+@pytest.mark.parametrize(
+    "access",
+    [
+        ("read", 0x0FF, 4),  # no register there
+        ("read", S.VIRTIO_MMIO_MAGIC_VALUE, 2),  # bad width
+        ("read", S.VIRTIO_MMIO_QUEUE_NOTIFY, 4),  # write-only
+        ("read", S.VIRTIO_MMIO_CONFIG + 0x60, 4),  # past the config space
+        ("write", S.VIRTIO_MMIO_MAGIC_VALUE, 4, 1),  # read-only
+        ("write", S.VIRTIO_MMIO_STATUS, 2, 1),  # bad width
+        ("write", S.VIRTIO_MMIO_STATUS, 4, S.DRIVER_OK),  # a status step the spec forbids
+        ("write", S.VIRTIO_MMIO_QUEUE_NOTIFY, 4, 7),  # no such queue
+    ],
+    ids=[
+        "offset",
+        "read-width",
+        "write-only",
+        "config-end",
+        "read-only",
+        "write-width",
+        "status",
+        "notify",
+    ],
+)
 def test_strict_raises_what_lax_logs_and_ignores(access, caplog):
     lax = Stack(FakeImage(), start=False)
     strict = Stack(FakeImage(), start=False, strict=True)
     kind, offset, size, *value = access
     with caplog.at_level(logging.INFO, logger="vblock.virtio.mmio"):
         got = getattr(lax.mmio, kind)(offset, size, *value)
-    assert (got == 0 if kind == "read" else got is None)
+    assert got == 0 if kind == "read" else got is None
     if kind == "read" or offset != S.VIRTIO_MMIO_QUEUE_NOTIFY:
         assert "virtio-mmio" in caplog.text
     with pytest.raises(GuestError, match="virtio-mmio"):

@@ -44,23 +44,41 @@ def scenarios(draw):
         for i in range(qsize):
             pos = i % 3
             n = i + 1 if pos < 2 and i + 1 < qsize else 0
-            flags = (1 if pos < 2 and i + 1 < qsize else 0) | (2 if pos == 2 or (pos == 1 and i % 2) else 0)
+            flags = (1 if pos < 2 and i + 1 < qsize else 0) | (
+                2 if pos == 2 or (pos == 1 and i % 2) else 0
+            )
             table.append(((("pool", i % POOL, 0)), [16, 512, 1][pos], flags, n))
         for _ in range(draw(st.integers(0, 2))):
             i = draw(st.integers(0, qsize - 1))
             table[i] = draw(descriptors(qsize))
     tables = [draw(st.lists(descriptors(4), min_size=1, max_size=5)) for _ in range(2)]
     headers = [
-        (draw(st.sampled_from([0, 1, 4, 8, 11, 13, 99])), draw(st.sampled_from([0, 1, 2047, 2048, (1 << 64) - 1])))
+        (
+            draw(st.sampled_from([0, 1, 4, 8, 11, 13, 99])),
+            draw(st.sampled_from([0, 1, 2047, 2048, (1 << 64) - 1])),
+        )
         for _ in range(POOL)
     ]
-    segs = draw(st.lists(st.tuples(st.integers(0, 3000), st.integers(0, 64), st.integers(0, 3)), max_size=3))
+    segs = draw(
+        st.lists(st.tuples(st.integers(0, 3000), st.integers(0, 64), st.integers(0, 3)), max_size=3)
+    )
     starts = st.sampled_from([h for h in (0, 3, 6) if h < qsize])
-    heads = draw(st.lists(st.one_of(starts, starts, starts, st.integers(0, qsize)), min_size=1, max_size=qsize + 2))
+    heads = draw(
+        st.lists(
+            st.one_of(starts, starts, starts, st.integers(0, qsize)), min_size=1, max_size=qsize + 2
+        )
+    )
     jump = draw(st.sampled_from([0, 0, 0, 0, 0, 1, qsize + 1, 40000]))
     return dict(
-        qsize=qsize, table=table, tables=tables, headers=headers, segs=segs, heads=heads, jump=jump,
-        indirect=draw(st.booleans()), event_idx=draw(st.booleans()),
+        qsize=qsize,
+        table=table,
+        tables=tables,
+        headers=headers,
+        segs=segs,
+        heads=heads,
+        jump=jump,
+        indirect=draw(st.booleans()),
+        event_idx=draw(st.booleans()),
     )
 
 
@@ -76,8 +94,14 @@ def _resolve(addr, pool, tabs):
 @given(scenarios())
 def test_random_rings_never_crash_or_write_outside_writable_buffers(sc):
     img = FakeImage(size=1 << 20)
-    stack = Stack(img, mem_size=MEM, queue_size=sc["qsize"], queue_size_max=8, indirect=sc["indirect"],
-                  event_idx=sc["event_idx"])
+    stack = Stack(
+        img,
+        mem_size=MEM,
+        queue_size=sc["qsize"],
+        queue_size_max=8,
+        indirect=sc["indirect"],
+        event_idx=sc["event_idx"],
+    )
     mem, drv = stack.mem, stack.drv
     dq = drv.queues[0]
     alloc = drv.allocator.alloc
@@ -135,11 +159,25 @@ def requests(draw):
     t = draw(st.sampled_from([0, 1, 4, 8, 11, 13, 3]))
     sector = draw(st.sampled_from([0, 5, CAP - 8, CAP - 1, CAP, (1 << 64) - 1]))
     nbytes = draw(st.sampled_from([0, 1, 20, 511, 512, 1024, 4096]))
-    segs = draw(st.lists(st.tuples(st.sampled_from([0, 8, CAP - 8, CAP]), st.sampled_from([0, 1, 8, 16]),
-                                   st.sampled_from([0, 0, 1, 2])), min_size=1, max_size=3))
+    segs = draw(
+        st.lists(
+            st.tuples(
+                st.sampled_from([0, 8, CAP - 8, CAP]),
+                st.sampled_from([0, 1, 8, 16]),
+                st.sampled_from([0, 0, 1, 2]),
+            ),
+            min_size=1,
+            max_size=3,
+        )
+    )
     return dict(
-        t=t, sector=sector, nbytes=nbytes, segs=segs,
-        pieces=draw(st.integers(1, 4)), merge=draw(st.booleans()), indirect=draw(st.booleans()),
+        t=t,
+        sector=sector,
+        nbytes=nbytes,
+        segs=segs,
+        pieces=draw(st.integers(1, 4)),
+        merge=draw(st.booleans()),
+        indirect=draw(st.booleans()),
         ro=draw(st.booleans()),
     )
 
@@ -172,14 +210,21 @@ def oracle(r):
 @given(requests())
 def test_request_verdicts_match_the_oracle(r):
     img = FakeImage(size=1 << 20)
-    stack = Stack(img, indirect=True, read_only=True if r["ro"] else None, mem_size=1 << 20, queue_size=16)
+    stack = Stack(
+        img, indirect=True, read_only=True if r["ro"] else None, mem_size=1 << 20, queue_size=16
+    )
     drv = stack.drv
     t = r["t"]
     kw = dict(indirect=r["indirect"], merge=r["merge"], pieces=r["pieces"])
     if t in (0, 8):
         req = drv._run(t, r["sector"], read_len=r["nbytes"], **kw)
     elif t == 1:
-        req = drv._run(t, r["sector"], data=bytes(range(256)) * (r["nbytes"] // 256) + bytes(r["nbytes"] % 256), **kw)
+        req = drv._run(
+            t,
+            r["sector"],
+            data=bytes(range(256)) * (r["nbytes"] // 256) + bytes(r["nbytes"] % 256),
+            **kw,
+        )
     elif t in (11, 13):
         from vblock.virtio.driver import encode_segments
 
@@ -199,7 +244,9 @@ def test_request_verdicts_match_the_oracle(r):
 @st.composite
 def packed_scenarios(draw):
     qsize = draw(st.sampled_from([3, 4, 8]))
-    flag_bits = st.lists(st.sampled_from([1, 2, 4, S.VIRTQ_DESC_F_AVAIL, S.VIRTQ_DESC_F_USED]), max_size=4)
+    flag_bits = st.lists(
+        st.sampled_from([1, 2, 4, S.VIRTQ_DESC_F_AVAIL, S.VIRTQ_DESC_F_USED]), max_size=4
+    )
     ring = []
     for _ in range(qsize):
         addr = draw(descriptors(4))[0]
@@ -209,18 +256,34 @@ def packed_scenarios(draw):
             flags = sum(set(draw(flag_bits)))
         ring.append((addr, draw(lengths), draw(st.integers(0, qsize + 1)), flags))
     tables = [draw(st.lists(descriptors(4), min_size=1, max_size=5)) for _ in range(2)]
-    headers = [(draw(st.sampled_from([0, 1, 4, 8, 11, 13, 99])), draw(st.sampled_from([0, 1, 2048])))
-               for _ in range(POOL)]
-    return dict(qsize=qsize, ring=ring, tables=tables, headers=headers, indirect=draw(st.booleans()),
-                event_idx=draw(st.booleans()), driver_event=draw(st.tuples(st.integers(0, 0xFFFF), st.integers(0, 3))))
+    headers = [
+        (draw(st.sampled_from([0, 1, 4, 8, 11, 13, 99])), draw(st.sampled_from([0, 1, 2048])))
+        for _ in range(POOL)
+    ]
+    return dict(
+        qsize=qsize,
+        ring=ring,
+        tables=tables,
+        headers=headers,
+        indirect=draw(st.booleans()),
+        event_idx=draw(st.booleans()),
+        driver_event=draw(st.tuples(st.integers(0, 0xFFFF), st.integers(0, 3))),
+    )
 
 
 @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(packed_scenarios())
 def test_random_packed_rings_never_crash_or_write_outside_writable_buffers(sc):
     img = FakeImage(size=1 << 20)
-    stack = Stack(img, mem_size=MEM, packed=True, queue_size=sc["qsize"], queue_size_max=8,
-                  indirect=sc["indirect"], event_idx=sc["event_idx"])
+    stack = Stack(
+        img,
+        mem_size=MEM,
+        packed=True,
+        queue_size=sc["qsize"],
+        queue_size_max=8,
+        indirect=sc["indirect"],
+        event_idx=sc["event_idx"],
+    )
     mem, drv = stack.mem, stack.drv
     dq = drv.queues[0]
     alloc = drv.allocator.alloc
@@ -254,6 +317,8 @@ def test_random_packed_rings_never_crash_or_write_outside_writable_buffers(sc):
     dev = stack.dev
     q = dev.queue(0)
     event("needs reset" if dev.status & S.DEVICE_NEEDS_RESET else f"served {q.used_pos} positions")
-    assert q.used_pos <= q.avail_pos <= 2 * sc["qsize"]  # random flags may look available for a lap more
+    assert (
+        q.used_pos <= q.avail_pos <= 2 * sc["qsize"]
+    )  # random flags may look available for a lap more
     if not dev.status & S.DEVICE_NEEDS_RESET:
         assert dev.in_flight() == 0 and q.used_pos == q.avail_pos

@@ -77,7 +77,10 @@ def test_chain_longer_than_the_queue(guest):
     table = g.indirect_table([(h, 16, 0)] + [(a, 512, 0) for a in data] + [(st, 1, W)])  # 9 > 8
     head = g.chain([(table[0], table[1], IND)])
     unanswerable(g, head)
-    assert g.stack.img.ops[-2:] == [("write", 100 * 512, 1024, False), ("read", 100 * 512, 1024, None)]
+    assert g.stack.img.ops[-2:] == [
+        ("write", 100 * 512, 1024, False),
+        ("read", 100 * 512, 1024, None),
+    ]
 
 
 def test_chain_of_exactly_queue_size_is_legal(guest):
@@ -226,7 +229,9 @@ def test_buffer_beyond_guest_memory_in_an_otherwise_broken_chain(guest):
     g = guest
     h = g.header(IN, 0)
     st = g.status()
-    head = g.chain([(h, 16, 0), (g.mem.size, 512, W), (st, 1, W), (h, 16, 0)])  # readable after writable
+    head = g.chain(
+        [(h, 16, 0), (g.mem.size, 512, W), (st, 1, W), (h, 16, 0)]
+    )  # readable after writable
     unanswerable(g, head)
 
 
@@ -296,7 +301,9 @@ def test_sector_plus_length_beyond_capacity(guest):
 def test_discard_with_unmap(guest):
     g = guest
     h = g.header(S.VIRTIO_BLK_T_DISCARD)
-    seg = g.buf(16, S.virtio_blk_discard_write_zeroes.pack(0, 8, S.VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP))
+    seg = g.buf(
+        16, S.virtio_blk_discard_write_zeroes.pack(0, 8, S.VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP)
+    )
     st = g.status()
     answered(g, g.chain([(h, 16, 0), (seg, 16, 0), (st, 1, W)]), UNSUPP, st)
     assert not [op for op in g.stack.img.ops if op[0] == "discard"]
@@ -305,12 +312,16 @@ def test_discard_with_unmap(guest):
 def test_unknown_segment_flags(guest):
     g = guest
     h = g.header(S.VIRTIO_BLK_T_WRITE_ZEROES)
-    segs = S.virtio_blk_discard_write_zeroes.pack(0, 8, 0) + S.virtio_blk_discard_write_zeroes.pack(8, 8, 2)
+    segs = S.virtio_blk_discard_write_zeroes.pack(0, 8, 0) + S.virtio_blk_discard_write_zeroes.pack(
+        8, 8, 2
+    )
     seg = g.buf(32, segs)
     st = g.status()
     g.stack.img.data[:8192] = b"\x77" * 8192
     answered(g, g.chain([(h, 16, 0), (seg, 32, 0), (st, 1, W)]), UNSUPP, st)
-    assert g.stack.img.data[:4096] == b"\x77" * 4096  # the good first segment was not acted on either
+    assert (
+        g.stack.img.data[:4096] == b"\x77" * 4096
+    )  # the good first segment was not acted on either
 
 
 def test_get_id_buffer_shorter_than_20(guest):
@@ -336,7 +347,9 @@ def test_write_to_read_only_device():
     st = g.status()
     used, bad = g.run(g.chain([(h, 16, 0), (d, 512, 0), (st, 1, W)]))
     assert used == [(0, 1)] and bad == [] and g.mem.read(st, 1)[0] == IOERR
-    assert g.stack.img.data[:512] == bytes(512) and not [o for o in g.stack.img.ops if o[0] == "write"]
+    assert g.stack.img.data[:512] == bytes(512) and not [
+        o for o in g.stack.img.ops if o[0] == "write"
+    ]
 
 
 def _needs_reset_then_recovers(g, used, bad):
@@ -414,7 +427,9 @@ def test_chain_total_over_2_32_bytes():
 
 @pytest.fixture
 def pguest():
-    return PackedGuest(Stack(FakeImage(), packed=True, queue_size=8, queue_size_max=8, indirect=True))
+    return PackedGuest(
+        Stack(FakeImage(), packed=True, queue_size=8, queue_size_max=8, indirect=True)
+    )
 
 
 def packed_unanswerable(g, bid):
@@ -428,7 +443,9 @@ def packed_unanswerable(g, bid):
 def test_packed_chain_that_never_ends(pguest):
     g = pguest
     h, d = write_request(g)
-    g.pchain([(h, 16, 0)] + [(d, 512, 0)] * 6 + [(d, 512, 0, True)], buffer_id=1)  # 8 of 8, all NEXT
+    g.pchain(
+        [(h, 16, 0)] + [(d, 512, 0)] * 6 + [(d, 512, 0, True)], buffer_id=1
+    )  # 8 of 8, all NEXT
     used, bad = g.run()
     assert used == [] and bad == []
     assert g.stack.dev.status & S.DEVICE_NEEDS_RESET
@@ -499,7 +516,11 @@ def test_packed_data_beyond_guest_memory_in_an_indirect_table(pguest):
     g = pguest
     h = g.header(IN, 0)
     st = g.status()
-    entries = [(h, 16, 0, 0), (g.mem.size, 512, 0, W), (st, 1, 0, W)]  # packed layout: addr, len, id, flags
+    entries = [
+        (h, 16, 0, 0),
+        (g.mem.size, 512, 0, W),
+        (st, 1, 0, W),
+    ]  # packed layout: addr, len, id, flags
     table = g.alloc(16 * len(entries))
     for i, e in enumerate(entries):
         S.pvirtq_desc.pack_into(g.mem.view(table, 16 * len(entries)), 16 * i, *e)

@@ -17,7 +17,12 @@ from vblock.virtio import spec as S
 
 SLOT = 8192
 SIZE = 4 << 20
-IN, OUT, FLUSH, WZ = S.VIRTIO_BLK_T_IN, S.VIRTIO_BLK_T_OUT, S.VIRTIO_BLK_T_FLUSH, S.VIRTIO_BLK_T_WRITE_ZEROES
+IN, OUT, FLUSH, WZ = (
+    S.VIRTIO_BLK_T_IN,
+    S.VIRTIO_BLK_T_OUT,
+    S.VIRTIO_BLK_T_FLUSH,
+    S.VIRTIO_BLK_T_WRITE_ZEROES,
+)
 
 
 @pytest.fixture
@@ -117,8 +122,13 @@ def run_workload(stack, nreq, seed, depth=16, indirect_share=0.5):
 @pytest.mark.parametrize("indirect", [False, True], ids=["direct", "indirect"])
 @pytest.mark.parametrize("num_queues", [1, 4])
 def test_random_workload_memory_backend(open_backend, event_idx, indirect, num_queues):
-    st = Stack(open_backend("memory"), event_idx=event_idx, indirect=indirect, num_queues=num_queues,
-               queue_size=64)
+    st = Stack(
+        open_backend("memory"),
+        event_idx=event_idx,
+        indirect=indirect,
+        num_queues=num_queues,
+        queue_size=64,
+    )
     counts = run_workload(st, 1500, seed=num_queues * 4 + event_idx * 2 + indirect)
     assert min(counts.values()) > 0
     assert st.dev.in_flight() == 0
@@ -127,7 +137,9 @@ def test_random_workload_memory_backend(open_backend, event_idx, indirect, num_q
 @pytest.mark.parametrize("queue_size", [2, 4, 16, 128, 1024])
 @pytest.mark.parametrize("indirect", [False, True], ids=["direct", "indirect"])
 def test_random_workload_queue_sizes(open_backend, queue_size, indirect):
-    st = Stack(open_backend("memory"), indirect=indirect, queue_size=queue_size, queue_size_max=1024)
+    st = Stack(
+        open_backend("memory"), indirect=indirect, queue_size=queue_size, queue_size_max=1024
+    )
     assert st.drv.queues[0].size == queue_size
     run_workload(st, 600, seed=queue_size, depth=min(queue_size, 32))
 
@@ -136,15 +148,23 @@ def test_random_workload_queue_sizes(open_backend, queue_size, indirect):
 @pytest.mark.parametrize("event_idx", [False, True], ids=["flags", "event_idx"])
 @pytest.mark.parametrize("indirect", [False, True], ids=["direct", "indirect"])
 def test_random_workload_packed_rings(open_backend, queue_size, event_idx, indirect):
-    st = Stack(open_backend("memory"), packed=True, event_idx=event_idx, indirect=indirect,
-               queue_size=queue_size, queue_size_max=256)
+    st = Stack(
+        open_backend("memory"),
+        packed=True,
+        event_idx=event_idx,
+        indirect=indirect,
+        queue_size=queue_size,
+        queue_size_max=256,
+    )
     assert st.drv.packed and st.dev.queue(0).packed and st.drv.queues[0].size == queue_size
     run_workload(st, 500, seed=queue_size + 7 * event_idx, depth=min(queue_size, 24))
 
 
 @pytest.mark.parametrize("kind", ["raw", "qed"])
 def test_random_workload_packed_rings_file_backends(open_backend, kind):
-    st = Stack(open_backend(kind), packed=True, event_idx=True, indirect=True, num_queues=2, queue_size=48)
+    st = Stack(
+        open_backend(kind), packed=True, event_idx=True, indirect=True, num_queues=2, queue_size=48
+    )
     run_workload(st, 600, seed=3, depth=24)
 
 
@@ -153,7 +173,10 @@ def test_packed_ring_wraps_many_laps(open_backend):
     drv = st.drv
     bufs = [drv.allocator.alloc(512) for _ in range(2)]
     for n in range(3000):  # 2 requests of 3 descriptors per round on a ring of 7
-        reqs = [drv.submit(OUT, (2 * n + i) % 2048, buffers=[(bufs[i], 512)], kick=False) for i in range(2)]
+        reqs = [
+            drv.submit(OUT, (2 * n + i) % 2048, buffers=[(bufs[i], 512)], kick=False)
+            for i in range(2)
+        ]
         drv.kick()
         assert [r.status for r in drv.reap()] == [0, 0] and all(r.done for r in reqs)
     q = st.dev.queue(0)
@@ -188,8 +211,13 @@ def test_ring_indices_wrap_past_65536(open_backend, event_idx):
 @pytest.mark.parametrize("indirect", [False, True], ids=["direct", "indirect"])
 @pytest.mark.parametrize("num_queues", [1, 4])
 def test_random_workload_file_backends(open_backend, kind, event_idx, indirect, num_queues):
-    st = Stack(open_backend(kind), event_idx=event_idx, indirect=indirect, num_queues=num_queues,
-               queue_size=32)
+    st = Stack(
+        open_backend(kind),
+        event_idx=event_idx,
+        indirect=indirect,
+        num_queues=num_queues,
+        queue_size=32,
+    )
     counts = run_workload(st, 500, seed=7 + num_queues, depth=24)
     assert counts[IN] and counts[OUT]
 

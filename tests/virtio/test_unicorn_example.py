@@ -29,8 +29,9 @@ def test_unicorn_guest_writes_flushes_reads_back_and_gets_the_id(scratch, delive
         img.write(512, b"\x11" * 512)  # a neighbour the guest must not touch
         before = hashlib.sha256(img.read(512, (1 << 20) - 512)).hexdigest()
     argv = [path, "--format", fmt, "--deliver", deliver]
-    out = subprocess.run([sys.executable, str(EXAMPLE), *argv], capture_output=True, text=True,
-                         timeout=120)
+    out = subprocess.run(
+        [sys.executable, str(EXAMPLE), *argv], capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 0, out.stdout + out.stderr
     assert out.stdout.splitlines() == [
         "guest: write: status 0",

@@ -24,8 +24,15 @@ def test_config_layout_matches_the_spec_offsets():
     fields[19] = 0xCD  # write_zeroes_may_unmap
     fields[28] = 0xEF  # zoned.model
     raw = S.virtio_blk_config.pack(*fields)
-    assert raw[0x20] == 0xAB and raw[0x22:0x24] == b"\x34\x12" and raw[0x38] == 0xCD and raw[0x5C] == 0xEF
-    assert S.virtio_blk_req_hdr.size == 16 and S.virtq_desc.size == 16 and S.virtq_used_elem.size == 8
+    assert (
+        raw[0x20] == 0xAB
+        and raw[0x22:0x24] == b"\x34\x12"
+        and raw[0x38] == 0xCD
+        and raw[0x5C] == 0xEF
+    )
+    assert (
+        S.virtio_blk_req_hdr.size == 16 and S.virtq_desc.size == 16 and S.virtq_used_elem.size == 8
+    )
     assert S.virtio_blk_discard_write_zeroes.size == 16
 
 
@@ -74,7 +81,7 @@ def test_memory_refuses_ranges_spanning_regions_and_overlaps():
 
 def test_anonymous_memory_is_page_aligned_mmap():
     mem = GuestMemory.anonymous(1 << 16, base=1 << 20)
-    (base, view), = mem.regions
+    ((base, view),) = mem.regions
     assert base == 1 << 20 and len(view) == 1 << 16 and mem.size == 1 << 16
     assert isinstance(mem._keep[0], mmap.mmap)
 

@@ -62,8 +62,13 @@ def test_spec_constant_is_the_kernels(ours, kernels):
     assert getattr(S, ours) == getattr(_binding.lib, kernels)
 
 
-@pytest.mark.parametrize("ours, kernels_bit", [("VIRTQ_DESC_F_AVAIL", "VRING_PACKED_DESC_F_AVAIL"),
-                                               ("VIRTQ_DESC_F_USED", "VRING_PACKED_DESC_F_USED")])
+@pytest.mark.parametrize(
+    "ours, kernels_bit",
+    [
+        ("VIRTQ_DESC_F_AVAIL", "VRING_PACKED_DESC_F_AVAIL"),
+        ("VIRTQ_DESC_F_USED", "VRING_PACKED_DESC_F_USED"),
+    ],
+)
 def test_packed_flag_is_the_kernels_bit(ours, kernels_bit):
     """The kernel names the packed ring's flags by bit number, the spec module by mask."""
     assert getattr(S, ours) == 1 << getattr(_binding.lib, kernels_bit)
@@ -76,9 +81,15 @@ def test_version_matches_package():
 def test_fences_are_the_accelerators():
     lib = _binding.lib
     assert (_binding.fence_acquire, _binding.fence_release, _binding.fence_full) == (
-        lib.vring_fence_acquire, lib.vring_fence_release, lib.vring_fence_full)
+        lib.vring_fence_acquire,
+        lib.vring_fence_release,
+        lib.vring_fence_full,
+    )
     assert [f() for f in (_binding.fence_acquire, _binding.fence_release, _binding.fence_full)] == [
-        None, None, None]
+        None,
+        None,
+        None,
+    ]
 
 
 def test_buffer_address_is_the_first_bytes_address():

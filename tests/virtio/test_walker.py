@@ -52,8 +52,16 @@ def _outcome(fill, head):
     except GuestError as exc:
         return "GuestError", str(exc), exc.status, buffer_address(req.status)
     pairs = lambda views: None if views is None else [(buffer_address(v), len(v)) for v in views]  # noqa: E731
-    return (req.type, req.offset, req.length, req.used_len, pairs(req.data), req.segments,
-            buffer_address(req.status), len(req.status))
+    return (
+        req.type,
+        req.offset,
+        req.length,
+        req.used_len,
+        pairs(req.data),
+        req.segments,
+        buffer_address(req.status),
+        len(req.status),
+    )
 
 
 # -- chains: mostly request-shaped, with every field open to mischief -----------------------------
@@ -62,8 +70,12 @@ addresses = st.one_of(
     st.integers(R1, R1 + REGION - 1),
     st.sampled_from([0, R0 - 1, R0 + REGION - 8, R1 + REGION - 1, (1 << 64) - 8, (1 << 64) - 1]),
 )
-lengths = st.one_of(st.sampled_from([0, 1, 15, 16, 17, 512, 4096, (1 << 32) - 1]), st.integers(0, 2 * REGION))
-flag_sets = st.one_of(st.sampled_from([NEXT, NEXT | WRITE, WRITE, 0, INDIRECT]), st.integers(0, 0xFFFF))
+lengths = st.one_of(
+    st.sampled_from([0, 1, 15, 16, 17, 512, 4096, (1 << 32) - 1]), st.integers(0, 2 * REGION)
+)
+flag_sets = st.one_of(
+    st.sampled_from([NEXT, NEXT | WRITE, WRITE, 0, INDIRECT]), st.integers(0, 0xFFFF)
+)
 
 
 @st.composite
@@ -82,7 +94,11 @@ def request_entries(draw, count, pristine):
         else:
             base = R1 if draw(st.integers(0, 7)) == 0 else R0  # now and then the second region
             addr = draw(st.integers(base, base + REGION - 1024))
-            length = 512 * draw(st.integers(1, 2)) if draw(st.integers(0, 3)) else draw(st.integers(1, 1024))
+            length = (
+                512 * draw(st.integers(1, 2))
+                if draw(st.integers(0, 3))
+                else draw(st.integers(1, 1024))
+            )
             flags = WRITE if kind == S.VIRTIO_BLK_T_IN else 0
         entry = [addr, length, flags | (0 if last else NEXT), 0 if last else i + 1]
         if not pristine and draw(st.integers(0, 5)) == 0:
@@ -103,15 +119,25 @@ def cases(draw):
     kind, direct = draw(request_entries(min(qsize, count), pristine))
     table = direct + [(0, 0, 0, 0)] * (qsize - len(direct))
     at, inner = None, []
-    if draw(st.integers(0, 2)) == 0:  # head 0 points at an indirect table holding the request instead
+    if (
+        draw(st.integers(0, 2)) == 0
+    ):  # head 0 points at an indirect table holding the request instead
         at = draw(st.sampled_from(INDIRECT_AT))
         count = draw(st.integers(3, 9) if pristine else st.integers(0, 9))
         length = 16 * count + (0 if pristine else draw(st.sampled_from([0, 0, 8])))
-        flags = INDIRECT if pristine else draw(st.sampled_from([INDIRECT, INDIRECT, INDIRECT | NEXT]))
+        flags = (
+            INDIRECT if pristine else draw(st.sampled_from([INDIRECT, INDIRECT, INDIRECT | NEXT]))
+        )
         table[0] = (at, length, flags, 0)
         kind, inner = draw(request_entries(max(count, 1), pristine))
-    types = st.sampled_from([kind, kind, kind, 0, 1, 4, 8] + ([] if pristine else [11, 13, 0xFFFFFFFF]))
-    sectors = st.sampled_from([2**64 - 1, 2**63]) if draw(st.integers(0, 7)) == 0 else st.integers(0, CAPACITY + 1)
+    types = st.sampled_from(
+        [kind, kind, kind, 0, 1, 4, 8] + ([] if pristine else [11, 13, 0xFFFFFFFF])
+    )
+    sectors = (
+        st.sampled_from([2**64 - 1, 2**63])
+        if draw(st.integers(0, 7)) == 0
+        else st.integers(0, CAPACITY + 1)
+    )
     headers = [(draw(types), draw(st.integers(0, 2**32 - 1)), draw(sectors)) for _ in HEADERS]
     head = 0 if pristine or draw(st.integers(0, 3)) else draw(st.integers(0, qsize))
     indirect_ok = True if pristine else draw(st.booleans())
@@ -132,7 +158,10 @@ def test_the_native_reader_agrees_with_walk_and_parse(case):
         S.virtio_blk_req_hdr.pack_into(mem.view(where, 16), 0, *hdr)
     rules = RequestRules(CAPACITY, read_only=read_only)
     read = frame_reader(mem, table, qsize, indirect_ok, indirect_max, rules)
-    expected = _outcome(lambda req: parse(req, walk(mem, table, qsize, head, indirect_ok, indirect_max), rules), head)
+    expected = _outcome(
+        lambda req: parse(req, walk(mem, table, qsize, head, indirect_ok, indirect_max), rules),
+        head,
+    )
     assert _outcome(read, head) == expected
 
 
@@ -140,8 +169,16 @@ def _write_request(mem, data_at, kind=S.VIRTIO_BLK_T_OUT, sector=8):
     """A read or write of 8 KiB at ``data_at``, at head 0 of a 4-entry table in region 0."""
     S.virtio_blk_req_hdr.pack_into(mem.view(R0 + 0x100, 16), 0, kind, 0, sector)
     data_flags = WRITE if kind == S.VIRTIO_BLK_T_IN else 0
-    return _place(mem, TABLE, [(R0 + 0x100, 16, NEXT, 1), (data_at, 8192, data_flags | NEXT, 2),
-                               (R0 + 0x200, 1, WRITE, 0), (0, 0, 0, 0)])
+    return _place(
+        mem,
+        TABLE,
+        [
+            (R0 + 0x100, 16, NEXT, 1),
+            (data_at, 8192, data_flags | NEXT, 2),
+            (R0 + 0x200, 1, WRITE, 0),
+            (0, 0, 0, 0),
+        ],
+    )
 
 
 def _no_reference(monkeypatch):
@@ -152,15 +189,22 @@ def _no_reference(monkeypatch):
 @pytest.mark.parametrize("kind", [S.VIRTIO_BLK_T_IN, S.VIRTIO_BLK_T_OUT])
 @pytest.mark.parametrize("pieces", [1, 3])
 @pytest.mark.parametrize("indirect", [False, True])
-def test_a_standard_request_in_the_first_region_never_reaches_the_reference(monkeypatch, kind, pieces, indirect):
+def test_a_standard_request_in_the_first_region_never_reaches_the_reference(
+    monkeypatch, kind, pieces, indirect
+):
     """Direct or in an indirect table, the data in one piece or three: served natively."""
     mem = _memory()
     S.virtio_blk_req_hdr.pack_into(mem.view(R0 + 0x100, 16), 0, kind, 0, 8)
     flags = WRITE if kind == S.VIRTIO_BLK_T_IN else 0
-    data = [(R0 + 0x4000 + 0x1000 * i, 8192 // pieces if pieces == 1 else (4096, 2048, 2048)[i]) for i in range(pieces)]
+    data = [
+        (R0 + 0x4000 + 0x1000 * i, 8192 // pieces if pieces == 1 else (4096, 2048, 2048)[i])
+        for i in range(pieces)
+    ]
     chain = [(R0 + 0x100, 16, 0)] + [(a, n, flags) for a, n in data] + [(R0 + 0x200, 1, WRITE)]
-    entries = [(a, n, f | (NEXT if i < len(chain) - 1 else 0), i + 1 if i < len(chain) - 1 else 0)
-               for i, (a, n, f) in enumerate(chain)]
+    entries = [
+        (a, n, f | (NEXT if i < len(chain) - 1 else 0), i + 1 if i < len(chain) - 1 else 0)
+        for i, (a, n, f) in enumerate(chain)
+    ]
     if indirect:
         _place(mem, INDIRECT_AT[0], entries)
         entries = [(INDIRECT_AT[0], 16 * len(entries), INDIRECT, 0)]
@@ -169,7 +213,9 @@ def test_a_standard_request_in_the_first_region_never_reaches_the_reference(monk
     req = BlkRequest(0)
     frame_reader(mem, table, 8, indirect, 8, RequestRules(CAPACITY))(req)
     assert (req.type, req.offset, req.length) == (kind, 8 * 512, 8192)
-    assert [(buffer_address(v), len(v)) for v in req.data] == [(buffer_address(mem.view(a, 1)), n) for a, n in data]
+    assert [(buffer_address(v), len(v)) for v in req.data] == [
+        (buffer_address(mem.view(a, 1)), n) for a, n in data
+    ]
     assert buffer_address(req.status) == buffer_address(mem.view(R0 + 0x200, 1))
     assert req.used_len == (8193 if kind == S.VIRTIO_BLK_T_IN else 1)
 
@@ -181,9 +227,20 @@ def test_long_chains_natively_up_to_the_output_bound_then_by_the_reference(monke
     mem = GuestMemory.anonymous(2 << 20)
     data_at = 0x20000
     S.virtio_blk_req_hdr.pack_into(mem.view(0x10000, 16), 0, S.VIRTIO_BLK_T_OUT, 0, 0)
-    chain = [(0x10000, 16, 0)] + [(data_at + 512 * i, 512, 0) for i in range(buffers - 2)] + [(0x10100, 1, WRITE)]
-    table = _place(mem, 0, [(a, n, f | (NEXT if i < buffers - 1 else 0), i + 1 if i < buffers - 1 else 0)
-                            for i, (a, n, f) in enumerate(chain)] + [(0, 0, 0, 0)] * (2048 - buffers))
+    chain = (
+        [(0x10000, 16, 0)]
+        + [(data_at + 512 * i, 512, 0) for i in range(buffers - 2)]
+        + [(0x10100, 1, WRITE)]
+    )
+    table = _place(
+        mem,
+        0,
+        [
+            (a, n, f | (NEXT if i < buffers - 1 else 0), i + 1 if i < buffers - 1 else 0)
+            for i, (a, n, f) in enumerate(chain)
+        ]
+        + [(0, 0, 0, 0)] * (2048 - buffers),
+    )
     calls = []
     real = blk_request.walk
     monkeypatch.setattr(blk_request, "walk", lambda *a: calls.append(1) or real(*a))
@@ -205,9 +262,13 @@ def test_other_regions_types_and_broken_chains_go_to_the_reference(monkeypatch):
     frame_reader(mem, table, 4, False, 4, rules)(req)
     assert buffer_address(req.data[0]) == buffer_address(mem.view(R1 + 0x4000, 1))
     table = _write_request(mem, R0 + 0x4000, kind=S.VIRTIO_BLK_T_GET_ID)
-    with pytest.raises(GuestError, match="GET_ID"):  # its buffer must be writable: the reference says so
+    with pytest.raises(
+        GuestError, match="GET_ID"
+    ):  # its buffer must be writable: the reference says so
         frame_reader(mem, table, 4, False, 4, rules)(BlkRequest(0))
-    S.virtq_desc.pack_into(table, 16, R0 + 0x4000, 8192, NEXT, 1)  # the data descriptor loops on itself
+    S.virtq_desc.pack_into(
+        table, 16, R0 + 0x4000, 8192, NEXT, 1
+    )  # the data descriptor loops on itself
     with pytest.raises(ChainError, match="loop"):
         frame_reader(mem, table, 4, False, 4, rules)(BlkRequest(0))
     assert calls == [0, 0, 0]
@@ -236,8 +297,16 @@ def test_the_native_region_is_the_largest_one(monkeypatch):
     monkeypatch.setattr(blk_request, "walk", lambda *a: calls.append(1) or real(*a))
     for base, expected in ((high, []), (0x1000, [1])):
         S.virtio_blk_req_hdr.pack_into(mem.view(base + 0x100, 16), 0, S.VIRTIO_BLK_T_OUT, 0, 8)
-        table = _place(mem, base, [(base + 0x100, 16, NEXT, 1), (base + 0x4000, 8192, NEXT, 2),
-                                   (base + 0x200, 1, WRITE, 0), (0, 0, 0, 0)])
+        table = _place(
+            mem,
+            base,
+            [
+                (base + 0x100, 16, NEXT, 1),
+                (base + 0x4000, 8192, NEXT, 2),
+                (base + 0x200, 1, WRITE, 0),
+                (0, 0, 0, 0),
+            ],
+        )
         calls.clear()
         req = BlkRequest(0)
         frame_reader(mem, table, 4, False, 4, RequestRules(CAPACITY))(req)
@@ -286,35 +355,66 @@ def test_the_2_32_total_is_checked_natively():
     ffi, lib = _binding.ffi, _binding.lib
     half = 1 << 31
     mem = bytearray(80)  # the table (4 entries), then the header at 64
-    for i, (addr, length, flags) in enumerate([(64, 16, NEXT), (80, half, NEXT), (80 + half, half - 17, NEXT),
-                                               (0, 1, WRITE)]):
+    for i, (addr, length, flags) in enumerate(
+        [(64, 16, NEXT), (80, half, NEXT), (80 + half, half - 17, NEXT), (0, 1, WRITE)]
+    ):
         S.virtq_desc.pack_into(mem, 16 * i, addr, length, flags, i + 1 if flags & NEXT else 0)
     S.virtio_blk_req_hdr.pack_into(mem, 64, S.VIRTIO_BLK_T_OUT, 0, 0)
     out = ffi.new("uint64_t[]", 2 + 2 * 4)
     base = ffi.from_buffer("uint8_t[]", mem)
-    w = ffi.new("struct vring_split *", {"region": base, "region_gpa": 0, "region_len": 1 << 34, "table": base,
-                                         "qsize": 4, "indirect_ok": 0, "indirect_max": 4, "out_max": 4, "out": out})
+    w = ffi.new(
+        "struct vring_split *",
+        {
+            "region": base,
+            "region_gpa": 0,
+            "region_len": 1 << 34,
+            "table": base,
+            "qsize": 4,
+            "indirect_ok": 0,
+            "indirect_max": 4,
+            "out_max": 4,
+            "out": out,
+        },
+    )
     assert lib.vring_blk_frame(w, 0) == lib.VRING_SLOW  # 2^32 bytes
     S.virtq_desc.pack_into(mem, 32, 80 + half, half - 18, NEXT, 3)  # 2^32 - 1 bytes: served
     assert lib.vring_blk_frame(w, 0) == 2 | S.VIRTIO_BLK_T_OUT << 16
-    assert list(out[0:3]) == [0, (1 << 32) - 18, 0] and list(out[4:8]) == [80, 80 + half, 80 + half, 2 * half - 18 + 80]
+    assert list(out[0:3]) == [0, (1 << 32) - 18, 0] and list(out[4:8]) == [
+        80,
+        80 + half,
+        80 + half,
+        2 * half - 18 + 80,
+    ]
 
 
 # -- buffers outside guest memory: answered in the status byte when it can be written -----------
-OUTSIDE = st.sampled_from([0, R0 - 1, R0 + REGION, R1 - 1, R1 + REGION, (1 << 64) - 8, (1 << 64) - 1])
-CROSSING = st.sampled_from([R0 + REGION - 1, R1 + REGION - 1, (1 << 64) - 1])  # with 2+ bytes: past an end
+OUTSIDE = st.sampled_from(
+    [0, R0 - 1, R0 + REGION, R1 - 1, R1 + REGION, (1 << 64) - 8, (1 << 64) - 1]
+)
+CROSSING = st.sampled_from(
+    [R0 + REGION - 1, R1 + REGION - 1, (1 << 64) - 1]
+)  # with 2+ bytes: past an end
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.sampled_from([S.VIRTIO_BLK_T_IN, S.VIRTIO_BLK_T_OUT]), st.integers(1, 3), st.data(), st.booleans())
-def test_a_buffer_outside_memory_is_ioerr_in_a_writable_status_else_unanswerable(kind, pieces, data, indirect):
+@given(
+    st.sampled_from([S.VIRTIO_BLK_T_IN, S.VIRTIO_BLK_T_OUT]),
+    st.integers(1, 3),
+    st.data(),
+    st.booleans(),
+)
+def test_a_buffer_outside_memory_is_ioerr_in_a_writable_status_else_unanswerable(
+    kind, pieces, data, indirect
+):
     """Any one descriptor of a standard request moved outside guest memory (or to wrap 2^64): IOERR
     in the status byte, no data buffer, used length 1 - unless the moved one is the status itself,
     which makes the frame unanswerable. The native reader and the reference agree."""
     mem = _memory()
     S.virtio_blk_req_hdr.pack_into(mem.view(R0 + 0x100, 16), 0, kind, 0, 8)
     data_flags = WRITE if kind == S.VIRTIO_BLK_T_IN else 0
-    descs = [(R0 + 0x100, 16, 0)] + [(R0 + 0x1000 + 0x1000 * i, 512, data_flags) for i in range(pieces)]
+    descs = [(R0 + 0x100, 16, 0)] + [
+        (R0 + 0x1000 + 0x1000 * i, 512, data_flags) for i in range(pieces)
+    ]
     descs.append((R0 + 0x200, 1, WRITE))
     moved = data.draw(st.integers(0, len(descs) - 1))
     addr, length, flags = descs[moved]
@@ -322,10 +422,14 @@ def test_a_buffer_outside_memory_is_ioerr_in_a_writable_status_else_unanswerable
         descs[moved] = (data.draw(OUTSIDE), length, flags)
     else:
         descs[moved] = (data.draw(CROSSING), max(length, 2), flags)
-    entries = [(a, n, f | (NEXT if i + 1 < len(descs) else 0), i + 1 if i + 1 < len(descs) else 0)
-               for i, (a, n, f) in enumerate(descs)]
+    entries = [
+        (a, n, f | (NEXT if i + 1 < len(descs) else 0), i + 1 if i + 1 < len(descs) else 0)
+        for i, (a, n, f) in enumerate(descs)
+    ]
     if indirect:
-        table = _place(mem, TABLE, [(INDIRECT_AT[0], 16 * len(entries), INDIRECT, 0)] + [(0, 0, 0, 0)] * 7)
+        table = _place(
+            mem, TABLE, [(INDIRECT_AT[0], 16 * len(entries), INDIRECT, 0)] + [(0, 0, 0, 0)] * 7
+        )
         _place(mem, INDIRECT_AT[0], entries)
     else:
         table = _place(mem, TABLE, entries + [(0, 0, 0, 0)] * (8 - len(entries)))

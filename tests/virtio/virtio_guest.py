@@ -54,7 +54,9 @@ class Guest:
             if table is None:
                 self.dq.write_desc(first + i, addr, length, flags, nxt)
             else:
-                S.virtq_desc.pack_into(self.mem.view(table, 16 * len(descs)), 16 * i, addr, length, flags, nxt)
+                S.virtq_desc.pack_into(
+                    self.mem.view(table, 16 * len(descs)), 16 * i, addr, length, flags, nxt
+                )
         return first
 
     def indirect_table(self, descs):
@@ -110,7 +112,10 @@ class PackedGuest(Guest):
         self.drv.notify(self.dq.index)
         after = self.mem.read(0, self.mem.size)
         used = self.dq.reap_raw()
-        allowed = [(self.dq.desc_addr, S.packed_ring_bytes(self.dq.size)), (self.dq.used_addr, 4),
-                   *self.writable]
+        allowed = [
+            (self.dq.desc_addr, S.packed_ring_bytes(self.dq.size)),
+            (self.dq.used_addr, 4),
+            *self.writable,
+        ]
         self.writable = []
         return used, _changed_outside(before, after, allowed)

@@ -124,15 +124,45 @@ EIO = OSError(errno.EIO, "injected")
 class Stack:
     """Guest memory, device, transport and driver, wired together."""
 
-    def __init__(self, img, *, mem_size=8 << 20, num_queues=1, queue_size=None, queue_size_max=256,
-                 event_idx=True, indirect=False, read_only=None, serial="vblock0", start=True,
-                 deliver="callback", interrupt=None, irq_level=None, strict=False, **drv):
+    def __init__(
+        self,
+        img,
+        *,
+        mem_size=8 << 20,
+        num_queues=1,
+        queue_size=None,
+        queue_size_max=256,
+        event_idx=True,
+        indirect=False,
+        read_only=None,
+        serial="vblock0",
+        start=True,
+        deliver="callback",
+        interrupt=None,
+        irq_level=None,
+        strict=False,
+        **drv,
+    ):
         self.img = img
         self.mem = GuestMemory.anonymous(mem_size)
-        self.dev = VirtioBlk(img, self.mem, num_queues=num_queues, queue_size_max=queue_size_max,
-                             serial=serial, read_only=read_only, deliver=deliver)
+        self.dev = VirtioBlk(
+            img,
+            self.mem,
+            num_queues=num_queues,
+            queue_size_max=queue_size_max,
+            serial=serial,
+            read_only=read_only,
+            deliver=deliver,
+        )
         self.mmio = VirtioMmio(self.dev, interrupt=interrupt, irq_level=irq_level, strict=strict)
-        self.drv = Driver(self.mmio, self.mem, event_idx=event_idx, indirect=indirect,
-                          num_queues=num_queues, queue_size=queue_size, **drv)
+        self.drv = Driver(
+            self.mmio,
+            self.mem,
+            event_idx=event_idx,
+            indirect=indirect,
+            num_queues=num_queues,
+            queue_size=queue_size,
+            **drv,
+        )
         if start:
             self.drv.start()

@@ -73,8 +73,11 @@ def medians(pairs):
     ours = statistics.median(p[0] for p in pairs)
     theirs = [p[1] for p in pairs if p[1]]
     ratios = [a / b for a, b in pairs if b]
-    return (ours, statistics.median(theirs) if theirs else None,
-            statistics.median(ratios) if ratios else None)
+    return (
+        ours,
+        statistics.median(theirs) if theirs else None,
+        statistics.median(ratios) if ratios else None,
+    )
 
 
 def report(rows, as_json=False, out=None):
@@ -83,13 +86,17 @@ def report(rows, as_json=False, out=None):
         for r in rows:
             out.write(json.dumps(dataclasses.asdict(r)) + "\n")
         return
-    out.write("| layer | engine | pattern | bs | depth | IOPS | MB/s | peer | peer IOPS | ratio |\n")
+    out.write(
+        "| layer | engine | pattern | bs | depth | IOPS | MB/s | peer | peer IOPS | ratio |\n"
+    )
     out.write("|---|---|---|---:|---:|---:|---:|---|---:|---:|\n")
     for r in rows:
         peer_iops = f"{r.peer_iops:.0f}" if r.peer_iops else "-"
         ratio = f"{r.ratio:.2f}" if r.ratio else "-"
-        out.write(f"| {r.layer} | {r.engine} | {r.pattern} | {r.block_size // 1024}k | {r.depth} | "
-                  f"{r.iops:.0f} | {r.mbps:.1f} | {r.peer or '-'} | {peer_iops} | {ratio} |\n")
+        out.write(
+            f"| {r.layer} | {r.engine} | {r.pattern} | {r.block_size // 1024}k | {r.depth} | "
+            f"{r.iops:.0f} | {r.mbps:.1f} | {r.peer or '-'} | {peer_iops} | {ratio} |\n"
+        )
 
 
 def bench_dir():
@@ -171,20 +178,21 @@ def closed_loop(submit, depth, duration, nblocks, block_size, seed=1):
                 active[0] -= 1
                 if active[0] == 0:
                     finished.set()
+
         return done
 
     callbacks = [completion(slot) for slot in range(depth)]
     start = now()
     deadline = start + duration
     for slot in range(depth):
-        submit(offsets[(_OFFSETS - 1 - slot) & OFFSETS_MASK], slot).add_done_callback(callbacks[slot])
+        submit(offsets[(_OFFSETS - 1 - slot) & OFFSETS_MASK], slot).add_done_callback(
+            callbacks[slot]
+        )
     finished.wait(duration * 10 + 30)
     elapsed = now() - start
     if errors:
         raise errors[0]
     return next(counter), elapsed
-
-
 
 
 def pin_threads(cpus):
@@ -268,14 +276,27 @@ def fio_available():
 def run_fio(path, size, rw, bs, depth, engine, runtime):
     """One fio job on ``path``; returns IOPS. ``engine`` is "io_uring" or "psync" (then ``depth``
     threads of psync, the peer of vblock's thread engine)."""
-    cmd = ["fio", "--name=peer", f"--filename={path}", f"--size={size}", "--direct=1", f"--rw={rw}",
-           f"--bs={bs}", "--time_based", f"--runtime={runtime}", "--randrepeat=0", "--norandommap",
-           "--output-format=json", "--group_reporting", "--thread"]
+    cmd = [
+        "fio",
+        "--name=peer",
+        f"--filename={path}",
+        f"--size={size}",
+        "--direct=1",
+        f"--rw={rw}",
+        f"--bs={bs}",
+        "--time_based",
+        f"--runtime={runtime}",
+        "--randrepeat=0",
+        "--norandommap",
+        "--output-format=json",
+        "--group_reporting",
+        "--thread",
+    ]
     if engine == "io_uring":
         cmd += ["--ioengine=io_uring", f"--iodepth={depth}"]
     else:
         cmd += ["--ioengine=psync", f"--numjobs={depth}"]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-    job = json.loads(out[out.index("{"):])["jobs"][0]
+    job = json.loads(out[out.index("{") :])["jobs"][0]
     side = job["write"] if "write" in rw else job["read"]
     return float(side["iops"])

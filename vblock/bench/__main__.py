@@ -17,7 +17,10 @@ def main(argv=None):
         try:
             module = importlib.import_module(f"vblock.bench.{n}")
         except ModuleNotFoundError:
-            print(f"unknown benchmark {n!r}: expected one of {', '.join(NAMES)} or all", file=sys.stderr)
+            print(
+                f"unknown benchmark {n!r}: expected one of {', '.join(NAMES)} or all",
+                file=sys.stderr,
+            )
             return 2
         rc = module.main(rest)
         if rc:

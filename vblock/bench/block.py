@@ -36,8 +36,15 @@ def _submitter(target, alloc, pattern, bs, depth):
     return submit
 
 
-def run(duration=2.0, depths=DEPTHS, engines=("io_uring", "threads"), cases=CASES, size=SIZE, rounds=4,
-        verbose=False):
+def run(
+    duration=2.0,
+    depths=DEPTHS,
+    engines=("io_uring", "threads"),
+    cases=CASES,
+    size=SIZE,
+    rounds=4,
+    verbose=False,
+):
     """Rows of block-vs-host IOPS. Each side gets ``duration`` seconds per case, cut into
     ``rounds`` slices that alternate host, block, host, block... so that drift in the machine's
     speed (other work on a shared host) hits both sides alike. ``verbose`` prints the process CPU
@@ -47,9 +54,10 @@ def run(duration=2.0, depths=DEPTHS, engines=("io_uring", "threads"), cases=CASE
     try:
         path = preallocated_file(tmp, size)
         for engine in engines:
-            with HostFile(path, direct=True, engine=engine) as f, vblock.open_image(
-                path, format="raw", cache="none", aio=engine
-            ) as img:
+            with (
+                HostFile(path, direct=True, engine=engine) as f,
+                vblock.open_image(path, format="raw", cache="none", aio=engine) as img,
+            ):
                 for pattern, bs in cases:
                     for depth in depths:
                         sides = {
@@ -60,7 +68,9 @@ def run(duration=2.0, depths=DEPTHS, engines=("io_uring", "threads"), cases=CASE
                         for r in range(rounds):
                             for side in ("host", "block") if r % 2 == 0 else ("block", "host"):
                                 cpu = time.process_time()
-                                count, elapsed = closed_loop(sides[side], depth, duration / rounds, size // bs, bs, seed=r)
+                                count, elapsed = closed_loop(
+                                    sides[side], depth, duration / rounds, size // bs, bs, seed=r
+                                )
                                 done[side][0] += count
                                 done[side][1] += elapsed
                                 done[side][2] += time.process_time() - cpu
@@ -70,23 +80,43 @@ def run(duration=2.0, depths=DEPTHS, engines=("io_uring", "threads"), cases=CASE
                         rows.append(row.against(f"hostfile {engine}", peer_iops))
                         if verbose:
                             cpu_us = {k: v[2] / max(v[0], 1) * 1e6 for k, v in done.items()}
-                            print(f"# {engine} {pattern} {bs // 1024}k d{depth}: CPU per request "
-                                  f"host {cpu_us['host']:.1f} us, block {cpu_us['block']:.1f} us",
-                                  file=sys.stderr)
+                            print(
+                                f"# {engine} {pattern} {bs // 1024}k d{depth}: CPU per request "
+                                f"host {cpu_us['host']:.1f} us, block {cpu_us['block']:.1f} us",
+                                file=sys.stderr,
+                            )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return rows
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m vblock.bench block", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(
+        prog="python -m vblock.bench block", description=__doc__.split("\n\n")[0]
+    )
     ap.add_argument("--json", action="store_true", help="one JSON object per row")
-    ap.add_argument("--duration", type=float, default=2.0, help="seconds per case and side (default 2)")
-    ap.add_argument("--depth", type=int, action="append", help="requests in flight (repeatable; default 1, 8, 16)")
-    ap.add_argument("--engine", choices=("io_uring", "threads"), action="append", help="host engine (repeatable)")
-    ap.add_argument("--rounds", type=int, default=4, help="alternating host/block slices per case (default 4)")
+    ap.add_argument(
+        "--duration", type=float, default=2.0, help="seconds per case and side (default 2)"
+    )
+    ap.add_argument(
+        "--depth",
+        type=int,
+        action="append",
+        help="requests in flight (repeatable; default 1, 8, 16)",
+    )
+    ap.add_argument(
+        "--engine",
+        choices=("io_uring", "threads"),
+        action="append",
+        help="host engine (repeatable)",
+    )
+    ap.add_argument(
+        "--rounds", type=int, default=4, help="alternating host/block slices per case (default 4)"
+    )
     ap.add_argument("-v", "--verbose", action="store_true", help="CPU time per request on stderr")
-    ap.add_argument("--pattern", choices=[c[0] for c in CASES], action="append", help="pattern (repeatable)")
+    ap.add_argument(
+        "--pattern", choices=[c[0] for c in CASES], action="append", help="pattern (repeatable)"
+    )
     args = ap.parse_args(argv)
     cases = tuple(c for c in CASES if not args.pattern or c[0] in args.pattern)
     rows = run(

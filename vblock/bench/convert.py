@@ -103,7 +103,9 @@ def _in_process(src, dst):
     _fresh(dst)
     t0 = time.perf_counter()
     with vblock.open_image(src, format="raw", read_only=True, cache="writeback") as s:
-        vblock.create_image(dst, "qed", -(-s.size // 512) * 512).close()  # whole sectors, as the CLI
+        vblock.create_image(
+            dst, "qed", -(-s.size // 512) * 512
+        ).close()  # whole sectors, as the CLI
         with vblock.open_image(dst, format="qed", cache="unsafe") as d:
             convert(s, d)
     return time.perf_counter() - t0
@@ -148,10 +150,19 @@ def run_qcow2(tmp, rounds, verify, size=SIZE, data=DATA):
 
     def check():
         subprocess.run(["qemu-img", "check", "-q", dv], check=True)
-        subprocess.run(["qemu-img", "compare", "-q", "-f", "qcow2", "-F", "qed", src, dv], check=True)
+        subprocess.run(
+            ["qemu-img", "compare", "-q", "-f", "qcow2", "-F", "qed", src, dv], check=True
+        )
 
-    row = _pair_rows("qcow2 default (unsafe)", f"qcow2 {size >> 30}G/{data >> 30}G data -> qed",
-                     qcmd, lambda: _timed(vcmd), rounds, data, check if verify else None)
+    row = _pair_rows(
+        "qcow2 default (unsafe)",
+        f"qcow2 {size >> 30}G/{data >> 30}G data -> qed",
+        qcmd,
+        lambda: _timed(vcmd),
+        rounds,
+        data,
+        check if verify else None,
+    )
     for p in (src, dq, dv):
         if os.path.exists(p):
             os.unlink(p)
@@ -173,8 +184,13 @@ def run_inplace(tmp, rounds, verify, size=2 * SIZE, data=2 * DATA):
         subprocess.run(["cp", "--sparse=always", orig, work], check=True)
         os.sync()
         t0 = time.perf_counter()
-        p = subprocess.run(_vblock_cmd() + ["convert", "--in-place", "-O", "qed", work], check=True,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        p = subprocess.run(
+            _vblock_cmd() + ["convert", "--in-place", "-O", "qed", work],
+            check=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         elapsed = time.perf_counter() - t0
         written.append(p.stderr)
         return elapsed
@@ -182,11 +198,19 @@ def run_inplace(tmp, rounds, verify, size=2 * SIZE, data=2 * DATA):
     qcmd = ["qemu-img", "convert", "-t", "writeback", "-f", "qcow2", "-O", "qed", orig, dq]
 
     def check():
-        subprocess.run(["qemu-img", "compare", "-q", "-f", "qcow2", "-F", "qed", orig, work],
-                       check=True)
+        subprocess.run(
+            ["qemu-img", "compare", "-q", "-f", "qcow2", "-F", "qed", orig, work], check=True
+        )
 
-    row = _pair_rows("in place vs writeback copy", f"qcow2 {size >> 30}G/{data >> 30}G data -> qed",
-                     qcmd, run_v, rounds, data, check if verify else None)
+    row = _pair_rows(
+        "in place vs writeback copy",
+        f"qcow2 {size >> 30}G/{data >> 30}G data -> qed",
+        qcmd,
+        run_v,
+        rounds,
+        data,
+        check if verify else None,
+    )
     row.written = written[-1].strip() if written else ""
     for p in (orig, work, dq):
         if os.path.exists(p):
@@ -229,15 +253,27 @@ def run_raw(rounds=5, size=SIZE, data=DATA, verify=True):
         qemu = ["qemu-img", "convert", "-O", "qed", src, dq]
         pairs = (
             ("default (unsafe)", qemu, vb + ["convert", "-q", "-f", "raw", "-O", "qed", src, dv]),
-            ("both writeback", ["qemu-img", "convert", "-t", "writeback", "-O", "qed", src, dq],
-             vb + ["convert", "-q", "-f", "raw", "-t", "writeback", "-O", "qed", src, dv]),
+            (
+                "both writeback",
+                ["qemu-img", "convert", "-t", "writeback", "-O", "qed", src, dq],
+                vb + ["convert", "-q", "-f", "raw", "-t", "writeback", "-O", "qed", src, dv],
+            ),
             ("in-process, unsafe", qemu, lambda: _in_process(src, dv)),
         )
         for label, qcmd, vcmd in pairs:
             run_v = vcmd if callable(vcmd) else (lambda vcmd=vcmd: _timed(vcmd))
             check = (lambda: _verify(src, dv)) if verify else None
-            rows.append(_pair_rows(label, f"raw {size >> 30}G/{data >> 30}G data -> qed", qcmd,
-                                   run_v, rounds, data, check))
+            rows.append(
+                _pair_rows(
+                    label,
+                    f"raw {size >> 30}G/{data >> 30}G data -> qed",
+                    qcmd,
+                    run_v,
+                    rounds,
+                    data,
+                    check,
+                )
+            )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return rows
@@ -247,17 +283,24 @@ def main(argv=None):
     ap = argparse.ArgumentParser(prog="vblock bench convert", description=__doc__.split("\n\n")[0])
     ap.add_argument("--json", action="store_true", help="one JSON object per row")
     ap.add_argument("--rounds", type=int, default=5, help="pairs of runs per pairing (default 5)")
-    ap.add_argument("--no-verify", action="store_true", help="skip qemu-img check/compare of the results")
-    ap.add_argument("--rows", default="raw,qcow2,inplace",
-                    help="sources to convert, comma-separated: raw, qcow2, inplace (default all)")
+    ap.add_argument(
+        "--no-verify", action="store_true", help="skip qemu-img check/compare of the results"
+    )
+    ap.add_argument(
+        "--rows",
+        default="raw,qcow2,inplace",
+        help="sources to convert, comma-separated: raw, qcow2, inplace (default all)",
+    )
     args = ap.parse_args(argv)
     which = tuple(w.strip() for w in args.rows.split(",") if w.strip())
     rows = run(rounds=args.rounds, verify=not args.no_verify, which=which)
     report(rows, as_json=args.json)
     if not args.json:
         for r in rows:
-            print(f"convert ({r.engine}): median vblock {r.seconds:.2f} s, qemu-img {r.peer_seconds:.2f} s; "
-                  f"best vblock {r.best_seconds:.2f} s, qemu-img {r.peer_best_seconds:.2f} s; "
-                  f"median pair time ratio vblock/qemu-img {1 / r.ratio:.2f}x"
-                  + (f"; {r.written}" if getattr(r, "written", "") else ""))
+            print(
+                f"convert ({r.engine}): median vblock {r.seconds:.2f} s, qemu-img {r.peer_seconds:.2f} s; "
+                f"best vblock {r.best_seconds:.2f} s, qemu-img {r.peer_best_seconds:.2f} s; "
+                f"median pair time ratio vblock/qemu-img {1 / r.ratio:.2f}x"
+                + (f"; {r.written}" if getattr(r, "written", "") else "")
+            )
     return 0

@@ -54,17 +54,30 @@ class QsdServe:
         if fmt == "null":
             nodes = ["--blockdev", f"driver=null-co,node-name=disk0,size={size},read-zeroes=on"]
         else:
-            nodes = ["--blockdev", f"driver=file,node-name=file0,filename={image},cache.direct=on",
-                     "--blockdev", f"driver={fmt},node-name=disk0,file=file0,cache.direct=on"]
+            nodes = [
+                "--blockdev",
+                f"driver=file,node-name=file0,filename={image},cache.direct=on",
+                "--blockdev",
+                f"driver={fmt},node-name=disk0,file=file0,cache.direct=on",
+            ]
         self.sock = sock
-        self.proc = subprocess.Popen([QSD, *nodes, "--export",
-                                      f"type=vhost-user-blk,id=exp0,node-name=disk0,addr.type=unix,"
-                                      f"addr.path={sock},writable=on,num-queues=1"],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.proc = subprocess.Popen(
+            [
+                QSD,
+                *nodes,
+                "--export",
+                f"type=vhost-user-blk,id=exp0,node-name=disk0,addr.type=unix,"
+                f"addr.path={sock},writable=on,num-queues=1",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
         deadline = time.monotonic() + 30
         while not os.path.exists(sock):
             if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"qemu-storage-daemon did not start: {self.proc.stderr.read().decode()[-500:]}")
+                raise RuntimeError(
+                    f"qemu-storage-daemon did not start: {self.proc.stderr.read().decode()[-500:]}"
+                )
             time.sleep(0.02)
 
     def stop(self):
@@ -91,7 +104,9 @@ def main(argv=None):
     p.add_argument("--json", action="store_true")
     p.add_argument("--rounds", type=int, default=5, help="boots per server and format (default 5)")
     p.add_argument("--formats", default="raw,qed")
-    p.add_argument("--serve-args", default="", help="extra options for vblock serve (e.g. '--aio threads')")
+    p.add_argument(
+        "--serve-args", default="", help="extra options for vblock serve (e.g. '--aio threads')"
+    )
     args = p.parse_args(argv)
     why = missing()
     if why:
@@ -109,7 +124,9 @@ def main(argv=None):
         formats = [f for f in args.formats.split(",") if f]
         for fmt in formats:
             src = os.path.join(d, f"src.{fmt}")
-            subprocess.run(["qemu-img", "create", "-f", fmt, src, str(size)], check=True, capture_output=True)
+            subprocess.run(
+                ["qemu-img", "create", "-f", fmt, src, str(size)], check=True, capture_output=True
+            )
             for r in range(args.rounds):
                 got = {}
                 # the two servers run back to back, in alternating order, so each round's ratio
@@ -119,8 +136,11 @@ def main(argv=None):
                     shutil.copyfile(src, img)  # sendfile: every block written, and dirty
                     settle_file(img)
                     sock = os.path.join(d, f"{who}.sock")
-                    srv = (Serve(sock, img, "-f", fmt, *args.serve_args.split()) if who == "vblock"
-                           else QsdServe(sock, img, fmt, size))
+                    srv = (
+                        Serve(sock, img, "-f", fmt, *args.serve_args.split())
+                        if who == "vblock"
+                        else QsdServe(sock, img, fmt, size)
+                    )
                     got[who] = _run_once(srv, d)
                     bw, br = best.get((fmt, who), (0, 0))
                     best[(fmt, who)] = (max(bw, got[who][0]), max(br, got[who][1]))
@@ -145,9 +165,11 @@ def main(argv=None):
         shutil.rmtree(d, ignore_errors=True)
     report(rows, args.json)
     if not args.json:
-        print("\nguest: 1 vCPU under QEMU TCG, dd 64 KiB O_DIRECT, 64 MiB each way, guest clock; best of "
-              f"{args.rounds} rounds; ratio = median of back-to-back vblock/qsd pairs; qsd-null-co = the guest "
-              "and vhost-user path with no storage behind them")
+        print(
+            "\nguest: 1 vCPU under QEMU TCG, dd 64 KiB O_DIRECT, 64 MiB each way, guest clock; best of "
+            f"{args.rounds} rounds; ratio = median of back-to-back vblock/qsd pairs; qsd-null-co = the guest "
+            "and vhost-user path with no storage behind them"
+        )
     return 0
 
 

@@ -37,17 +37,27 @@ def measure(f, pattern, bs, depth, duration):
     for b in bufs:
         b[:] = b"\xa5" * bs
     if pattern == "randwrite":
+
         def submit(offset, slot):
             return f.submit_write(offset, [bufs[slot]])
     else:
+
         def submit(offset, slot):
             return f.submit_read(offset, [bufs[slot]])
+
     count, elapsed = closed_loop(submit, depth, duration, SIZE // bs, bs)
     return count / elapsed
 
 
-def run(duration=1.0, depths=DEPTHS, engines=("io_uring", "threads"), peers=True, size=SIZE, rounds=3,
-        gauge=None):
+def run(
+    duration=1.0,
+    depths=DEPTHS,
+    engines=("io_uring", "threads"),
+    peers=True,
+    size=SIZE,
+    rounds=3,
+    gauge=None,
+):
     """Rows of HostFile-vs-fio IOPS. Each case runs ``rounds`` pairs (fio, then vblock, ``duration``
     seconds each, on the same file); a row reports the medians of both sides and the median of the
     per-pair ratios, which keeps the machine's drift (tens of percent within seconds on shared
@@ -68,8 +78,19 @@ def run(duration=1.0, depths=DEPTHS, engines=("io_uring", "threads"), peers=True
                         pairs = interleaved(
                             max(1, rounds),
                             lambda: measure(f, pattern, bs, depth, duration),
-                            lambda: run_fio(path, size, pattern, bs, depth, fio_engine,
-                                            max(1, round(duration))) if use_fio else None,
+                            lambda: (
+                                run_fio(
+                                    path,
+                                    size,
+                                    pattern,
+                                    bs,
+                                    depth,
+                                    fio_engine,
+                                    max(1, round(duration)),
+                                )
+                                if use_fio
+                                else None
+                            ),
                         )
                         iops, theirs, ratio = medians(pairs)
                         row = Row("host", engine, pattern, bs, depth, iops, iops * bs / 1e6)
@@ -84,7 +105,9 @@ def run(duration=1.0, depths=DEPTHS, engines=("io_uring", "threads"), peers=True
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m vblock.bench host", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(
+        prog="python -m vblock.bench host", description=__doc__.split("\n\n")[0]
+    )
     ap.add_argument("--json", action="store_true", help="one JSON object per row")
     ap.add_argument("--duration", type=float, default=1.0, help="seconds per run (default 1)")
     ap.add_argument("--rounds", type=int, default=3, help="fio/vblock pairs per case (default 3)")
@@ -95,7 +118,10 @@ def main(argv=None):
     report(rows, as_json=args.json)
     readings = [g for g in gauge if g is not None]
     if readings:  # beside the table, or on stderr so the JSON lines stay the rows alone
-        print(f"\ncross-CPU wake-up round trip (wake_round_trip): {', '.join(f'{g:.0f}' for g in readings)} us "
-              "(before each engine's cases and at the end; slow readings mark minutes in which "
-              "the thread engine's ratio falls: docs/benchmarks.md)", file=sys.stderr if args.json else sys.stdout)
+        print(
+            f"\ncross-CPU wake-up round trip (wake_round_trip): {', '.join(f'{g:.0f}' for g in readings)} us "
+            "(before each engine's cases and at the end; slow readings mark minutes in which "
+            "the thread engine's ratio falls: docs/benchmarks.md)",
+            file=sys.stderr if args.json else sys.stdout,
+        )
     return 0

@@ -81,8 +81,24 @@ def _strided(img, depth, duration, write, limit=None, where=None):
 
 def _qemu_bench(path, depth, count, write):
     """IOPS reported by qemu-img bench (its own timing)."""
-    cmd = [_qemu_img(), "bench", "-f", "qed", "-t", "none", "-i", "io_uring", "-d", str(depth),
-           "-s", str(BS), "-S", str(STEP), "-c", str(count)]
+    cmd = [
+        _qemu_img(),
+        "bench",
+        "-f",
+        "qed",
+        "-t",
+        "none",
+        "-i",
+        "io_uring",
+        "-d",
+        str(depth),
+        "-s",
+        str(BS),
+        "-S",
+        str(STEP),
+        "-c",
+        str(count),
+    ]
     if write:
         cmd.append("-w")
     out = subprocess.run(cmd + [path], check=True, capture_output=True, text=True).stdout
@@ -159,8 +175,9 @@ def alloc_write(tmp, depths, duration, use_qemu, rounds=5):
             qemu = None
             if use_qemu:
                 q = os.path.join(tmp, "q-alloc.qed")
-                subprocess.run([_qemu_img(), "create", "-q", "-f", "qed", q, str(VIRTUAL)],
-                               check=True)
+                subprocess.run(
+                    [_qemu_img(), "create", "-q", "-f", "qed", q, str(VIRTUAL)], check=True
+                )
                 qemu = _qemu_bench(q, depth, 4096, True)
                 os.unlink(q)
             ours, theirs = _in_turn(n, qed, raw)
@@ -187,7 +204,9 @@ def _host_offsets(img, count):
         if run.host_offset is None:
             raise RuntimeError(f"guest bytes at {run.offset} are not allocated")
         first = -(-run.offset // STEP) * STEP
-        out += [run.host_offset + g - run.offset for g in range(first, run.offset + run.length, STEP)]
+        out += [
+            run.host_offset + g - run.offset for g in range(first, run.offset + run.length, STEP)
+        ]
     return out[:count]
 
 
@@ -212,10 +231,23 @@ def steady(tmp, depths, duration, use_qemu, rounds=5, slices=4):
     qemu_img_path = None
     if use_qemu:
         qemu_img_path = os.path.join(tmp, "q-full.qed")
-        subprocess.run([_qemu_img(), "create", "-q", "-f", "qed", qemu_img_path, str(VIRTUAL)],
-                       check=True)
-        subprocess.run(["qemu-io", "-f", "qed", "-t", "none", "-c", f"write -P 0xa5 0 {REGION}",
-                        qemu_img_path], check=True, capture_output=True)
+        subprocess.run(
+            [_qemu_img(), "create", "-q", "-f", "qed", qemu_img_path, str(VIRTUAL)], check=True
+        )
+        subprocess.run(
+            [
+                "qemu-io",
+                "-f",
+                "qed",
+                "-t",
+                "none",
+                "-c",
+                f"write -P 0xa5 0 {REGION}",
+                qemu_img_path,
+            ],
+            check=True,
+            capture_output=True,
+        )
 
     for pattern, write in (("rewrite", True), ("read", False)):
         for depth in depths:
@@ -226,9 +258,11 @@ def steady(tmp, depths, duration, use_qemu, rounds=5, slices=4):
             raw = vblock.open_image(rp, format="raw")
             try:
                 hosts = _host_offsets(qed, REGION // STEP)
-                sides = (lambda t: _strided(qed, depth, t, write, REGION),
-                         lambda t: _strided(same, depth, t, write, where=hosts),
-                         lambda t: _strided(raw, depth, t, write, REGION))
+                sides = (
+                    lambda t: _strided(qed, depth, t, write, REGION),
+                    lambda t: _strided(same, depth, t, write, where=hosts),
+                    lambda t: _strided(raw, depth, t, write, REGION),
+                )
                 for side in sides:
                     side(min(duration, 0.5))
                 results, slice_runs = [], []
@@ -242,17 +276,27 @@ def steady(tmp, depths, duration, use_qemu, rounds=5, slices=4):
                             iops[i] = sides[i](duration / slices)
                         here.append(iops)
                     slice_runs += here
-                    qemu = (_qemu_bench(qemu_img_path, depth, REGION // STEP, write)
-                            if use_qemu else None)
-                    results.append(tuple(_median(r[i] for r in here) for i in range(len(sides)))
-                                   + (qemu,))
+                    qemu = (
+                        _qemu_bench(qemu_img_path, depth, REGION // STEP, write)
+                        if use_qemu
+                        else None
+                    )
+                    results.append(
+                        tuple(_median(r[i] for r in here) for i in range(len(sides))) + (qemu,)
+                    )
             finally:
                 same.close()
                 qed.close()
                 raw.close()
-            rows += _rows(pattern, depth, results, "vblock raw, same blocks", "vblock raw file",
-                          "qemu-img bench qed",
-                          ratios={k: [r[0] / r[k] for r in slice_runs if r[k]] for k in (1, 2)})
+            rows += _rows(
+                pattern,
+                depth,
+                results,
+                "vblock raw, same blocks",
+                "vblock raw file",
+                "qemu-img bench qed",
+                ratios={k: [r[0] / r[k] for r in slice_runs if r[k]] for k in (1, 2)},
+            )
     return rows
 
 
@@ -275,8 +319,11 @@ def open_big(tmp):
         img.close()
     tracemalloc.stop()
     best = sorted(times)[len(times) // 2]
-    print(f"qed open 64 TiB: median {best * 1000:.1f} ms, Python memory peak during the first "
-          f"open {peak / (1 << 20):.2f} MiB", file=sys.stderr)
+    print(
+        f"qed open 64 TiB: median {best * 1000:.1f} ms, Python memory peak during the first "
+        f"open {peak / (1 << 20):.2f} MiB",
+        file=sys.stderr,
+    )
     row = Row("qed", ENGINE, "open-64TiB", 0, 1, 1 / best, 0.0)
     return [row]
 
@@ -303,10 +350,14 @@ def read_wide(tmp, duration):
     after = _rss_mib()
     cached = len(img.driver.cache)
     img.close()
-    print(f"qed reads across 1 TiB: resident {before:.1f} MiB -> {after:.1f} MiB, "
-          f"{cached} tables cached (bound 64)", file=sys.stderr)
-    return [Row("qed", ENGINE, "read-1TiB", 4096, 16, count / elapsed,
-                count / elapsed * 4096 / 1e6)]
+    print(
+        f"qed reads across 1 TiB: resident {before:.1f} MiB -> {after:.1f} MiB, "
+        f"{cached} tables cached (bound 64)",
+        file=sys.stderr,
+    )
+    return [
+        Row("qed", ENGINE, "read-1TiB", 4096, 16, count / elapsed, count / elapsed * 4096 / 1e6)
+    ]
 
 
 def run(duration=1.0, depths=(1, 8, 16), peers=True, cases=("alloc", "steady", "open", "wide")):
@@ -330,15 +381,23 @@ def run(duration=1.0, depths=(1, 8, 16), peers=True, cases=("alloc", "steady", "
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m vblock.bench qed",
-                                 description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(
+        prog="python -m vblock.bench qed", description=__doc__.split("\n\n")[0]
+    )
     ap.add_argument("--json", action="store_true", help="one JSON object per row")
-    ap.add_argument("--duration", type=float, default=1.0,
-                    help="seconds per measurement; each case runs 5 interleaved rounds (default 1)")
+    ap.add_argument(
+        "--duration",
+        type=float,
+        default=1.0,
+        help="seconds per measurement; each case runs 5 interleaved rounds (default 1)",
+    )
     ap.add_argument("--depths", default="1,8,16", help="requests in flight (default 1,8,16)")
     ap.add_argument("--no-peer", action="store_true", help="skip qemu-img bench")
-    ap.add_argument("--cases", default="alloc,steady,open,wide",
-                    help="comma-separated subset of alloc,steady,open,wide")
+    ap.add_argument(
+        "--cases",
+        default="alloc,steady,open,wide",
+        help="comma-separated subset of alloc,steady,open,wide",
+    )
     args = ap.parse_args(argv)
     depths = tuple(int(d) for d in args.depths.split(","))
     rows = run(args.duration, depths, not args.no_peer, tuple(args.cases.split(",")))

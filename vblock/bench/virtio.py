@@ -59,8 +59,13 @@ def measure_block(img, depth, duration):
     bufs = [mem.view(i * BS, BS) for i in range(depth)]
     for b in bufs:
         b[:] = b"\xa5" * BS
-    count, elapsed = closed_loop(lambda offset, slot: img.submit_write(offset, [bufs[slot]]), depth, duration,
-                                 img.size // BS, BS)
+    count, elapsed = closed_loop(
+        lambda offset, slot: img.submit_write(offset, [bufs[slot]]),
+        depth,
+        duration,
+        img.size // BS,
+        BS,
+    )
     return count / elapsed
 
 
@@ -212,7 +217,7 @@ def measure_emulator(img, name, depth, duration, rounds, engine):
     order = list(cases)
     got = {case: [] for case in cases}
     for r in range(rounds):
-        for case in order[r % 3:] + order[: r % 3]:  # no case always runs first
+        for case in order[r % 3 :] + order[: r % 3]:  # no case always runs first
             got[case].append(cases[case]())
     rows = []
     pairs = (
@@ -270,7 +275,9 @@ def run(duration=5.0, depths=DEPTHS, size=SIZE, qed=True, rounds=5, cpu=None, em
                         got[name].append((measure_virtio(img, depth, slice_), peer))
                 for name, _ in images:
                     iops = statistics.median(v for v, _ in got[name])
-                    row = Row(f"virtio/{name}", engine, "randwrite", BS, depth, iops, iops * BS / 1e6)
+                    row = Row(
+                        f"virtio/{name}", engine, "randwrite", BS, depth, iops, iops * BS / 1e6
+                    )
                     row.against("block raw", statistics.median(peers))
                     row.ratio = statistics.median(v / p for v, p in got[name])
                     rows.append(row)
@@ -292,16 +299,28 @@ def run(duration=5.0, depths=DEPTHS, size=SIZE, qed=True, rounds=5, cpu=None, em
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m vblock.bench virtio", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(
+        prog="python -m vblock.bench virtio", description=__doc__.split("\n\n")[0]
+    )
     ap.add_argument("--json", action="store_true", help="one JSON object per row")
     ap.add_argument("--duration", type=float, default=5.0, help="seconds per case (default 5)")
     ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds per case (default 5)")
     ap.add_argument("--no-qed", action="store_true", help="skip the QED rows")
-    ap.add_argument("--no-emulator", action="store_true",
-                    help="skip the poll-delivery and stats rows")
-    ap.add_argument("--cpu", type=int, help="run every Python thread on this CPU (default: the scheduler decides)")
+    ap.add_argument(
+        "--no-emulator", action="store_true", help="skip the poll-delivery and stats rows"
+    )
+    ap.add_argument(
+        "--cpu",
+        type=int,
+        help="run every Python thread on this CPU (default: the scheduler decides)",
+    )
     args = ap.parse_args(argv)
-    rows = run(duration=args.duration, qed=not args.no_qed, rounds=max(1, args.rounds),
-               cpu=args.cpu, emulator=not args.no_emulator)
+    rows = run(
+        duration=args.duration,
+        qed=not args.no_qed,
+        rounds=max(1, args.rounds),
+        cpu=args.cpu,
+        emulator=not args.no_emulator,
+    )
     report(rows, as_json=args.json)
     return 0

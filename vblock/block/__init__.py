@@ -91,7 +91,9 @@ __all__ = [
 
 def _choice(name, value, allowed):
     if value not in allowed:
-        raise UnknownOptionError(name, f"option {name}={value!r} is not one of {', '.join(allowed)}")
+        raise UnknownOptionError(
+            name, f"option {name}={value!r} is not one of {', '.join(allowed)}"
+        )
     return value
 
 
@@ -103,11 +105,15 @@ def _convert(table: dict, given: dict, fmt: str, kind: str) -> dict:
             conv = table[name]
         except KeyError:
             known = ", ".join(sorted(table)) or "none"
-            raise UnknownOptionError(name, f"format {fmt!r} has no {kind} option {name!r} (known: {known})") from None
+            raise UnknownOptionError(
+                name, f"format {fmt!r} has no {kind} option {name!r} (known: {known})"
+            ) from None
         try:
             out[name] = conv(value) if conv is not None else value
         except (TypeError, ValueError) as exc:
-            raise UnknownOptionError(name, f"format {fmt!r}: bad value {value!r} for option {name!r}: {exc}") from None
+            raise UnknownOptionError(
+                name, f"format {fmt!r}: bad value {value!r} for option {name!r}: {exc}"
+            ) from None
     return out
 
 
@@ -115,9 +121,13 @@ def lock_permissions(read_only: bool, force_share: bool = False) -> tuple:
     """``(perm, shared)``: the ``vblock.hostio.lock`` permission masks an open uses and shares."""
     if not read_only:
         if force_share:
-            raise ValueError("force_share=True needs read_only=True: a read-write open cannot "
-                             "share write and resize with other opens")
-        return PERM_CONSISTENT_READ | PERM_WRITE | PERM_RESIZE, PERM_ALL & ~(PERM_WRITE | PERM_RESIZE)
+            raise ValueError(
+                "force_share=True needs read_only=True: a read-write open cannot "
+                "share write and resize with other opens"
+            )
+        return PERM_CONSISTENT_READ | PERM_WRITE | PERM_RESIZE, PERM_ALL & ~(
+            PERM_WRITE | PERM_RESIZE
+        )
     if force_share:
         return PERM_CONSISTENT_READ, PERM_ALL
     return PERM_CONSISTENT_READ, PERM_ALL & ~(PERM_WRITE | PERM_RESIZE)
@@ -145,9 +155,11 @@ def _nbd_format(uri, format, read_only):
     if format is None or format == "raw":
         return "raw"
     if not read_only:
-        raise UnsupportedError(f"{uri}: a {format} image on an NBD export cannot be opened "
-                               f"read-write (it needs a file that grows; an export has a fixed "
-                               f"size): open it read-only, or put a local overlay on it")
+        raise UnsupportedError(
+            f"{uri}: a {format} image on an NBD export cannot be opened "
+            f"read-write (it needs a file that grows; an export has a fixed "
+            f"size): open it read-only, or put a local overlay on it"
+        )
     return format
 
 
@@ -216,8 +228,14 @@ def open_image(
         raise
 
 
-def create_image(path: str | os.PathLike | None, fmt: str, size: int, force_share: bool = False,
-                 locking: str = "auto", **format_options) -> Image:
+def create_image(
+    path: str | os.PathLike | None,
+    fmt: str,
+    size: int,
+    force_share: bool = False,
+    locking: str = "auto",
+    **format_options,
+) -> Image:
     """Create ``path`` as an empty ``fmt`` image of ``size`` bytes (overwriting it) and return it
     open for writing (cache "none" where the host allows it, else "writeback"). Format options are
     checked against the driver's ``create_options``. A memory image with no path is a fresh RAM disk.

@@ -76,8 +76,15 @@ def open_backing(parent: str, name: str, fmt, options):
     if os.path.realpath(bpath) in getattr(_chain, "paths", ()):
         raise ImageError(parent, "backing_file", "backing file chain has a loop")
     try:
-        return open_image(bpath, format=fmt, read_only=True, cache=options.cache, aio=options.aio,
-                          force_share=options.force_share, locking=options.locking)
+        return open_image(
+            bpath,
+            format=fmt,
+            read_only=True,
+            cache=options.cache,
+            aio=options.aio,
+            force_share=options.force_share,
+            locking=options.locking,
+        )
     except BackingFileError:
         raise  # the backing file's own backing file: that error names the right pair already
     except OSError as exc:

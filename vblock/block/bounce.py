@@ -122,7 +122,9 @@ class RangeLock:
     def __init__(self):
         self._lock = threading.Lock()
         self._held: dict[int, tuple] = {}  # token -> (start, end, exclusive)
-        self._waiting: list[tuple] = []  # (token, start, end, exclusive, callback), in arrival order
+        self._waiting: list[
+            tuple
+        ] = []  # (token, start, end, exclusive, callback), in arrival order
         self._ids = itertools.count(1)
         self._exclusive = 0  # exclusive entries held or queued: 0 lets plain writes skip every scan
         self._plain: list[list] = []  # [start, end, future or None, watched]

@@ -48,7 +48,15 @@ from vblock.block.interface import DATA, UNALLOCATED, ZERO
 from vblock.hostio import alloc_buffer
 from vblock.hostio.mapping import FileMapping, zero_granules
 
-__all__ = ["CHUNK", "DEFAULT_DEPTH", "WINDOW", "WRITE_BEHIND", "ZERO_GRANULE", "ConvertStats", "convert"]
+__all__ = [
+    "CHUNK",
+    "DEFAULT_DEPTH",
+    "WINDOW",
+    "WRITE_BEHIND",
+    "ZERO_GRANULE",
+    "ConvertStats",
+    "convert",
+]
 
 CHUNK = 2 << 20  # bytes per read request
 WRITE_BEHIND = 64 << 20  # bytes submitted between two starts of the destination's writeback
@@ -264,8 +272,9 @@ def _mapping_of(src):
         return None  # a file system that cannot map: read it instead
 
 
-def convert(src, dst, *, keep_backing=False, zero_init=True, depth=DEFAULT_DEPTH,
-            progress=None) -> ConvertStats:
+def convert(
+    src, dst, *, keep_backing=False, zero_init=True, depth=DEFAULT_DEPTH, progress=None
+) -> ConvertStats:
     """Copy what ``src`` reads as into ``dst`` (see the module docstring); returns the statistics.
 
     ``src`` and ``dst`` are open ``Image`` objects, ``dst`` writable and at least as large as
@@ -278,7 +287,9 @@ def convert(src, dst, *, keep_backing=False, zero_init=True, depth=DEFAULT_DEPTH
     if depth < 1:
         raise ValueError(f"depth must be at least 1, not {depth}")
     if dst.size < src.size:
-        raise ValueError(f"{dst.path} is smaller ({dst.size} bytes) than the source ({src.size} bytes)")
+        raise ValueError(
+            f"{dst.path} is smaller ({dst.size} bytes) than the source ({src.size} bytes)"
+        )
     cache = dst.options.cache
     granule = dst.info().get("cluster-size") or ZERO_GRANULE
     runs = list(_plan(src, keep_backing, zero_init))

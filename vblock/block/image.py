@@ -142,8 +142,9 @@ class Image:
     until ``close``, or None). Use ``vblock.open_image`` / ``vblock.create_image`` to make one.
     """
 
-    def __init__(self, driver: Any, format_name: str, options: OpenOptions,
-                 lock: ImageLock | None = None) -> None:
+    def __init__(
+        self, driver: Any, format_name: str, options: OpenOptions, lock: ImageLock | None = None
+    ) -> None:
         self.driver = driver
         self.lock = lock
         self.format = format_name
@@ -197,7 +198,9 @@ class Image:
         if offset < 0 or length < 0:
             raise ValueError(f"negative offset or length ({offset}, {length})")
         if offset + length > self._size:
-            raise ValueError(f"request [{offset}, {offset + length}) beyond the image size {self._size}")
+            raise ValueError(
+                f"request [{offset}, {offset + length}) beyond the image size {self._size}"
+            )
         if self._closed:
             raise ValueError("I/O on a closed image")
         return offset, length
@@ -314,7 +317,9 @@ class Image:
             return completed(None)
         # a driver returning None from discard means "nothing to do"
         return self._locked(
-            offset, offset + length, lambda: self.driver.submit_discard(offset, length) or completed(None)
+            offset,
+            offset + length,
+            lambda: self.driver.submit_discard(offset, length) or completed(None),
         )
 
     def submit_write_zeroes(self, offset: int, length: int, may_unmap: bool = False) -> Future:
@@ -324,7 +329,11 @@ class Image:
         if not length:
             return completed(None)
         may_unmap = bool(may_unmap) and self._discard
-        fut = self._locked(offset, offset + length, lambda: self.driver.submit_write_zeroes(offset, length, may_unmap))
+        fut = self._locked(
+            offset,
+            offset + length,
+            lambda: self.driver.submit_write_zeroes(offset, length, may_unmap),
+        )
         if fut is None:
             return self._zero_fill(offset, length)
 
@@ -388,7 +397,9 @@ class Image:
                 return
             if fut is None:
                 rl.release(token)  # the driver asks for the generic fallback
-                out.set_exception(OSError(errno.EOPNOTSUPP, "driver asked for the generic fallback"))
+                out.set_exception(
+                    OSError(errno.EOPNOTSUPP, "driver asked for the generic fallback")
+                )
                 return
             fut.add_done_callback(functools.partial(rl.release, token))
             fut.add_done_callback(lambda f: forward(f, out))
@@ -518,7 +529,14 @@ class Image:
             raise ValueError(f"negative length {length}")
         pool = self._pool
         a = self._align
-        if pool is not None and length and type(offset) is int and not offset % a and not length % a and length <= self._max:
+        if (
+            pool is not None
+            and length
+            and type(offset) is int
+            and not offset % a
+            and not length % a
+            and length <= self._max
+        ):
             buf = pool.get(length)  # aligned: read straight into it, no bounce copy, no range lock
             try:
                 self.submit_read(offset, buf).result()
@@ -633,5 +651,3 @@ class Image:
 def _none(f: Future) -> None:
     f.result()  # re-raises a failure
     return None
-
-

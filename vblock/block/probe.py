@@ -62,8 +62,9 @@ def _descriptor_keys(text):
     if len(text) < 20 or any(b < 0x09 for b in text[:256]):
         return False
     lines = [line.strip() for line in text.splitlines()]
-    return (any(line.startswith(b"version=") for line in lines)
-            and any(line.startswith(b"createType=") for line in lines))
+    return any(line.startswith(b"version=") for line in lines) and any(
+        line.startswith(b"createType=") for line in lines
+    )
 
 
 _VDI_SIGNATURE = 0xBEDA107F  # little-endian u32 after the 64-byte text banner
@@ -85,7 +86,9 @@ def _bochs(head, tail):
     )
 
 
-_CLOOP_V2 = b"#!/bin/sh\n#V2.0 Format\nmodprobe cloop file=$0 && mount -r -t iso9660 /dev/cloop $1\n"
+_CLOOP_V2 = (
+    b"#!/bin/sh\n#V2.0 Format\nmodprobe cloop file=$0 && mount -r -t iso9660 /dev/cloop $1\n"
+)
 
 
 def _vpc_footer(block):

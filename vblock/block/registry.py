@@ -97,7 +97,9 @@ def _scan_entry_points(table) -> None:
     """Add the entry points of the group to ``table``, never over a name it already has."""
     try:
         eps = _path_entry_points()
-        if eps is None:  # something on the path that only importlib.metadata reads, or reads its own way
+        if (
+            eps is None
+        ):  # something on the path that only importlib.metadata reads, or reads its own way
             from importlib import metadata
 
             eps = metadata.entry_points(group=ENTRY_POINT_GROUP)
@@ -107,7 +109,12 @@ def _scan_entry_points(table) -> None:
     for ep in eps:
         if ep.name in table:
             if not _is_entry_point(table[ep.name]):
-                _log.warning("entry point %s = %s ignored: %r is a built-in driver", ep.name, ep.value, ep.name)
+                _log.warning(
+                    "entry point %s = %s ignored: %r is a built-in driver",
+                    ep.name,
+                    ep.value,
+                    ep.name,
+                )
             continue
         table[ep.name] = ep
 
@@ -123,7 +130,9 @@ class _EntryPoint:
         self.value = value
 
     def load(self):
-        module, _, attrs = self.value.split("[", 1)[0].partition(":")  # extras play no part in loading
+        module, _, attrs = self.value.split("[", 1)[0].partition(
+            ":"
+        )  # extras play no part in loading
         obj = importlib.import_module(module.strip())
         attrs = attrs.strip()
         for attr in attrs.split(".") if attrs else ():
@@ -159,7 +168,9 @@ def _path_entry_points():
             stem, dot, kind = name.lower().rpartition(".")
             if not dot or kind not in ("dist-info", "egg-info"):
                 continue
-            dist = re.sub(r"[-_.]+", "_", stem.split("-", 1)[0])  # normalised, as importlib.metadata does
+            dist = re.sub(
+                r"[-_.]+", "_", stem.split("-", 1)[0]
+            )  # normalised, as importlib.metadata does
             if dist in seen:
                 continue
             seen.add(dist)
@@ -262,8 +273,9 @@ def get_driver(name: str):
         try:
             cls = entry.load()
         except Exception as exc:
-            raise UnknownFormatError(f"format {name!r}: entry point {entry.value} failed to load: {exc}",
-                                     format=name) from exc
+            raise UnknownFormatError(
+                f"format {name!r}: entry point {entry.value} failed to load: {exc}", format=name
+            ) from exc
         with _lock:
             if _table is table:
                 table[name] = cls

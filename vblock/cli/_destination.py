@@ -111,8 +111,11 @@ def _keep_owner_and_mode(tmp: str, old: os.stat_result, given: str) -> None:
         try:
             os.chown(tmp, old.st_uid, old.st_gid)
         except PermissionError as exc:
-            raise PermissionError(exc.errno, f"cannot keep its owner {old.st_uid}:{old.st_gid} ({exc.strerror})",
-                                  given) from None
+            raise PermissionError(
+                exc.errno,
+                f"cannot keep its owner {old.st_uid}:{old.st_gid} ({exc.strerror})",
+                given,
+            ) from None
     os.chmod(tmp, stat.S_IMODE(old.st_mode))
 
 

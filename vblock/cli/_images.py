@@ -19,8 +19,15 @@ from vblock.block.registry import available, get_driver, probe_format
 from vblock.cli.output import UsageError, parse_size
 from vblock.nbd.uri import is_nbd_uri
 
-__all__ = ["open_image", "add_force_share", "parse_options", "wants_help", "options_help", "check_format",
-           "check_creatable"]
+__all__ = [
+    "open_image",
+    "add_force_share",
+    "parse_options",
+    "wants_help",
+    "options_help",
+    "check_format",
+    "check_creatable",
+]
 
 _SIZE_OPTIONS = ("cluster_size",)
 
@@ -33,7 +40,9 @@ def check_format(fmt: str | None) -> str | None:
 
 
 def _creatable(cls) -> bool:
-    return cls.file_backed and getattr(cls.create, "__func__", None) is not BlockDriver.create.__func__
+    return (
+        cls.file_backed and getattr(cls.create, "__func__", None) is not BlockDriver.create.__func__
+    )
 
 
 def check_creatable(fmt: str) -> str:
@@ -47,18 +56,27 @@ def check_creatable(fmt: str) -> str:
                     names.append(name)
             except Exception:  # a plug-in that fails to load is no choice
                 continue
-        raise UsageError(f"format '{fmt}' makes no image file; formats that can be created: {', '.join(names)}")
+        raise UsageError(
+            f"format '{fmt}' makes no image file; formats that can be created: {', '.join(names)}"
+        )
     return fmt
 
 
 def add_force_share(parser, what="the image") -> None:
     """``-U/--force-share`` (``args.force_share``), as qemu-img's."""
-    parser.add_argument("-U", "--force-share", dest="force_share", action="store_true",
-                        help=f"open {what} even while another process writes to it (no conflicting "
-                             "locks; the data may change underneath)")
+    parser.add_argument(
+        "-U",
+        "--force-share",
+        dest="force_share",
+        action="store_true",
+        help=f"open {what} even while another process writes to it (no conflicting "
+        "locks; the data may change underneath)",
+    )
 
 
-def open_image(path, fmt=None, read_only=True, cache="writeback", no_backing=False, force_share=False):
+def open_image(
+    path, fmt=None, read_only=True, cache="writeback", no_backing=False, force_share=False
+):
     """Open ``path`` for a tool: read-only and through the page cache by default. A missing file is
     a ``FileNotFoundError`` naming it (before any probing), a directory an ``IsADirectoryError``; a
     file whose header shows a format vblock has no driver for an ``UnknownFormatError`` naming that
@@ -68,8 +86,14 @@ def open_image(path, fmt=None, read_only=True, cache="writeback", no_backing=Fal
     lock); ``force_share`` is ``-U``."""
     check_format(fmt)
     if is_nbd_uri(path):  # a network export: no file to look at, raw unless told otherwise
-        return vblock.open_image(path, format=fmt, read_only=read_only, cache=cache,
-                                 no_backing=no_backing, force_share=force_share)
+        return vblock.open_image(
+            path,
+            format=fmt,
+            read_only=read_only,
+            cache=cache,
+            no_backing=no_backing,
+            force_share=force_share,
+        )
     if fmt not in ("memory", "null"):
         if not os.path.exists(path):
             raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), path)
@@ -79,8 +103,14 @@ def open_image(path, fmt=None, read_only=True, cache="writeback", no_backing=Fal
         # Looking is safe: only writing to a raw disk whose header was probed is dangerous, so
         # the registry's warning about probing raw is kept for writers and silenced here.
         fmt = _quiet_probe(path)
-    return vblock.open_image(path, format=fmt, read_only=read_only, cache=cache, no_backing=no_backing,
-                             force_share=force_share)
+    return vblock.open_image(
+        path,
+        format=fmt,
+        read_only=read_only,
+        cache=cache,
+        no_backing=no_backing,
+        force_share=force_share,
+    )
 
 
 def backing_location(image: str, name: str) -> str:

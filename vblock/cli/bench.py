@@ -29,11 +29,17 @@ def names():
 
 
 def add_parser(sub, common):
-    p = sub.add_parser("bench", parents=[common], help="run benchmarks against fio / qemu-img",
-                       description=" ".join(__doc__.split("\n\n")[1].split()))
+    p = sub.add_parser(
+        "bench",
+        parents=[common],
+        help="run benchmarks against fio / qemu-img",
+        description=" ".join(__doc__.split("\n\n")[1].split()),
+    )
     p.add_argument("name", metavar="NAME", help=f"one of {', '.join(names())}, or all")
     p.add_argument("--json", action="store_true", help="one JSON object per row")
-    p.add_argument("rest", nargs=argparse.REMAINDER, metavar="OPTIONS", help="options for the benchmark itself")
+    p.add_argument(
+        "rest", nargs=argparse.REMAINDER, metavar="OPTIONS", help="options for the benchmark itself"
+    )
 
 
 def _run_one(name, argv):
@@ -48,8 +54,12 @@ def _run_one(name, argv):
 def _run_apart(name, argv, env):
     """Run benchmark ``name`` in a process of its own (``all``: no benchmark inherits another's
     threads, rings, caches or garbage); its stderr passes through."""
-    p = subprocess.run([sys.executable, "-m", "vblock.bench", name, *argv], stdout=subprocess.PIPE,
-                       stderr=None if env.stderr is sys.stderr else subprocess.PIPE, text=True)
+    p = subprocess.run(
+        [sys.executable, "-m", "vblock.bench", name, *argv],
+        stdout=subprocess.PIPE,
+        stderr=None if env.stderr is sys.stderr else subprocess.PIPE,
+        text=True,
+    )
     if p.stderr:
         env.stderr.write(p.stderr)
     return p.returncode, p.stdout
@@ -58,7 +68,9 @@ def _run_apart(name, argv, env):
 def run(args, env):
     known = names()
     if args.name != "all" and args.name not in known:
-        raise UsageError(f"bench: unknown benchmark {args.name!r}: expected one of {', '.join(known)} or all")
+        raise UsageError(
+            f"bench: unknown benchmark {args.name!r}: expected one of {', '.join(known)} or all"
+        )
     # Everything after NAME lands in args.rest: pick out vblock's own flags there too
     # ("vblock bench all -q"); the rest is the benchmark's.
     if "--json" in args.rest:

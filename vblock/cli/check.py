@@ -18,18 +18,43 @@ from vblock.cli.status import ExitStatus, check_status
 from vblock.errors import UnsupportedError
 
 _ALWAYS = ("total-clusters", "check-errors", "filename", "format")
-_WHEN_SET = ("image-end-offset", "allocated-clusters", "fragmented-clusters", "compressed-clusters",
-             "leaks", "corruptions", "leaks-fixed", "corruptions-fixed")
-_ORDER = ("image-end-offset", "total-clusters", "check-errors", "leaks", "leaks-fixed",
-          "allocated-clusters", "filename", "format", "fragmented-clusters", "compressed-clusters",
-          "corruptions", "corruptions-fixed")
+_WHEN_SET = (
+    "image-end-offset",
+    "allocated-clusters",
+    "fragmented-clusters",
+    "compressed-clusters",
+    "leaks",
+    "corruptions",
+    "leaks-fixed",
+    "corruptions-fixed",
+)
+_ORDER = (
+    "image-end-offset",
+    "total-clusters",
+    "check-errors",
+    "leaks",
+    "leaks-fixed",
+    "allocated-clusters",
+    "filename",
+    "format",
+    "fragmented-clusters",
+    "compressed-clusters",
+    "corruptions",
+    "corruptions-fixed",
+)
 
 
 def add_parser(sub, common):
-    p = sub.add_parser("check", parents=[common], help="check an image for corruption and leaks",
-                       description=__doc__.split("\n\n")[0].strip("`"))
+    p = sub.add_parser(
+        "check",
+        parents=[common],
+        help="check an image for corruption and leaks",
+        description=__doc__.split("\n\n")[0].strip("`"),
+    )
     p.add_argument("-f", dest="fmt", metavar="FMT", help="image format (default: probe)")
-    p.add_argument("-r", dest="repair", choices=("leaks", "all"), help="repair what can be repaired")
+    p.add_argument(
+        "-r", dest="repair", choices=("leaks", "all"), help="repair what can be repaired"
+    )
     p.add_argument("--output", choices=("human", "json"), default="human")
     _images.add_force_share(p, "the image (not with -r)")
     p.add_argument("file", metavar="FILE")
@@ -39,7 +64,9 @@ def check_image(path, fmt=None, repair=False, progress=None, force_share=False) 
     """The check result dict for ``path`` (qemu-img's keys plus ``corruptions-found`` /
     ``leaks-found`` after a repair). Raises ``UnsupportedError`` for formats without a check."""
     # A check reads this image's metadata only: its backing chain stays closed (and may be missing).
-    with _images.open_image(path, fmt, read_only=not repair, no_backing=True, force_share=force_share) as img:
+    with _images.open_image(
+        path, fmt, read_only=not repair, no_backing=True, force_share=force_share
+    ) as img:
         if type(img.driver).check is BlockDriver.check:
             raise UnsupportedError(f"{path}: format {img.format!r} does not support checks")
         task = progress.task(f"checking {path}") if progress is not None else None
@@ -63,22 +90,34 @@ def qemu_json(result: dict) -> dict:
 def _human(result: dict, repaired: bool) -> list:
     lines = []
     if repaired and (result.get("corruptions-fixed") or result.get("leaks-fixed")):
-        lines += ["The following inconsistencies were found and repaired:", "",
-                  f"    {result.get('leaks-fixed', 0)} leaked clusters",
-                  f"    {result.get('corruptions-fixed', 0)} corruptions", "",
-                  "Double checking the fixed image now..."]
-    c, leaks, errs = result.get("corruptions", 0), result.get("leaks", 0), result.get("check-errors", 0)
+        lines += [
+            "The following inconsistencies were found and repaired:",
+            "",
+            f"    {result.get('leaks-fixed', 0)} leaked clusters",
+            f"    {result.get('corruptions-fixed', 0)} corruptions",
+            "",
+            "Double checking the fixed image now...",
+        ]
+    c, leaks, errs = (
+        result.get("corruptions", 0),
+        result.get("leaks", 0),
+        result.get("check-errors", 0),
+    )
     if not (c or leaks or errs):
         lines.append("No errors were found on the image.")
     else:
         if c:
-            lines += [f"{c} errors were found on the image.",
-                      "Data may be corrupted, or further writes to the image may corrupt it."]
+            lines += [
+                f"{c} errors were found on the image.",
+                "Data may be corrupted, or further writes to the image may corrupt it.",
+            ]
         if leaks:
             if c:
                 lines.append("")
-            lines += [f"{leaks} leaked clusters were found on the image.",
-                      "This means waste of disk space, but no harm to data."]
+            lines += [
+                f"{leaks} leaked clusters were found on the image.",
+                "This means waste of disk space, but no harm to data.",
+            ]
         if errs:
             lines.append(f"{errs} internal errors have occurred during the check.")
     total = result.get("total-clusters")
@@ -86,9 +125,11 @@ def _human(result: dict, repaired: bool) -> list:
         alloc = result.get("allocated-clusters", 0)
         frag = result.get("fragmented-clusters", 0)
         comp = result.get("compressed-clusters", 0)
-        lines.append(f"{alloc}/{total} = {100.0 * alloc / total:.2f}% allocated, "
-                     f"{100.0 * frag / alloc if alloc else 0:.2f}% fragmented, "
-                     f"{100.0 * comp / alloc if alloc else 0:.2f}% compressed clusters")
+        lines.append(
+            f"{alloc}/{total} = {100.0 * alloc / total:.2f}% allocated, "
+            f"{100.0 * frag / alloc if alloc else 0:.2f}% fragmented, "
+            f"{100.0 * comp / alloc if alloc else 0:.2f}% compressed clusters"
+        )
     if result.get("image-end-offset"):
         lines.append(f"Image end offset: {result['image-end-offset']}")
     return lines
@@ -96,11 +137,18 @@ def _human(result: dict, repaired: bool) -> list:
 
 def run(args, env):
     if args.repair and args.force_share:
-        raise UsageError("check: -U/--force-share cannot be used with -r (a repair writes to the image)")
+        raise UsageError(
+            "check: -U/--force-share cannot be used with -r (a repair writes to the image)"
+        )
     try:
         with progress_for(env, args.quiet) as progress:
-            result = check_image(args.file, args.fmt, repair=bool(args.repair), progress=progress,
-                                 force_share=args.force_share)
+            result = check_image(
+                args.file,
+                args.fmt,
+                repair=bool(args.repair),
+                progress=progress,
+                force_share=args.force_share,
+            )
     except UnsupportedError as exc:
         env.err(f"{env.program_name}: error: {exc}")
         return ExitStatus.NOT_SUPPORTED

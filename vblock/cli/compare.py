@@ -23,11 +23,17 @@ DEPTH = 4  # steps in flight per image
 
 
 def add_parser(sub, common):
-    p = sub.add_parser("compare", parents=[common], help="check that two images hold the same data",
-                       description=__doc__.split("\n\n")[0].strip("`"))
+    p = sub.add_parser(
+        "compare",
+        parents=[common],
+        help="check that two images hold the same data",
+        description=__doc__.split("\n\n")[0].strip("`"),
+    )
     p.add_argument("-f", dest="fmt_a", metavar="FMT", help="format of A (default: probe)")
     p.add_argument("-F", dest="fmt_b", metavar="FMT", help="format of B (default: probe)")
-    p.add_argument("-s", dest="strict", action="store_true", help="images of different sizes differ")
+    p.add_argument(
+        "-s", dest="strict", action="store_true", help="images of different sizes differ"
+    )
     _images.add_force_share(p, "both images")
     p.add_argument("a", metavar="A")
     p.add_argument("b", metavar="B")
@@ -131,8 +137,10 @@ def _tail_nonzero(img, start):
 
 def run(args, env):
     share = args.force_share
-    with _images.open_image(args.a, args.fmt_a, force_share=share) as a, \
-            _images.open_image(args.b, args.fmt_b, force_share=share) as b:
+    with (
+        _images.open_image(args.a, args.fmt_a, force_share=share) as a,
+        _images.open_image(args.b, args.fmt_b, force_share=share) as b,
+    ):
         with progress_for(env, args.quiet) as progress:
             at = compare_images(a, b, progress)
             if at is None and a.size != b.size:
@@ -142,7 +150,9 @@ def run(args, env):
                 bigger, name = (a, args.a) if a.size > b.size else (b, args.b)
                 at = _tail_nonzero(bigger, min(a.size, b.size))
                 if at is not None:
-                    env.out(f"Content mismatch at offset {at}! ({name} has data past the end of the other image)")
+                    env.out(
+                        f"Content mismatch at offset {at}! ({name} has data past the end of the other image)"
+                    )
                     return DIFFERENT
     if at is not None:
         env.out(f"Content mismatch at offset {at}!")

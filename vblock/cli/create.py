@@ -18,11 +18,21 @@ from vblock.cli.status import ExitStatus
 
 
 def add_parser(sub, common):
-    p = sub.add_parser("create", parents=[common], help="create an empty image",
-                       description=__doc__.split("\n\n")[0].strip("`"))
-    p.add_argument("-f", dest="fmt", default="raw", metavar="FMT", help="image format (raw, qed; default raw)")
-    p.add_argument("-o", dest="options", metavar="OPTIONS",
-                   help="format options, e.g. cluster_size=64k,table_size=4")
+    p = sub.add_parser(
+        "create",
+        parents=[common],
+        help="create an empty image",
+        description=__doc__.split("\n\n")[0].strip("`"),
+    )
+    p.add_argument(
+        "-f", dest="fmt", default="raw", metavar="FMT", help="image format (raw, qed; default raw)"
+    )
+    p.add_argument(
+        "-o",
+        dest="options",
+        metavar="OPTIONS",
+        help="format options, e.g. cluster_size=64k,table_size=4",
+    )
     p.add_argument("-b", dest="backing", metavar="BACKING", help="backing file (qed)")
     p.add_argument("-F", dest="backing_fmt", metavar="FMT", help="backing file format")
     p.add_argument("file", metavar="FILE", nargs="?")  # optional for -o help only
@@ -52,7 +62,9 @@ def run(args, env):
         options["backing_file"] = backing
         options["backing_fmt"] = backing_fmt
     if size is None:
-        raise UsageError("create: the image size is required (e.g. vblock create -f qed disk.qed 10G)")
+        raise UsageError(
+            "create: the image size is required (e.g. vblock create -f qed disk.qed 10G)"
+        )
     with _destination.new_image(args.file) as dest:
         vblock.create_image(dest.path, fmt, size, **options).close()
     if not args.quiet:

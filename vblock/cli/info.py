@@ -22,8 +22,12 @@ _QED_F_NEED_CHECK = 0x02
 
 
 def add_parser(sub, common):
-    p = sub.add_parser("info", parents=[common], help="show what an image is",
-                       description=__doc__.split("\n\n")[0].strip("`"))
+    p = sub.add_parser(
+        "info",
+        parents=[common],
+        help="show what an image is",
+        description=__doc__.split("\n\n")[0].strip("`"),
+    )
     p.add_argument("-f", dest="fmt", metavar="FMT", help="image format (default: probe)")
     p.add_argument("--output", choices=("human", "json"), default="human")
     p.add_argument("--backing-chain", action="store_true", help="also describe every backing file")
@@ -57,7 +61,9 @@ def describe(img, filename) -> dict:
         d["snapshots"] = raw["snapshots"]
     if "format-specific" in raw:
         d["format-specific"] = raw["format-specific"]
-    d["dirty-flag"] = _dirty_from_header(img.path) if img.format == "qed" else bool(raw.get("dirty-flag", False))
+    d["dirty-flag"] = (
+        _dirty_from_header(img.path) if img.format == "qed" else bool(raw.get("dirty-flag", False))
+    )
     return d
 
 
@@ -84,7 +90,9 @@ def _human(d, table_size=None) -> str:
     if "backing-filename" in d:
         full = d.get("full-backing-filename")
         name = d["backing-filename"]
-        lines.append(f"backing file: {name}" + (f" (actual path: {full})" if full and full != name else ""))
+        lines.append(
+            f"backing file: {name}" + (f" (actual path: {full})" if full and full != name else "")
+        )
         if "backing-filename-format" in d:
             lines.append(f"backing file format: {d['backing-filename-format']}")
     if d.get("snapshots"):
@@ -94,8 +102,10 @@ def _human(d, table_size=None) -> str:
             when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(sn["date-sec"]))
             secs = sn["vm-clock-sec"]
             clock = f"{secs // 3600:04d}:{secs // 60 % 60:02d}:{secs % 60:02d}.{sn['vm-clock-nsec'] // 1000000:03d}"
-            lines.append(f"{sn['id']:<8}{sn['name']:<24}{human_size(sn['vm-state-size']):>8}"
-                         f"{when:>21}{clock:>16}")
+            lines.append(
+                f"{sn['id']:<8}{sn['name']:<24}{human_size(sn['vm-state-size']):>8}"
+                f"{when:>21}{clock:>16}"
+            )
     if d["format"] == "qed":
         lines.append(f"dirty flag: {'yes' if d['dirty-flag'] else 'no'}")
     spec = d.get("format-specific")
@@ -110,8 +120,9 @@ def _human(d, table_size=None) -> str:
 def run(args, env):
     # The backing chain is opened only to describe it: without --backing-chain an image whose
     # backing file is missing is still shown, with the backing file's name.
-    with _images.open_image(args.file, args.fmt, no_backing=not args.backing_chain,
-                            force_share=args.force_share) as img:
+    with _images.open_image(
+        args.file, args.fmt, no_backing=not args.backing_chain, force_share=args.force_share
+    ) as img:
         chain = _chain(img, args.file)
         tables = []
         layer = img

@@ -32,7 +32,19 @@ from vblock.errors import VblockError
 
 __all__ = ["main", "command", "build_parser", "VERBS"]
 
-VERBS = ("create", "info", "check", "map", "convert", "compare", "resize", "rebase", "bench", "stress", "serve")
+VERBS = (
+    "create",
+    "info",
+    "check",
+    "map",
+    "convert",
+    "compare",
+    "resize",
+    "rebase",
+    "bench",
+    "stress",
+    "serve",
+)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -62,10 +74,15 @@ def build_parser(env: Environment | None = None, verbs=VERBS) -> argparse.Argume
     common = argparse.ArgumentParser(add_help=False)
     g = common.add_argument_group("common options")
     # SUPPRESS: a flag given before the verb is not reset by the verb's own defaults
-    g.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
-                   help="no progress display")
-    g.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
-                   help="show tracebacks and debug logs")
+    g.add_argument(
+        "-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress display"
+    )
+    g.add_argument(
+        "--debug",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="show tracebacks and debug logs",
+    )
 
     class Parser(_Parser):
         pass
@@ -119,8 +136,13 @@ def _message(exc: BaseException) -> str:
 def _diagnostics(env: Environment, debug: bool):
     """Route warnings and vblock's log records to stderr as ``vblock: warning: ...`` lines."""
     handler = logging.StreamHandler(env.stderr)
-    handler.setFormatter(logging.Formatter(f"{env.program_name}: %(levelname)s: %(message)s"
-                                           if debug else f"{env.program_name}: warning: %(message)s"))
+    handler.setFormatter(
+        logging.Formatter(
+            f"{env.program_name}: %(levelname)s: %(message)s"
+            if debug
+            else f"{env.program_name}: warning: %(message)s"
+        )
+    )
     log = logging.getLogger("vblock")
     old_level, old_propagate = log.level, log.propagate
     log.addHandler(handler)
@@ -186,8 +208,10 @@ def main(argv=None, env: Environment | None = None) -> int:
     except Exception as exc:
         if debug:
             raise
-        env.err(f"{prog}: error: internal error: {type(exc).__name__}: {_message(exc)} "
-                f"(run with --debug for the traceback)")
+        env.err(
+            f"{prog}: error: internal error: {type(exc).__name__}: {_message(exc)} "
+            f"(run with --debug for the traceback)"
+        )
         return _error_status(exc, _verb_of(argv))
 
 

@@ -22,8 +22,12 @@ CHUNK = 1 << 30  # bytes asked of block_status at a time
 
 
 def add_parser(sub, common):
-    p = sub.add_parser("map", parents=[common], help="show how an image's data is laid out",
-                       description=__doc__.split("\n\n")[0].strip("`"))
+    p = sub.add_parser(
+        "map",
+        parents=[common],
+        help="show how an image's data is laid out",
+        description=__doc__.split("\n\n")[0].strip("`"),
+    )
     p.add_argument("-f", dest="fmt", metavar="FMT", help="image format (default: probe)")
     p.add_argument("--output", choices=("human", "json"), default="human")
     _images.add_force_share(p)
@@ -35,8 +39,15 @@ def _layer(img, start, length, depth):
     dicts with qemu-img map's keys plus ``file``."""
     for run in img.driver.block_status(start, length):
         if run.kind == DATA:
-            e = {"start": run.offset, "length": run.length, "depth": depth, "present": True,
-                 "zero": False, "data": True, "file": img.path}
+            e = {
+                "start": run.offset,
+                "length": run.length,
+                "depth": depth,
+                "present": True,
+                "zero": False,
+                "data": True,
+                "file": img.path,
+            }
             if run.host_offset is None:  # compressed data has no place of its own
                 yield e
             else:
@@ -46,8 +57,14 @@ def _layer(img, start, length, depth):
                 else:
                     yield e
         elif run.kind == ZERO:
-            e = {"start": run.offset, "length": run.length, "depth": depth, "present": True,
-                 "zero": True, "data": False}
+            e = {
+                "start": run.offset,
+                "length": run.length,
+                "depth": depth,
+                "present": True,
+                "zero": True,
+                "data": False,
+            }
             if img.format == "raw":  # a hole in a raw file still has its place in the file
                 e["offset"] = run.offset
                 e["file"] = img.path
@@ -64,8 +81,14 @@ def _layer(img, start, length, depth):
                 if inside:
                     yield from _layer(backing, run.offset, inside, depth + 1)
             if inside < run.length:
-                yield {"start": run.offset + inside, "length": run.length - inside, "depth": depth,
-                       "present": False, "zero": True, "data": False}
+                yield {
+                    "start": run.offset + inside,
+                    "length": run.length - inside,
+                    "depth": depth,
+                    "present": False,
+                    "zero": True,
+                    "data": False,
+                }
 
 
 def _split_holes(e):
@@ -90,12 +113,22 @@ def _split_holes(e):
                 data = inside
             if data > pos:
                 n = min(data, inside) - pos
-                yield {**e, "start": e["start"] + pos - e["offset"], "length": n, "offset": pos,
-                       "zero": True}
+                yield {
+                    **e,
+                    "start": e["start"] + pos - e["offset"],
+                    "length": n,
+                    "offset": pos,
+                    "zero": True,
+                }
                 pos += n
                 continue
             hole = min(os.lseek(fd, pos, os.SEEK_HOLE), inside)
-            yield {**e, "start": e["start"] + pos - e["offset"], "length": hole - pos, "offset": pos}
+            yield {
+                **e,
+                "start": e["start"] + pos - e["offset"],
+                "length": hole - pos,
+                "offset": pos,
+            }
             pos = hole
         if pos < end:
             yield {**e, "start": e["start"] + pos - e["offset"], "length": end - pos, "offset": pos}
@@ -155,7 +188,9 @@ def _open(args, env):
         return _images.open_image(args.file, args.fmt, force_share=args.force_share)
     except BackingFileError as exc:
         env.warn(f"{exc}; showing {args.file}'s own allocation only")
-        return _images.open_image(args.file, args.fmt, no_backing=True, force_share=args.force_share)
+        return _images.open_image(
+            args.file, args.fmt, no_backing=True, force_share=args.force_share
+        )
 
 
 def run(args, env):
@@ -167,5 +202,7 @@ def run(args, env):
         env.out(f"{'Offset':<16}{'Length':<16}{'Mapped to':<16}File")
         for e in entries:
             if e["data"] and "offset" in e:
-                env.out(f"{_hex(e['start']):<16}{_hex(e['length']):<16}{_hex(e['offset']):<16}{e['file']}")
+                env.out(
+                    f"{_hex(e['start']):<16}{_hex(e['length']):<16}{_hex(e['offset']):<16}{e['file']}"
+                )
     return ExitStatus.SUCCESS

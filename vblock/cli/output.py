@@ -80,7 +80,9 @@ def parse_size(text: str, what: str = "size") -> int:
         raise UsageError(f"invalid {what} {text!r}: not a whole number of bytes")
     value = int(value)
     if value > MAX_BYTES:
-        raise UsageError(f"invalid {what} {text!r}: larger than {MAX_BYTES} bytes, the most a host file can hold")
+        raise UsageError(
+            f"invalid {what} {text!r}: larger than {MAX_BYTES} bytes, the most a host file can hold"
+        )
     return value
 
 

@@ -112,7 +112,9 @@ class _RichProgress(Progress):
         return False
 
     def task(self, description, total=None, unit=None, stats=""):
-        return _RichTask(self._rich, self._rich.add_task(description, total=total, unit=unit, stats=stats))
+        return _RichTask(
+            self._rich, self._rich.add_task(description, total=total, unit=unit, stats=stats)
+        )
 
     def track(self, iterable, description="", total=None):
         if total is None and hasattr(iterable, "__len__"):

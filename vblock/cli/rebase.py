@@ -17,10 +17,18 @@ from vblock.nbd.uri import is_nbd_uri
 
 
 def add_parser(sub, common):
-    p = sub.add_parser("rebase", parents=[common], help="change an image's backing file",
-                       description=__doc__.split("\n\n")[0].strip("`"))
-    p.add_argument("-u", dest="unsafe", action="store_true", help="only rewrite the backing file name")
-    p.add_argument("-b", dest="backing", required=True, metavar="NEW", help='new backing file ("" for none)')
+    p = sub.add_parser(
+        "rebase",
+        parents=[common],
+        help="change an image's backing file",
+        description=__doc__.split("\n\n")[0].strip("`"),
+    )
+    p.add_argument(
+        "-u", dest="unsafe", action="store_true", help="only rewrite the backing file name"
+    )
+    p.add_argument(
+        "-b", dest="backing", required=True, metavar="NEW", help='new backing file ("" for none)'
+    )
     p.add_argument("-F", dest="backing_fmt", metavar="FMT", help="format of the new backing file")
     p.add_argument("-f", dest="fmt", metavar="FMT", help="image format (default: probe)")
     p.add_argument("file", metavar="FILE")

@@ -16,8 +16,12 @@ from vblock.cli.status import ExitStatus
 
 
 def add_parser(sub, common):
-    p = sub.add_parser("resize", parents=[common], help="grow (or shrink) an image",
-                       description=__doc__.split("\n\n")[0].strip("`"))
+    p = sub.add_parser(
+        "resize",
+        parents=[common],
+        help="grow (or shrink) an image",
+        description=__doc__.split("\n\n")[0].strip("`"),
+    )
     p.add_argument("-f", dest="fmt", metavar="FMT", help="image format (default: probe)")
     p.add_argument("--shrink", action="store_true", help="allow making the image smaller")
     p.add_argument("file", metavar="FILE")
@@ -37,11 +41,15 @@ def run(args, env):
         if new < 0:
             raise UsageError(f"resize: {text} would make the size negative")
         if new > MAX_BYTES:
-            raise UsageError(f"resize: {text} would make the size larger than {MAX_BYTES} bytes, "
-                             "the most a host file can hold")
+            raise UsageError(
+                f"resize: {text} would make the size larger than {MAX_BYTES} bytes, "
+                "the most a host file can hold"
+            )
         if new < old and not args.shrink:
-            raise UsageError(f"resize: {human_size(new)} is smaller than the current {human_size(old)}; "
-                             "give --shrink to drop the data past the new end")
+            raise UsageError(
+                f"resize: {human_size(new)} is smaller than the current {human_size(old)}; "
+                "give --shrink to drop the data past the new end"
+            )
         img.resize(new)
         final = img.size
     if not args.quiet:

@@ -51,35 +51,71 @@ def _shared(value):
 
 def configure(p):
     how = p.add_mutually_exclusive_group(required=True)
-    how.add_argument("--vhost-user", metavar="SOCKET",
-                     help="unix socket path to listen on (a stale socket file is replaced)")
-    how.add_argument("--nbd", metavar="ADDRESS",
-                     help="serve over NBD on a unix socket path (anything containing '/') or HOST:PORT")
+    how.add_argument(
+        "--vhost-user",
+        metavar="SOCKET",
+        help="unix socket path to listen on (a stale socket file is replaced)",
+    )
+    how.add_argument(
+        "--nbd",
+        metavar="ADDRESS",
+        help="serve over NBD on a unix socket path (anything containing '/') or HOST:PORT",
+    )
     p.add_argument("image", metavar="IMAGE", help="image file (or NBD URI) to serve")
-    p.add_argument("--export-name", default="", metavar="NAME", help="NBD export name (default \"\")")
-    p.add_argument("--shared", type=_shared, default=1, metavar="N",
-                   help="NBD clients served at once (default 1; 0: no limit)")
-    p.add_argument("-f", "--format", dest="fmt", metavar="FMT", default=None,
-                   help="image format (raw, qed, ...); probed when omitted")
+    p.add_argument("--export-name", default="", metavar="NAME", help='NBD export name (default "")')
+    p.add_argument(
+        "--shared",
+        type=_shared,
+        default=1,
+        metavar="N",
+        help="NBD clients served at once (default 1; 0: no limit)",
+    )
+    p.add_argument(
+        "-f",
+        "--format",
+        dest="fmt",
+        metavar="FMT",
+        default=None,
+        help="image format (raw, qed, ...); probed when omitted",
+    )
     p.add_argument("--read-only", action="store_true", help="serve read-only (VIRTIO_BLK_F_RO)")
-    p.add_argument("--queues", type=_queues, default=1, metavar="N", help="request queues (default 1)")
-    p.add_argument("--serial", default="vblock0", metavar="S", help="serial number (GET_ID; 20 bytes max)")
-    p.add_argument("--writeback", type=_on_off, default=True, metavar="on|off",
-                   help="report a volatile write cache (the guest then sends FLUSH; default on); "
-                        "off: the guest sees a write-through disk")
-    p.add_argument("--cache", default="none", choices=("none", "writeback", "unsafe"),
-                   help="host cache mode for the image (default none: O_DIRECT)")
-    p.add_argument("--aio", default="auto", choices=("auto", "io_uring", "threads"),
-                   help="host I/O engine (default auto: io_uring where the kernel allows; "
-                        "threads for --nbd)")
+    p.add_argument(
+        "--queues", type=_queues, default=1, metavar="N", help="request queues (default 1)"
+    )
+    p.add_argument(
+        "--serial", default="vblock0", metavar="S", help="serial number (GET_ID; 20 bytes max)"
+    )
+    p.add_argument(
+        "--writeback",
+        type=_on_off,
+        default=True,
+        metavar="on|off",
+        help="report a volatile write cache (the guest then sends FLUSH; default on); "
+        "off: the guest sees a write-through disk",
+    )
+    p.add_argument(
+        "--cache",
+        default="none",
+        choices=("none", "writeback", "unsafe"),
+        help="host cache mode for the image (default none: O_DIRECT)",
+    )
+    p.add_argument(
+        "--aio",
+        default="auto",
+        choices=("auto", "io_uring", "threads"),
+        help="host I/O engine (default auto: io_uring where the kernel allows; threads for --nbd)",
+    )
     return p
 
 
 def add_parser(sub, common=None):
     """Register ``serve`` on the ``vblock`` subparsers (``vblock.cli.main`` pattern)."""
-    p = sub.add_parser("serve", parents=[common] if common is not None else [],
-                       help="serve an image over vhost-user-blk or NBD",
-                       description="Serve an image to a VM as a vhost-user-blk disk, or over NBD, until SIGTERM or SIGINT.")
+    p = sub.add_parser(
+        "serve",
+        parents=[common] if common is not None else [],
+        help="serve an image over vhost-user-blk or NBD",
+        description="Serve an image to a VM as a vhost-user-blk disk, or over NBD, until SIGTERM or SIGINT.",
+    )
     configure(p)
     return p
 
@@ -102,15 +138,22 @@ def run(args, env=None):
         # workers send theirs side by side, where io_uring's one completion thread would send
         # every reply in turn.
         aio = "threads"
-    img = vblock.open_image(args.image, format=args.fmt, read_only=args.read_only, cache=args.cache,
-                             aio=aio)
+    img = vblock.open_image(
+        args.image, format=args.fmt, read_only=args.read_only, cache=args.cache, aio=aio
+    )
     if args.nbd is not None:
         return _run_nbd(args, env, img)
     from vblock.vhost_user.server import Server
 
     try:
-        server = Server(args.vhost_user, img, num_queues=args.queues, serial=args.serial,
-                        read_only=args.read_only or None, writeback=args.writeback)
+        server = Server(
+            args.vhost_user,
+            img,
+            num_queues=args.queues,
+            serial=args.serial,
+            read_only=args.read_only or None,
+            writeback=args.writeback,
+        )
     except BaseException:
         img.close()
         raise
@@ -135,8 +178,11 @@ def run(args, env=None):
         img.close()
     report()
     kicks = "/".join(str(k) for k in server.backend.kicks)
-    _say(env, f"vblock serve: closed {args.image}: {server.backend.flushes} flushes, "
-              f"{server.connections} connections, kicks per queue {kicks}")
+    _say(
+        env,
+        f"vblock serve: closed {args.image}: {server.backend.flushes} flushes, "
+        f"{server.connections} connections, kicks per queue {kicks}",
+    )
     return 0
 
 
@@ -146,8 +192,10 @@ def stats_lines(stats):
     lines = []
     for kind, c in stats.items():
         if kind != "queues" and c["ops"]:
-            lines.append(f"{kind}: {c['ops']} requests, {c['bytes']} bytes, {c['errors']} errors, "
-                         f"latency p50 {c['p50']} us, p99 {c['p99']} us, max {c['max']} us")
+            lines.append(
+                f"{kind}: {c['ops']} requests, {c['bytes']} bytes, {c['errors']} errors, "
+                f"latency p50 {c['p50']} us, p99 {c['p99']} us, max {c['max']} us"
+            )
     return lines or ["no requests served"]
 
 
@@ -155,13 +203,23 @@ def _run_nbd(args, env, img):
     from vblock.nbd.server import Server
 
     try:
-        server = Server(args.nbd, img, export_name=args.export_name, read_only=args.read_only or None,
-                        shared=args.shared)
+        server = Server(
+            args.nbd,
+            img,
+            export_name=args.export_name,
+            read_only=args.read_only or None,
+            shared=args.shared,
+        )
     except BaseException:
         img.close()
         raise
-    old = {s: signal.signal(s, lambda _n, _f: server.stop()) for s in (signal.SIGTERM, signal.SIGINT)}
-    _say(env, f"vblock serve: {args.image} ({img.format}) on nbd {args.nbd}, export {args.export_name!r}")
+    old = {
+        s: signal.signal(s, lambda _n, _f: server.stop()) for s in (signal.SIGTERM, signal.SIGINT)
+    }
+    _say(
+        env,
+        f"vblock serve: {args.image} ({img.format}) on nbd {args.nbd}, export {args.export_name!r}",
+    )
     try:
         server.serve_forever()
     finally:

@@ -42,32 +42,67 @@ def _duration(text):
     try:
         v = float(text[:-1] if scale else text) * (scale or 1)
     except ValueError:
-        raise UsageError(f"invalid duration {text!r}: expected seconds or a unit (e.g. 20, 2.5s, 10m)") from None
+        raise UsageError(
+            f"invalid duration {text!r}: expected seconds or a unit (e.g. 20, 2.5s, 10m)"
+        ) from None
     if v < 0:
         raise UsageError(f"invalid duration {text!r}: negative")
     return v
 
 
 def add_parser(sub, common):
-    p = sub.add_parser("stress", parents=[common], help="verified random I/O through virtio-blk queues (the main job)",
-                       description=" ".join(__doc__.split("\n\n")[1].split()))
-    p.add_argument("--duration", type=_duration, default=engine.DEFAULT_DURATION, metavar="DURATION",
-                   help=f"how long: seconds, or with a unit s, m, h (default {engine.DEFAULT_DURATION:g})")
-    p.add_argument("--queues", type=_positive_int, default=engine.StressConfig.queues, metavar="N",
-                   help="virtqueues (default %(default)s)")
-    p.add_argument("--depth", type=_positive_int, default=engine.StressConfig.depth, metavar="D",
-                   help="requests in flight per queue (default %(default)s)")
-    p.add_argument("--size", default="256M", metavar="SIZE", help="size of a created image (default 256M)")
-    p.add_argument("--image", metavar="FILE", help="stress this existing image instead of a temporary one (its data is overwritten)")
-    p.add_argument("--format", metavar="FMT", help="image format (default: qed for new images, probe otherwise)")
-    p.add_argument("--seed", type=int, metavar="N", help="random seed (default: from the clock; printed)")
+    p = sub.add_parser(
+        "stress",
+        parents=[common],
+        help="verified random I/O through virtio-blk queues (the main job)",
+        description=" ".join(__doc__.split("\n\n")[1].split()),
+    )
+    p.add_argument(
+        "--duration",
+        type=_duration,
+        default=engine.DEFAULT_DURATION,
+        metavar="DURATION",
+        help=f"how long: seconds, or with a unit s, m, h (default {engine.DEFAULT_DURATION:g})",
+    )
+    p.add_argument(
+        "--queues",
+        type=_positive_int,
+        default=engine.StressConfig.queues,
+        metavar="N",
+        help="virtqueues (default %(default)s)",
+    )
+    p.add_argument(
+        "--depth",
+        type=_positive_int,
+        default=engine.StressConfig.depth,
+        metavar="D",
+        help="requests in flight per queue (default %(default)s)",
+    )
+    p.add_argument(
+        "--size", default="256M", metavar="SIZE", help="size of a created image (default 256M)"
+    )
+    p.add_argument(
+        "--image",
+        metavar="FILE",
+        help="stress this existing image instead of a temporary one (its data is overwritten)",
+    )
+    p.add_argument(
+        "--format",
+        metavar="FMT",
+        help="image format (default: qed for new images, probe otherwise)",
+    )
+    p.add_argument(
+        "--seed", type=int, metavar="N", help="random seed (default: from the clock; printed)"
+    )
     p.add_argument("--keep", action="store_true", help="keep the temporary directory and image")
     p.add_argument("--output", choices=("human", "json"), default="human")
 
 
 def _stats(rep) -> str:
-    return (f"{rep.iops:,.0f} IOPS  {rep.mbps:,.1f} MB/s  verified {rep.verified_blocks:,} blocks  "
-            f"errors {rep.mismatch_count + rep.error_count}")
+    return (
+        f"{rep.iops:,.0f} IOPS  {rep.mbps:,.1f} MB/s  verified {rep.verified_blocks:,} blocks  "
+        f"errors {rep.mismatch_count + rep.error_count}"
+    )
 
 
 def _check_text(rep) -> str:
@@ -83,16 +118,28 @@ def _check_text(rep) -> str:
 def summary_rows(rep):
     cfg = rep.config
     return [
-        ("image", f"{rep.image} ({rep.format}, {human_size(rep.size)})" + (" kept" if rep.kept else "")),
+        (
+            "image",
+            f"{rep.image} ({rep.format}, {human_size(rep.size)})" + (" kept" if rep.kept else ""),
+        ),
         ("queues x depth", f"{cfg.queues} x {cfg.depth}"),
         ("seed", rep.seed),
         ("duration", f"{rep.elapsed:.1f} s"),
-        ("requests", f"{rep.requests:,} (" + ", ".join(f"{k} {v:,}" for k, v in rep.ops.items()) + ")"),
+        (
+            "requests",
+            f"{rep.requests:,} (" + ", ".join(f"{k} {v:,}" for k, v in rep.ops.items()) + ")",
+        ),
         ("IOPS", f"{rep.iops:,.0f}"),
-        ("MB/s", f"{rep.mbps:,.1f} (read {rep.bytes_read / rep.elapsed / 1e6 if rep.elapsed else 0:,.1f}, "
-                 f"write {rep.bytes_written / rep.elapsed / 1e6 if rep.elapsed else 0:,.1f})"),
-        ("verified blocks", f"{rep.verified_blocks:,} read through the device ({rep.stamped_blocks:,} holding data of this run)"
-                            + (f", {rep.unverified_blocks:,} unknown" if rep.unverified_blocks else "")),
+        (
+            "MB/s",
+            f"{rep.mbps:,.1f} (read {rep.bytes_read / rep.elapsed / 1e6 if rep.elapsed else 0:,.1f}, "
+            f"write {rep.bytes_written / rep.elapsed / 1e6 if rep.elapsed else 0:,.1f})",
+        ),
+        (
+            "verified blocks",
+            f"{rep.verified_blocks:,} read through the device ({rep.stamped_blocks:,} holding data of this run)"
+            + (f", {rep.unverified_blocks:,} unknown" if rep.unverified_blocks else ""),
+        ),
         ("after reopen", f"{rep.swept_blocks:,} blocks re-read and verified"),
         ("mismatches", f"{rep.mismatch_count:,}"),
         ("failed requests", f"{rep.error_count:,}"),
@@ -103,14 +150,30 @@ def summary_rows(rep):
 
 def report_json(rep) -> dict:
     d = {
-        "image": rep.image, "format": rep.format, "size": rep.size, "kept": rep.kept,
-        "queues": rep.config.queues, "depth": rep.config.depth, "seed": rep.seed,
-        "duration": rep.elapsed, "requests": rep.requests, "ops": rep.ops,
-        "iops": rep.iops, "mbps": rep.mbps, "bytes-read": rep.bytes_read, "bytes-written": rep.bytes_written,
-        "verified-blocks": rep.verified_blocks, "stamped-blocks": rep.stamped_blocks,
-        "unverified-blocks": rep.unverified_blocks, "swept-blocks": rep.swept_blocks,
-        "mismatch-count": rep.mismatch_count, "mismatches": [dataclasses.asdict(m) for m in rep.mismatches],
-        "error-count": rep.error_count, "errors": rep.errors, "check": rep.check, "ok": rep.ok,
+        "image": rep.image,
+        "format": rep.format,
+        "size": rep.size,
+        "kept": rep.kept,
+        "queues": rep.config.queues,
+        "depth": rep.config.depth,
+        "seed": rep.seed,
+        "duration": rep.elapsed,
+        "requests": rep.requests,
+        "ops": rep.ops,
+        "iops": rep.iops,
+        "mbps": rep.mbps,
+        "bytes-read": rep.bytes_read,
+        "bytes-written": rep.bytes_written,
+        "verified-blocks": rep.verified_blocks,
+        "stamped-blocks": rep.stamped_blocks,
+        "unverified-blocks": rep.unverified_blocks,
+        "swept-blocks": rep.swept_blocks,
+        "mismatch-count": rep.mismatch_count,
+        "mismatches": [dataclasses.asdict(m) for m in rep.mismatches],
+        "error-count": rep.error_count,
+        "errors": rep.errors,
+        "check": rep.check,
+        "ok": rep.ok,
     }
     return d
 
@@ -125,8 +188,14 @@ def exit_status(rep) -> ExitStatus:
 
 def run(args, env):
     cfg = engine.StressConfig(
-        duration=args.duration, queues=args.queues, depth=args.depth, size=parse_size(args.size),
-        image=args.image, format=args.format, seed=args.seed, keep=args.keep,
+        duration=args.duration,
+        queues=args.queues,
+        depth=args.depth,
+        size=parse_size(args.size),
+        image=args.image,
+        format=args.format,
+        seed=args.seed,
+        keep=args.keep,
     )
     _images.check_format(cfg.format)
     with progress_for(env, args.quiet) as progress:
@@ -140,7 +209,9 @@ def run(args, env):
     for m in rep.mismatches:
         env.err(f"{env.program_name}: error: {m.describe()}")
     if rep.mismatch_count > len(rep.mismatches):
-        env.err(f"{env.program_name}: error: ... {rep.mismatch_count - len(rep.mismatches)} more mismatched sectors")
+        env.err(
+            f"{env.program_name}: error: ... {rep.mismatch_count - len(rep.mismatches)} more mismatched sectors"
+        )
     for e in rep.errors:
         env.err(f"{env.program_name}: error: {e}")
     if rep.check is not None and not rep.check_clean:

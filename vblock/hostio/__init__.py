@@ -10,5 +10,20 @@ from .file import HostFile, address_of, alloc_buffer, buffer_address, buffers_al
 from .hooks import announce, current_io_point, host_file_opener, io_point, open_host_file
 from .lock import ImageLock
 
-__all__ = ["HostFile", "ImageLock", "alloc_buffer", "address_of", "buffer_address", "buffers_aligned", "ENGINES", "resolve_engine", "uring_available",
-           "open_host_file", "host_file_opener", "io_point", "announce", "current_io_point", "host_error"]
+__all__ = [
+    "HostFile",
+    "ImageLock",
+    "alloc_buffer",
+    "address_of",
+    "buffer_address",
+    "buffers_aligned",
+    "ENGINES",
+    "resolve_engine",
+    "uring_available",
+    "open_host_file",
+    "host_file_opener",
+    "io_point",
+    "announce",
+    "current_io_point",
+    "host_error",
+]

@@ -25,8 +25,9 @@ if _built != EXPECTED_VERSION:  # pragma: no cover - only with a stale build
 __all__ = ["ffi", "lib", "host_error", "check"]
 
 
-def host_error(err: int, op: str, path: str, offset: int | None = None,
-               length: int | None = None) -> OSError:
+def host_error(
+    err: int, op: str, path: str, offset: int | None = None, length: int | None = None
+) -> OSError:
     """The ``OSError`` for a failed host operation; ``err`` is a positive errno."""
     where = f" at offset {offset}" if offset is not None else ""
     if length is not None:

@@ -170,7 +170,12 @@ def _out_arrays():
     """Token and result arrays a completing thread hands to the shim, and int views of them."""
     tokens = ffi.new("int64_t[]", _REAP_MAX)
     results = ffi.new("int64_t[]", _REAP_MAX)
-    return tokens, results, memoryview(ffi.buffer(tokens)).cast("q"), memoryview(ffi.buffer(results)).cast("q")
+    return (
+        tokens,
+        results,
+        memoryview(ffi.buffer(tokens)).cast("q"),
+        memoryview(ffi.buffer(results)).cast("q"),
+    )
 
 
 _open_engines = weakref.WeakSet()
@@ -212,7 +217,9 @@ class Engine:
             spin_us = default_spin_us()
         out = ffi.new("struct vbio_engine **")
         if kind == "io_uring":
-            ret = lib.vbio_engine_open(lib.VBIO_ENGINE_URING, entries, max(0, poll_depth), max(0, spin_us) * 1000, out)
+            ret = lib.vbio_engine_open(
+                lib.VBIO_ENGINE_URING, entries, max(0, poll_depth), max(0, spin_us) * 1000, out
+            )
         else:
             ret = lib.vbio_engine_open(lib.VBIO_ENGINE_THREADS, entries, 0, 0, out)
         if ret < 0:
@@ -230,12 +237,20 @@ class Engine:
         self._free = []
         self._grow()
         if kind == "io_uring":
-            self._threads = [threading.Thread(target=self._reap_loop, name="vblock-io_uring-reaper", daemon=True)]
+            self._threads = [
+                threading.Thread(target=self._reap_loop, name="vblock-io_uring-reaper", daemon=True)
+            ]
         else:
             cpus = worker_cpus()
-            self._threads = [threading.Thread(target=self._work_loop, name=f"vblock-worker-{i}", daemon=True,
-                                              args=(cpus[i % len(cpus)],) if cpus else ())
-                             for i in range(max(1, threads))]
+            self._threads = [
+                threading.Thread(
+                    target=self._work_loop,
+                    name=f"vblock-worker-{i}",
+                    daemon=True,
+                    args=(cpus[i % len(cpus)],) if cpus else (),
+                )
+                for i in range(max(1, threads))
+            ]
         for t in self._threads:
             t.start()
         _open_engines.add(self)
@@ -276,7 +291,16 @@ class Engine:
             tok = self._free.pop()
         except IndexError:
             tok = self._take()
-        err = _prep1(self._ops[tok], _WRITEV if write else _READV, fd, offset, cbuf, len(cbuf), align, mem_align)
+        err = _prep1(
+            self._ops[tok],
+            _WRITEV if write else _READV,
+            fd,
+            offset,
+            cbuf,
+            len(cbuf),
+            align,
+            mem_align,
+        )
         if err:
             self._free.append(tok)
             return err
@@ -296,8 +320,17 @@ class Engine:
         else:
             op.iov = iov = ffi.new("struct iovec[]", n)
             keep = (cbufs, iov)
-        err = _prepv(op, _WRITEV if write else _READV, fd, offset, cbufs, [len(c) for c in cbufs], n, align,
-                     mem_align)
+        err = _prepv(
+            op,
+            _WRITEV if write else _READV,
+            fd,
+            offset,
+            cbufs,
+            [len(c) for c in cbufs],
+            n,
+            align,
+            mem_align,
+        )
         if err:
             op.iov = self._iov[tok]
             self._free.append(tok)
@@ -353,7 +386,7 @@ class Engine:
             else:
                 ret = lib.vbio_engine_submit(self._eng, arr, len(toks))
         if ret < len(toks):
-            self._fail_unsubmitted(toks[max(ret, 0):], ret if ret < 0 else -5)
+            self._fail_unsubmitted(toks[max(ret, 0) :], ret if ret < 0 else -5)
 
     def push(self):
         """Hand what this thread has collected so far (in a ``batch()`` or in completion
@@ -369,12 +402,14 @@ class Engine:
         for tok in toks:
             op = self._ops[tok]
             fut = self._fut[tok]
-            exc = host_error(-ret if ret < 0 else 5, _OP_NAMES.get(op.opcode, "I/O"), self.label, op.offset)
+            exc = host_error(
+                -ret if ret < 0 else 5, _OP_NAMES.get(op.opcode, "I/O"), self.label, op.offset
+            )
             keep = self._keep[tok]
             if keep is not None:  # release buffer views now (see HostFile._cbufs)
                 if isinstance(keep, tuple):  # the request's own iovec array goes with it
                     op.iov = self._iov[tok]
-                for c in (keep[0] if isinstance(keep, tuple) else keep):
+                for c in keep[0] if isinstance(keep, tuple) else keep:
                     ffi.release(c)
             self._release(tok)
             fut.set_exception(exc)
@@ -397,7 +432,11 @@ class Engine:
         local.batch = []
         begin_completions()
         # One finished op per call is the common case of the thread engine: no slices or lists.
-        done = ((tok_view[0], res_view[0]),) if n == 1 else zip(tok_view[:n].tolist(), res_view[:n].tolist())
+        done = (
+            ((tok_view[0], res_view[0]),)
+            if n == 1
+            else zip(tok_view[:n].tolist(), res_view[:n].tolist())
+        )
         for tok, res in done:
             fut = futs[tok]
             futs[tok] = None
@@ -406,8 +445,9 @@ class Engine:
             keep[tok] = None
             if res < 0:
                 op = self._ops[tok]
-                exc = host_error(-res, _OP_NAMES.get(op.opcode, "I/O"), self.label, op.offset,
-                                 op.length or None)
+                exc = host_error(
+                    -res, _OP_NAMES.get(op.opcode, "I/O"), self.label, op.offset, op.length or None
+                )
                 free.append(tok)
                 fut.set_exception(exc)
             else:
@@ -473,8 +513,15 @@ class Engine:
         pinned = False
         while True:
             if toks:
-                n = work(eng, opp[toks[0]] if len(toks) == 1 else self._op_array(toks), len(toks), holding, tokens,
-                         results, _REAP_MAX)
+                n = work(
+                    eng,
+                    opp[toks[0]] if len(toks) == 1 else self._op_array(toks),
+                    len(toks),
+                    holding,
+                    tokens,
+                    results,
+                    _REAP_MAX,
+                )
             else:
                 n = work(eng, ffi.NULL, 0, holding, tokens, results, _REAP_MAX)
             if n <= 0:
@@ -520,8 +567,12 @@ class Engine:
             t.join(None if end is None else max(0.0, end - time.monotonic()))
         _open_engines.discard(self)
         if any(t.is_alive() for t in self._threads):
-            _log.warning("%s engine of %s: requests still in flight after %s s; left to the process's exit",
-                         self.kind, self.label, timeout)
+            _log.warning(
+                "%s engine of %s: requests still in flight after %s s; left to the process's exit",
+                self.kind,
+                self.label,
+                timeout,
+            )
             return
         if sys.is_finalizing():
             return  # see _close_open_engines: the process's exit frees the engine instead

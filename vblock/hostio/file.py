@@ -49,7 +49,7 @@ def alloc_buffer(length: int, alignment: int = PAGE) -> memoryview:
         return memoryview(mmap.mmap(-1, max(length, 1)))[:length]
     m = memoryview(mmap.mmap(-1, length + alignment))
     skip = -address_of(ffi.from_buffer(m)) % alignment
-    return m[skip:skip + length]
+    return m[skip : skip + length]
 
 
 def address_of(cbuf: Any) -> int:
@@ -90,8 +90,15 @@ class HostFile:
         threads: worker threads of the thread engine (requests it can run at once).
     """
 
-    def __init__(self, path: str | os.PathLike, direct: bool = True, engine: str = "auto",
-                 read_only: bool = False, create: bool = False, threads: int = 16) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        direct: bool = True,
+        engine: str = "auto",
+        read_only: bool = False,
+        create: bool = False,
+        threads: int = 16,
+    ) -> None:
         if direct not in (True, False, "try"):
             raise ValueError(f"direct must be True, False or 'try', got {direct!r}")
         self.path = os.fsdecode(path)
@@ -106,7 +113,9 @@ class HostFile:
         if ret == -EINVAL and direct:
             if direct != "try":
                 exc = host_error(EINVAL, "open with O_DIRECT", self.path)
-                exc.strerror += ": the file system refuses O_DIRECT; use direct='try' or the page cache"
+                exc.strerror += (
+                    ": the file system refuses O_DIRECT; use direct='try' or the page cache"
+                )
                 raise exc
             ret = lib.vbio_open(bpath, flags, fdp)
             direct = False
@@ -128,8 +137,14 @@ class HostFile:
             lib.vbio_close(self._fd)
             self._fd = -1
             raise
-        _log.debug("opened %s (direct=%s, alignment=%d/%d, engine=%s)", self.path, self.direct,
-                   self.alignment, self.mem_alignment, kind)
+        _log.debug(
+            "opened %s (direct=%s, alignment=%d/%d, engine=%s)",
+            self.path,
+            self.direct,
+            self.alignment,
+            self.mem_alignment,
+            kind,
+        )
 
     # -- properties -------------------------------------------------------------------------------
     @property
@@ -187,7 +202,9 @@ class HostFile:
             return f"offset {offset} is not a multiple of the O_DIRECT alignment {a}"
         for i, c in enumerate(cbufs):
             if len(c) % a:
-                return f"length {len(c)} of buffer {i} is not a multiple of the O_DIRECT alignment {a}"
+                return (
+                    f"length {len(c)} of buffer {i} is not a multiple of the O_DIRECT alignment {a}"
+                )
             if address_of(c) % m:
                 return f"buffer {i} address is not a multiple of the O_DIRECT memory alignment {m}"
         return None
@@ -202,10 +219,17 @@ class HostFile:
         return self.pwritev([buf], offset)
 
     def preadv(self, buffers: Sequence[Any], offset: int) -> int:
-        return check(self._sync_rw(lib.vbio_preadv, buffers, True, offset, "read"), "read", self.path, offset)
+        return check(
+            self._sync_rw(lib.vbio_preadv, buffers, True, offset, "read"), "read", self.path, offset
+        )
 
     def pwritev(self, buffers: Sequence[Any], offset: int) -> int:
-        return check(self._sync_rw(lib.vbio_pwritev, buffers, False, offset, "write"), "write", self.path, offset)
+        return check(
+            self._sync_rw(lib.vbio_pwritev, buffers, False, offset, "write"),
+            "write",
+            self.path,
+            offset,
+        )
 
     def _sync_rw(self, fn, buffers, writable, offset, op):
         """Run one preadv/pwritev; returns the count or -errno (raising is left to the caller, so
@@ -234,19 +258,29 @@ class HostFile:
         end of the file) to the device, without waiting for them: a later ``flush`` has that much
         less to do. Not a durability promise; nothing to do for an O_DIRECT file."""
         if offset < 0 or length < 0:
-            raise ValueError(f"start writeback {self.path}: negative offset or length ({offset}, {length})")
+            raise ValueError(
+                f"start writeback {self.path}: negative offset or length ({offset}, {length})"
+            )
         fd = self._live_fd("start writeback", offset)
         if not self.direct:
-            check(lib.vbio_start_writeback(fd, offset, length), "start writeback", self.path, offset)
+            check(
+                lib.vbio_start_writeback(fd, offset, length), "start writeback", self.path, offset
+            )
 
     def discard(self, offset: int, length: int) -> None:
         """Punch a hole (keeping the size): the range reads zeros and its space returns to the
         file system. ``OSError(EOPNOTSUPP)`` where the file system cannot."""
-        self._fallocate(lib.VBIO_FALLOC_PUNCH_HOLE | lib.VBIO_FALLOC_KEEP_SIZE, offset, length, "discard")
+        self._fallocate(
+            lib.VBIO_FALLOC_PUNCH_HOLE | lib.VBIO_FALLOC_KEEP_SIZE, offset, length, "discard"
+        )
 
     def zero_range(self, offset: int, length: int, unmap: bool = False) -> None:
         """Make the range read zeros: FALLOC_FL_ZERO_RANGE, or a punched hole with ``unmap``."""
-        mode = (lib.VBIO_FALLOC_PUNCH_HOLE | lib.VBIO_FALLOC_KEEP_SIZE) if unmap else lib.VBIO_FALLOC_ZERO_RANGE
+        mode = (
+            (lib.VBIO_FALLOC_PUNCH_HOLE | lib.VBIO_FALLOC_KEEP_SIZE)
+            if unmap
+            else lib.VBIO_FALLOC_ZERO_RANGE
+        )
         self._fallocate(mode, offset, length, "zero range")
 
     def allocate(self, offset: int, length: int) -> None:
@@ -260,13 +294,21 @@ class HostFile:
     def _fallocate(self, mode, offset, length, op):
         if offset < 0 or length < 0:
             raise ValueError(f"{op} {self.path}: negative offset or length ({offset}, {length})")
-        check(lib.vbio_fallocate(self._live_fd(op, offset), mode, offset, length), op, self.path, offset, length)
+        check(
+            lib.vbio_fallocate(self._live_fd(op, offset), mode, offset, length),
+            op,
+            self.path,
+            offset,
+            length,
+        )
 
     def truncate(self, size: int) -> None:
         """Set the file's length to ``size`` bytes."""
         if size < 0:
             raise ValueError(f"truncate {self.path}: negative size {size}")
-        check(lib.vbio_ftruncate(self._live_fd("truncate", size), size), "truncate", self.path, size)
+        check(
+            lib.vbio_ftruncate(self._live_fd("truncate", size), size), "truncate", self.path, size
+        )
 
     def seek_data(self, offset: int) -> int | None:
         """Offset of the first data byte at or after ``offset``, or None if there is none."""
@@ -321,11 +363,19 @@ class HostFile:
 
     def submit_discard(self, offset: int, length: int) -> Future:
         mode = lib.VBIO_FALLOC_PUNCH_HOLE | lib.VBIO_FALLOC_KEEP_SIZE
-        return self._engine.submit_simple(lib.VBIO_OP_FALLOCATE, self._live_fd("discard", offset), offset, length, mode)
+        return self._engine.submit_simple(
+            lib.VBIO_OP_FALLOCATE, self._live_fd("discard", offset), offset, length, mode
+        )
 
     def submit_zero_range(self, offset: int, length: int, unmap: bool = False) -> Future:
-        mode = (lib.VBIO_FALLOC_PUNCH_HOLE | lib.VBIO_FALLOC_KEEP_SIZE) if unmap else lib.VBIO_FALLOC_ZERO_RANGE
-        return self._engine.submit_simple(lib.VBIO_OP_FALLOCATE, self._live_fd("zero range", offset), offset, length, mode)
+        mode = (
+            (lib.VBIO_FALLOC_PUNCH_HOLE | lib.VBIO_FALLOC_KEEP_SIZE)
+            if unmap
+            else lib.VBIO_FALLOC_ZERO_RANGE
+        )
+        return self._engine.submit_simple(
+            lib.VBIO_OP_FALLOCATE, self._live_fd("zero range", offset), offset, length, mode
+        )
 
     @contextlib.contextmanager
     def batch(self) -> Iterator[HostFile]:

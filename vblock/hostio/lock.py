@@ -147,8 +147,10 @@ class ImageLock:
 
     def __repr__(self):
         state = "held" if self.active else "none"
-        return (f"<ImageLock {self.path!r} perm=[{perm_names(self.perm)}] "
-                f"unshared=[{perm_names(PERM_ALL & ~self.shared)}] {state}>")
+        return (
+            f"<ImageLock {self.path!r} perm=[{perm_names(self.perm)}] "
+            f"unshared=[{perm_names(PERM_ALL & ~self.shared)}] {state}>"
+        )
 
     def __enter__(self):
         return self
@@ -186,7 +188,10 @@ class ImageLock:
     def _apply(self, perm: int, unshared: int, drop: bool) -> None:
         """Hold byte 100+i for each bit of ``perm`` and 200+i for each bit of ``unshared``; with
         ``drop``, release the held bytes outside those masks."""
-        for base, want, attr in ((PERM_BASE, perm, "_held_perm"), (SHARED_BASE, unshared, "_held_unshared")):
+        for base, want, attr in (
+            (PERM_BASE, perm, "_held_perm"),
+            (SHARED_BASE, unshared, "_held_unshared"),
+        ):
             held = getattr(self, attr)
             for i in _BITS:
                 bit = 1 << i
@@ -215,15 +220,20 @@ class ImageLock:
             if exc.errno in (errno.EAGAIN, errno.EACCES):
                 # Somebody holds an exclusive lock on a byte that QEMU only ever read-locks.
                 pid = self._holder(byte, fcntl.F_RDLCK)
-                raise ImageLockedError(self.path, f"failed to lock byte {byte}: {_who(pid)}",
-                                       lock=f"byte {byte}", pid=pid) from None
+                raise ImageLockedError(
+                    self.path,
+                    f"failed to lock byte {byte}: {_who(pid)}",
+                    lock=f"byte {byte}",
+                    pid=pid,
+                ) from None
             raise self._os_error(exc, f"lock byte {byte} of") from None
 
     def _test(self, byte: int, what: str) -> None:
         pid = self._holder(byte, fcntl.F_WRLCK)
         if pid is not None:
-            raise ImageLockedError(self.path, f"failed to get {what}: {_who(pid)}",
-                                   lock=what[:-len(" lock")], pid=pid)
+            raise ImageLockedError(
+                self.path, f"failed to get {what}: {_who(pid)}", lock=what[: -len(" lock")], pid=pid
+            )
 
     def _holder(self, byte: int, kind: int):
         """None if no other open holds a lock on ``byte`` that conflicts with ``kind``; else the

@@ -30,8 +30,9 @@ def zero_granules(view, granule: int) -> bytes:
         raise ValueError(f"granule must be > 0, got {granule}")
     n = len(view)
     out = bytearray(-(-n // granule))
-    ret = lib.vbio_zero_granules(_from_buffer(_CHAR_ARRAY, view, False), n, granule,
-                                 _from_buffer(_CHAR_ARRAY, out, True))
+    ret = lib.vbio_zero_granules(
+        _from_buffer(_CHAR_ARRAY, view, False), n, granule, _from_buffer(_CHAR_ARRAY, out, True)
+    )
     if ret < 0:
         raise OSError(-ret, os.strerror(-ret) + " (scanning for zeros: did the file shrink?)")
     return bytes(out)
@@ -67,9 +68,11 @@ class FileMapping:
         if self._map is None and self.length:
             raise ValueError(f"{self.path}: the mapping is closed")
         if offset < 0 or length < 0 or offset + length > self.length:
-            raise ValueError(f"{self.path}: [{offset}, {offset + length}) is outside the "
-                             f"{self.length} mapped bytes")
-        return self._view[offset:offset + length]
+            raise ValueError(
+                f"{self.path}: [{offset}, {offset + length}) is outside the "
+                f"{self.length} mapped bytes"
+            )
+        return self._view[offset : offset + length]
 
     def release(self, offset: int, length: int):
         """Unmap the whole pages inside [offset, offset+length) from this process (their views

@@ -93,7 +93,9 @@ class _Record:
 
     def __init__(self, offset, data, new_size, old_bytes, old_size, point):
         self.offset = offset  # bytes
-        self.data = data  # bytes written at offset (zeros for discard/zero range), or None (truncate)
+        self.data = (
+            data  # bytes written at offset (zeros for discard/zero range), or None (truncate)
+        )
         self.new_size = new_size  # file length after the operation
         self.old_bytes = old_bytes  # what [offset, offset+len(data)) held before (within old size)
         self.old_size = old_size
@@ -114,8 +116,9 @@ class FaultyHostFile:
         self.path = os.fsdecode(path)
         self.plan = plan
         self.read_only = read_only
-        self._f = HostFile(self.path, direct=False, engine="threads", read_only=read_only, create=create,
-                           threads=2)
+        self._f = HostFile(
+            self.path, direct=False, engine="threads", read_only=read_only, create=create, threads=2
+        )
         self.direct = bool(direct)
         self.alignment = self.mem_alignment = SECTOR if self.direct else 1
         self.is_block_device = False
@@ -138,8 +141,10 @@ class FaultyHostFile:
     def _check(self, buffers, offset, op):
         if self.direct:
             if offset % SECTOR or any(len(memoryview(b)) % SECTOR for b in buffers):
-                raise ValueError(f"{op} {self.path}: offset {offset} or a length is not a multiple of "
-                                 f"the O_DIRECT alignment {SECTOR}")
+                raise ValueError(
+                    f"{op} {self.path}: offset {offset} or a length is not a multiple of "
+                    f"the O_DIRECT alignment {SECTOR}"
+                )
 
     def pread(self, buf, offset):
         return self.preadv([buf], offset)
@@ -268,7 +273,9 @@ class FaultyHostFile:
             old_size = self._f.size
             old = self._read_old(offset, len(data))
             n = self._f.pwritev([data], offset)
-            self._record(_Record(offset, data, max(old_size, offset + len(data)), old, old_size, point))
+            self._record(
+                _Record(offset, data, max(old_size, offset + len(data)), old, old_size, point)
+            )
             return n
 
     def _fill_zeros(self, offset, length, op, point):
@@ -311,8 +318,8 @@ class FaultyHostFile:
                     chosen = [s for s in sectors if rng.random() < 0.5]
                 else:
                     chosen = None
-                for s in (sectors if chosen is None else chosen):
-                    self._f.pwritev([rec.data[s:s + SECTOR]], rec.offset + s)
+                for s in sectors if chosen is None else chosen:
+                    self._f.pwritev([rec.data[s : s + SECTOR]], rec.offset + s)
                 kept.append((rec.offset, chosen, rec.point))
             self.volatile.clear()
             return kept

@@ -24,9 +24,24 @@ def _pad(head: bytes, size: int = SIZE) -> bytes:
 def vhd_footer(disk_size: int, disk_type: int = 2) -> bytes:
     """A 512-byte VHD footer (big-endian fields) with a correct checksum; type 2 = fixed."""
     f = bytearray(512)
-    struct.pack_into(">8sIIQI4sI4sQQIII", f, 0, b"conectix", 2, 0x00010000,
-                     0xFFFFFFFFFFFFFFFF if disk_type == 2 else 512, 0, b"vblk", 0x00010000,
-                     b"Wi2k", disk_size, disk_size, 0, disk_type, 0)
+    struct.pack_into(
+        ">8sIIQI4sI4sQQIII",
+        f,
+        0,
+        b"conectix",
+        2,
+        0x00010000,
+        0xFFFFFFFFFFFFFFFF if disk_type == 2 else 512,
+        0,
+        b"vblk",
+        0x00010000,
+        b"Wi2k",
+        disk_size,
+        disk_size,
+        0,
+        disk_type,
+        0,
+    )
     struct.pack_into(">I", f, 64, ~sum(f) & 0xFFFFFFFF)
     return bytes(f)
 
@@ -40,8 +55,10 @@ def _vmdk():
 
 
 def _vmdk_descriptor():
-    text = (b'# Disk DescriptorFile\nversion=1\nCID=fffffffe\nparentCID=ffffffff\n'
-            b'createType="monolithicFlat"\n\n# Extent description\nRW 2048 FLAT "disk-flat.vmdk" 0\n')
+    text = (
+        b"# Disk DescriptorFile\nversion=1\nCID=fffffffe\nparentCID=ffffffff\n"
+        b'createType="monolithicFlat"\n\n# Extent description\nRW 2048 FLAT "disk-flat.vmdk" 0\n'
+    )
     return text  # a descriptor is a small text file, not padded
 
 
@@ -72,12 +89,17 @@ def _parallels():
 
 
 def _bochs():
-    return _pad(struct.pack("<32s16s16sII", b"Bochs Virtual HD Image", b"Redolog", b"Growing",
-                            0x00020000, 512))
+    return _pad(
+        struct.pack(
+            "<32s16s16sII", b"Bochs Virtual HD Image", b"Redolog", b"Growing", 0x00020000, 512
+        )
+    )
 
 
 def _cloop():
-    magic = b"#!/bin/sh\n#V2.0 Format\nmodprobe cloop file=$0 && mount -r -t iso9660 /dev/cloop $1\n"
+    magic = (
+        b"#!/bin/sh\n#V2.0 Format\nmodprobe cloop file=$0 && mount -r -t iso9660 /dev/cloop $1\n"
+    )
     return _pad(magic.ljust(128, b"\0") + struct.pack(">II", 65536, 1))
 
 

@@ -61,8 +61,15 @@ def qed_seed():
     with open(os.path.join(d, "base.raw"), "wb") as f:
         f.write(bytes([0x5A]) * 65536)
     path = os.path.join(d, "seed.qed")
-    img = vblock.create_image(path, "qed", 4 << 20, cluster_size=4096, table_size=1,
-                              backing_file="base.raw", backing_fmt="raw")
+    img = vblock.create_image(
+        path,
+        "qed",
+        4 << 20,
+        cluster_size=4096,
+        table_size=1,
+        backing_file="base.raw",
+        backing_fmt="raw",
+    )
     img.close()
     with vblock.open_image(path, format="qed") as img:
         img.write(0, b"\x11" * 4096)
@@ -81,16 +88,22 @@ def _allowed_open_error(exc):
     if isinstance(exc, (ImageError, UnsupportedError)):
         return True
     # A backing file name that points nowhere useful (missing, a directory, no permission).
-    return isinstance(exc, OSError) and exc.errno in (errno.ENOENT, errno.EISDIR, errno.EACCES,
-                                                      errno.ENOTDIR, errno.ENAMETOOLONG, errno.EINVAL,
-                                                      errno.ELOOP)
+    return isinstance(exc, OSError) and exc.errno in (
+        errno.ENOENT,
+        errno.EISDIR,
+        errno.EACCES,
+        errno.ENOTDIR,
+        errno.ENAMETOOLONG,
+        errno.EINVAL,
+        errno.ELOOP,
+    )
 
 
 def qed_image(data: bytes) -> None:
     import vblock
 
     seed_dir, seed = qed_seed()
-    image = bytes(data[: len(seed)]) + seed[len(data):]
+    image = bytes(data[: len(seed)]) + seed[len(data) :]
     path = os.path.join(seed_dir, f"fuzz-{os.getpid()}.qed")
     with open(path, "wb") as f:
         f.write(image)
@@ -98,8 +111,9 @@ def qed_image(data: bytes) -> None:
     try:
         for read_only in (True, False):
             try:
-                img = vblock.open_image(path, format="qed", read_only=read_only, cache="writeback",
-                                        need_check_timeout=0)
+                img = vblock.open_image(
+                    path, format="qed", read_only=read_only, cache="writeback", need_check_timeout=0
+                )
             except Exception as exc:  # noqa: BLE001 - classified below
                 if _allowed_open_error(exc):
                     continue
@@ -145,14 +159,34 @@ def qcow2_seeds():
     with open(os.path.join(d, "base.raw"), "wb") as f:
         f.write(bytes([0x5A]) * 65536)
     cs = 4096
-    first = build(4 << 20, {0: b"\x11" * cs, 1: ("compressed", b"\x22" * cs), 2: ZERO,
-                            3: ("compressed", bytes(range(256)) * 16), 600: b"\x33" * cs},
-                  cluster_bits=12, backing="base.raw", backing_fmt="raw").data
+    first = build(
+        4 << 20,
+        {
+            0: b"\x11" * cs,
+            1: ("compressed", b"\x22" * cs),
+            2: ZERO,
+            3: ("compressed", bytes(range(256)) * 16),
+            600: b"\x33" * cs,
+        },
+        cluster_bits=12,
+        backing="base.raw",
+        backing_fmt="raw",
+    ).data
     sc = 16384 // 32
-    second = build(1 << 20, {0: ("sub", b"\x44" * 16384, 0xFFFF, 0xFF0000), 1: ZERO,
-                             2: ("compressed", b"\x55" * 16384), 40: b"\x66" * 16384},
-                   cluster_bits=14, extended_l2=True, compression_type=1,
-                   backing="base.raw", backing_fmt="raw").data
+    second = build(
+        1 << 20,
+        {
+            0: ("sub", b"\x44" * 16384, 0xFFFF, 0xFF0000),
+            1: ZERO,
+            2: ("compressed", b"\x55" * 16384),
+            40: b"\x66" * 16384,
+        },
+        cluster_bits=14,
+        extended_l2=True,
+        compression_type=1,
+        backing="base.raw",
+        backing_fmt="raw",
+    ).data
     assert sc == 512
     _QCOW2_SEEDS["seeds"] = (d, [first, second])
     return _QCOW2_SEEDS["seeds"]
@@ -171,7 +205,7 @@ def qcow2_image(data: bytes) -> None:
     seed_dir, seeds = qcow2_seeds()
     seed = seeds[data[0] % len(seeds)] if data else seeds[0]
     body = bytes(data[1:])
-    image = body[: len(seed)] + seed[len(body):]
+    image = body[: len(seed)] + seed[len(body) :]
     path = os.path.join(seed_dir, f"fuzz-{os.getpid()}.qcow2")
     with open(path, "wb") as f:
         f.write(image)
@@ -224,15 +258,20 @@ def virtqueue(data: bytes) -> None:
     img = vblock.open_image(None, format="memory", size=1 << 20)
     mem = GuestMemory.anonymous(_VQ_MEM)
     dev = VirtioBlk(img, mem, queue_size_max=_VQ_SIZE)
-    drv = Driver(VirtioMmio(dev), mem, indirect=bool(data[:1] and data[0] & 1), event_idx=bool(data[:1] and data[0] & 2))
+    drv = Driver(
+        VirtioMmio(dev),
+        mem,
+        indirect=bool(data[:1] and data[0] & 1),
+        event_idx=bool(data[:1] and data[0] & 2),
+    )
     drv.start()
     dq = drv.queues[0]
     buf = drv.allocator.alloc(8192)  # the area descriptors may point into
     body = memoryview(data)[1:]
     table = bytes(body[: 16 * _VQ_SIZE]).ljust(16 * _VQ_SIZE, b"\0")
-    rest = body[16 * _VQ_SIZE:]
+    rest = body[16 * _VQ_SIZE :]
     heads = bytes(rest[: 2 * _VQ_SIZE]).ljust(2 * _VQ_SIZE, b"\0")
-    payload = bytes(rest[2 * _VQ_SIZE:])[:8192]
+    payload = bytes(rest[2 * _VQ_SIZE :])[:8192]
     mem.write(buf, payload)
     # Descriptor addresses are taken modulo a window around the buffer area, so most of them land
     # in guest memory (where parsing goes deepest) while the length and flags stay the fuzzer's.
@@ -266,7 +305,9 @@ def virtqueue(data: bytes) -> None:
     if before != after:
         for i in range(_VQ_MEM):
             if before[i] != after[i] and not any(a <= i < a + n for a, n in allowed):
-                raise AssertionError(f"device wrote guest memory at {i:#x}, outside writable buffers")
+                raise AssertionError(
+                    f"device wrote guest memory at {i:#x}, outside writable buffers"
+                )
     img.close()
 
 
@@ -279,10 +320,14 @@ def _nbd_handshake():
     """Client bytes of a valid handshake (structured replies, base:allocation, GO "disk")."""
     from vblock.nbd import protocol as P
 
-    return (struct.pack(">I", P.FLAG_FIXED_NEWSTYLE | P.FLAG_NO_ZEROES)
-            + P.encode_option(P.Opt.STRUCTURED_REPLY)
-            + P.encode_option(P.Opt.SET_META_CONTEXT, P.encode_meta_request("disk", [P.BASE_ALLOCATION]))
-            + P.encode_option(P.Opt.GO, P.encode_info_request("disk", (P.INFO_BLOCK_SIZE,))))
+    return (
+        struct.pack(">I", P.FLAG_FIXED_NEWSTYLE | P.FLAG_NO_ZEROES)
+        + P.encode_option(P.Opt.STRUCTURED_REPLY)
+        + P.encode_option(
+            P.Opt.SET_META_CONTEXT, P.encode_meta_request("disk", [P.BASE_ALLOCATION])
+        )
+        + P.encode_option(P.Opt.GO, P.encode_info_request("disk", (P.INFO_BLOCK_SIZE,)))
+    )
 
 
 def nbd_server(data: bytes) -> None:
@@ -351,9 +396,13 @@ def seed_inputs(name):
     if name == "nbd_server":
         from vblock.nbd import protocol as P
 
-        reqs = (P.encode_request(P.Cmd.WRITE, 1, 512, 4) + b"abcd" + P.encode_request(P.Cmd.READ, 2, 0, 512)
-                + P.encode_request(P.Cmd.BLOCK_STATUS, 3, 0, 4096, P.CMD_FLAG_REQ_ONE)
-                + P.encode_request(P.Cmd.DISC, 4))
+        reqs = (
+            P.encode_request(P.Cmd.WRITE, 1, 512, 4)
+            + b"abcd"
+            + P.encode_request(P.Cmd.READ, 2, 0, 512)
+            + P.encode_request(P.Cmd.BLOCK_STATUS, 3, 0, 4096, P.CMD_FLAG_REQ_ONE)
+            + P.encode_request(P.Cmd.DISC, 4)
+        )
         return [bytes([1, 7]) + reqs, bytes([0, 3]) + _nbd_handshake() + reqs]
     return [bytes([3]) + bytes(16 * _VQ_SIZE) + bytes([1, 0]) + bytes(2 * _VQ_SIZE - 2)]
 
@@ -367,12 +416,24 @@ def run_hypothesis(name, seconds, seed=0):
     count = [0]
     end = time.monotonic() + seconds
 
-    @settings(max_examples=200, deadline=None, database=None, derandomize=False,
-              suppress_health_check=list(HealthCheck))
-    @given(st.one_of(st.binary(max_size=20000),
-                     st.builds(lambda s, pos, b: s[:pos] + b + s[pos + len(b):],
-                               st.sampled_from(seed_inputs(name)), st.integers(0, 16384),
-                               st.binary(min_size=1, max_size=64))))
+    @settings(
+        max_examples=200,
+        deadline=None,
+        database=None,
+        derandomize=False,
+        suppress_health_check=list(HealthCheck),
+    )
+    @given(
+        st.one_of(
+            st.binary(max_size=20000),
+            st.builds(
+                lambda s, pos, b: s[:pos] + b + s[pos + len(b) :],
+                st.sampled_from(seed_inputs(name)),
+                st.integers(0, 16384),
+                st.binary(min_size=1, max_size=64),
+            ),
+        )
+    )
     def run(data):
         count[0] += 1
         fn(data)
@@ -393,19 +454,30 @@ def run_atheris(name, seconds, corpus=None):
     for i, s in enumerate(seed_inputs(name)):
         with open(os.path.join(corpus, f"seed{i}"), "wb") as f:
             f.write(s)
-    args = [sys.argv[0], corpus, f"-max_total_time={int(seconds)}", "-max_len=20000", "-timeout=20",
-            "-rss_limit_mb=4096", "-print_final_stats=1"]
+    args = [
+        sys.argv[0],
+        corpus,
+        f"-max_total_time={int(seconds)}",
+        "-max_len=20000",
+        "-timeout=20",
+        "-rss_limit_mb=4096",
+        "-print_final_stats=1",
+    ]
     atheris.Setup(args, fn)
     atheris.Fuzz()  # exits the process at the end of the run
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m vblock.testing.fuzz", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(
+        prog="python -m vblock.testing.fuzz", description=__doc__.split("\n\n")[0]
+    )
     ap.add_argument("target", choices=TARGETS)
     ap.add_argument("--seconds", type=float, default=60.0, help="how long to fuzz (default 60)")
     ap.add_argument("--corpus", help="corpus directory (atheris)")
     ap.add_argument("--engine", choices=("auto", "atheris", "hypothesis"), default="auto")
-    ap.add_argument("--replay", nargs="*", help="run the target once on each of these files and exit")
+    ap.add_argument(
+        "--replay", nargs="*", help="run the target once on each of these files and exit"
+    )
     args = ap.parse_args(argv)
     if args.replay is not None:
         fn = _target(args.target)

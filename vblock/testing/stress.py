@@ -94,7 +94,9 @@ class StressConfig:
     format: str | None = None  # None: qed for created images, probe for existing ones
     seed: int | None = None  # None: chosen from the clock (reported)
     keep: bool = False  # keep the temporary directory
-    workdir: str | None = None  # where the temporary directory goes (default: $VBLOCK_STRESS_DIR, /var/tmp)
+    workdir: str | None = (
+        None  # where the temporary directory goes (default: $VBLOCK_STRESS_DIR, /var/tmp)
+    )
     mix: tuple = (0.45, 0.40, 0.06, 0.06, 0.03)  # read, write, write-zeroes, discard, flush
 
 
@@ -107,8 +109,10 @@ class Mismatch:
 
     def describe(self) -> str:
         exp = ", ".join("zeros" if v == ZERO else f"generation {v}" for v in self.expected)
-        return (f"data mismatch at offset {self.offset} (sector {self.offset // SECTOR}, {self.phase}): "
-                f"expected {exp or 'nothing'}; found {self.found}")
+        return (
+            f"data mismatch at offset {self.offset} (sector {self.offset // SECTOR}, {self.phase}): "
+            f"expected {exp or 'nothing'}; found {self.found}"
+        )
 
 
 @dataclasses.dataclass
@@ -209,14 +213,26 @@ def _damage(data, p, offset, gen, run_id) -> str:
     got = bytes(data[p : p + SECTOR])
     for i in range(SECTOR):
         if got[i] != want[i]:
-            return (f"generation {gen} with byte {offset + i} changed "
-                    f"({got[i]:#04x} instead of {want[i]:#04x}): checksum fails")
+            return (
+                f"generation {gen} with byte {offset + i} changed "
+                f"({got[i]:#04x} instead of {want[i]:#04x}): checksum fails"
+            )
     return f"generation {gen} with a wrong checksum field"
 
 
 # -- the model -------------------------------------------------------------------------------------
 class _Op:
-    __slots__ = ("type", "value", "first", "count", "queue", "concurrent", "allowed", "req", "keep_old")
+    __slots__ = (
+        "type",
+        "value",
+        "first",
+        "count",
+        "queue",
+        "concurrent",
+        "allowed",
+        "req",
+        "keep_old",
+    )
 
     def __init__(self, type_, value, first, count, queue):
         self.type = type_
@@ -322,7 +338,9 @@ class Model:
 
 # -- the run ---------------------------------------------------------------------------------------
 class _Runner:
-    def __init__(self, cfg: StressConfig, report: StressReport, run_id: int, rng: random.Random, model: Model):
+    def __init__(
+        self, cfg: StressConfig, report: StressReport, run_id: int, rng: random.Random, model: Model
+    ):
         self.cfg = cfg
         self.report = report
         self.run_id = run_id
@@ -353,7 +371,9 @@ class _Runner:
                         if len(w) != 1 or v not in w:
                             break
                         j += 1
-                    if data[i * BLOCK : j * BLOCK] == stamp((first_block + i) * BLOCK, (j - i) * BLOCK, v, run_id):
+                    if data[i * BLOCK : j * BLOCK] == stamp(
+                        (first_block + i) * BLOCK, (j - i) * BLOCK, v, run_id
+                    ):
                         if run:
                             rep.verified_blocks += j - i
                             rep.stamped_blocks += j - i
@@ -460,7 +480,9 @@ class _Causes:
         return self._watch(("discard", offset), self._img.submit_discard, offset, length)
 
     def submit_write_zeroes(self, offset, length, may_unmap=False):
-        return self._watch(("write-zeroes", offset), self._img.submit_write_zeroes, offset, length, may_unmap)
+        return self._watch(
+            ("write-zeroes", offset), self._img.submit_write_zeroes, offset, length, may_unmap
+        )
 
     def _watch(self, key, call, *args):
         try:
@@ -485,7 +507,9 @@ class _Causes:
 def describe_cause(exc) -> str:
     """``ENOSPC: No space left on device`` for a host error, ``ImageError: ...`` otherwise."""
     if isinstance(exc, OSError) and exc.errno:
-        return f"{errno.errorcode.get(exc.errno, exc.errno)}: {exc.strerror or os.strerror(exc.errno)}"
+        return (
+            f"{errno.errorcode.get(exc.errno, exc.errno)}: {exc.strerror or os.strerror(exc.errno)}"
+        )
     return f"{type(exc).__name__}: {' '.join(str(exc).split())}"
 
 
@@ -535,7 +559,9 @@ def run(cfg: StressConfig, progress=None) -> StressReport:
         fmt = cfg.format
         created = False
         if not os.path.exists(path) and not is_nbd_uri(path):  # a URI: the server says
-            raise FileNotFoundError(errno.ENOENT, "no such image (stress --image uses an existing one)", path)
+            raise FileNotFoundError(
+                errno.ENOENT, "no such image (stress --image uses an existing one)", path
+            )
     try:
         if created:
             if cfg.size < BLOCK or cfg.size % BLOCK:
@@ -608,10 +634,16 @@ def _drive(cfg, img, runner, progress):
                         elif t == FLUSH:
                             req = submit(FLUSH, 0, queue=q, kick=False)
                         else:
-                            flags = S.VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP if t == WZ and runner.rng.random() < 0.5 else 0
+                            flags = (
+                                S.VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP
+                                if t == WZ and runner.rng.random() < 0.5
+                                else 0
+                            )
                             seg = encode_segments([(sector, op.count * SECTORS_PER_BLOCK, flags)])
                             req = submit(t, 0, data=seg, queue=q, kick=False)
-                        req.sector = op  # the driver is done with .sector once submitted: carry the op
+                        req.sector = (
+                            op  # the driver is done with .sector once submitted: carry the op
+                        )
                         qin[q] += 1
                 drv.kick()
             elif not drv.in_flight():
@@ -622,8 +654,14 @@ def _drive(cfg, img, runner, progress):
                 name = OP_NAMES[op.type]
                 counts[name] += 1
                 if req.status != S.VIRTIO_BLK_S_OK:
-                    status = {S.VIRTIO_BLK_S_IOERR: "IOERR", S.VIRTIO_BLK_S_UNSUPP: "UNSUPP"}.get(req.status, req.status)
-                    where = f" at offset {op.first * BLOCK} (+{op.count * BLOCK} bytes)" if op.count else ""
+                    status = {S.VIRTIO_BLK_S_IOERR: "IOERR", S.VIRTIO_BLK_S_UNSUPP: "UNSUPP"}.get(
+                        req.status, req.status
+                    )
+                    where = (
+                        f" at offset {op.first * BLOCK} (+{op.count * BLOCK} bytes)"
+                        if op.count
+                        else ""
+                    )
                     cause = causes.pop(name, op.first * BLOCK if op.count else None)
                     why = f" ({describe_cause(cause)})" if cause is not None else ""
                     runner.error(f"{name}{where} failed with status {status}{why}")
@@ -642,7 +680,9 @@ def _drive(cfg, img, runner, progress):
             if progress is not None and last_done >= next_report:
                 next_report = last_done + 0.25
                 report.elapsed = last_done - start
-                progress(report, min(1.0, (last_done - start) / cfg.duration) if cfg.duration else 1.0)
+                progress(
+                    report, min(1.0, (last_done - start) / cfg.duration) if cfg.duration else 1.0
+                )
         report.elapsed = last_done - start
         status = drv.flush()
         if status != S.VIRTIO_BLK_S_OK:
@@ -663,7 +703,10 @@ def _after_reopen(path, fmt, runner):
         nblocks = img.size // BLOCK
         # every 1 MiB piece of the disk that the run touched, whole: untouched blocks in it are
         # checked too (zeros on an image the run created; skipped on a given one)
-        ranges = [(c * per, min(nblocks, (c + 1) * per)) for c in sorted({b // per for b in model.touched})]
+        ranges = [
+            (c * per, min(nblocks, (c + 1) * per))
+            for c in sorted({b // per for b in model.touched})
+        ]
         pending = collections.deque()
 
         def settle(limit):
@@ -672,7 +715,9 @@ def _after_reopen(path, fmt, runner):
                 try:
                     fut.result()
                 except OSError as exc:
-                    runner.error(f"read at offset {lo * BLOCK} after reopen failed ({describe_cause(exc)})")
+                    runner.error(
+                        f"read at offset {lo * BLOCK} after reopen failed ({describe_cause(exc)})"
+                    )
                     continue
                 runner.verify(buf, lo, hi - lo, model.possible, "after reopen")
 

@@ -36,11 +36,58 @@ import time
 CACHE = os.environ.get("VBLOCK_GUEST_CACHE") or os.path.expanduser("~/.cache/vblock-guest")
 QEMU = "qemu-system-x86_64"
 BOOT_TIMEOUT = 90  # seconds for one QEMU run (a boot is ~2.5 s idle, ~5 s on a busy host)
-MODULES = ("virtio_ring", "virtio", "virtio_pci_legacy_dev", "virtio_pci_modern_dev", "virtio_pci", "virtio_blk")
-APPLETS = ("sh", "mount", "umount", "insmod", "dd", "sha256sum", "cut", "cat", "head", "yes", "cmp", "sleep",
-           "blockdev", "poweroff", "mke2fs", "mkfs.ext2", "blkdiscard", "sync", "echo", "ls", "mkdir", "rm",
-           "seq", "wait", "tr", "wc", "sed", "grep", "true", "false", "test", "[", "printf", "awk", "stat",
-           "uptime", "time", "date", "expr", "tail", "taskset", "nproc")
+MODULES = (
+    "virtio_ring",
+    "virtio",
+    "virtio_pci_legacy_dev",
+    "virtio_pci_modern_dev",
+    "virtio_pci",
+    "virtio_blk",
+)
+APPLETS = (
+    "sh",
+    "mount",
+    "umount",
+    "insmod",
+    "dd",
+    "sha256sum",
+    "cut",
+    "cat",
+    "head",
+    "yes",
+    "cmp",
+    "sleep",
+    "blockdev",
+    "poweroff",
+    "mke2fs",
+    "mkfs.ext2",
+    "blkdiscard",
+    "sync",
+    "echo",
+    "ls",
+    "mkdir",
+    "rm",
+    "seq",
+    "wait",
+    "tr",
+    "wc",
+    "sed",
+    "grep",
+    "true",
+    "false",
+    "test",
+    "[",
+    "printf",
+    "awk",
+    "stat",
+    "uptime",
+    "time",
+    "date",
+    "expr",
+    "tail",
+    "taskset",
+    "nproc",
+)
 MARK = "VBG "
 
 INIT = """#!/bin/sh
@@ -64,7 +111,9 @@ def missing():
         return "guest tests need an x86-64 Linux host"
     for tool in (QEMU, "qemu-img"):
         if shutil.which(tool) is None:
-            return f"{tool} not installed (run .ci/guest-deps.sh: Debian qemu-system-x86, qemu-utils)"
+            return (
+                f"{tool} not installed (run .ci/guest-deps.sh: Debian qemu-system-x86, qemu-utils)"
+            )
     try:
         artifacts()
     except RuntimeError as exc:
@@ -83,14 +132,25 @@ def _debs():
         raise RuntimeError(f"no kernel/busybox packages in {d} and no apt-get to download them")
     os.makedirs(d, exist_ok=True)
     try:
-        subprocess.run(["apt-get", "download", "busybox-static", "linux-image-cloud-amd64"], cwd=d, check=True,
-                       capture_output=True, timeout=300)
+        subprocess.run(
+            ["apt-get", "download", "busybox-static", "linux-image-cloud-amd64"],
+            cwd=d,
+            check=True,
+            capture_output=True,
+            timeout=300,
+        )
         meta = sorted(glob.glob(os.path.join(d, "linux-image-cloud-amd64_*.deb")))[-1]
-        dep = subprocess.run(["dpkg-deb", "-f", meta, "Depends"], check=True, capture_output=True, text=True).stdout
+        dep = subprocess.run(
+            ["dpkg-deb", "-f", meta, "Depends"], check=True, capture_output=True, text=True
+        ).stdout
         kpkg = dep.split()[0].split("(")[0].strip(",")
-        subprocess.run(["apt-get", "download", kpkg], cwd=d, check=True, capture_output=True, timeout=600)
+        subprocess.run(
+            ["apt-get", "download", kpkg], cwd=d, check=True, capture_output=True, timeout=600
+        )
     except (subprocess.SubprocessError, OSError, IndexError) as exc:
-        raise RuntimeError(f"cannot download linux-image-cloud-amd64 / busybox-static: {exc}") from None
+        raise RuntimeError(
+            f"cannot download linux-image-cloud-amd64 / busybox-static: {exc}"
+        ) from None
     return _debs()
 
 
@@ -107,9 +167,19 @@ def artifacts():
     with tempfile.TemporaryDirectory(dir=CACHE) as tmp:
         kx = os.path.join(tmp, "k")
         os.makedirs(kx)
-        tar = subprocess.Popen(["tar", "-x", "-C", kx, "--wildcards", "./boot/vmlinuz-*",
-                                "./lib/modules/*/kernel/drivers/virtio/virtio*.ko",
-                                "./lib/modules/*/kernel/drivers/block/virtio_blk.ko"], stdin=subprocess.PIPE)
+        tar = subprocess.Popen(
+            [
+                "tar",
+                "-x",
+                "-C",
+                kx,
+                "--wildcards",
+                "./boot/vmlinuz-*",
+                "./lib/modules/*/kernel/drivers/virtio/virtio*.ko",
+                "./lib/modules/*/kernel/drivers/block/virtio_blk.ko",
+            ],
+            stdin=subprocess.PIPE,
+        )
         dpkg = subprocess.run(["dpkg-deb", "--fsys-tarfile", kdeb], stdout=tar.stdin, check=True)
         tar.stdin.close()
         if tar.wait() or dpkg.returncode:
@@ -118,9 +188,17 @@ def artifacts():
         subprocess.run(["dpkg", "-x", bbdeb, bbx], check=True)
         with open(os.path.join(bbx, "bin", "busybox"), "rb") as f:
             busybox = f.read()
-        files = [("bin", None, 0o755), ("proc", None, 0o755), ("sys", None, 0o755), ("dev", None, 0o755),
-                 ("tmp", None, 0o1777), ("mnt", None, 0o755), ("lib", None, 0o755),
-                 ("lib/modules", None, 0o755), ("bin/busybox", busybox, 0o755)]
+        files = [
+            ("bin", None, 0o755),
+            ("proc", None, 0o755),
+            ("sys", None, 0o755),
+            ("dev", None, 0o755),
+            ("tmp", None, 0o1777),
+            ("mnt", None, 0o755),
+            ("lib", None, 0o755),
+            ("lib/modules", None, 0o755),
+            ("bin/busybox", busybox, 0o755),
+        ]
         files += [(f"bin/{a}", "busybox", "link") for a in APPLETS]
         for m in MODULES:
             (ko,) = glob.glob(os.path.join(kx, "lib/modules/*/kernel/drivers/*", m + ".ko"))
@@ -148,8 +226,9 @@ def cpio(files):
         else:
             body, m = data, (0o100000 | mode) if path != "TRAILER!!!" else 0
         name = path.encode() + b"\0"
-        hdr = "070701" + "".join(f"{v:08x}" for v in (
-            ino, m, 0, 0, 1, 0, len(body), 0, 0, 0, 0, len(name), 0))
+        hdr = "070701" + "".join(
+            f"{v:08x}" for v in (ino, m, 0, 0, 1, 0, len(body), 0, 0, 0, 0, len(name), 0)
+        )
         out.write(hdr.encode() + name)
         out.write(b"\0" * (-(110 + len(name)) % 4))
         out.write(body)
@@ -166,7 +245,9 @@ def initrd_for(script, directory):
     with open(base, "rb") as f, open(path, "wb") as out:
         data = f.read()
         out.write(data)
-        out.write(b"\0" * (-len(data) % 512))  # the kernel looks for the next archive 4-byte aligned
+        out.write(
+            b"\0" * (-len(data) % 512)
+        )  # the kernel looks for the next archive 4-byte aligned
         out.write(cpio([("scenario.sh", script.encode(), 0o755)]))
     return path
 
@@ -194,8 +275,11 @@ class Serve:
         self.sock = sock
         self.stderr_path = sock + ".log"
         self._err = open(self.stderr_path, "wb")
-        self.proc = subprocess.Popen([sys.executable, "-m", "vblock.cli.main", "serve", "--vhost-user", sock, image, *args],
-                                     stdout=subprocess.DEVNULL, stderr=self._err)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "vblock.cli.main", "serve", "--vhost-user", sock, image, *args],
+            stdout=subprocess.DEVNULL,
+            stderr=self._err,
+        )
         wait_for_server(self.stderr_path, self.proc)
 
     def stop(self, sig=signal.SIGTERM, timeout=60):
@@ -217,12 +301,37 @@ class Serve:
 
 
 def qemu_cmd(sock, vmlinuz, initrd, queues=1, smp=1, mem_mb=512):
-    return [QEMU, "-machine", "q35", "-accel", "tcg", "-nic", "none", "-m", f"{mem_mb}M", "-smp", str(smp),
-            "-object", f"memory-backend-memfd,id=mem,size={mem_mb}M,share=on", "-numa", "node,memdev=mem",
-            "-chardev", f"socket,id=c0,path={sock}",
-            "-device", f"vhost-user-blk-pci,chardev=c0,num-queues={queues}",
-            "-kernel", vmlinuz, "-initrd", initrd, "-append", "console=ttyS0 quiet panic=-1",
-            "-nographic", "-no-reboot", "-serial", "mon:stdio"]
+    return [
+        QEMU,
+        "-machine",
+        "q35",
+        "-accel",
+        "tcg",
+        "-nic",
+        "none",
+        "-m",
+        f"{mem_mb}M",
+        "-smp",
+        str(smp),
+        "-object",
+        f"memory-backend-memfd,id=mem,size={mem_mb}M,share=on",
+        "-numa",
+        "node,memdev=mem",
+        "-chardev",
+        f"socket,id=c0,path={sock}",
+        "-device",
+        f"vhost-user-blk-pci,chardev=c0,num-queues={queues}",
+        "-kernel",
+        vmlinuz,
+        "-initrd",
+        initrd,
+        "-append",
+        "console=ttyS0 quiet panic=-1",
+        "-nographic",
+        "-no-reboot",
+        "-serial",
+        "mon:stdio",
+    ]
 
 
 def boot(sock, script, directory, queues=1, smp=1, timeout=BOOT_TIMEOUT, on_line=None):
@@ -233,7 +342,9 @@ def boot(sock, script, directory, queues=1, smp=1, timeout=BOOT_TIMEOUT, on_line
     vmlinuz, _ = artifacts()
     initrd = initrd_for(script, directory)
     cmd = ["timeout", "-k", "5", str(timeout)] + qemu_cmd(sock, vmlinuz, initrd, queues, smp)
-    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
     lines = []
     markers = {}
     try:
@@ -242,7 +353,7 @@ def boot(sock, script, directory, queues=1, smp=1, timeout=BOOT_TIMEOUT, on_line
             lines.append(line)
             i = line.find(MARK)
             if i >= 0:
-                for kv in line[i + len(MARK):].split():
+                for kv in line[i + len(MARK) :].split():
                     k, _, v = kv.partition("=")
                     markers[k] = v
             if on_line is not None and on_line(line):

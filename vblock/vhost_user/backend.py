@@ -82,6 +82,7 @@ _VHOST_BITS = 1 << P.VHOST_USER_F_PROTOCOL_FEATURES | 1 << P.VHOST_F_LOG_ALL
 _NOT_OVER_VHOST_USER = 1 << VIRTIO_F_RING_PACKED
 STOP_TIMEOUT = 60.0  # seconds to wait for a stopped ring's requests before giving up on them
 
+
 def install_fences():
     """Make the split queue's ordering points real CPU fences (see the module docstring)."""
     _queue.use_native_fences()
@@ -143,8 +144,14 @@ class VhostUserBlk:
         self.image = _CountingImage(img)
         self.host = host
         self.writeback = writeback
-        self.device = VirtioBlk(self.image, _no_memory(), num_queues=num_queues,
-                                queue_size_max=QUEUE_SIZE_MAX, serial=serial, read_only=read_only)
+        self.device = VirtioBlk(
+            self.image,
+            _no_memory(),
+            num_queues=num_queues,
+            queue_size_max=QUEUE_SIZE_MAX,
+            serial=serial,
+            read_only=read_only,
+        )
         self.device.attach(self._used_irq, self._config_irq)
         self.num_queues = num_queues
         self.rings = [_RingIO() for _ in range(num_queues)]
@@ -154,7 +161,9 @@ class VhostUserBlk:
 
     def new_connection(self):
         """A fresh protocol ``Connection`` for a newly accepted front-end."""
-        conn = P.Connection(self.num_queues, self.device.device_features & ~_NOT_OVER_VHOST_USER, PROTOCOL_FEATURES)
+        conn = P.Connection(
+            self.num_queues, self.device.device_features & ~_NOT_OVER_VHOST_USER, PROTOCOL_FEATURES
+        )
         self.session = conn.session
         return conn
 
@@ -180,7 +189,11 @@ class VhostUserBlk:
         dev = self.device
         if dev.status & FEATURES_OK and dev.driver_features != virtio:
             if any(r.running for r in self.rings):
-                _log.warning("vhost-user: SET_FEATURES %#x while rings run; kept %#x", virtio, dev.driver_features)
+                _log.warning(
+                    "vhost-user: SET_FEATURES %#x while rings run; kept %#x",
+                    virtio,
+                    dev.driver_features,
+                )
             else:
                 dev.reset()
 
@@ -214,7 +227,9 @@ class VhostUserBlk:
         try:
             return self.host.map_region(fd, region.mmap_offset, region.size)
         except (OSError, ValueError, OverflowError) as exc:
-            raise Refused(f"cannot map region gpa={region.gpa:#x} size={region.size:#x}: {exc}") from None
+            raise Refused(
+                f"cannot map region gpa={region.gpa:#x} size={region.size:#x}: {exc}"
+            ) from None
         finally:
             os.close(fd)
 
@@ -400,12 +415,18 @@ class VhostUserBlk:
         base = q.next_avail if q.ready else self.session.rings[index].base
         if q.ready:
             if not dev.wait_idle(index, STOP_TIMEOUT):
-                _log.error("vhost-user: ring %d still has requests in flight after %.0f s", index, STOP_TIMEOUT)
+                _log.error(
+                    "vhost-user: ring %d still has requests in flight after %.0f s",
+                    index,
+                    STOP_TIMEOUT,
+                )
             dev.set_queue_ready(index, False)
         _close([rio.kick] if rio.kick is not None else [])
         rio.kick = None
         _log.info("vhost-user: ring %d stopped at avail index %d", index, base)
-        if not any(r.running for r in self.rings) and not any(dev.queue(i).ready for i in range(self.num_queues)):
+        if not any(r.running for r in self.rings) and not any(
+            dev.queue(i).ready for i in range(self.num_queues)
+        ):
             dev.reset()
         return base
 
@@ -422,7 +443,9 @@ class VhostUserBlk:
         c = req.value
         limit = P.CONFIG_SPACE_MAX
         if c.offset > limit or c.size > limit - c.offset:
-            raise Refused(f"GET_CONFIG of {c.size} bytes at {c.offset:#x} is outside the config space")
+            raise Refused(
+                f"GET_CONFIG of {c.size} bytes at {c.offset:#x} is outside the config space"
+            )
         cfg = bytearray(self.device.config_bytes())
         if not self.device.status & FEATURES_OK:
             cfg[VIRTIO_BLK_CONFIG_WRITEBACK_OFFSET] = 1 if self.writeback else 0
@@ -490,7 +513,11 @@ def check_regions(regions):
         where = f"region gpa={r.gpa:#x} size={r.size:#x} uva={r.uva:#x} offset={r.mmap_offset:#x}"
         if r.size == 0:
             raise Refused(f"{where}: size 0")
-        for name, start in (("guest-physical", r.gpa), ("front-end virtual", r.uva), ("file", r.mmap_offset)):
+        for name, start in (
+            ("guest-physical", r.gpa),
+            ("front-end virtual", r.uva),
+            ("file", r.mmap_offset),
+        ):
             if start + r.size > _U64_LIMIT:
                 raise Refused(f"{where}: {name} range wraps 2^64")
     for name, key in (("guest-physical", lambda r: r.gpa), ("front-end virtual", lambda r: r.uva)):

@@ -267,7 +267,9 @@ class Request:
 def _exact(st):
     def dec(code, payload):
         if len(payload) != st.size:
-            raise RemoteProtocolError(f"{_name(code)}: payload of {len(payload)} bytes, expected {st.size}")
+            raise RemoteProtocolError(
+                f"{_name(code)}: payload of {len(payload)} bytes, expected {st.size}"
+            )
         vals = st.unpack(payload)
         return vals[0] if len(vals) == 1 else vals
 
@@ -280,36 +282,50 @@ def _none(code, payload):
 
 def _dec_vring_addr(code, payload):
     if len(payload) != vring_addr.size:
-        raise RemoteProtocolError(f"{_name(code)}: payload of {len(payload)} bytes, expected {vring_addr.size}")
+        raise RemoteProtocolError(
+            f"{_name(code)}: payload of {len(payload)} bytes, expected {vring_addr.size}"
+        )
     return VringAddr(*vring_addr.unpack(payload))
 
 
 def _dec_mem_table(code, payload):
     if len(payload) < mem_table_head.size:
-        raise RemoteProtocolError(f"SET_MEM_TABLE: payload of {len(payload)} bytes has no region count")
+        raise RemoteProtocolError(
+            f"SET_MEM_TABLE: payload of {len(payload)} bytes has no region count"
+        )
     n, _pad = mem_table_head.unpack_from(payload)
     if n > MEMORY_MAX_NREGIONS:
         raise RemoteProtocolError(f"SET_MEM_TABLE: {n} regions, at most {MEMORY_MAX_NREGIONS}")
     need = mem_table_head.size + n * mem_region.size
     if len(payload) < need:
-        raise RemoteProtocolError(f"SET_MEM_TABLE: {n} regions need {need} bytes, got {len(payload)}")
-    return tuple(MemRegion(*mem_region.unpack_from(payload, mem_table_head.size + i * mem_region.size))
-                 for i in range(n))
+        raise RemoteProtocolError(
+            f"SET_MEM_TABLE: {n} regions need {need} bytes, got {len(payload)}"
+        )
+    return tuple(
+        MemRegion(*mem_region.unpack_from(payload, mem_table_head.size + i * mem_region.size))
+        for i in range(n)
+    )
 
 
 def _dec_mem_reg(code, payload):
     if len(payload) != 8 + mem_region.size:
-        raise RemoteProtocolError(f"{_name(code)}: payload of {len(payload)} bytes, expected {8 + mem_region.size}")
+        raise RemoteProtocolError(
+            f"{_name(code)}: payload of {len(payload)} bytes, expected {8 + mem_region.size}"
+        )
     return MemRegion(*mem_region.unpack_from(payload, 8))
 
 
 def _dec_config(code, payload):
     if len(payload) < config_head.size:
-        raise RemoteProtocolError(f"{_name(code)}: payload of {len(payload)} bytes has no config header")
+        raise RemoteProtocolError(
+            f"{_name(code)}: payload of {len(payload)} bytes has no config header"
+        )
     offset, size, flags = config_head.unpack_from(payload)
     if size > CONFIG_SPACE_MAX or len(payload) < config_head.size + size:
         raise RemoteProtocolError(f"{_name(code)}: config size {size} does not fit the payload")
-    return ConfigSpace(offset, size, flags, bytes(payload[config_head.size : config_head.size + size]))
+    return ConfigSpace(
+        offset, size, flags, bytes(payload[config_head.size : config_head.size + size])
+    )
 
 
 _DECODERS = {
@@ -354,9 +370,17 @@ def encode(code, payload=b"", flags=VERSION):
 def encode_value(code, value):
     """The payload bytes of ``value`` for ``code`` (the inverse of the decoders)."""
     code = Req(code)
-    if code in (Req.GET_FEATURES, Req.SET_FEATURES, Req.GET_PROTOCOL_FEATURES, Req.SET_PROTOCOL_FEATURES,
-                Req.GET_QUEUE_NUM, Req.GET_MAX_MEM_SLOTS, Req.SET_VRING_KICK, Req.SET_VRING_CALL,
-                Req.SET_VRING_ERR):
+    if code in (
+        Req.GET_FEATURES,
+        Req.SET_FEATURES,
+        Req.GET_PROTOCOL_FEATURES,
+        Req.SET_PROTOCOL_FEATURES,
+        Req.GET_QUEUE_NUM,
+        Req.GET_MAX_MEM_SLOTS,
+        Req.SET_VRING_KICK,
+        Req.SET_VRING_CALL,
+        Req.SET_VRING_ERR,
+    ):
         return u64.pack(value)
     if code in (Req.SET_VRING_NUM, Req.SET_VRING_BASE, Req.GET_VRING_BASE, Req.SET_VRING_ENABLE):
         return vring_state.pack(*value)
@@ -440,7 +464,9 @@ class Session:
 
     def ring(self, code, index):
         if not 0 <= index < self.num_queues:
-            raise RemoteProtocolError(f"{_name(code)}: ring {index} out of 0..{self.num_queues - 1}")
+            raise RemoteProtocolError(
+                f"{_name(code)}: ring {index} out of 0..{self.num_queues - 1}"
+            )
         return self.rings[index]
 
     def apply(self, req):
@@ -450,7 +476,9 @@ class Session:
         v = req.value
         if code == Req.SET_FEATURES:
             if v & ~self.device_features:
-                raise RemoteProtocolError(f"SET_FEATURES {v:#x} has bits never offered ({self.device_features:#x})")
+                raise RemoteProtocolError(
+                    f"SET_FEATURES {v:#x} has bits never offered ({self.device_features:#x})"
+                )
             self.features = v
             self.features_set = True
             pf = bool(v >> VHOST_USER_F_PROTOCOL_FEATURES & 1)
@@ -464,21 +492,32 @@ class Session:
             self.owner = True
         elif code == Req.RESET_OWNER:
             self.owner = False
-        elif code in (Req.SET_VRING_NUM, Req.SET_VRING_BASE, Req.GET_VRING_BASE, Req.SET_VRING_ENABLE):
+        elif code in (
+            Req.SET_VRING_NUM,
+            Req.SET_VRING_BASE,
+            Req.GET_VRING_BASE,
+            Req.SET_VRING_ENABLE,
+        ):
             index, num = v
             r = self.ring(code, index)
             nxt = self._step(r, code)
             if code == Req.SET_VRING_NUM:
                 if num == 0 or num & (num - 1) or num > 32768:
-                    raise RemoteProtocolError(f"SET_VRING_NUM: ring {index} size {num} is not a power of 2 <= 32768")
+                    raise RemoteProtocolError(
+                        f"SET_VRING_NUM: ring {index} size {num} is not a power of 2 <= 32768"
+                    )
                 r.num = num
             elif code == Req.SET_VRING_BASE:
                 if num > 0xFFFF:
-                    raise RemoteProtocolError(f"SET_VRING_BASE: ring {index} base {num} does not fit 16 bits")
+                    raise RemoteProtocolError(
+                        f"SET_VRING_BASE: ring {index} base {num} does not fit 16 bits"
+                    )
                 r.base = num
             elif code == Req.SET_VRING_ENABLE:
                 if num not in (0, 1):
-                    raise RemoteProtocolError(f"SET_VRING_ENABLE: ring {index} value {num} is not 0 or 1")
+                    raise RemoteProtocolError(
+                        f"SET_VRING_ENABLE: ring {index} value {num} is not 0 or 1"
+                    )
                 r.enabled = bool(num)
             else:  # GET_VRING_BASE stops the ring; the back-end fills r.base before replying
                 r.has_kick = False
@@ -493,7 +532,9 @@ class Session:
             if v & ~(VRING_IDX_MASK | VRING_NOFD_MASK):
                 raise RemoteProtocolError(f"{_name(code)}: reserved bits set in {v:#x}")
             if nofd and req.fds:
-                raise RemoteProtocolError(f"{_name(code)}: NOFD flag with {len(req.fds)} fds attached")
+                raise RemoteProtocolError(
+                    f"{_name(code)}: NOFD flag with {len(req.fds)} fds attached"
+                )
             if not nofd and len(req.fds) != 1:
                 raise RemoteProtocolError(f"{_name(code)}: expected 1 fd, got {len(req.fds)}")
             r = self.ring(code, index)
@@ -513,7 +554,9 @@ class Session:
         try:
             return _RING_TRANSITIONS[(ring.state, code)]
         except KeyError:
-            raise RemoteProtocolError(f"{_name(code)} on ring {ring.index} while {ring.state.value}") from None
+            raise RemoteProtocolError(
+                f"{_name(code)} on ring {ring.index} while {ring.state.value}"
+            ) from None
 
 
 # -- the connection -------------------------------------------------------------------------------
@@ -577,16 +620,22 @@ class Connection:
         if len(buf) < HEADER.size:
             if self._eof:
                 if buf:
-                    raise RemoteProtocolError(f"connection closed inside a message header ({len(buf)} bytes)")
+                    raise RemoteProtocolError(
+                        f"connection closed inside a message header ({len(buf)} bytes)"
+                    )
                 return CLOSED
             return NEED_DATA
         code, flags, size = HEADER.unpack_from(buf)
         if flags & VERSION_MASK != VERSION:
-            raise RemoteProtocolError(f"{_name(code)}: protocol version {flags & VERSION_MASK}, expected {VERSION}")
+            raise RemoteProtocolError(
+                f"{_name(code)}: protocol version {flags & VERSION_MASK}, expected {VERSION}"
+            )
         if flags & FLAG_REPLY:
             raise RemoteProtocolError(f"{_name(code)}: a reply where a request was expected")
         if size > MAX_PAYLOAD:
-            raise RemoteProtocolError(f"{_name(code)}: payload of {size} bytes (at most {MAX_PAYLOAD})")
+            raise RemoteProtocolError(
+                f"{_name(code)}: payload of {size} bytes (at most {MAX_PAYLOAD})"
+            )
         total = HEADER.size + size
         if len(buf) < total:
             if self._eof:

@@ -68,7 +68,9 @@ def check_backing(fd, offset, size):
     if not stat.S_ISREG(st.st_mode):
         raise Refused(f"guest memory fd is not a regular file or memfd (mode {st.st_mode:#o})")
     if st.st_size < offset + size:
-        raise Refused(f"guest memory file of {st.st_size} bytes is smaller than offset {offset:#x} + size {size:#x}")
+        raise Refused(
+            f"guest memory file of {st.st_size} bytes is smaller than offset {offset:#x} + size {size:#x}"
+        )
     try:
         name = os.readlink(f"/proc/self/fd/{fd}")
     except OSError:
@@ -100,8 +102,13 @@ class _Host:
         check_backing(fd, offset, size)
         gran = mmap.ALLOCATIONGRANULARITY
         base = offset - offset % gran
-        m = mmap.mmap(fd, size + offset - base, flags=mmap.MAP_SHARED,
-                      prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=base)
+        m = mmap.mmap(
+            fd,
+            size + offset - base,
+            flags=mmap.MAP_SHARED,
+            prot=mmap.PROT_READ | mmap.PROT_WRITE,
+            offset=base,
+        )
         return memoryview(m)[offset - base :]
 
     @staticmethod
@@ -144,14 +151,28 @@ class Server:
     front-end may leave a message incomplete, or a reply unread, before it is dropped.
     """
 
-    def __init__(self, path, image, num_queues=1, serial="vblock0", read_only=None, writeback=True,
-                 idle_timeout=IDLE_TIMEOUT):
+    def __init__(
+        self,
+        path,
+        image,
+        num_queues=1,
+        serial="vblock0",
+        read_only=None,
+        writeback=True,
+        idle_timeout=IDLE_TIMEOUT,
+    ):
         self.path = path
         self.image = image
         self.idle_timeout = idle_timeout
         self._host = _Host(self)
-        self.backend = VhostUserBlk(image, self._host, num_queues=num_queues, serial=serial,
-                                    read_only=read_only, writeback=writeback)
+        self.backend = VhostUserBlk(
+            image,
+            self._host,
+            num_queues=num_queues,
+            serial=serial,
+            read_only=read_only,
+            writeback=writeback,
+        )
         self._sel = selectors.DefaultSelector()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._stopping = False
@@ -254,9 +275,15 @@ class Server:
                 if partial_at is not None:
                     timeout = max(0.0, partial_at[1] + self.idle_timeout - time.monotonic())
                 events = sel.select(timeout)
-                if not events and partial_at is not None and time.monotonic() >= partial_at[1] + self.idle_timeout:
-                    _log.error("vhost-user: a message left incomplete for %g s; dropping the front-end",
-                               self.idle_timeout)
+                if (
+                    not events
+                    and partial_at is not None
+                    and time.monotonic() >= partial_at[1] + self.idle_timeout
+                ):
+                    _log.error(
+                        "vhost-user: a message left incomplete for %g s; dropping the front-end",
+                        self.idle_timeout,
+                    )
                     return
                 for key, _ in events:
                     kind, index = key.data
@@ -311,8 +338,11 @@ class Server:
             data, fds, flags = b"", [], 0
         if flags & socket.MSG_CTRUNC:
             _close_quietly(fds)
-            _log.error("vhost-user: a message came with more fds than %d (ancillary data truncated); "
-                       "dropping the front-end", P.MAX_FDS)
+            _log.error(
+                "vhost-user: a message came with more fds than %d (ancillary data truncated); "
+                "dropping the front-end",
+                P.MAX_FDS,
+            )
             return False
         proto.receive_data(data, fds)
         while True:
@@ -332,7 +362,10 @@ class Server:
                 _log.warning("vhost-user: %s", exc)
                 out = proto.refuse(req)
             except Exception:  # a bug of ours: drop this front-end, keep serving the next
-                _log.exception("vhost-user: internal error handling request %s; dropping the front-end", req.code)
+                _log.exception(
+                    "vhost-user: internal error handling request %s; dropping the front-end",
+                    req.code,
+                )
                 return False
             if out and not self._send(conn, out):
                 return False
@@ -344,7 +377,7 @@ class Server:
         deadline = time.monotonic() + self.idle_timeout
         while view:
             try:
-                view = view[conn.send(view):]
+                view = view[conn.send(view) :]
                 continue
             except (BlockingIOError, InterruptedError):
                 pass

@@ -33,8 +33,15 @@ if _built != EXPECTED_VERSION:  # pragma: no cover - only with a stale build
         f"{EXPECTED_VERSION}: reinstall vblock (pip install -e .)"
     )
 
-__all__ = ["ffi", "lib", "EXPECTED_VERSION", "buffer_address", "fence_acquire", "fence_release",
-           "fence_full"]
+__all__ = [
+    "ffi",
+    "lib",
+    "EXPECTED_VERSION",
+    "buffer_address",
+    "fence_acquire",
+    "fence_release",
+    "fence_full",
+]
 
 fence_acquire = lib.vring_fence_acquire
 fence_release = lib.vring_fence_release

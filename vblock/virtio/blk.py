@@ -265,7 +265,9 @@ class VirtioBlk(BlkDataPath):
         self._rules.flush = flush
         self._rules.discard = has(VIRTIO_BLK_F_DISCARD)
         self._rules.write_zeroes = has(VIRTIO_BLK_F_WRITE_ZEROES)
-        for dq in self._queues:  # a queue enabled too early (3.1.1 says after FEATURES_OK) reads with these
+        for dq in (
+            self._queues
+        ):  # a queue enabled too early (3.1.1 says after FEATURES_OK) reads with these
             if dq.ring.ready:
                 self._bind_reader(dq)
         return True
@@ -337,8 +339,9 @@ class VirtioBlk(BlkDataPath):
     def _bind_reader(self, dq):
         q = dq.ring
         if not q.packed:
-            dq.read = frame_reader(self.mem, q.desc_table, q.size, self._indirect, self.queue_size_max, self._rules)
-
+            dq.read = frame_reader(
+                self.mem, q.desc_table, q.size, self._indirect, self.queue_size_max, self._rules
+            )
 
     # -- config space (5.2.4) ---------------------------------------------------------------------
     def config_bytes(self) -> bytes:
@@ -348,7 +351,9 @@ class VirtioBlk(BlkDataPath):
             r.capacity_sectors,
             SIZE_MAX_BYTES,
             max(1, self.queue_size_max - 2),  # seg_max, as QEMU's seg-max-adjust
-            0, 0, 0,  # geometry (not offered)
+            0,
+            0,
+            0,  # geometry (not offered)
             SECTOR_SIZE,  # blk_size
             (PHYSICAL_BLOCK_BYTES // SECTOR_SIZE).bit_length() - 1,  # physical_block_exp
             0,  # alignment_offset
@@ -363,8 +368,14 @@ class VirtioBlk(BlkDataPath):
             MAX_DISCARD_SECTORS,
             MAX_SEGMENTS,
             1,  # write_zeroes_may_unmap
-            0, 0, 0,  # secure erase (not offered)
-            0, 0, 0, 0, 0,  # zoned (not offered)
+            0,
+            0,
+            0,  # secure erase (not offered)
+            0,
+            0,
+            0,
+            0,
+            0,  # zoned (not offered)
             0,
         )
 
@@ -445,4 +456,3 @@ def _check_int(name, value, low, high):
         raise TypeError(f"{name} must be an int, not {type(value).__name__}")
     if not low <= value <= high:
         raise ValueError(f"{name} {value} out of {low}..{high}")
-

@@ -100,8 +100,23 @@ class DeviceRequest(BlkRequest):
 class DeviceQueue:
     """Per-virtqueue device state: the ring, one request slot per head, and the completion batch."""
 
-    __slots__ = ("index", "ring", "read", "slots", "done", "lock", "draining", "queued", "dead", "popped",
-                 "published", "idle", "counters", "other", "turn")
+    __slots__ = (
+        "index",
+        "ring",
+        "read",
+        "slots",
+        "done",
+        "lock",
+        "draining",
+        "queued",
+        "dead",
+        "popped",
+        "published",
+        "idle",
+        "counters",
+        "other",
+        "turn",
+    )
 
     def __init__(self, index, size_max, counters):
         self.index = index
@@ -111,7 +126,9 @@ class DeviceQueue:
         self.ring = SplitQueue(size_max)
         self.read = None  # split rings: blk_request.frame_reader over the ring's table, made when it is enabled
         self.slots = ()
-        self.done = collections.deque()  # (head, used_len, ring descriptors) waiting to be published
+        self.done = (
+            collections.deque()
+        )  # (head, used_len, ring descriptors) waiting to be published
         self.lock = threading.Lock()  # the used side: add_used / publish / notification decision
         self.draining = False
         self.queued = False
@@ -217,7 +234,9 @@ class BlkDataPath:
                 dq.popped += 1
                 try:
                     if head >= size:
-                        raise RingError(f"head index {head} >= queue size {size}")  # 2.7.6 ring[] names a head
+                        raise RingError(
+                            f"head index {head} >= queue size {size}"
+                        )  # 2.7.6 ring[] names a head
                     start(dq, head, read, 1)
                 except RingError:
                     dq.popped -= 1  # refused (device needs reset): never coming back
@@ -248,7 +267,12 @@ class BlkDataPath:
                         if bid >= q.size:
                             raise RingError(f"buffer id {bid} >= queue size {q.size}") from None
                     q.advance(ndesc)
-                    start(dq, bid, None if chain is None else functools.partial(_parse_into, chain, rules), ndesc)
+                    start(
+                        dq,
+                        bid,
+                        None if chain is None else functools.partial(_parse_into, chain, rules),
+                        ndesc,
+                    )
                 except RingError:
                     dq.popped -= 1  # refused (device needs reset): never coming back
                     raise

@@ -169,7 +169,9 @@ def parse(req, chain, rules):
     """
     writable = chain.writable
     if not writable:
-        raise ChainError("no device-writable status byte")  # 5.2.6: status is the last, writable byte
+        raise ChainError(
+            "no device-writable status byte"
+        )  # 5.2.6: status is the last, writable byte
     if chain.fault is not None:
         req.status = writable[-1][-1:]  # the walk kept only the last writable buffer, in memory
         req.used_len = 1
@@ -245,7 +247,9 @@ def frame_reader(mem, table, queue_size, indirect_ok, indirect_max, rules):
     Raises ``ValueError`` if ``table`` is shorter than ``queue_size`` descriptors.
     """
     if len(table) < 16 * queue_size:
-        raise ValueError(f"descriptor table of {len(table)} bytes is shorter than {queue_size} descriptors")
+        raise ValueError(
+            f"descriptor table of {len(table)} bytes is shorter than {queue_size} descriptors"
+        )
     ffi = _binding.ffi
     native = _binding.lib.vring_blk_frame
     gpa, view0 = max(mem.regions, key=lambda r: len(r[1]))
@@ -254,12 +258,20 @@ def frame_reader(mem, table, queue_size, indirect_ok, indirect_max, rules):
     # Raw addresses, not ffi.from_buffer cdata: a cdata holding a buffer export inside a reference
     # cycle can crash the garbage collector. The reader keeps view0, table and out themselves, and
     # while a memoryview of it lives, no mmap can be closed and no bytearray resized.
-    walker = ffi.new("struct vring_split *", {
-        "region": ffi.cast("uint8_t *", buffer_address(view0)), "region_gpa": gpa,
-        "region_len": len(view0), "table": ffi.cast("uint8_t *", buffer_address(table)),
-        "qsize": queue_size, "indirect_ok": 1 if indirect_ok else 0, "indirect_max": indirect_max,
-        "out_max": out_max, "out": ffi.cast("uint64_t *", buffer_address(out)),
-    })
+    walker = ffi.new(
+        "struct vring_split *",
+        {
+            "region": ffi.cast("uint8_t *", buffer_address(view0)),
+            "region_gpa": gpa,
+            "region_len": len(view0),
+            "table": ffi.cast("uint8_t *", buffer_address(table)),
+            "qsize": queue_size,
+            "indirect_ok": 1 if indirect_ok else 0,
+            "indirect_max": indirect_max,
+            "out_max": out_max,
+            "out": ffi.cast("uint64_t *", buffer_address(out)),
+        },
+    )
     unpackers = [struct.Struct(f"<{4 + 2 * n}Q").unpack_from for n in range(min(out_max, 32) + 1)]
     IN = VIRTIO_BLK_T_IN
 
@@ -296,9 +308,18 @@ def frame_reader(mem, table, queue_size, indirect_ok, indirect_max, rules):
 def _parse_segments(req, type_, data_r, rbytes, wbytes, rules):
     discard = type_ == VIRTIO_BLK_T_DISCARD
     if discard:
-        ok, max_sectors, max_seg, name = rules.discard, rules.max_discard_sectors, rules.max_discard_seg, "DISCARD"
+        ok, max_sectors, max_seg, name = (
+            rules.discard,
+            rules.max_discard_sectors,
+            rules.max_discard_seg,
+            "DISCARD",
+        )
     else:
-        ok, max_sectors, max_seg = rules.write_zeroes, rules.max_write_zeroes_sectors, rules.max_write_zeroes_seg
+        ok, max_sectors, max_seg = (
+            rules.write_zeroes,
+            rules.max_write_zeroes_sectors,
+            rules.max_write_zeroes_seg,
+        )
         name = "WRITE_ZEROES"
     if not ok:
         raise _unsupp(f"{name} not negotiated")

@@ -32,8 +32,17 @@ _SAVED_STATE_VERSION = 1
 # event-index state.
 _RING_CONFIG = ("size", "desc_addr", "driver_addr", "device_addr", "ready")
 _SPLIT_FIELDS = (*_RING_CONFIG, "event_idx", "next_avail", "next_used", "signalled_used")
-_PACKED_FIELDS = (*_RING_CONFIG, "event_idx", "next_avail", "avail_wrap", "avail_pos", "next_used",
-                  "used_wrap", "used_pos", "signalled_pos")
+_PACKED_FIELDS = (
+    *_RING_CONFIG,
+    "event_idx",
+    "next_avail",
+    "avail_wrap",
+    "avail_pos",
+    "next_used",
+    "used_wrap",
+    "used_pos",
+    "signalled_pos",
+)
 
 
 def save(dev: VirtioBlk) -> dict[str, Any]:
@@ -45,7 +54,8 @@ def save(dev: VirtioBlk) -> dict[str, Any]:
         if busy:
             raise RuntimeError(
                 f"cannot save the device state with {busy} requests in flight: stop the vCPUs,"
-                " then wait_idle() (callback delivery) or poll() until idle (poll delivery)")
+                " then wait_idle() (callback delivery) or poll() until idle (poll delivery)"
+            )
         queues = []
         for dq in dev._queues:
             q = dq.ring
@@ -90,7 +100,10 @@ def restore(dev: VirtioBlk, state: dict) -> None:
                 raise ValueError(f"state's queue {index} ring type does not match its features")
             q.size = saved["size"]
             q.desc_addr, q.driver_addr, q.device_addr = (
-                saved["desc_addr"], saved["driver_addr"], saved["device_addr"])
+                saved["desc_addr"],
+                saved["driver_addr"],
+                saved["device_addr"],
+            )
             if saved["ready"]:
                 dev.set_queue_ready(index, True)  # RingError if the rings are not in memory
                 for name in _PACKED_FIELDS if q.packed else _SPLIT_FIELDS:

@@ -76,9 +76,14 @@ class Counter:
         return 0.0
 
     def as_dict(self):
-        return {"ops": self.ops, "bytes": self.bytes, "errors": self.errors,
-                "p50": self._percentile_us(0.5), "p99": self._percentile_us(0.99),
-                "max": round(self.max_ns / 1000, 1)}
+        return {
+            "ops": self.ops,
+            "bytes": self.bytes,
+            "errors": self.errors,
+            "p50": self._percentile_us(0.5),
+            "p99": self._percentile_us(0.99),
+            "max": round(self.max_ns / 1000, 1),
+        }
 
 
 def new_counters():

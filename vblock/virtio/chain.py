@@ -52,8 +52,16 @@ from vblock.virtio.spec import (
     virtq_desc,
 )
 
-__all__ = ["ChainError", "RingError", "DescriptorChain", "walk", "walk_packed", "split_front", "split_back",
-           "gather"]
+__all__ = [
+    "ChainError",
+    "RingError",
+    "DescriptorChain",
+    "walk",
+    "walk_packed",
+    "split_front",
+    "split_back",
+    "gather",
+]
 
 _unpack_desc = virtq_desc.unpack_from
 _TOTAL_LIMIT = 1 << 32
@@ -106,7 +114,9 @@ def walk(mem, table, queue_size, head, indirect_ok, indirect_max):
     a bug.
     """
     if head >= queue_size:
-        raise RingError(f"head index {head} >= queue size {queue_size}")  # 2.7.6 ring[] names a head
+        raise RingError(
+            f"head index {head} >= queue size {queue_size}"
+        )  # 2.7.6 ring[] names a head
     readable = []
     writable = []
     rbytes = wbytes = 0
@@ -125,7 +135,9 @@ def walk(mem, table, queue_size, head, indirect_ok, indirect_max):
         addr, length, flags, nxt = _unpack_desc(table, idx * VIRTQ_DESC_SIZE)  # read once
         if flags & VIRTQ_DESC_F_INDIRECT:
             if not indirect_ok:
-                raise ChainError("INDIRECT descriptor but VIRTIO_F_INDIRECT_DESC not negotiated")  # 2.7.5.3.1
+                raise ChainError(
+                    "INDIRECT descriptor but VIRTIO_F_INDIRECT_DESC not negotiated"
+                )  # 2.7.5.3.1
             if in_indirect:
                 raise ChainError("INDIRECT descriptor inside an indirect table")  # 2.7.5.3.1
             if flags & VIRTQ_DESC_F_NEXT:
@@ -157,7 +169,9 @@ def walk(mem, table, queue_size, head, indirect_ok, indirect_max):
             readable.append(buf)
             rbytes += length
         if not flags & VIRTQ_DESC_F_NEXT:
-            if rbytes + wbytes >= _TOTAL_LIMIT:  # each len < 2^32 and at most 2^15 of them: no overflow
+            if (
+                rbytes + wbytes >= _TOTAL_LIMIT
+            ):  # each len < 2^32 and at most 2^15 of them: no overflow
                 raise ChainError("chain length exceeds 2^32 bytes")  # 2.7.5.2
             if fault is not None:
                 return _faulted(head, writable, fault)
@@ -210,7 +224,9 @@ def walk_packed(mem, ring, size, pos, indirect_ok, indirect_max):
     p = pos
     while True:
         if len(descs) == size:
-            raise RingError(f"packed chain at {pos} does not end within the ring of {size}")  # 2.8.18
+            raise RingError(
+                f"packed chain at {pos} does not end within the ring of {size}"
+            )  # 2.8.18
         d = _unpack_desc(ring, p * VIRTQ_DESC_SIZE)  # addr, len, id, flags
         descs.append(d)
         p = p + 1 if p + 1 < size else 0

@@ -93,8 +93,9 @@ class Request:
         self.copy_out = True
 
     def __repr__(self):
-        return f"<Request type={self.type} sector={self.sector} done={self.done} status={self.status}>"
-
+        return (
+            f"<Request type={self.type} sector={self.sector} done={self.done} status={self.status}>"
+        )
 
 
 class Driver:
@@ -195,7 +196,10 @@ class Driver:
     # -- bring-up (3.1.1) ------------------------------------------------------------------------
     def start(self, driver_ok=True):
         """Bring the device up (3.1.1); ``driver_ok=False`` stops before setting DRIVER_OK."""
-        if self.r32(S.VIRTIO_MMIO_MAGIC_VALUE) != S.MMIO_MAGIC_VALUE or self.r32(S.VIRTIO_MMIO_VERSION) != 2:
+        if (
+            self.r32(S.VIRTIO_MMIO_MAGIC_VALUE) != S.MMIO_MAGIC_VALUE
+            or self.r32(S.VIRTIO_MMIO_VERSION) != 2
+        ):
             raise DriverError("not a virtio-mmio v2 device")
         if self.r32(S.VIRTIO_MMIO_DEVICE_ID) != S.VIRTIO_ID_BLOCK:
             raise DriverError("not a block device")
@@ -399,7 +403,9 @@ class Driver:
         for IN), a direct chain of header, data and status, published without a kick."""
         dq = self._pick_queue(queue)
         if dq.packed:
-            return self.submit(type_, sector, buffers=[(addr, length)], queue=dq.index, kick=False, indirect=False)
+            return self.submit(
+                type_, sector, buffers=[(addr, length)], queue=dq.index, kick=False, indirect=False
+            )
         free = dq.free
         if len(free) < 3:
             raise DriverError(f"queue {dq.index}: 3 descriptors needed, {len(free)} free")
@@ -410,7 +416,14 @@ class Driver:
         desc = dq.desc
         reads = type_ == _T_IN
         _pack_desc(desc, 16 * head, slot, 16, VIRTQ_DESC_F_NEXT, d1)
-        _pack_desc(desc, 16 * d1, addr, length, (VIRTQ_DESC_F_WRITE if reads else 0) | VIRTQ_DESC_F_NEXT, d2)
+        _pack_desc(
+            desc,
+            16 * d1,
+            addr,
+            length,
+            (VIRTQ_DESC_F_WRITE if reads else 0) | VIRTQ_DESC_F_NEXT,
+            d2,
+        )
         _pack_desc(desc, 16 * d2, slot + 16, 1, VIRTQ_DESC_F_WRITE, 0)
         _pack_hdr(dq.slots, 32 * head, type_, 0, sector)
         status = dq.status_views[head]
@@ -440,7 +453,7 @@ class Driver:
 
     def kick(self, dq=None):
         """Notify the queue(s) if the device's suppression state asks for it (2.7.10)."""
-        for q in (self.queues if dq is None else [dq]):
+        for q in self.queues if dq is None else [dq]:
             if q.needs_kick():
                 self.mmio.write(S.VIRTIO_MMIO_QUEUE_NOTIFY, 4, q.index)
 
@@ -544,7 +557,9 @@ class Driver:
         return self._run(S.VIRTIO_BLK_T_DISCARD, 0, data=encode_segments(segments), **kw).status
 
     def write_zeroes(self, segments, **kw):
-        return self._run(S.VIRTIO_BLK_T_WRITE_ZEROES, 0, data=encode_segments(segments), **kw).status
+        return self._run(
+            S.VIRTIO_BLK_T_WRITE_ZEROES, 0, data=encode_segments(segments), **kw
+        ).status
 
 
 def _int_in(value, low, high):

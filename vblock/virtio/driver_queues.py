@@ -59,7 +59,9 @@ class DriverQueue:
         self.avail = mem.view(self.avail_addr, S.avail_ring_bytes(size))
         self.used = mem.view(self.used_addr, S.used_ring_bytes(size))
         self.slots = mem.view(self.slot_addr, 32 * size)
-        self.status_views = [self.slots[32 * h + 16 : 32 * h + 17] for h in range(size)]  # post()'s status bytes
+        self.status_views = [
+            self.slots[32 * h + 16 : 32 * h + 17] for h in range(size)
+        ]  # post()'s status bytes
         self.free = list(range(size - 1, -1, -1))  # a stack of free descriptor indices
         self.avail_idx = 0  # shadow of avail.idx
         self.kicked_idx = 0  # avail idx at the last notification decision
@@ -138,7 +140,14 @@ class DriverQueue:
     def write_table(self, view, entries):
         last = len(entries) - 1
         for i, (a, n, f) in enumerate(entries):
-            _pack_desc(view, 16 * i, a, n, f | (VIRTQ_DESC_F_NEXT if i < last else 0), i + 1 if i < last else 0)
+            _pack_desc(
+                view,
+                16 * i,
+                a,
+                n,
+                f | (VIRTQ_DESC_F_NEXT if i < last else 0),
+                i + 1 if i < last else 0,
+            )
 
     def publish_chain(self, req, entries):
         idx = req.descs
@@ -191,7 +200,9 @@ class PackedDriverQueue:
         self.used_addr = alloc(4)  # device event suppression (the "device area")
         self.slot_addr = alloc(32 * size)
         mem = driver.mem
-        mem.view(self.desc_addr, S.packed_ring_bytes(size))[:] = bytes(S.packed_ring_bytes(size))  # 2.8.1
+        mem.view(self.desc_addr, S.packed_ring_bytes(size))[:] = bytes(
+            S.packed_ring_bytes(size)
+        )  # 2.8.1
         mem.view(self.avail_addr, 4)[:] = bytes(4)
         mem.view(self.used_addr, 4)[:] = bytes(4)
         self.ring = mem.view(self.desc_addr, S.packed_ring_bytes(size))
@@ -227,8 +238,13 @@ class PackedDriverQueue:
     def publish_chain(self, req, entries):
         """Write the chain at the next positions; the first descriptor's flags go last (2.8.21)."""
         last = len(entries) - 1
-        self._write_chain([(a, n, f | (VIRTQ_DESC_F_NEXT if i < last else 0)) for i, (a, n, f) in enumerate(entries)],
-                          req.head)
+        self._write_chain(
+            [
+                (a, n, f | (VIRTQ_DESC_F_NEXT if i < last else 0))
+                for i, (a, n, f) in enumerate(entries)
+            ],
+            req.head,
+        )
 
     def _write_chain(self, entries, buffer_id):
         ring, size = self.ring, self.size
@@ -287,7 +303,9 @@ class PackedDriverQueue:
                 p, w = p - size, w ^ 1
         self.last_used, self.used_wrap = p, w
         if self.driver.event_idx:  # 2.8.10: interrupt me when the next used descriptor is written
-            S.pvirtq_event_suppress.pack_into(self.driver_event, 0, p | w << 15, S.RING_EVENT_FLAGS_DESC)
+            S.pvirtq_event_suppress.pack_into(
+                self.driver_event, 0, p | w << 15, S.RING_EVENT_FLAGS_DESC
+            )
 
     def reap_raw(self):
         out = []
@@ -306,4 +324,3 @@ class PackedDriverQueue:
         if flags == S.RING_EVENT_FLAGS_DESC and self.driver.event_idx:
             return S.packed_need_event(off_wrap, self.size, old, new)
         return True
-

@@ -33,8 +33,10 @@ class GuestMemoryError(GuestError):
     """A guest-physical range lies outside guest memory, spans a gap, or wraps past 2^64."""
 
 
-_ACCEPTS = ("GuestMemory takes a list of (guest_phys_base, buffer) pairs of writable buffers, "
-            "e.g. GuestMemory([(0, ram)]) with ram an mmap or bytearray the emulator owns")
+_ACCEPTS = (
+    "GuestMemory takes a list of (guest_phys_base, buffer) pairs of writable buffers, "
+    "e.g. GuestMemory([(0, ram)]) with ram an mmap or bytearray the emulator owns"
+)
 
 
 class GuestMemory:
@@ -67,8 +69,10 @@ class GuestMemory:
             try:
                 view = memoryview(buffer)
             except TypeError:
-                raise TypeError(f"{_ACCEPTS}; region {i} buffer is {type(buffer).__name__}, "
-                                "which has no buffer protocol") from None
+                raise TypeError(
+                    f"{_ACCEPTS}; region {i} buffer is {type(buffer).__name__}, "
+                    "which has no buffer protocol"
+                ) from None
             if view.readonly:
                 kind = type(buffer).__name__
                 raise TypeError(f"{_ACCEPTS}; region {i} buffer ({kind}) is read-only")
@@ -77,7 +81,9 @@ class GuestMemory:
             if view.format != "B" or view.ndim != 1:
                 view = view.cast("B")
             if base < 0 or base + len(view) > _U64_LIMIT:
-                raise ValueError(f"region at {base:#x} of {len(view)} bytes is outside the 64-bit space")
+                raise ValueError(
+                    f"region at {base:#x} of {len(view)} bytes is outside the 64-bit space"
+                )
             if len(view):
                 spans.append((base, base + len(view), view))
             keep.append(buffer)

@@ -48,16 +48,31 @@ _MASK32 = 0xFFFFFFFF
 VIRTIO_MMIO_WINDOW = S.VIRTIO_MMIO_WINDOW
 
 # Registers a driver may read (4.2.2); the rest are write-only.
-_READABLE = frozenset({
-    S.VIRTIO_MMIO_MAGIC_VALUE, S.VIRTIO_MMIO_VERSION, S.VIRTIO_MMIO_DEVICE_ID,
-    S.VIRTIO_MMIO_VENDOR_ID, S.VIRTIO_MMIO_DEVICE_FEATURES, S.VIRTIO_MMIO_QUEUE_NUM_MAX,
-    S.VIRTIO_MMIO_QUEUE_NUM, S.VIRTIO_MMIO_QUEUE_READY, S.VIRTIO_MMIO_INTERRUPT_STATUS,
-    S.VIRTIO_MMIO_STATUS, S.VIRTIO_MMIO_QUEUE_DESC_LOW, S.VIRTIO_MMIO_QUEUE_DESC_HIGH,
-    S.VIRTIO_MMIO_QUEUE_DRIVER_LOW, S.VIRTIO_MMIO_QUEUE_DRIVER_HIGH,
-    S.VIRTIO_MMIO_QUEUE_DEVICE_LOW, S.VIRTIO_MMIO_QUEUE_DEVICE_HIGH, S.VIRTIO_MMIO_SHM_LEN_LOW,
-    S.VIRTIO_MMIO_SHM_LEN_HIGH, S.VIRTIO_MMIO_SHM_BASE_LOW, S.VIRTIO_MMIO_SHM_BASE_HIGH,
-    S.VIRTIO_MMIO_CONFIG_GENERATION,
-})
+_READABLE = frozenset(
+    {
+        S.VIRTIO_MMIO_MAGIC_VALUE,
+        S.VIRTIO_MMIO_VERSION,
+        S.VIRTIO_MMIO_DEVICE_ID,
+        S.VIRTIO_MMIO_VENDOR_ID,
+        S.VIRTIO_MMIO_DEVICE_FEATURES,
+        S.VIRTIO_MMIO_QUEUE_NUM_MAX,
+        S.VIRTIO_MMIO_QUEUE_NUM,
+        S.VIRTIO_MMIO_QUEUE_READY,
+        S.VIRTIO_MMIO_INTERRUPT_STATUS,
+        S.VIRTIO_MMIO_STATUS,
+        S.VIRTIO_MMIO_QUEUE_DESC_LOW,
+        S.VIRTIO_MMIO_QUEUE_DESC_HIGH,
+        S.VIRTIO_MMIO_QUEUE_DRIVER_LOW,
+        S.VIRTIO_MMIO_QUEUE_DRIVER_HIGH,
+        S.VIRTIO_MMIO_QUEUE_DEVICE_LOW,
+        S.VIRTIO_MMIO_QUEUE_DEVICE_HIGH,
+        S.VIRTIO_MMIO_SHM_LEN_LOW,
+        S.VIRTIO_MMIO_SHM_LEN_HIGH,
+        S.VIRTIO_MMIO_SHM_BASE_LOW,
+        S.VIRTIO_MMIO_SHM_BASE_HIGH,
+        S.VIRTIO_MMIO_CONFIG_GENERATION,
+    }
+)
 
 
 def _check_callback(name, fn):
@@ -269,7 +284,9 @@ class VirtioMmio:
             dev.set_queue_ready(self.queue_sel, bool(value & 1))
             return
         if q.ready:
-            raise GuestError(f"queue {self.queue_sel} register {offset:#x} written while ready")  # 4.2.2.3
+            raise GuestError(
+                f"queue {self.queue_sel} register {offset:#x} written while ready"
+            )  # 4.2.2.3
         if offset == S.VIRTIO_MMIO_QUEUE_NUM:
             q.size = value
         elif offset == S.VIRTIO_MMIO_QUEUE_DESC_LOW:

@@ -109,7 +109,9 @@ class PackedQueue(_split.RingSetup):
     def walk(self, mem, indirect_ok, indirect_max):
         """The chain at the device's position: ``(buffer_id, ring_descs, chain)`` (see
         ``chain.walk_packed``); a buffer ID out of range is a ``RingError``."""
-        buffer_id, ndesc, chain = walk_packed(mem, self.ring, self.size, self.next_avail, indirect_ok, indirect_max)
+        buffer_id, ndesc, chain = walk_packed(
+            mem, self.ring, self.size, self.next_avail, indirect_ok, indirect_max
+        )
         if buffer_id >= self.size:
             raise RingError(f"buffer id {buffer_id} >= queue size {self.size}")
         return buffer_id, ndesc, chain
@@ -168,7 +170,9 @@ class PackedQueue(_split.RingSetup):
     def enable_notification(self):
         """Ask for a kick on the next buffer (at our position with EVENT_IDX), then re-check."""
         if self.event_idx:
-            _pack_event(self.device_event, 0, self.next_avail | self.avail_wrap << 15, RING_EVENT_FLAGS_DESC)
+            _pack_event(
+                self.device_event, 0, self.next_avail | self.avail_wrap << 15, RING_EVENT_FLAGS_DESC
+            )
         else:
             _pack_event(self.device_event, 0, 0, RING_EVENT_FLAGS_ENABLE)
         _split.full_fence()  # FENCE full: the re-enable before re-reading the ring

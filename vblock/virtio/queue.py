@@ -98,7 +98,15 @@ class RingSetup:
     its layout (``_size_problem``, ``_areas``), resolves its views (``_bind``, ``_unbind``) and
     sets its starting indices (``_start``)."""
 
-    __slots__ = ("size_max", "size", "desc_addr", "driver_addr", "device_addr", "ready", "event_idx")
+    __slots__ = (
+        "size_max",
+        "size",
+        "desc_addr",
+        "driver_addr",
+        "device_addr",
+        "ready",
+        "event_idx",
+    )
 
     def __init__(self, size_max):
         self.size_max = size_max
