@@ -30,6 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from vblock.block.backing import backing_path
 from vblock.block.interface import DATA, UNALLOCATED, ZERO, BlockDriver, Limits, Run
+from vblock.block.iov import slice_views, zero_fill
 from vblock.drivers.qed.cache import L2Cache, wait_loaded
 from vblock.errors import ImageError, UnsupportedError
 from vblock.future import Future, completed, failed, join, resolve
@@ -43,35 +44,6 @@ __all__ = ["Qcow2Driver"]
 
 DEFAULT_POOL_SIZE = 4  # threads
 CACHE_BYTES = 16 << 20  # default bound of the L2 cache, in table bytes
-
-_ZEROS = memoryview(bytes(1 << 20))
-
-
-def _zero_fill(views):
-    for v in views:
-        n = len(v)
-        pos = 0
-        while pos < n:
-            k = min(n - pos, len(_ZEROS))
-            v[pos : pos + k] = _ZEROS[:k]
-            pos += k
-
-
-def _slice(views, skip, length):
-    """The part [skip, skip+length) of the byte stream formed by ``views``."""
-    out = []
-    for v in views:
-        n = len(v)
-        if skip >= n:
-            skip -= n
-            continue
-        take = min(n - skip, length)
-        out.append(v[skip : skip + take])
-        length -= take
-        skip = 0
-        if not length:
-            break
-    return out
 
 
 def _copy_into(views, data):
@@ -344,13 +316,13 @@ class Qcow2Driver(BlockDriver):
             return self.f.submit_read(segs[0].host, buffers)
         futs = []
         for s in segs:
-            views = buffers if len(segs) == 1 else _slice(buffers, s.pos - offset, s.n)
+            views = buffers if len(segs) == 1 else slice_views(buffers, s.pos - offset, s.n)
             kind = s.kind
             if kind is fmt.NORMAL:
                 inside = max(0, min(s.n, self.file_size - s.host))
                 if inside < s.n:
-                    _zero_fill(_slice(views, inside, s.n - inside))
-                    views = _slice(views, 0, inside)
+                    zero_fill(slice_views(views, inside, s.n - inside))
+                    views = slice_views(views, 0, inside)
                 if inside:
                     futs.append(self.f.submit_read(s.host, views))
             elif kind is fmt.COMPRESSED:
@@ -362,7 +334,7 @@ class Qcow2Driver(BlockDriver):
                 if fut is not None:
                     futs.append(fut)
             else:
-                _zero_fill(views)
+                zero_fill(views)
         return join(futs, length)
 
     def _cluster_bytes(self, seg) -> bytes:
@@ -381,10 +353,12 @@ class Qcow2Driver(BlockDriver):
         """Read [pos, pos+n) from the backing image into ``views``; zeros past its end."""
         inside = max(0, min(n, self._backing.size - pos))
         if inside < n:
-            _zero_fill(_slice(views, inside, n - inside))
+            zero_fill(slice_views(views, inside, n - inside))
         if inside == 0:
             return None
-        return self._backing.submit_read(pos, _slice(views, 0, inside) if inside < n else views)
+        return self._backing.submit_read(
+            pos, slice_views(views, 0, inside) if inside < n else views
+        )
 
     def submit_write(self, offset, buffers, fua=False):  # pragma: no cover - never opened rw
         return failed(read_only_refusal(self.path))

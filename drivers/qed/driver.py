@@ -31,6 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from vblock.block.backing import backing_path
 from vblock.block.interface import DATA, UNALLOCATED, ZERO, BlockDriver, Limits, Run
+from vblock.block.iov import slice_views, zero_fill
 from vblock.errors import ImageError, QemuCompatibilityWarning, UnsupportedError
 from vblock.future import Future, failed, followed_by, join, resolve
 from vblock.hostio import open_host_file
@@ -42,7 +43,6 @@ from . import header, lookup
 from .alloc import Allocator
 from .cache import wait_loaded
 from .growth import Growth
-from .iov import slice_views, zero_fill
 from .needcheck import NeedCheck
 from .state import QedState
 from .writer import TableWriter

@@ -41,11 +41,11 @@ from __future__ import annotations
 
 import threading
 
+from vblock.block.iov import slice_views, zero_fill
 from vblock.errors import ImageError
 from vblock.hostio import announce
 
 from .cache import CLEAN, Entry, L2Cache
-from .iov import slice_views, zero_fill
 from .tables import TableIO
 
 HOSTS_MAX = 32768  # clusters whose host offset ``learn_host`` remembers (2 GiB of 64 KiB ones)

@@ -1,4 +1,5 @@
-"""Byte streams made of several buffers (a request's iovecs): slicing and zero-filling them.
+"""Byte streams made of several buffers (a request's iovecs): slicing and zero-filling them, for
+the drivers (a driver receives a request's buffers as a list of memoryviews).
 
 Sans-I/O, no locks, callable from any thread. A slice is a ``memoryview`` of the caller's
 buffer, never a copy of its bytes.
