@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import random
 import threading
@@ -34,11 +33,6 @@ def make_image(scratch, name: str, size: int, config: dict, content: bytes | Non
             f.write(content)
         f.truncate(size)
     return vblock.open_image(path, **config)
-
-
-def digest(path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
 
 
 class _WorkerMemory(MemoryDriver):

@@ -5,23 +5,19 @@ from __future__ import annotations
 
 import ast
 import errno
-import hashlib
 import pathlib
 
 import pytest
 
 import vblock
 import vblock.drivers
+from tests.files import digest
 from vblock.block.backing import backing_path
 from vblock.block.interface import OpenOptions
 from vblock.errors import BackingFileError, ImageError, ReadOnlyError
 
 MiB = 1 << 20
 CS = 64 << 10
-
-
-def _sha(path):
-    return hashlib.sha256(pathlib.Path(path).read_bytes()).hexdigest()
 
 
 def _qed(path, backing=None, backing_fmt=None, writes=()):
@@ -75,7 +71,7 @@ def test_no_backing_opens_an_orphan_alone_and_keeps_the_backing_name(scratch):
 
 def test_no_backing_read_write_refuses_data_writes_and_changes_nothing(scratch):
     top = _orphan(scratch)
-    before = _sha(top)
+    before = digest(top)
     with vblock.open_image(top, no_backing=True) as img:
         for op in (
             lambda: img.write(CS, b"\1" * 4096),
@@ -84,7 +80,7 @@ def test_no_backing_read_write_refuses_data_writes_and_changes_nothing(scratch):
         ):
             with pytest.raises(ReadOnlyError, match="without its backing chain"):
                 op()
-    assert _sha(top) == before
+    assert digest(top) == before
 
 
 def test_no_backing_read_write_still_changes_the_backing_name(scratch):

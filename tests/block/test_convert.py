@@ -1,7 +1,6 @@
 """The copy engine (``vblock.block.convert``) on open images, without the CLI around it."""
 
 import errno
-import hashlib
 import os
 
 import hypothesis.strategies as st
@@ -9,6 +8,7 @@ import pytest
 from hypothesis import given, settings
 
 import vblock
+from tests.files import digest
 from vblock.block import convert as engine
 from vblock.block.image import Image
 from vblock.future import failed
@@ -22,11 +22,6 @@ def memory(size, fill=b"\0"):
     if fill != b"\0":
         img.write(0, fill * size)
     return img
-
-
-def sha(path):
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
 
 
 # a source as a list of granules: None is a granule of zeros, an int a granule of that byte
@@ -86,14 +81,14 @@ def test_convert_flushes_the_destination_unless_its_cache_mode_is_unsafe(
 def test_convert_refuses_a_smaller_destination_before_writing_to_it(scratch):
     path = scratch / "small.raw"
     path.write_bytes(b"\x07" * (MiB - G))
-    before = sha(path)
+    before = digest(path)
     with memory(MiB) as src, vblock.open_image(str(path), format="raw", cache="writeback") as dst:
         src.write(0, os.urandom(MiB))
         with pytest.raises(
             ValueError, match=r"small\.raw is smaller \(1044480 bytes\) than the source \(1048576"
         ):
             engine.convert(src, dst)
-    assert sha(path) == before
+    assert digest(path) == before
 
 
 def test_convert_refuses_a_depth_below_one():

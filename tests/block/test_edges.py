@@ -6,7 +6,7 @@ import pathlib
 import pytest
 
 import vblock
-from tests.block.block_helpers import digest
+from tests.files import digest
 from vblock.errors import ReadOnlyError, UnknownFormatError, UnknownOptionError
 
 SIZE = 64 * 1024

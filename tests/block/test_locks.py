@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import hashlib
 import os
 import pathlib
 import shutil
@@ -17,6 +16,7 @@ import subprocess
 import pytest
 
 import vblock
+from tests.files import digest
 from vblock.errors import ImageError, ImageLockedError, UnknownOptionError
 from vblock.hostio import lock as lockmod
 
@@ -40,11 +40,6 @@ def locked_bytes(path) -> dict:
         return out
     finally:
         os.close(fd)
-
-
-def digest(path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
 
 
 @pytest.fixture
@@ -92,7 +87,7 @@ def test_lock_bytes_appear_in_proc_locks_as_ofd_read_locks(raw):
     with open_raw(raw, "rw"):
         with open("/proc/locks") as f:
             mine = [line.split() for line in f if f":{ino} " in line]
-    # "1: OFDLCK ADVISORY READ -1 08:01:1234 100 101" (adjacent bytes of one open are merged)
+    # "1: OFDLCK ADVISORY READ -1 <dev>:<inode> 100 101" (adjacent bytes of one open are merged)
     assert {b for p in mine for b in range(int(p[-2]), int(p[-1]) + 1)} == RW_BYTES
     assert {(p[1], p[3]) for p in mine} == {("OFDLCK", "READ")}
 

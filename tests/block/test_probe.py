@@ -4,7 +4,6 @@ UnknownFormatError naming it, never raw; format="raw" still opens anything."""
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import shutil
 import subprocess
@@ -14,6 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import vblock
+from tests.files import digest
 from vblock.block import probe, registry
 from vblock.block.interface import BlockDriver
 from vblock.errors import UnknownFormatError
@@ -22,10 +22,6 @@ from vblock.testing import foreign
 needs_qemu_img = pytest.mark.skipif(
     shutil.which("qemu-img") is None, reason="qemu-img not installed (apt-get install qemu-utils)"
 )
-
-
-def _sha(path):
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _write(path, data):
@@ -46,7 +42,7 @@ def test_hand_made_header_is_identified(name):
 @pytest.mark.parametrize("name", foreign.FORMATS)
 def test_hand_made_file_is_an_unknown_format_error_naming_it(scratch, name):
     path = _write(scratch / f"disk.{name}", foreign.sample(name))
-    before = _sha(path)
+    before = digest(path)
     with pytest.raises(UnknownFormatError) as info:
         registry.probe_format(str(path))
     fmt = foreign.FORMAT_OF[name]
@@ -59,7 +55,7 @@ def test_hand_made_file_is_an_unknown_format_error_naming_it(scratch, name):
         vblock.open_image(path)
     with pytest.raises(UnknownFormatError):
         vblock.open_image(path, read_only=True)
-    assert _sha(path) == before
+    assert digest(path) == before
 
 
 @pytest.mark.parametrize("name", foreign.FORMATS)
@@ -184,9 +180,9 @@ def test_qemu_img_image_is_an_unknown_format_error_naming_it(scratch, name):
     )
     if p.returncode != 0:
         pytest.skip(f"this qemu-img cannot create {name}: {p.stderr.strip()}")
-    before = _sha(path)
+    before = digest(path)
     with pytest.raises(UnknownFormatError) as info:
         vblock.open_image(path)
     assert info.value.format == fmt
     assert f"image format {fmt!r} is not supported" in str(info.value)
-    assert _sha(path) == before
+    assert digest(path) == before

@@ -14,6 +14,7 @@ import pytest
 
 import vblock
 from tests.cli.clitools import run_cli
+from tests.files import digest
 
 MiB = 1 << 20
 
@@ -27,14 +28,6 @@ def one_error_line(r, *fragments):
         assert f in line, line
     assert ".vblock-" not in line  # never the temporary name
     return line
-
-
-def digest(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def digest_n(path, n) -> str:

@@ -5,7 +5,6 @@ names the host's errno of a failed request."""
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import pathlib
@@ -16,6 +15,7 @@ from hypothesis import strategies as st
 
 import vblock
 from tests.cli.clitools import run_cli, run_cmd
+from tests.files import digest
 from vblock.block.image import Image
 from vblock.block.registry import register, unregister
 from vblock.cli.output import MAX_BYTES, UsageError, parse_size
@@ -33,10 +33,6 @@ def one_error_line(r, rc, *fragments):
     for f in fragments:
         assert f in line, line
     return line
-
-
-def digest(path) -> str:
-    return hashlib.sha256(pathlib.Path(path).read_bytes()).hexdigest()
 
 
 @pytest.fixture

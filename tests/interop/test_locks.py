@@ -7,7 +7,6 @@ by sleeping. Skipped, with the reason, where a QEMU tool is missing."""
 
 from __future__ import annotations
 
-import hashlib
 import os
 import select
 import shutil
@@ -18,6 +17,7 @@ import sys
 import pytest
 
 import vblock
+from tests.files import digest
 from vblock.errors import ImageLockedError
 
 QEMU_IMG = shutil.which("qemu-img")
@@ -37,11 +37,6 @@ needs_qemu_nbd = pytest.mark.skipif(
 SIZE = 1 << 20
 PROMPT = b"qemu-io> "
 HELD_BY_ANOTHER = "another process (or another open in this one) is using the image"
-
-
-def digest(path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
 
 
 @pytest.fixture

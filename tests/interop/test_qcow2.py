@@ -11,7 +11,6 @@ import hashlib
 import io
 import json
 import os
-import pathlib
 import shutil
 import subprocess
 
@@ -20,6 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import vblock
+from tests.files import digest
 from vblock.cli.main import main
 from vblock.cli.output import Environment
 
@@ -190,10 +190,6 @@ def image(request, scratch):
     return IMAGES[request.param](scratch, "img"), request.param
 
 
-def _sha(path):
-    return hashlib.sha256(pathlib.Path(path).read_bytes()).hexdigest()
-
-
 def _reference(path, tmp):
     ref = tmp / "ref.raw"
     run(QEMU_IMG, "convert", "-U", "-O", "raw", path, ref)
@@ -202,19 +198,19 @@ def _reference(path, tmp):
 
 def test_reads_byte_exact_against_qemu(image, scratch):
     path, _ = image
-    before = _sha(path)
+    before = digest(path)
     ref = _reference(path, scratch)
     with vblock.open_image(str(path), read_only=True) as img:
         assert img.format == "qcow2"
         data = img.read(0, img.size)
-    assert hashlib.sha256(data).hexdigest() == _sha(ref)
-    assert _sha(path) == before
+    assert hashlib.sha256(data).hexdigest() == digest(ref)
+    assert digest(path) == before
 
 
 @pytest.mark.parametrize("out_fmt", ["qed", "raw"])
 def test_converted_copy_compares_identical_and_checks_clean(image, scratch, out_fmt):
     path, _ = image
-    before = _sha(path)
+    before = digest(path)
     dst = scratch / f"out.{out_fmt}"
     r = run_cli("convert", "-O", out_fmt, path, dst)
     assert r.rc == 0, r.err
@@ -227,7 +223,7 @@ def test_converted_copy_compares_identical_and_checks_clean(image, scratch, out_
         # (qed-format.md §3.3); anything else is a real problem
         quirk = (os.path.getsize(dst) // (64 * KiB)) // (64 * KiB - 1)
         assert result.get("corruptions", 0) == 0 and result.get("leaks", 0) <= quirk, result
-    assert _sha(path) == before
+    assert digest(path) == before
 
 
 def test_convert_with_b_keeps_the_backing_file(scratch):
@@ -264,12 +260,12 @@ def test_map_json_equals_qemu_img(image):
 
 def test_check_json_equals_qemu_img(image):
     path, _ = image
-    before = _sha(path)
+    before = digest(path)
     mine = run_cli("check", "--output=json", path)
     theirs = run(QEMU_IMG, "check", "-U", "--output=json", path, check=False)
     assert mine.rc == theirs.returncode, (mine.out, mine.err, theirs.stdout)
     assert json.loads(mine.out) == json.loads(theirs.stdout)
-    assert _sha(path) == before
+    assert digest(path) == before
 
 
 def test_snapshots_are_listed_and_the_active_layer_is_read(scratch):
@@ -335,7 +331,7 @@ def test_random_workload_reads_as_qemu_img_convert(scratch, geometry, ops, compr
         name = packed
     ref = _reference(name, scratch)
     with vblock.open_image(str(name), read_only=True) as img:
-        assert hashlib.sha256(img.read(0, img.size)).hexdigest() == _sha(ref)
+        assert hashlib.sha256(img.read(0, img.size)).hexdigest() == digest(ref)
 
 
 # -- in place --------------------------------------------------------------------------------------
@@ -351,12 +347,12 @@ def test_converted_in_place_compares_identical_and_checks_clean(image, scratch):
             and "'first', 'second'" in refused.err
             and "--drop-snapshots" in refused.err
         )
-        assert _sha(path) == _sha(original)
+        assert digest(path) == digest(original)
         args.insert(1, "--drop-snapshots")
     r = run_cli(*args)
     if name in ("v3-512", "zstd-512"):
         assert r.rc == 1 and "cluster size 512 is below QED's minimum of 4096" in r.err
-        assert _sha(path) == _sha(original)
+        assert digest(path) == digest(original)
         return
     assert r.rc == 0, r.err
     cmp = run(QEMU_IMG, "compare", "-f", "qcow2", "-F", "qed", original, path, check=False)

@@ -3,7 +3,6 @@ the tests that must send exactly the bytes they choose), tool checks and checksu
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 import socket
 
@@ -16,11 +15,6 @@ def need(*tools):
     missing = [t for t in tools if shutil.which(t) is None]
     if missing:
         pytest.skip(f"{', '.join(missing)} not installed (apt: qemu-utils, nbdkit, libnbd-bin)")
-
-
-def sha(path):
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
 
 
 class TestClient:

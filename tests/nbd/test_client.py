@@ -14,7 +14,8 @@ import threading
 import pytest
 
 import vblock
-from tests.nbd.nbd_helpers import need, sha
+from tests.files import digest
+from tests.nbd.nbd_helpers import need
 from vblock.errors import UnsupportedError
 from vblock.nbd import protocol as P
 from vblock.nbd.client import NbdFile
@@ -243,7 +244,7 @@ def test_dropped_connection_fails_requests_in_flight_and_later(scratch):
 
 
 def test_qed_overlay_on_a_vblock_export_keeps_writes_local(served, base, scratch):
-    before = sha(base)
+    before = digest(base)
     _, _, uri = served(base, read_only=True)
     ov = scratch / "ov.qed"
     vblock.create_image(str(ov), "qed", 8 * MiB, backing_file=uri, backing_fmt="raw").close()
@@ -252,7 +253,7 @@ def test_qed_overlay_on_a_vblock_export_keeps_writes_local(served, base, scratch
         with open(base, "rb") as src:
             data = src.read(MiB)
         assert img.read(0, 8192) == data[:4096] + b"local" + data[4101:8192]
-    assert sha(base) == before
+    assert digest(base) == before
 
 
 # -- the CLI ---------------------------------------------------------------------------------------
@@ -272,7 +273,7 @@ def test_cli_info_map_convert_compare_on_a_uri(served, base, scratch):
     out = scratch / "copy.raw"
     r = vb("convert", "-O", "raw", uri, out)
     assert r.returncode == 0, r.stderr
-    assert sha(out) == sha(base)
+    assert digest(out) == digest(base)
     assert os.stat(out).st_blocks * 512 < 2 * MiB  # the holes stayed holes
     assert vb("compare", uri, base).returncode == 0
 
@@ -361,7 +362,7 @@ def test_convert_from_qemu_nbd_is_exact_and_sparse(daemons, base, scratch):
     out = scratch / "out.raw"
     r = vb("convert", "-O", "raw", f"nbd+unix:///?socket={sock}", out)
     assert r.returncode == 0, r.stderr
-    assert sha(out) == sha(base) and os.stat(out).st_blocks * 512 < 2 * MiB
+    assert digest(out) == digest(base) and os.stat(out).st_blocks * 512 < 2 * MiB
 
 
 def test_convert_from_nbdkit_memory_is_exact(daemons, scratch):
@@ -397,7 +398,7 @@ def test_convert_from_nbdkit_memory_is_exact(daemons, scratch):
 
 def test_qed_overlay_on_qemu_nbd_backing_reads_base_and_writes_locally(daemons, base, scratch):
     need("qemu-nbd", "qemu-img")
-    before = sha(base)
+    before = digest(base)
     sock, pid = scratch / "q.sock", scratch / "q.pid"
     daemons(
         [
@@ -425,7 +426,7 @@ def test_qed_overlay_on_qemu_nbd_backing_reads_base_and_writes_locally(daemons, 
         with open(base, "rb") as src:
             data = src.read(MiB)
         assert img.read(0, MiB + 100) == data[: MiB - 100] + b"\xab" * 200
-    assert sha(base) == before
+    assert digest(base) == before
     r = subprocess.run(
         ["qemu-img", "check", "-f", "qed", str(ov)], capture_output=True, text=True, timeout=60
     )

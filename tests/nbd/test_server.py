@@ -13,7 +13,8 @@ import sys
 import pytest
 
 import vblock
-from tests.nbd.nbd_helpers import TestClient, need, sha
+from tests.files import digest
+from tests.nbd.nbd_helpers import TestClient, need
 from vblock.nbd import protocol as P
 from vblock.nbd.protocol import Cmd
 
@@ -76,13 +77,13 @@ def test_trim_and_write_zeroes_read_back_zeros(served, raw):
 
 
 def test_read_only_export_refuses_writes_with_eperm(served, raw):
-    before = sha(raw)
+    before = digest(raw)
     _, sock, _ = served(raw, read_only=True)
     with TestClient(sock) as c:
         assert c.ready.flags & P.TF_READ_ONLY
         assert c.write(0, b"x").error == P.NBD_EPERM
         assert c.read(0, 4) == bytes(range(4))
-    assert sha(raw) == before
+    assert digest(raw) == before
 
 
 def test_export_name_is_served_and_others_refused(served, raw):
@@ -112,22 +113,22 @@ def test_single_connection_export_has_no_multi_conn(served, raw):
 
 # -- hostile clients: one named test each ----------------------------------------------------------
 def test_client_disconnecting_mid_write_leaves_the_image_and_server_intact(served, raw):
-    before = sha(raw)
+    before = digest(raw)
     _, sock, _ = served(raw)
     with TestClient(sock) as c:
         c.sock.sendall(P.encode_request(Cmd.WRITE, 1, 0, 8192) + b"\xee" * 4000)
     with TestClient(sock) as d:  # served once the first connection is gone (shared=1)
         assert d.read(0, 4) == bytes(range(4))
-    assert sha(raw) == before
+    assert digest(raw) == before
 
 
 def test_garbage_after_the_handshake_closes_that_connection_only(served, raw):
-    before = sha(raw)
+    before = digest(raw)
     _, sock, _ = served(raw, shared=2)
     with TestClient(sock) as other, TestClient(sock) as c:
         assert c.raw(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" + bytes(64)) == b""
         assert other.read(0, 4) == bytes(range(4))
-    assert sha(raw) == before
+    assert digest(raw) == before
 
 
 def test_garbage_instead_of_a_handshake_closes_the_connection(served, raw):
@@ -154,7 +155,7 @@ def test_huge_read_length_is_einval_and_the_connection_lives(served, raw):
 
 
 def test_huge_write_length_is_einval_then_closed(served, raw):
-    before = sha(raw)
+    before = digest(raw)
     _, sock, _ = served(raw)
     with TestClient(sock) as c:
         c.sock.sendall(P.encode_request(Cmd.WRITE, 77, 0, 64 * MiB) + b"\xee" * 1000)
@@ -162,7 +163,7 @@ def test_huge_write_length_is_einval_then_closed(served, raw):
         ev = c.reply()
         assert (ev.cookie, ev.error) == (77, P.NBD_EINVAL)
         assert c.recv_all() == b""
-    assert sha(raw) == before
+    assert digest(raw) == before
 
 
 def test_write_past_the_end_is_refused_and_nothing_grows(served, raw):
@@ -368,9 +369,9 @@ def test_qemu_io_export_name_and_unknown_export(served, raw):
 
 def test_qemu_io_read_only_export_refuses_writes(served, raw):
     need("qemu-io")
-    before = sha(raw)
+    before = digest(raw)
     _, _, uri = served(raw, read_only=True, shared=0)
     r = qemu_io(uri, "write 0 512", ro=False)
     assert r.returncode == 1 and "Permission denied" in r.stderr  # QEMU sees the READ_ONLY flag
     assert qemu_io(uri, "read -P 0 2M 512", ro=True).returncode == 0
-    assert sha(raw) == before
+    assert digest(raw) == before

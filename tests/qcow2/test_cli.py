@@ -3,11 +3,11 @@
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 
 import vblock
+from tests.files import digest
 from vblock.cli.main import main
 from vblock.cli.output import Environment
 from vblock.testing.qcow2_image import ZERO, build
@@ -24,10 +24,6 @@ def _cli(*argv, tty=False):
         Environment(stdout=out, stderr=err, stdout_isatty=False, stderr_isatty=tty),
     )
     return int(rc), out.getvalue(), err.getvalue()
-
-
-def _sha(path):
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _image(scratch, **kw):
@@ -70,12 +66,12 @@ def test_map_json_gives_compressed_data_no_offset(scratch):
 
 def test_check_json_counts_compressed_clusters(scratch):
     path = _image(scratch)
-    before = _sha(path)
+    before = digest(path)
     rc, out, _ = _cli("check", "--output=json", path)
     result = json.loads(out)
     assert rc == 0 and result["compressed-clusters"] == 1 and result["allocated-clusters"] == 3
     assert "leaks" not in result and "corruptions" not in result
-    assert _sha(path) == before
+    assert digest(path) == before
 
 
 def test_convert_to_raw_is_byte_exact(scratch):
@@ -88,10 +84,10 @@ def test_convert_to_raw_is_byte_exact(scratch):
 
 def test_in_place_only_converts_to_qed(scratch):
     path = _image(scratch)
-    before = _sha(path)
+    before = digest(path)
     rc, _, err = _cli("convert", "--in-place", "-O", "raw", path)
     assert rc == 1 and err == "vblock: error: vblock convert --in-place: only -O qed is supported\n"
-    assert _sha(path) == before
+    assert digest(path) == before
 
 
 def test_in_place_takes_one_image(scratch):
@@ -102,12 +98,12 @@ def test_in_place_takes_one_image(scratch):
 
 def test_in_place_refuses_an_image_another_open_holds(scratch):
     path = _image(scratch)
-    before = _sha(path)
+    before = digest(path)
     with vblock.open_image(str(path), read_only=True):
         rc, _, err = _cli("convert", "--in-place", "-O", "qed", path)
     assert rc == 1 and err.startswith("vblock: error: ") and len(err.splitlines()) == 1
     assert "lock" in err
-    assert _sha(path) == before
+    assert digest(path) == before
 
 
 def test_in_place_reports_what_it_wrote(scratch):

@@ -4,7 +4,6 @@ refusals are one clear line, and the check counts what it should."""
 
 from __future__ import annotations
 
-import hashlib
 import struct
 
 import pytest
@@ -12,6 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import vblock
+from tests.files import digest
 from vblock.block import registry
 from vblock.errors import ImageError, UnsupportedError
 from vblock.testing.qcow2_image import ZERO, build
@@ -24,10 +24,6 @@ CS = 64 * KiB
 def _write(path, built):
     path.write_bytes(built.data if hasattr(built, "data") else built)
     return path
-
-
-def _sha(path):
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _read_all(path, **kw):
@@ -237,11 +233,11 @@ def test_any_layout_reads_as_its_model(scratch, clusters, ctype, offset, length)
 # -- refusals --------------------------------------------------------------------------------------
 def test_read_write_open_is_refused_pointing_to_conversion(scratch):
     path = _write(scratch / "d.qcow2", build(MiB, {0: b"x"}))
-    before = _sha(path)
+    before = digest(path)
     with pytest.raises(UnsupportedError) as info:
         vblock.open_image(str(path))
     assert "read-only" in str(info.value) and "convert" in str(info.value)
-    assert _sha(path) == before
+    assert digest(path) == before
 
 
 def _patched(scratch, offset, fmt_, value, **kw):
@@ -288,12 +284,12 @@ def test_corrupt_header_field_is_an_image_error_naming_it(
     scratch, offset, fmt_, value, field, message
 ):
     path = _patched(scratch, offset, fmt_, value)
-    before = _sha(path)
+    before = digest(path)
     with pytest.raises(ImageError) as info:
         vblock.open_image(str(path), format="qcow2", read_only=True)
     assert info.value.field == field
     assert message in info.value.message
-    assert _sha(path) == before
+    assert digest(path) == before
 
 
 def _with_l2_entry(scratch, entry, bitmap=None, **kw):

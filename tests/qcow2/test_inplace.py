@@ -10,9 +10,7 @@ is tested the same way.
 
 from __future__ import annotations
 
-import hashlib
 import os
-import pathlib
 import random
 import shutil
 import signal
@@ -23,6 +21,7 @@ import time
 import pytest
 
 import vblock
+from tests.files import digest
 from vblock.block.inplace import convert_in_place
 from vblock.errors import ImageLockedError, UnsupportedError
 from vblock.hostio import host_file_opener
@@ -36,10 +35,6 @@ CS = 4 * KiB
 
 def _pattern(seed, n):
     return bytes((seed * 37 + i * 11) & 0xFF for i in range(n))
-
-
-def _sha(path):
-    return hashlib.sha256(pathlib.Path(path).read_bytes()).hexdigest()
 
 
 def _guest(path, fmt=None):
@@ -160,20 +155,20 @@ def test_backing_name_and_raw_format_carry_over(scratch):
 def test_small_clusters_are_refused_and_nothing_changes(scratch):
     path = scratch / "img.qcow2"
     path.write_bytes(build(MiB, {0: b"x" * 512}, cluster_bits=11).data)
-    before = _sha(path)
+    before = digest(path)
     with pytest.raises(UnsupportedError, match="cluster size 2048 is below QED's minimum of 4096"):
         convert_in_place(str(path))
-    assert _sha(path) == before
+    assert digest(path) == before
 
 
 def test_a_file_held_by_another_open_is_refused(scratch):
     _compressed(scratch)
     path = scratch / "img.qcow2"
-    before = _sha(path)
+    before = digest(path)
     with vblock.open_image(str(path), read_only=True):
         with pytest.raises(ImageLockedError):
             convert_in_place(str(path))
-    assert _sha(path) == before
+    assert digest(path) == before
 
 
 # -- crash points ----------------------------------------------------------------------------------
